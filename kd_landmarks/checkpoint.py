@@ -1,0 +1,162 @@
+"""Checkpoints of one trained model directory, and loading a trained model back for inference.
+
+A model directory (``DIR/teacher_tough``, ``DIR/student_kd``, ...) holds:
+
+* ``model.json``: what rebuilds the module without the config (model name, num_landmarks, image_size,
+  dataset, overrides, dtype) plus the phase and loss it was trained with;
+* ``checkpoints/``: orbax ``CheckpointManager`` of the full train state (step, params, batch_stats,
+  optimiser state), saved periodically, the newest few kept; training resumes from the newest;
+* ``best/``: orbax ``CheckpointManager`` of the inference variables (params, batch_stats) only, keeping the
+  one with the lowest validation NME.
+
+Frozen teachers never enter a student's checkpoints: the student's train state holds only the student.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+MODEL_JSON = "model.json"
+STATE_DIR = "checkpoints"
+BEST_DIR = "best"
+# model.json keys that rebuild the module; the loader refuses a file missing any of them.
+REQUIRED_MODEL_KEYS = ("model", "num_landmarks", "image_size", "dataset", "overrides", "dtype")
+
+
+def write_model_json(model_dir: str, meta: Mapping[str, Any]) -> str:
+  """Writes ``model_dir/model.json`` (required keys: ``REQUIRED_MODEL_KEYS``). Returns its path."""
+  missing = [key for key in REQUIRED_MODEL_KEYS if key not in meta]
+  if missing:
+    raise ValueError(f"model.json for {model_dir} lacks {missing}; it needs all of {REQUIRED_MODEL_KEYS}")
+  os.makedirs(model_dir, exist_ok=True)
+  path = os.path.join(model_dir, MODEL_JSON)
+  tmp_path = path + ".tmp"
+  with open(tmp_path, "w") as f:
+    json.dump(_jsonable(dict(meta)), f, indent=2, sort_keys=True)
+  os.replace(tmp_path, path)  # Atomic: a killed run never leaves half a model.json behind.
+  return path
+
+
+def read_model_json(model_dir: str) -> dict:
+  """Reads ``model_dir/model.json`` with an error naming what is missing and how to make it."""
+  path = os.path.join(model_dir, MODEL_JSON)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} does not exist: {model_dir} is not a trained model directory. Train one with "
+        "`python -m kd_landmarks.main --config configs/<dataset>.py --workdir DIR` and pass e.g. "
+        "DIR/student_kd.")
+  with open(path) as f:
+    meta = json.load(f)
+  missing = [key for key in REQUIRED_MODEL_KEYS if key not in meta]
+  if missing:
+    raise ValueError(f"{path} lacks the keys {missing}; retrain or add them by hand")
+  return meta
+
+
+def state_manager(model_dir: str, *, max_to_keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
+  """The manager of the full train state (periodic saves, resume)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(model_dir, STATE_DIR)), options=options)
+
+
+def best_manager(model_dir: str, *, create: bool = True) -> ocp.CheckpointManager:
+  """The manager keeping the inference variables with the lowest validation NME."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=1, best_fn=lambda metrics: float(metrics["val_nme"]), best_mode="min",
+      keep_checkpoints_without_metrics=False, create=create, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(model_dir, BEST_DIR)), options=options)
+
+
+def save_state(manager: ocp.CheckpointManager, step: int, state_tree: Mapping[str, Any]) -> None:
+  """Saves a train-state pytree (a dict) at ``step`` and waits for it to be on disk."""
+  manager.save(int(step), args=ocp.args.StandardSave(dict(state_tree)), force=True)
+  manager.wait_until_finished()
+
+
+def restore_state(manager: ocp.CheckpointManager, target: Mapping[str, Any], step: int | None = None):
+  """Restores the newest (or ``step``) train state into the structure of ``target``; None if none saved."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  return manager.restore(step, args=ocp.args.StandardRestore(dict(target)))
+
+
+def save_best(manager: ocp.CheckpointManager, step: int, variables: Mapping[str, Any],
+              val_nme: float) -> bool:
+  """Offers inference variables scored by ``val_nme``; orbax keeps only the best. Returns True if saved."""
+  if not np.isfinite(val_nme):
+    return False  # A NaN score would be ranked arbitrarily; never let it displace a good model.
+  saved = manager.save(int(step), args=ocp.args.StandardSave(dict(variables)),
+                       metrics={"val_nme": float(val_nme)}, force=True)
+  manager.wait_until_finished()
+  return bool(saved)
+
+
+def load_inference_variables(model_dir: str):
+  """Rebuilds a trained model for predict/export: returns ``(module, variables, meta)``.
+
+  ``variables`` = {'params', 'batch_stats'} from the best checkpoint by validation NME, else from the
+  newest train-state checkpoint. ``meta`` is model.json plus ``checkpoint`` = (kind, step).
+  """
+  from kd_landmarks import models  # Imported here: checkpoint I/O itself needs no model code.
+
+  meta = read_model_json(model_dir)
+  module = models.create_model(meta["model"], num_landmarks=int(meta["num_landmarks"]),
+                               dtype=_dtype(meta["dtype"]), **dict(meta["overrides"]))
+  variables, source = _restore_variables(model_dir)
+  meta = dict(meta, checkpoint=source)
+  return module, variables, meta
+
+
+def _restore_variables(model_dir: str):
+  """Inference variables from ``best/`` if present, else from ``checkpoints/``, as numpy pytrees."""
+  best_dir = os.path.join(model_dir, BEST_DIR)
+  if os.path.isdir(best_dir):
+    manager = best_manager(model_dir, create=False)
+    step = manager.best_step()
+    if step is None:
+      step = manager.latest_step()
+    if step is not None:
+      restored = manager.restore(step, args=ocp.args.StandardRestore())
+      return _variables_only(restored), ("best", int(step))
+  state_dir = os.path.join(model_dir, STATE_DIR)
+  if os.path.isdir(state_dir):
+    manager = state_manager(model_dir, create=False)
+    step = manager.latest_step()
+    if step is not None:
+      restored = manager.restore(step, args=ocp.args.StandardRestore())
+      return _variables_only(restored), ("latest", int(step))
+  raise FileNotFoundError(
+      f"no checkpoint in {best_dir} or {state_dir}: the model in {model_dir} was never saved. Train it "
+      "(phase teacher_tough / teacher_tolerant / student) before predicting or exporting.")
+
+
+def _variables_only(restored: Mapping[str, Any]) -> dict:
+  variables = {"params": restored["params"]}
+  batch_stats = restored.get("batch_stats")
+  if batch_stats:  # Models without batch norm have an empty collection; flax wants it absent then.
+    variables["batch_stats"] = batch_stats
+  return variables
+
+
+def _dtype(name: str):
+  import jax.numpy as jnp
+  try:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+  except KeyError:
+    raise ValueError(f"unknown dtype {name!r} in model.json; use float32, bfloat16 or float16") from None
+
+
+def _jsonable(value):
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value

@@ -1,0 +1,113 @@
+"""Tests of kd_landmarks.checkpoint: model.json, best-by-NME, restore for inference."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_landmarks import checkpoint
+
+
+class _TinyModel(nn.Module):
+  """A trivial landmark model with batch norm, standing in for models.create_model in these tests."""
+  num_landmarks: int
+  dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    x = images.mean(axis=(1, 2))
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    return nn.Dense(self.num_landmarks * 2)(x).reshape(images.shape[0], self.num_landmarks, 2)
+
+
+def _meta(**extra):
+  return dict(model="tiny", num_landmarks=3, image_size=8, dataset="synthetic", overrides={},
+              dtype="float32", **extra)
+
+
+def _variables(seed):
+  return _TinyModel(3).init(jax.random.PRNGKey(seed), jnp.zeros((1, 8, 8, 3)))
+
+
+@pytest.fixture
+def patched_models(monkeypatch):
+  from kd_landmarks import models
+  calls = []
+
+  def create_model(name, *, num_landmarks, **overrides):
+    calls.append((name, num_landmarks, overrides))
+    return _TinyModel(num_landmarks, dtype=overrides.get("dtype", jnp.float32))
+
+  monkeypatch.setattr(models, "create_model", create_model, raising=False)
+  return calls
+
+
+def test_model_json_requires_every_key(tmp_path):
+  with pytest.raises(ValueError, match="lacks"):
+    checkpoint.write_model_json(str(tmp_path), {"model": "x"})
+  path = checkpoint.write_model_json(str(tmp_path), _meta(phase="student", loss="kd"))
+  assert json.load(open(path))["phase"] == "student"
+  assert checkpoint.read_model_json(str(tmp_path))["num_landmarks"] == 3
+
+
+def test_missing_model_dir_says_how_to_train(tmp_path):
+  with pytest.raises(FileNotFoundError, match="kd_landmarks.main"):
+    checkpoint.read_model_json(str(tmp_path / "nope"))
+
+
+def test_best_keeps_lowest_nme_and_loader_prefers_it(tmp_path, patched_models):
+  model_dir = str(tmp_path / "student_kd")
+  checkpoint.write_model_json(model_dir, _meta())
+  candidates = {10: (_variables(1), 0.08), 20: (_variables(2), 0.05), 30: (_variables(3), 0.07),
+                40: (_variables(4), float("nan"))}
+  best = checkpoint.best_manager(model_dir)
+  for step, (variables, nme) in candidates.items():
+    checkpoint.save_best(best, step, variables, nme)
+  # The train state's newest checkpoint is another model again: the loader must not take it.
+  state = checkpoint.state_manager(model_dir)
+  checkpoint.save_state(state, 40, dict(step=40, **_variables(5)))
+
+  module, variables, meta = checkpoint.load_inference_variables(model_dir)
+  assert meta["checkpoint"] == ("best", 20)
+  assert patched_models == [("tiny", 3, {"dtype": jnp.float32})]
+  np.testing.assert_array_equal(variables["params"]["Dense_0"]["kernel"],
+                                candidates[20][0]["params"]["Dense_0"]["kernel"])
+  out = module.apply(variables, jnp.ones((2, 8, 8, 3)), train=False)
+  assert out.shape == (2, 3, 2)
+
+
+def test_loader_falls_back_to_latest_state(tmp_path, patched_models):
+  model_dir = str(tmp_path / "teacher_tough")
+  checkpoint.write_model_json(model_dir, _meta())
+  state = checkpoint.state_manager(model_dir)
+  for step in (5, 9):
+    checkpoint.save_state(state, step, dict(step=step, **_variables(step)))
+  _, variables, meta = checkpoint.load_inference_variables(model_dir)
+  assert meta["checkpoint"] == ("latest", 9)
+  np.testing.assert_array_equal(variables["batch_stats"]["BatchNorm_0"]["mean"],
+                                _variables(9)["batch_stats"]["BatchNorm_0"]["mean"])
+
+
+def test_loader_without_checkpoint_says_train_first(tmp_path, patched_models):
+  model_dir = str(tmp_path / "m")
+  checkpoint.write_model_json(model_dir, _meta())
+  with pytest.raises(FileNotFoundError, match="never saved"):
+    checkpoint.load_inference_variables(model_dir)
+
+
+def test_restore_state_keeps_structure_and_step(tmp_path):
+  import optax
+  variables = _variables(0)
+  tx = optax.adam(1e-3)
+  tree = dict(step=7, params=variables["params"], batch_stats=variables["batch_stats"],
+              opt_state=tx.init(variables["params"]))
+  manager = checkpoint.state_manager(str(tmp_path))
+  assert checkpoint.restore_state(manager, tree) is None
+  checkpoint.save_state(manager, 7, tree)
+  restored = checkpoint.restore_state(checkpoint.state_manager(str(tmp_path)), tree)
+  assert int(restored["step"]) == 7
+  assert type(restored["opt_state"][0]).__name__ == "ScaleByAdamState"
+  jax.tree.map(np.testing.assert_array_equal, restored["params"], tree["params"])
