@@ -1,0 +1,171 @@
+"""The ASM shape model and the Soft-landmarks of Section 3.1 (Eqs. 1-3).
+
+A face shape is flattened as ``f = (x0, y0, x1, y1, ..., x_{K-1}, y_{K-1})`` (length 2K), i.e.
+``landmarks.reshape(..., 2 * K)`` of a ``[..., K, 2]`` array. The shape model holds the mean shape
+``f_bar``, the eigenvectors ``V`` of the covariance of the training shapes (columns, sorted by
+decreasing eigenvalue) and the eigenvalues ``lambda_i`` (variances of the parameters ``b_i``):
+
+  Eq. 1:  f ~= f_bar + V b
+  Eq. 2:  b = V^T (f - f_bar)
+  Eq. 3:  f_new = f_bar + V_m b~,   b~_i = clip(b_i, -3 sqrt(lambda_i), +3 sqrt(lambda_i))
+
+where only the first ``m~`` eigenvectors are used. The paper takes ``m~`` as 90% of *all* the
+eigenvectors (``keep_mode='eigenvectors'``, the default); the authors' public code instead keeps the
+components that explain 90% of the variance (``sklearn.decomposition.PCA(n_components=0.9)``,
+``keep_mode='variance'``).
+
+This runs once at dataset-preparation time, so it is plain numpy in float64.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+KEEP_MODES = ("eigenvectors", "variance")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShapeModel:
+  """A fitted point-distribution model (Section 3.1).
+
+  Attributes:
+    mean: ``[2K]`` mean shape ``f_bar``, flattened as x0, y0, x1, y1, ...
+    eigenvectors: ``[2K, 2K]``; column ``i`` is ``v_i``; columns sorted by decreasing eigenvalue.
+    eigenvalues: ``[2K]`` variances ``lambda_i`` of ``b_i`` (sample covariance, ``N - 1`` in the
+      denominator, as ``sklearn.decomposition.PCA.explained_variance_``), decreasing, >= 0.
+  """
+  mean: np.ndarray
+  eigenvectors: np.ndarray
+  eigenvalues: np.ndarray
+
+  @property
+  def num_landmarks(self) -> int:
+    return self.mean.shape[0] // 2
+
+  @property
+  def dimension(self) -> int:
+    return self.mean.shape[0]
+
+
+def fit_shape_model(landmarks) -> ShapeModel:
+  """Fits the mean shape and the eigen-decomposition of the shape covariance (Eqs. 1-2).
+
+  Args:
+    landmarks: ``[N, K, 2]`` training shapes (any consistent unit, e.g. crop pixels), N >= 2.
+
+  Returns:
+    A :class:`ShapeModel`. Each eigenvector's sign is fixed so that its largest-magnitude component is
+    positive, which makes the result deterministic (an eigenvector's sign is otherwise arbitrary).
+  """
+  shapes = np.asarray(landmarks, dtype=np.float64)
+  if shapes.ndim != 3 or shapes.shape[-1] != 2:
+    raise ValueError(
+        f"fit_shape_model: landmarks must be [N, K, 2], got shape {shapes.shape}; "
+        "stack the training shapes along a first axis.")
+  num_shapes, num_landmarks, _ = shapes.shape
+  if num_shapes < 2:
+    raise ValueError(f"fit_shape_model: need at least 2 shapes to estimate a covariance, got {num_shapes}.")
+  if not np.all(np.isfinite(shapes)):
+    bad = sorted(set(np.argwhere(~np.isfinite(shapes))[:, 0].tolist()))
+    raise ValueError(
+        f"fit_shape_model: shapes {bad[:10]}{'...' if len(bad) > 10 else ''} (index along axis 0) hold "
+        "NaN/inf coordinates; drop or fix them before fitting.")
+  flat = shapes.reshape(num_shapes, 2 * num_landmarks)
+  mean = flat.mean(axis=0)
+  centred = flat - mean
+  covariance = centred.T @ centred / (num_shapes - 1)
+  eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+  order = np.argsort(eigenvalues)[::-1]
+  eigenvalues = eigenvalues[order]
+  eigenvectors = eigenvectors[:, order]
+  # eigh may return tiny negative values for the null space of a rank-deficient covariance
+  # (N - 1 < 2K); a variance cannot be negative, and sqrt(lambda) is taken below.
+  eigenvalues = np.maximum(eigenvalues, 0.0)
+  largest = np.argmax(np.abs(eigenvectors), axis=0)
+  signs = np.sign(eigenvectors[largest, np.arange(eigenvectors.shape[1])])
+  eigenvectors = eigenvectors * np.where(signs == 0, 1.0, signs)
+  return ShapeModel(mean=mean, eigenvectors=eigenvectors, eigenvalues=eigenvalues)
+
+
+def num_kept_components(model: ShapeModel, keep: float, keep_mode: str = "eigenvectors") -> int:
+  """The number ``m~`` of eigenvectors that :func:`soft_landmarks` uses.
+
+  ``keep_mode='eigenvectors'`` (the paper): ``floor(keep * 2K)`` eigenvectors (e.g. 122 of 136 for
+  300W at keep=0.9). ``keep_mode='variance'`` (the authors' code, sklearn's convention): the smallest
+  ``m`` whose cumulative explained-variance ratio is strictly greater than ``keep``. ``keep=0`` keeps
+  none and ``keep=1`` keeps all in both modes.
+  """
+  if keep_mode not in KEEP_MODES:
+    raise ValueError(f"unknown keep_mode: {keep_mode!r}; choose from {list(KEEP_MODES)}")
+  keep = float(keep)
+  if not 0.0 <= keep <= 1.0:
+    raise ValueError(f"keep must be a fraction in [0, 1], got {keep}")
+  dimension = model.dimension
+  if keep == 0.0:
+    return 0
+  if keep == 1.0:
+    return dimension
+  if keep_mode == "eigenvectors":
+    # The epsilon keeps e.g. 0.9 * 130 = 116.99999999999999 from flooring to 116.
+    return int(np.floor(keep * dimension + 1e-9))
+  total = model.eigenvalues.sum()
+  if total <= 0.0:
+    return 0  # All training shapes are identical: there is no variance to keep.
+  ratio = np.cumsum(model.eigenvalues) / total
+  return int(min(np.searchsorted(ratio, keep, side="right") + 1, dimension))
+
+
+def soft_landmarks(landmarks, model: ShapeModel, *, keep=0.9, keep_mode="eigenvectors", clip=3.0):
+  """Soft-landmarks (Eqs. 2-3): project on the shape model, clip, rebuild from the kept eigenvectors.
+
+  Args:
+    landmarks: ``[..., K, 2]`` shapes in the unit the model was fitted in.
+    model: from :func:`fit_shape_model`, with the same K.
+    keep: fraction ``m~`` (see :func:`num_kept_components`); the paper uses 0.9.
+    keep_mode: ``'eigenvectors'`` (paper) or ``'variance'`` (authors' code).
+    clip: each ``b_i`` is limited to ``+-clip * sqrt(lambda_i)`` (3 in the paper, after Cootes et al.);
+      ``None`` disables the limit.
+
+  Returns:
+    ``[..., K, 2]`` soft landmarks, float64 (float32 if the input is float32).
+  """
+  points = np.asarray(landmarks)
+  if points.ndim < 2 or points.shape[-1] != 2:
+    raise ValueError(f"soft_landmarks: landmarks must be [..., K, 2], got shape {points.shape}")
+  num_landmarks = points.shape[-2]
+  if num_landmarks != model.num_landmarks:
+    raise ValueError(
+        f"soft_landmarks: landmarks have K={num_landmarks} points but the shape model was fitted on "
+        f"K={model.num_landmarks}; fit a shape model on this dataset's training shapes.")
+  if clip is not None and not clip >= 0:
+    raise ValueError(f"soft_landmarks: clip must be >= 0 or None, got {clip}")
+  flat = points.astype(np.float64).reshape(-1, 2 * num_landmarks)
+  if not np.all(np.isfinite(flat)):
+    bad = sorted(set(np.argwhere(~np.isfinite(flat))[:, 0].tolist()))
+    raise ValueError(
+        f"soft_landmarks: shapes {bad[:10]} (flattened leading index) hold NaN/inf coordinates; "
+        "soft landmarks of a missing point are undefined, fix or drop those shapes.")
+  num_kept = num_kept_components(model, keep, keep_mode)
+  basis = model.eigenvectors[:, :num_kept]  # V_m, [2K, m]
+  params = (flat - model.mean) @ basis  # Eq. 2, one row per shape.
+  if clip is not None:
+    limit = clip * np.sqrt(model.eigenvalues[:num_kept])
+    params = np.clip(params, -limit, limit)
+  rebuilt = model.mean + params @ basis.T  # Eq. 3
+  out_dtype = np.float32 if points.dtype == np.float32 else np.float64
+  return rebuilt.reshape(points.shape).astype(out_dtype)
+
+
+def save_shape_model(path, model: ShapeModel) -> None:
+  """Writes the model as an ``.npz`` (keys ``mean``, ``eigenvectors``, ``eigenvalues``)."""
+  np.savez(path, mean=model.mean, eigenvectors=model.eigenvectors, eigenvalues=model.eigenvalues)
+
+
+def load_shape_model(path) -> ShapeModel:
+  """Reads a model written by :func:`save_shape_model`."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no shape model at {path}; fit one with kd_landmarks.shapes.fit_shape_model")
+  with np.load(path) as data:
+    return ShapeModel(mean=data["mean"], eigenvectors=data["eigenvectors"], eigenvalues=data["eigenvalues"])
