@@ -1,0 +1,166 @@
+"""Depthwise convolutions, several implementations with identical mathematics.
+
+MobileNetV2 and EfficientNet spend most of their time in depthwise convolutions
+(Sandler et al. 2018, Section 3.1; one k x k filter per channel). XLA's CPU
+backend lowers ``lax.conv_general_dilated`` with ``feature_group_count == C``
+to a slow generic loop (about 50 ms for a MobileNetV2 forward at 224 px on two
+cores), while accelerators have fast kernels for it. The implementations here
+compute the same function:
+
+  y[b, h, w, c] = sum_{i, j} x_pad[b, s*h + i, s*w + j, c] * kernel[i, j, 0, c]
+
+with TensorFlow/Keras ``SAME`` padding (``x_pad``), stride ``s``:
+
+* ``'lax'``: ``lax.conv_general_dilated`` with ``feature_group_count``; fast on
+  GPU/TPU, and what ONNX/TFLite exporters map to a native grouped convolution.
+* ``'shifted'``: the sum above written as k*k shifted (strided) slices of
+  ``x_pad``, each scaled per channel. XLA fuses the whole sum into one
+  elementwise loop; the gradient comes from JAX's autodiff (pads and adds).
+* ``'shifted_vjp'``: the same forward with a hand-written backward pass that is
+  also made of shifted slices: the weight gradient is, per tap, a sum of the
+  products of the output gradient with the tap's slice of ``x_pad``; the input
+  gradient is a correlation of the (zero-dilated, for stride 2) output gradient
+  with the flipped kernel, i.e. the transposed shifts.
+
+``'auto'`` resolves, at trace time, to ``'lax'`` on GPU/TPU and to the fastest
+CPU implementation (see ``benchmarks/models.py``) on CPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+DEPTHWISE_IMPLS = ("auto", "lax", "shifted", "shifted_vjp")
+# Measured by benchmarks/models.py on the 2-core CPU (forward and train step).
+CPU_DEFAULT_IMPL = "shifted_vjp"
+
+
+def resolve_impl(impl: str) -> str:
+  """Maps ``'auto'`` to a concrete implementation for the default backend."""
+  if impl not in DEPTHWISE_IMPLS:
+    raise ValueError(f"unknown depthwise_impl: {impl!r}; choose from {list(DEPTHWISE_IMPLS)}")
+  if impl != "auto":
+    return impl
+  return CPU_DEFAULT_IMPL if jax.default_backend() == "cpu" else "lax"
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """TensorFlow ``SAME`` padding (low, high) for one spatial axis: output ``ceil(size / stride)``."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def depthwise_conv(x, kernel, *, strides: int = 1, impl: str = "auto"):
+  """Depthwise convolution of NHWC ``x`` with ``kernel`` ``[kh, kw, 1, C]`` (SAME padding).
+
+  Args:
+    x: ``[B, H, W, C]``.
+    kernel: ``[kh, kw, 1, C]``, the layout of ``flax.linen.Conv`` with ``feature_group_count=C``.
+    strides: the same stride on both spatial axes (1 or 2 in the models here).
+    impl: one of :data:`DEPTHWISE_IMPLS`.
+
+  Returns:
+    ``[B, ceil(H / s), ceil(W / s), C]`` in ``x``'s dtype (the kernel is cast to it).
+  """
+  if x.ndim != 4:
+    raise ValueError(f"depthwise_conv expects NHWC input of rank 4, got shape {x.shape}")
+  kh, kw, one, channels = kernel.shape
+  if one != 1 or channels != x.shape[-1]:
+    raise ValueError(f"depthwise kernel must be [kh, kw, 1, C={x.shape[-1]}], got {kernel.shape}")
+  kernel = kernel.astype(x.dtype)
+  impl = resolve_impl(impl)
+  if impl == "lax":
+    return _depthwise_lax(x, kernel, strides)
+  if impl == "shifted":
+    return _depthwise_shifted(x, kernel, strides)
+  return _depthwise_shifted_vjp(x, kernel, strides)
+
+
+def _depthwise_lax(x, kernel, stride):
+  pads = [same_padding(x.shape[1], kernel.shape[0], stride),
+          same_padding(x.shape[2], kernel.shape[1], stride)]
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=pads,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+def _pad_same(x, kh, kw, stride):
+  """Zero-pads H and W as ``SAME`` does; returns the padded array, output size and pads."""
+  pad_h = same_padding(x.shape[1], kh, stride)
+  pad_w = same_padding(x.shape[2], kw, stride)
+  x_pad = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+  out_h = -(-x.shape[1] // stride)
+  out_w = -(-x.shape[2] // stride)
+  return x_pad, (out_h, out_w), (pad_h, pad_w)
+
+
+def _tap(x_pad, i, j, out_hw, stride):
+  """The slice of ``x_pad`` that tap (i, j) multiplies: rows i, i+s, ..., i+s*(out_h-1)."""
+  out_h, out_w = out_hw
+  return lax.slice(
+      x_pad, (0, i, j, 0),
+      (x_pad.shape[0], i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, x_pad.shape[3]),
+      (1, stride, stride, 1))
+
+
+def _shifted_sum(x_pad, kernel, out_hw, stride):
+  kh, kw = kernel.shape[:2]
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      term = _tap(x_pad, i, j, out_hw, stride) * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+def _depthwise_shifted(x, kernel, stride):
+  x_pad, out_hw, _ = _pad_same(x, kernel.shape[0], kernel.shape[1], stride)
+  return _shifted_sum(x_pad, kernel, out_hw, stride)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_shifted_vjp(x, kernel, stride):
+  return _depthwise_shifted(x, kernel, stride)
+
+
+def _shifted_vjp_fwd(x, kernel, stride):
+  return _depthwise_shifted(x, kernel, stride), (x, kernel)
+
+
+def _shifted_vjp_bwd(stride, residuals, grad_out):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  x_pad, out_hw, (pad_h, pad_w) = _pad_same(x, kh, kw, stride)
+  # Weight gradient: dL/dk[i, j, c] = sum_{b,h,w} g[b,h,w,c] * x_pad[b, s*h+i, s*w+j, c].
+  # Accumulate in float32 so that bfloat16 activations do not lose the sum.
+  grad_out_acc = grad_out.astype(jnp.float32) if grad_out.dtype == jnp.bfloat16 else grad_out
+  rows = []
+  for i in range(kh):
+    cols = []
+    for j in range(kw):
+      product = grad_out_acc * _tap(x_pad, i, j, out_hw, stride).astype(grad_out_acc.dtype)
+      cols.append(jnp.sum(product, axis=(0, 1, 2)))
+    rows.append(jnp.stack(cols))
+  grad_kernel = jnp.stack(rows)[:, :, None, :].astype(kernel.dtype)
+  # Input gradient: the transposed shifts. Scatter g back onto the stride grid (interior zeros for
+  # stride 2), pad by k-1 and correlate with the flipped kernel; this yields dL/dx_pad, then crop.
+  padded_h, padded_w = x_pad.shape[1], x_pad.shape[2]
+  dilated_h = stride * (out_hw[0] - 1) + 1
+  dilated_w = stride * (out_hw[1] - 1) + 1
+  zero = jnp.zeros((), grad_out.dtype)
+  grad_full = lax.pad(grad_out, zero, (
+      (0, 0, 0),
+      (kh - 1, kh - 1 + padded_h - (dilated_h + kh - 1), stride - 1),
+      (kw - 1, kw - 1 + padded_w - (dilated_w + kw - 1), stride - 1),
+      (0, 0, 0)))
+  flipped = kernel[::-1, ::-1]
+  grad_x_pad = _shifted_sum(grad_full, flipped, (padded_h, padded_w), 1)
+  grad_x = grad_x_pad[:, pad_h[0]:padded_h - pad_h[1], pad_w[0]:padded_w - pad_w[1], :]
+  return grad_x, grad_kernel
+
+
+_depthwise_shifted_vjp.defvjp(_shifted_vjp_fwd, _shifted_vjp_bwd)
