@@ -1,0 +1,76 @@
+"""Layers shared by the MobileNetV2 and EfficientNet modules.
+
+Parameter layout follows Keras (the authors' framework): convolutions without bias
+when followed by BatchNorm, BatchNorm with scale and bias (its moving mean and
+variance live in the ``batch_stats`` collection and are not counted as parameters).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from kd_landmarks.models import depthwise
+
+# ImageNet statistics of RGB in [0, 1]: the model normalises inside so that an exported model
+# takes plain RGB (docs/contracts.md).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# He-normal over fan-out for full convolutions (as Keras' EfficientNet and torchvision do); a
+# depthwise filter sees k*k inputs, so it is scaled by its fan-in instead.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+depthwise_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def normalize_images(images, dtype):
+  """RGB in [0, 1] -> ImageNet-standardised, in the compute ``dtype``."""
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"models expect images [B, H, W, 3] in [0, 1], got shape {images.shape}")
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+  """Rounds channels to a multiple of ``divisor`` without going 10% below ``value`` (MobileNetV2)."""
+  min_value = divisor if min_value is None else min_value
+  new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
+  if new_value < 0.9 * value:
+    new_value += divisor
+  return new_value
+
+
+class DepthwiseConv(nn.Module):
+  """k x k depthwise convolution, SAME padding, no bias; kernel ``[k, k, 1, C]`` (as ``nn.Conv``)."""
+  kernel_size: int
+  strides: int = 1
+  impl: str = "auto"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", depthwise_init,
+                        (self.kernel_size, self.kernel_size, 1, x.shape[-1]), self.param_dtype)
+    return depthwise.depthwise_conv(x.astype(self.dtype), kernel, strides=self.strides, impl=self.impl)
+
+
+class RegressionHead(nn.Module):
+  """Global average pooling, dropout, Dense(2K) -> ``[B, K, 2]`` float32 (paper Section 2).
+
+  Pooling and the Dense layer run in float32 whatever the backbone's dtype: coordinates in
+  [-0.5, 0.5] need more than bfloat16's 8 bits of mantissa, and this layer costs nothing.
+  """
+  num_landmarks: int
+  dropout_rate: float = 0.0
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features, *, train: bool):
+    pooled = jnp.mean(features.astype(jnp.float32), axis=(1, 2))
+    pooled = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
+    out = nn.Dense(2 * self.num_landmarks, dtype=jnp.float32, param_dtype=self.param_dtype,
+                   name="landmarks")(pooled)
+    return out.reshape(out.shape[0], self.num_landmarks, 2).astype(jnp.float32)
