@@ -1,0 +1,43 @@
+"""Entry point: ``python -m kd_landmarks.main --config configs/demo.py[:phase=...,platform=...] --workdir DIR``.
+
+Flags only; the work is ``train.run(config, workdir)``. Overrides: ``--config.student_loss=kd_tough_only``.
+Configs are locked, so a misspelt key stops at once. Multi-host: pass --coordinator_address/--num_processes/
+--process_id (or the KD_* variables, or run under SLURM / on a TPU VM slice, which JAX detects).
+"""
+from __future__ import annotations
+
+import logging
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config (configs/*.py[:phase=...,platform=...]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, teacher cache, evaluation and report.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-host run.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process' id in a multi-host run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from kd_landmarks import parallel
+  # Before anything touches a device: joins the other hosts when there are any.
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  import jax
+  from kd_landmarks import train
+  logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
+  train.run(FLAGS.config, FLAGS.workdir)
+
+
+def entry_point():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  entry_point()

@@ -1,0 +1,122 @@
+"""Data parallelism: the device mesh, shard_map-compiled steps, host <-> global arrays, multi-host start.
+
+Every step runs per device under ``jax.shard_map`` over a 1-D mesh axis named ``'data'`` (what ``jax.pmap``
+compiles to since JAX 0.8): the batch is split along its first axis, the train state is replicated, and the
+step itself averages gradients and batch statistics with ``lax.pmean(..., 'data')``. On several hosts each
+process feeds only its slice of the global batch (:func:`host_batch_slice`) and the same program runs on
+every process (SPMD).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXIS = "data"
+# Environment variables that launch/ scripts (or a user) set to start a multi-host run explicitly.
+ENV_COORDINATOR = "KD_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "KD_NUM_PROCESSES"
+ENV_PROCESS_ID = "KD_PROCESS_ID"
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Calls ``jax.distributed.initialize`` when this process is one of several; returns whether it did.
+
+  Explicit arguments (or the KD_* environment variables) win; otherwise a SLURM job with several tasks or
+  a multi-worker Cloud TPU VM slice is detected and JAX's own cluster detection fills in the details.
+  Must run before anything touches a device.
+  """
+  coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
+  if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
+    num_processes = int(os.environ[ENV_NUM_PROCESSES])
+  if process_id is None and os.environ.get(ENV_PROCESS_ID):
+    process_id = int(os.environ[ENV_PROCESS_ID])
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError(
+          f"a coordinator address ({coordinator_address}) needs the process count and this process' id: "
+          f"set --num_processes/--process_id or {ENV_NUM_PROCESSES}/{ENV_PROCESS_ID}")
+    if num_processes > 1:
+      jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                 process_id=process_id)
+      return True
+    return False
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or _is_multiworker_tpu():
+    jax.distributed.initialize()  # JAX's cluster detection reads SLURM / TPU metadata.
+    return True
+  return False
+
+
+def _is_multiworker_tpu() -> bool:
+  hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return len([h for h in hostnames.split(",") if h]) > 1
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh ``('data',)`` over all devices of all processes (or the given ones)."""
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.sharding.Mesh(np.array(devices), (AXIS,))
+
+
+def compile_step(step_fn: Callable, mesh: jax.sharding.Mesh, *, in_specs, out_specs,
+                 donate_argnums: Sequence[int] = ()) -> Callable:
+  """``jax.jit(jax.shard_map(step_fn))``: ``step_fn`` sees per-device blocks and may use ``lax.pmean``."""
+  mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  return jax.jit(mapped, donate_argnums=tuple(donate_argnums))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(AXIS))
+
+
+def replicated_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch_size: int, mesh) -> None:
+  """The global batch must split evenly over devices and processes; say how to fix it if not."""
+  devices = mesh.devices.size
+  if global_batch_size % devices or global_batch_size % jax.process_count():
+    raise ValueError(
+        f"global batch size {global_batch_size} does not split over {devices} devices in "
+        f"{jax.process_count()} processes; set --config.per_device_batch_size or a batch_size that is a "
+        f"multiple of {devices}")
+
+
+def host_batch_slice(global_batch_size: int) -> slice:
+  """Rows of the global batch this process loads (process i holds the i-th contiguous block)."""
+  per_process = global_batch_size // jax.process_count()
+  start = jax.process_index() * per_process
+  return slice(start, start + per_process)
+
+
+def shard_host_batch(local_batch: Any, mesh) -> Any:
+  """This process' slice of a batch (numpy pytree) -> global arrays sharded along 'data'."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)
+
+
+def replicate(tree: Any, mesh) -> Any:
+  """A host pytree (identical on every process) -> global arrays replicated on every device."""
+  sharding = replicated_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def fetch_replicated(tree: Any) -> Any:
+  """Replicated global arrays -> numpy, reading this process' own copy (works on every host)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array)
+                      else np.asarray(x), tree)
+
+
+def fetch_batch(tree: Any) -> Any:
+  """Arrays sharded along 'data' -> the whole global batch as numpy on every process."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
