@@ -1,0 +1,23 @@
+"""Landmark datasets: official-format readers, the tfds builder ``kd_landmarks`` and dataset facts.
+
+Prepare a dataset once (``python -m kd_landmarks.datasets prepare --dataset ...``), then read it with
+:func:`load_split`. Importing this package stays light: tfds is imported only when a split is loaded.
+"""
+from __future__ import annotations
+
+from kd_landmarks.datasets.images import STORED_CROP_SCALE
+from kd_landmarks.datasets.images import STORED_CROP_SIZE
+from kd_landmarks.datasets.info import get_info
+
+
+def load_split(dataset: str, split: str, data_dir):
+  """The prepared ``split`` of ``dataset`` (``300w``, ``cofw``, ``wflw``, ``synthetic``) in ``data_dir``.
+
+  Returns a random-access source (``len`` and ``[i]`` -> dict of numpy arrays with the keys of
+  docs/contracts.md); raises ``FileNotFoundError`` naming the prepare command when it is not prepared.
+  """
+  from kd_landmarks.datasets import builder  # pylint: disable=g-import-not-at-top (tfds is heavy)
+  return builder.load_split(dataset, split, data_dir)
+
+
+__all__ = ["STORED_CROP_SCALE", "STORED_CROP_SIZE", "get_info", "load_split"]

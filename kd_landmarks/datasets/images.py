@@ -1,0 +1,102 @@
+"""Reading photos and cutting the stored face crop (paper Section 4.3: the box comes from the landmarks).
+
+The stored crop is the square landmark box (:func:`kd_landmarks.coords.square_box_from_landmarks`) scaled by
+:data:`STORED_CROP_SCALE`, resized to ``size`` pixels. Training then cuts its own randomly expanded box out of
+this crop on the device, so the stored margin must exceed every expansion and rotation training uses.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+from kd_landmarks import coords
+
+# The margin around the landmark box kept on disk (contract: docs/contracts.md, "Stored examples").
+STORED_CROP_SCALE = 1.5
+# Side of the stored crop for the real datasets, in pixels.
+STORED_CROP_SIZE = 320
+
+
+class ImageReadError(ValueError):
+  """An image file that is missing or cannot be decoded."""
+
+
+def read_image(path) -> np.ndarray:
+  """Reads an image file as uint8 RGB ``[H, W, 3]`` (greyscale and palette images are converted)."""
+  path = os.fspath(path)
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert("RGB"), dtype=np.uint8)
+  except FileNotFoundError:
+    raise ImageReadError(f"{path}: image file not found") from None
+  except (OSError, ValueError, Image.DecompressionBombError) as error:
+    raise ImageReadError(f"{path}: cannot decode the image ({error}); replace the file with the "
+                         "official one (re-extract the archive)") from None
+
+
+def as_rgb(image, *, source: str = "image") -> np.ndarray:
+  """Validates an in-memory image and returns it as uint8 ``[H, W, 3]`` (``[H, W]`` greyscale is repeated)."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ImageReadError(f"{source}: expected a uint8 image, got dtype {image.dtype}")
+  if image.ndim == 2:
+    image = np.repeat(image[:, :, None], 3, axis=2)
+  if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+    raise ImageReadError(f"{source}: expected an image of shape [H, W, 3] or [H, W], got {image.shape}")
+  return image
+
+
+def stored_crop_affine(landmarks_px, *, size: int, scale: float = STORED_CROP_SCALE) -> np.ndarray:
+  """The ``[2, 3]`` affine mapping stored-crop pixels to original-image pixels, from the landmark box."""
+  box = coords.square_box_from_landmarks(landmarks_px, scale=scale)
+  if not box[2] > 0:
+    raise ValueError(f"the landmarks span a zero-size box ({box.tolist()}); cannot crop a face from them")
+  return coords.crop_affine(box, size)
+
+
+def crop_face(image: np.ndarray, crop_to_original: np.ndarray, size: int) -> np.ndarray:
+  """Cuts the axis-aligned square crop described by ``crop_to_original`` out of ``image``.
+
+  Uses PIL's box resize, which filters in proportion to the scale (no aliasing when a large photo is
+  shrunk to the stored size). The area outside the photo is black.
+  """
+  scale = float(crop_to_original[0, 0])
+  if abs(crop_to_original[0, 1]) > 1e-9 or abs(crop_to_original[1, 0]) > 1e-9 or abs(
+      crop_to_original[1, 1] - scale) > 1e-9 * max(1.0, scale):
+    raise ValueError(f"crop_face needs an axis-aligned square crop affine, got {crop_to_original.tolist()}")
+  height, width = image.shape[:2]
+  # The crop's extent [-0.5, size - 0.5] in its pixel-centre frame, mapped to the photo and then shifted by
+  # +0.5 into PIL's pixel-corner frame.
+  left = crop_to_original[0, 2] - 0.5 * scale + 0.5
+  top = crop_to_original[1, 2] - 0.5 * scale + 0.5
+  side = scale * size
+  # PIL's box must lie inside the image: pad just enough black border (integers keep the geometry exact).
+  pad_left = max(0, int(np.ceil(-left)))
+  pad_top = max(0, int(np.ceil(-top)))
+  pad_right = max(0, int(np.ceil(left + side - width)))
+  pad_bottom = max(0, int(np.ceil(top + side - height)))
+  if pad_left or pad_top or pad_right or pad_bottom:
+    padded = np.zeros((height + pad_top + pad_bottom, width + pad_left + pad_right, 3), np.uint8)
+    padded[pad_top:pad_top + height, pad_left:pad_left + width] = image
+    image = padded
+  box = (left + pad_left, top + pad_top, left + pad_left + side, top + pad_top + side)
+  # Clamp rounding noise at the borders: PIL rejects a box a hair outside the image.
+  box = (max(0.0, box[0]), max(0.0, box[1]), min(float(image.shape[1]), box[2]),
+         min(float(image.shape[0]), box[3]))
+  resized = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
+  return np.asarray(resized, dtype=np.uint8)
+
+
+def encode_image(image: np.ndarray, encoding: str) -> bytes:
+  """Encodes uint8 ``[H, W, 3]`` as ``'jpeg'`` (quality 95) or ``'png'`` bytes with PIL (no TensorFlow)."""
+  buffer = io.BytesIO()
+  if encoding == "jpeg":
+    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+  elif encoding == "png":
+    Image.fromarray(image).save(buffer, format="PNG")
+  else:
+    raise ValueError(f"unknown image encoding {encoding!r}; choose from ['jpeg', 'png']")
+  return buffer.getvalue()
