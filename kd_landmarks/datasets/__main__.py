@@ -1,0 +1,65 @@
+"""Command line: ``python -m kd_landmarks.datasets prepare --dataset {300w,cofw,wflw,synthetic} ...``.
+
+Examples:
+  python -m kd_landmarks.datasets prepare --dataset synthetic --data_dir ~/kd_data
+  python -m kd_landmarks.datasets prepare --dataset 300w --manual_dir ~/downloads/300w --data_dir ~/kd_data
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kd_landmarks.datasets import info as info_lib
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m kd_landmarks.datasets", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest="command", required=True)
+  prepare = commands.add_parser("prepare", help="build one dataset into --data_dir (tfds array_record)")
+  prepare.add_argument("--dataset", required=True, choices=sorted(info_lib.DATASETS))
+  prepare.add_argument("--data_dir", required=True, help="where the prepared dataset is written")
+  prepare.add_argument("--manual_dir", default=None,
+                       help="the extracted official archives (not needed for synthetic); `layout` prints it")
+  prepare.add_argument("--allow_partial", action="store_true",
+                       help="accept split sizes other than the official ones (a deliberate subset)")
+  prepare.add_argument("--overwrite", action="store_true", help="rebuild even if data_dir already has it")
+  prepare.add_argument("--num_workers", type=int, default=None, help="image decoding/cropping threads")
+  prepare.add_argument("--num_train", type=int, default=None, help="synthetic only: training faces")
+  prepare.add_argument("--num_test", type=int, default=None, help="synthetic only: test faces")
+  prepare.add_argument("--image_size", type=int, default=None, help="synthetic only: stored crop side (px)")
+  prepare.add_argument("--seed", type=int, default=None, help="synthetic only: rendering seed")
+  commands.add_parser("layout", help="print where to download each dataset and the manual_dir layout")
+  return parser
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  from kd_landmarks.datasets import builder  # pylint: disable=g-import-not-at-top (tfds is heavy)
+  from kd_landmarks.datasets import readers  # pylint: disable=g-import-not-at-top
+  if args.command == "layout":
+    print(readers.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    return 0
+  synthetic_flags = {"num_train": args.num_train, "num_test": args.num_test, "image_size": args.image_size,
+                     "seed": args.seed}
+  synthetic_options = {key: value for key, value in synthetic_flags.items() if value is not None}
+  if synthetic_options and args.dataset != "synthetic":
+    print(f"error: --{' --'.join(sorted(synthetic_options))} only apply to --dataset synthetic "
+          f"(the official datasets have fixed splits and stored size {builder.STORED_CROP_SIZE})",
+          file=sys.stderr)
+    return 2
+  try:
+    prepared = builder.prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                               allow_partial=args.allow_partial, overwrite=args.overwrite,
+                               synthetic_options=synthetic_options or None, num_workers=args.num_workers)
+  except (readers.DatasetFormatError, FileExistsError, ValueError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  print(f"prepared {args.dataset} in {prepared.data_path}")
+  for name, split in prepared.info.splits.items():
+    print(f"  {name}: {split.num_examples} examples")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
