@@ -1,0 +1,246 @@
+"""Tests for kd_landmarks.augment: the image and every landmark set move together (Section 4.3)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_landmarks import augment
+from kd_landmarks import coords
+from kd_landmarks.datasets import flips
+
+STORED_SIZE = 64
+OUT_SIZE = 32
+NUM_LANDMARKS = 68
+PERM = flips.flip_permutation(NUM_LANDMARKS)
+DOT_LANDMARK = 30  # a nose point: its partner under the flip is itself, so pick an eye point too
+EYE_LANDMARK = 36  # right outer eye corner; after a flip the dot is labelled 45
+GEOMETRY_ONLY = augment.AugmentConfig(photometric=False, noise=False)
+
+
+def _random_shapes(seed, batch):
+  """Landmarks spread over the middle of the stored crop (where the stored 1.5x margin puts them)."""
+  rng = np.random.default_rng(seed)
+  return rng.uniform(STORED_SIZE * 0.25, STORED_SIZE * 0.75, (batch, NUM_LANDMARKS, 2)).astype(np.float32)
+
+
+def _dot_images(points):
+  """uint8 images, black except for one Gaussian blob (sigma 1.2 px) centred on each given point."""
+  grid = np.arange(STORED_SIZE, dtype=np.float64)
+  xx, yy = np.meshgrid(grid, grid)
+  blob = np.exp(-((xx[None] - points[:, 0, None, None]) ** 2 + (yy[None] - points[:, 1, None, None]) ** 2)
+                / (2 * 1.2 ** 2))
+  return np.repeat(np.round(255 * blob).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def _centroid(image):
+  """Intensity-weighted centroid (x, y) in pixels of a float [H, W, C] image."""
+  weight = np.asarray(image).sum(-1)
+  yy, xx = np.mgrid[: weight.shape[0], : weight.shape[1]]
+  return np.array([(weight * xx).sum(), (weight * yy).sum()]) / weight.sum()
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_augment(config, out_size=OUT_SIZE):
+  return jax.jit(functools.partial(augment.augment, out_size=out_size, flip_permutation=PERM, config=config))
+
+
+def _is_flipped(out_to_input):
+  return np.linalg.det(np.asarray(out_to_input)[..., :2]) < 0
+
+
+def _dot_landmark_batch(seed, batch, landmark):
+  shapes = _random_shapes(seed, batch)
+  # Put the tracked landmark near the box centre so it stays in view under any rotation.
+  shapes[:, landmark] = STORED_SIZE / 2 + np.random.default_rng(seed + 1).uniform(-4, 4, (batch, 2))
+  return shapes, _dot_images(shapes[:, landmark])
+
+
+@pytest.mark.parametrize("landmark", [DOT_LANDMARK, EYE_LANDMARK])
+def test_drawn_dot_follows_its_landmark(landmark):
+  batch = 8
+  shapes, images = _dot_landmark_batch(3 + landmark, batch, landmark)
+  out_images, out_sets, out_to_input = _jitted_augment(GEOMETRY_ONLY)(
+      jax.random.key(landmark), images, {"landmarks": shapes})
+  flipped = _is_flipped(out_to_input)
+  assert 0 < flipped.sum() < batch  # the batch exercises both branches
+  for b in range(batch):
+    # After a flip, the point that was landmark j is labelled perm[j] (perm is an involution).
+    label = PERM[landmark] if flipped[b] else landmark
+    predicted = coords.to_pixels(np.asarray(out_sets["landmarks"][b, label]), OUT_SIZE)
+    np.testing.assert_allclose(_centroid(out_images[b]), predicted, atol=1.0)
+
+
+def test_drawn_dot_under_each_transform_alone():
+  shapes, images = _dot_landmark_batch(11, 4, EYE_LANDMARK)
+  configs = {
+      "rotation": augment.AugmentConfig.disabled(rotation=True),
+      "flip": augment.AugmentConfig.disabled(flip=True, flip_probability=1.0),
+      "scale": augment.AugmentConfig.disabled(box_expansion=True, shift=True),
+  }
+  for name, config in configs.items():
+    out_images, out_sets, out_to_input = _jitted_augment(config)(jax.random.key(5), images,
+                                                                   {"landmarks": shapes})
+    label = PERM[EYE_LANDMARK] if name == "flip" else EYE_LANDMARK
+    assert _is_flipped(out_to_input).all() == (name == "flip")
+    for b in range(len(images)):
+      predicted = coords.to_pixels(np.asarray(out_sets["landmarks"][b, label]), OUT_SIZE)
+      np.testing.assert_allclose(_centroid(out_images[b]), predicted, atol=1.0, err_msg=name)
+
+
+def test_all_landmark_sets_move_together():
+  batch = 8
+  shapes = _random_shapes(0, batch)
+  rng = np.random.default_rng(1)
+  sets = {"landmarks": shapes, "soft_landmarks": shapes + rng.normal(0, 2, shapes.shape).astype(np.float32),
+          "tough": rng.uniform(0, STORED_SIZE, shapes.shape).astype(np.float32)}
+  images = np.zeros((batch, STORED_SIZE, STORED_SIZE, 3), np.uint8)
+  _, out_sets, out_to_input = _jitted_augment(GEOMETRY_ONLY)(jax.random.key(2), images, sets)
+  assert set(out_sets) == set(sets)
+  flipped = _is_flipped(out_to_input)
+  for key, points in sets.items():
+    back = coords.apply_affine(np.asarray(out_to_input, np.float64),
+                               coords.to_pixels(np.asarray(out_sets[key], np.float64), OUT_SIZE))
+    # Undo the relabelling: output label i holds input point perm[i], so back[inverse_perm] = input.
+    back = np.where(flipped[:, None, None], back[:, np.argsort(PERM)], back)
+    np.testing.assert_allclose(back, points, atol=2e-3, err_msg=key)
+
+
+def test_random_ranges_match_the_paper():
+  shapes = _random_shapes(4, 16)
+  images = np.zeros((16, STORED_SIZE, STORED_SIZE, 3), np.uint8)
+  fn = _jitted_augment(GEOMETRY_ONLY)
+  scales, angles, flipped = [], [], []
+  for seed in range(8):
+    _, _, out_to_input = fn(jax.random.key(100 + seed), images, {"landmarks": shapes})
+    linear = np.asarray(out_to_input, np.float64)[:, :, :2]
+    det = np.linalg.det(linear)
+    side = np.sqrt(np.abs(det)) * OUT_SIZE
+    base_side = (shapes.max(1) - shapes.min(1)).max(-1)
+    scales.append(side / base_side)
+    # Column 1 of R(theta) @ diag(f, 1) is (-sin, cos) whatever the flip.
+    angles.append(np.degrees(np.arctan2(-linear[:, 0, 1], linear[:, 1, 1])))
+    flipped.append(det < 0)
+  scales, angles, flipped = map(np.concatenate, (scales, angles, flipped))
+  assert scales.min() >= 1.0 - 1e-5 and scales.max() <= 1.1 + 1e-5  # "expand randomly up 10%"
+  assert scales.max() - scales.min() > 0.07  # and it really varies
+  assert np.abs(angles).max() <= 45.0 + 1e-3 and np.abs(angles).max() > 35.0  # "+-45 degree"
+  assert 0.3 < flipped.mean() < 0.7  # "probability of 50%", 128 draws
+
+
+def _symmetric_shapes(batch):
+  """Configurations that are their own mirror image under PERM about the image's centre line: with
+  pixel centres on integers, mirroring maps x to W - 1 - x."""
+  shapes = _random_shapes(7, batch)
+  for i in range(NUM_LANDMARKS):
+    j = PERM[i]
+    if i == j:
+      shapes[:, i, 0] = (STORED_SIZE - 1) / 2
+    elif i < j:
+      shapes[:, j, 0] = STORED_SIZE - 1 - shapes[:, i, 0]
+      shapes[:, j, 1] = shapes[:, i, 1]
+  return shapes
+
+
+def test_flip_of_symmetric_configuration_is_unchanged():
+  shapes = _symmetric_shapes(4)
+  np.testing.assert_allclose(shapes[:, PERM, 0], STORED_SIZE - 1 - shapes[:, :, 0], atol=1e-4)
+  images = _dot_images(shapes[:, 10])  # any image content: the landmark check doesn't use it
+  always_flip = augment.AugmentConfig.disabled(flip=True, flip_probability=1.0)
+  _, flipped_sets, flipped_affine = _jitted_augment(always_flip)(jax.random.key(0), images,
+                                                                  {"landmarks": shapes})
+  _, plain_sets, _ = augment.preprocess_eval(images, {"landmarks": shapes}, out_size=OUT_SIZE)
+  assert _is_flipped(flipped_affine).all()
+  np.testing.assert_allclose(flipped_sets["landmarks"], plain_sets["landmarks"], atol=1e-5)
+  # Without the relabelling the symmetric face would not map onto itself.
+  assert np.abs(np.asarray(flipped_sets["landmarks"])[:, PERM] - plain_sets["landmarks"]).max() > 0.05
+
+
+def test_flipped_image_is_the_mirror_image():
+  shapes = _symmetric_shapes(2)
+  images = np.random.default_rng(0).integers(0, 256, (2, STORED_SIZE, STORED_SIZE, 3), dtype=np.uint8)
+  always_flip = augment.AugmentConfig.disabled(flip=True, flip_probability=1.0)
+  flipped_images, _, _ = _jitted_augment(always_flip)(jax.random.key(0), images, {"landmarks": shapes})
+  mirrored_input = images[:, :, ::-1]  # the box is symmetric about the image's centre line
+  plain_images, _, _ = augment.preprocess_eval(mirrored_input, {"landmarks": shapes}, out_size=OUT_SIZE)
+  np.testing.assert_allclose(flipped_images, plain_images, atol=1e-4)
+
+
+def test_preprocess_eval_round_trip_and_box():
+  shapes = _random_shapes(5, 3)
+  soft = shapes + 1.5
+  images = np.zeros((3, STORED_SIZE, STORED_SIZE, 3), np.uint8)
+  out_images, out_sets, out_to_input = augment.preprocess_eval(
+      images, {"landmarks": shapes, "soft_landmarks": soft}, out_size=OUT_SIZE)
+  assert out_images.shape == (3, OUT_SIZE, OUT_SIZE, 3) and out_images.dtype == jnp.float32
+  # The affine is the numpy crop of coords.py around the 1.05x square landmark box.
+  box = coords.square_box_from_landmarks(shapes, scale=augment.EVAL_BOX_SCALE)
+  np.testing.assert_allclose(out_to_input, coords.crop_affine(box, OUT_SIZE), atol=1e-4)
+  for key, points in (("landmarks", shapes), ("soft_landmarks", soft)):
+    back = coords.apply_affine(np.asarray(out_to_input, np.float64),
+                               coords.to_pixels(np.asarray(out_sets[key], np.float64), OUT_SIZE))
+    np.testing.assert_allclose(back, points, atol=0.01)
+  # The landmark box spans 1/1.05 of the output: its extremes sit at +-0.5/1.05 on the long axis.
+  extent = np.asarray(out_sets["landmarks"]).max(1) - np.asarray(out_sets["landmarks"]).min(1)
+  np.testing.assert_allclose(extent.max(-1), 1 / augment.EVAL_BOX_SCALE, atol=1e-5)
+
+
+def test_disabled_augment_equals_preprocess_eval():
+  shapes = _random_shapes(6, 2)
+  images = np.random.default_rng(2).integers(0, 256, (2, STORED_SIZE, STORED_SIZE, 3), dtype=np.uint8)
+  expected = augment.preprocess_eval(images, {"landmarks": shapes}, out_size=OUT_SIZE)
+  got = _jitted_augment(augment.AugmentConfig.disabled())(jax.random.key(9), images, {"landmarks": shapes})
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_full_augment_jit_matches_eager_and_stays_in_range():
+  shapes = _random_shapes(8, 2)
+  images = np.random.default_rng(3).integers(0, 256, (2, STORED_SIZE, STORED_SIZE, 3), dtype=np.uint8)
+  sets = {"landmarks": shapes}
+  key = jax.random.key(4)
+  jitted = _jitted_augment(augment.AugmentConfig())(key, images, sets)
+  eager = augment.augment(key, images, sets, out_size=OUT_SIZE, flip_permutation=PERM)
+  for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+  out_images = np.asarray(jitted[0])
+  assert out_images.dtype == np.float32 and out_images.min() >= 0.0 and out_images.max() <= 1.0
+  # Photometric jitter changes the pixels relative to the geometry-only warp with the same key.
+  geometry_only = _jitted_augment(GEOMETRY_ONLY)(key, images, sets)
+  np.testing.assert_allclose(geometry_only[1]["landmarks"], jitted[1]["landmarks"], atol=1e-6)
+  assert np.abs(np.asarray(geometry_only[0]) - out_images).mean() > 0.01
+  # Different keys give different draws; the same key the same draw.
+  other = _jitted_augment(augment.AugmentConfig())(jax.random.key(5), images, sets)
+  assert not np.allclose(other[2], jitted[2])
+
+
+@pytest.mark.parametrize("fill_mode", ["constant", "nearest"])
+def test_samplers_agree(fill_mode):
+  image = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+  # A rotation + scale that samples outside the image too.
+  affine = np.array([[0.9, -0.5, -3.0], [0.5, 0.9, 2.0]], np.float32)
+  results = [jax.jit(augment.warp_image, static_argnums=2, static_argnames=("sampler", "fill_mode"))(
+      image, affine, 16, sampler=sampler, fill_mode=fill_mode) for sampler in ("gather", "map_coordinates")]
+  np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+  # On integer positions the sampler returns the pixel itself.
+  identity = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 3.0]], np.float32)
+  np.testing.assert_allclose(augment.warp_image(image, identity, 8), image[3:11, 2:10] / 255.0, atol=1e-6)
+
+
+def test_bad_input_errors():
+  shapes = _random_shapes(0, 2)
+  images = np.zeros((2, STORED_SIZE, STORED_SIZE, 3), np.uint8)
+  with pytest.raises(ValueError, match="uint8"):
+    augment.preprocess_eval(images.astype(np.float32), {"landmarks": shapes}, out_size=OUT_SIZE)
+  with pytest.raises(ValueError, match="reference='landmarks' is not among"):
+    augment.preprocess_eval(images, {"gt": shapes}, out_size=OUT_SIZE)
+  with pytest.raises(ValueError, match="'soft' has shape"):
+    augment.preprocess_eval(images, {"landmarks": shapes, "soft": shapes[:1]}, out_size=OUT_SIZE)
+  with pytest.raises(ValueError, match=r"flips.flip_permutation\(68\)"):
+    augment.augment(jax.random.key(0), images, {"landmarks": shapes}, out_size=OUT_SIZE,
+                    flip_permutation=flips.flip_permutation(29))
+  with pytest.raises(ValueError, match="flip_permutation is None"):
+    augment.augment(jax.random.key(0), images, {"landmarks": shapes}, flip_permutation=None)
+  with pytest.raises(ValueError, match="sampler"):
+    augment.AugmentConfig(sampler="nearest")
