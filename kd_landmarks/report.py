@@ -1,0 +1,781 @@
+"""Paper-style evaluation report of a workdir: tables, CED curves and qualitative overlays.
+
+``build_report(workdir)`` reads what the evaluate step wrote for every trained model directory
+(``DIR/<model_dir>/model.json``, ``eval/metrics.json`` and ``eval/<split>.npz``) and writes
+
+* ``DIR/report.md``: the paper's tables for the dataset (Table 1 COFW, Tables 2, 3, 7, 8 300W, Table 4 WFLW;
+  whichever rows exist), our models side by side as the paper compares them (mnv2 trained with L2, mnv2_KD,
+  the Tough teacher efn), each of our numbers next to the paper's published one (``paper_results``) for the
+  real datasets, plus one table per evaluated split with every model;
+* ``DIR/figures/ced_<split>.png``: cumulative error distribution curves (Fig. 10), one curve per model;
+* ``DIR/figures/qualitative_<split>.png``: the best, median and worst faces of a split (Figs. 11, 12, 14),
+  each predicted landmark green, or red where its error divided by the inter-ocular distance is above
+  the 0.1 failure threshold (the rule of the captions of Figs. 11, 12 and 14).
+
+Units: metrics are computed as fractions (``kd_landmarks.metrics``) and printed as the paper prints them,
+NME and FR in percent and AUC as a fraction.
+
+Command line: ``python -m kd_landmarks.report --workdir DIR [--data_dir D]``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from kd_landmarks import coords
+from kd_landmarks import paper_results
+from kd_landmarks.datasets import info as dataset_info
+
+# Section 4.2: a face (or, in Figs. 11/12/14, a landmark) whose normalised error exceeds 0.1 fails.
+FAILURE_THRESHOLD = 0.1
+# WFLW attribute columns (stored ``attributes`` order) and the test subsets they define (Table 4).
+WFLW_ATTRIBUTE_SUBSETS = ("test_pose", "test_expression", "test_illumination", "test_makeup",
+                          "test_occlusion", "test_blur")
+
+INTER_PUPIL_DATASETS = ("300w", "synthetic")
+# Student loss (config name) -> the paper's name for the model it trains.
+_LOSS_TO_METHOD = {
+    "l2": "mnv2",
+    "kd": "mnv2_kd",
+    "kd_tough_only": "mnv2_tou",
+    "kd_tolerant_only": "mnv2_tol",
+    "l1": "mnv2_l1",
+    "smooth_l1": "mnv2_smooth_l1",
+}
+_ROLE_TO_METHOD = {"teacher_tough": "efn", "teacher_tolerant": "efn_tolerant"}
+_METHOD_LABELS = {
+    "mnv2": "mnv2 (L2)",
+    "mnv2_kd": "mnv2_KD",
+    "mnv2_tou": "mnv2_Tou",
+    "mnv2_tol": "mnv2_Tol",
+    "mnv2_l1": "mnv2 (L1)",
+    "mnv2_smooth_l1": "mnv2 (smooth L1)",
+    "efn": "efn (Tough teacher)",
+    "efn_tolerant": "efn (Tolerant teacher)",
+}
+# The order rows appear in, following the paper's tables (baseline, ablations, KD student, teacher).
+_METHOD_ORDER = ("mnv2", "mnv2_l1", "mnv2_smooth_l1", "mnv2_tou", "mnv2_tol", "mnv2_kd", "efn",
+                 "efn_tolerant")
+# The models of the paper's main comparison (Tables 1, 2, 4 and Fig. 10).
+_MAIN_METHODS = ("mnv2", "mnv2_kd", "efn")
+
+_SPLIT_TITLES = {
+    "test_common": "Common", "test_challenging": "Challenging", "test_full": "Full",
+    "test": "Test set", "test_pose": "Pose", "test_expression": "Expression",
+    "test_illumination": "Illumination", "test_makeup": "Make-Up", "test_occlusion": "Occlusion",
+    "test_blur": "Blur",
+}
+
+# Colours of the qualitative figures: landmark within / beyond the failure threshold.
+GOOD_COLOR = (0.0, 0.85, 0.0)
+BAD_COLOR = (1.0, 0.0, 0.0)
+# Background beyond the stored crop, seen only when predictions fall outside it.
+OUTSIDE_CROP_COLOR = (0.1, 0.1, 0.3)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+  """A trained model directory and what the paper calls it."""
+  dir_name: str
+  path: Path
+  method: str        # key into paper_results, e.g. 'mnv2_kd'
+  label: str         # what the tables print
+  network: str       # model.json 'model'
+  role: str
+  loss: str | None
+  dataset: str
+
+
+@dataclasses.dataclass
+class SplitEval:
+  """One model's evaluation of one split. Metric values are fractions (None: not available)."""
+  split: str
+  count: int
+  nme: float | None
+  fr: float | None
+  auc: float | None
+  nme_inter_pupil: float | None = None
+  # Per-image arrays from the npz (None when only metrics.json exists).
+  nmes: np.ndarray | None = None
+  pred: np.ndarray | None = None
+  gt: np.ndarray | None = None
+  image_id: np.ndarray | None = None
+  # Where the images live: split and row of the stored dataset (differs for derived WFLW subsets).
+  image_split: str | None = None
+  image_rows: np.ndarray | None = None
+  source: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the workdir.
+
+
+def find_models(workdir: Path) -> list[ModelEntry]:
+  """Every ``DIR/<model_dir>/model.json``, sorted in the paper's row order."""
+  workdir = Path(workdir)
+  if not workdir.is_dir():
+    raise FileNotFoundError(f"workdir {workdir} does not exist")
+  entries = []
+  for model_json in sorted(workdir.glob("*/model.json")):
+    try:
+      meta = json.loads(model_json.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{model_json}: not valid JSON ({e}); re-run the evaluate phase") from None
+    dir_name = model_json.parent.name
+    role = meta.get("role") or _role_from_dir(dir_name)
+    loss = meta.get("loss")
+    if role == "student" and loss is None and dir_name.startswith("student_"):
+      loss = dir_name[len("student_"):]
+    if role in _ROLE_TO_METHOD:
+      method = _ROLE_TO_METHOD[role]
+    elif role == "student":
+      method = _LOSS_TO_METHOD.get(loss, f"student_{loss}")
+    else:
+      raise ValueError(f"{model_json}: field 'role' is {role!r}; expected 'teacher_tough', "
+                       "'teacher_tolerant' or 'student'")
+    for field in ("model", "dataset"):
+      if field not in meta:
+        raise ValueError(f"{model_json}: missing field {field!r}; the evaluate step writes it")
+    entries.append(ModelEntry(
+        dir_name=dir_name, path=model_json.parent, method=method,
+        label=_METHOD_LABELS.get(method, f"student ({loss})"), network=str(meta["model"]),
+        role=role, loss=loss, dataset=str(meta["dataset"]).lower()))
+  if not entries:
+    raise FileNotFoundError(
+        f"no trained model directories (DIR/<model_dir>/model.json) under {workdir}; train and evaluate "
+        "first: python -m kd_landmarks.main --config configs/demo.py --workdir DIR")
+  # Two directories with the same paper name (e.g. two KD variants) keep apart by directory name.
+  methods = [e.method for e in entries]
+  entries = [dataclasses.replace(e, label=f"{e.label} [{e.dir_name}]") if methods.count(e.method) > 1
+             else e for e in entries]
+  order = {m: i for i, m in enumerate(_METHOD_ORDER)}
+  return sorted(entries, key=lambda e: (order.get(e.method, len(order)), e.dir_name))
+
+
+def _role_from_dir(dir_name: str) -> str:
+  if dir_name in _ROLE_TO_METHOD:
+    return dir_name
+  if dir_name.startswith("student_"):
+    return "student"
+  return "unknown"
+
+
+def load_npz(path: Path, *, num_landmarks: int | None) -> dict[str, np.ndarray]:
+  """Reads and checks one ``eval/<split>.npz`` (``pred``, ``gt`` [N, K, 2] original-image pixels)."""
+  with np.load(path, allow_pickle=False) as data:
+    arrays = {key: data[key] for key in data.files}
+  for field in ("pred", "gt"):
+    if field not in arrays:
+      raise ValueError(f"{path}: missing field {field!r} (has {sorted(arrays)}); re-run the evaluate phase")
+    array = arrays[field]
+    if array.ndim != 3 or array.shape[-1] != 2:
+      raise ValueError(f"{path}: field {field!r} has shape {array.shape}; expected [N, K, 2]")
+    if num_landmarks is not None and array.shape[1] != num_landmarks:
+      raise ValueError(f"{path}: field {field!r} has {array.shape[1]} landmarks; the dataset has "
+                       f"{num_landmarks}")
+    bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=(1, 2)))
+    if bad_rows.size:
+      raise ValueError(f"{path}: field {field!r} is not finite in rows {bad_rows[:10].tolist()}"
+                       f"{' ...' if bad_rows.size > 10 else ''}; the model diverged or the file is corrupt")
+  if arrays["pred"].shape != arrays["gt"].shape:
+    raise ValueError(f"{path}: 'pred' {arrays['pred'].shape} and 'gt' {arrays['gt'].shape} differ in shape")
+  n = arrays["gt"].shape[0]
+  if "image_id" not in arrays:
+    arrays["image_id"] = np.array([str(i) for i in range(n)])
+  arrays["image_id"] = arrays["image_id"].astype(str)
+  for field in ("image_id", "attributes", "occluded"):
+    if field in arrays and arrays[field].shape[0] != n:
+      raise ValueError(f"{path}: field {field!r} has {arrays[field].shape[0]} rows; 'gt' has {n}")
+  return arrays
+
+
+def _metrics_module():
+  # Imported lazily so that reading paper tables does not need the metrics' dependencies.
+  from kd_landmarks import metrics
+  return metrics
+
+
+def _evaluate_arrays(arrays, *, dataset, split, image_split, image_rows, source):
+  """Per-image NMEs and FR / AUC of one split from prediction arrays (kd_landmarks.metrics)."""
+  metrics = _metrics_module()
+  nmes = np.asarray(metrics.nme(arrays["pred"], arrays["gt"], dataset=dataset), dtype=np.float64)
+  fr, auc = metrics.failure_rate_and_auc(nmes, threshold=FAILURE_THRESHOLD)
+  nme_ip = None
+  # Table 3 reports inter-pupil NME for 300W; the synthetic faces share its 68-point layout.
+  if dataset in INTER_PUPIL_DATASETS:
+    nme_ip = float(np.mean(metrics.nme(arrays["pred"], arrays["gt"], dataset=dataset,
+                                       normalization="inter_pupil")))
+  return SplitEval(
+      split=split, count=int(nmes.shape[0]), nme=float(np.mean(nmes)), fr=float(fr), auc=float(auc),
+      nme_inter_pupil=nme_ip, nmes=nmes, pred=arrays["pred"], gt=arrays["gt"],
+      image_id=arrays["image_id"], image_split=image_split, image_rows=image_rows, source=source)
+
+
+def load_model_results(model: ModelEntry, *, dataset: str, warnings: list[str]) -> dict[str, SplitEval]:
+  """All splits evaluated for one model: metrics.json values, per-image data from the npz files.
+
+  A metric missing from metrics.json is recomputed from the npz; where both exist and disagree the report
+  keeps metrics.json's value and lists the disagreement under "Warnings".
+  """
+  eval_dir = model.path / "eval"
+  metrics_path = eval_dir / "metrics.json"
+  stored: dict[str, Any] = {}
+  if metrics_path.exists():
+    try:
+      stored = json.loads(metrics_path.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{metrics_path}: not valid JSON ({e}); re-run the evaluate phase") from None
+    if not isinstance(stored, dict):
+      raise ValueError(f"{metrics_path}: expected {{split: {{nme, fr, auc, count}}}}, got {type(stored)}")
+  num_landmarks = dataset_info.get_info(dataset).num_landmarks if dataset in dataset_info.DATASETS else None
+  npz_paths = {p.stem: p for p in sorted(eval_dir.glob("*.npz"))} if eval_dir.is_dir() else {}
+  results: dict[str, SplitEval] = {}
+  for split, path in npz_paths.items():
+    arrays = load_npz(path, num_landmarks=num_landmarks)
+    results[split] = _evaluate_arrays(
+        arrays, dataset=dataset, split=split, image_split=split,
+        image_rows=np.arange(arrays["gt"].shape[0]), source=str(path.relative_to(model.path.parent)))
+    if dataset == "wflw" and split == "test" and "attributes" in arrays:
+      for column, subset in enumerate(WFLW_ATTRIBUTE_SUBSETS):
+        if subset in npz_paths:
+          continue
+        rows = np.flatnonzero(arrays["attributes"][:, column] != 0)
+        if rows.size == 0:
+          continue
+        subset_arrays = {k: v[rows] for k, v in arrays.items()}
+        results[subset] = _evaluate_arrays(
+            subset_arrays, dataset=dataset, split=subset, image_split="test", image_rows=rows,
+            source=f"{path.relative_to(model.path.parent)} (attribute {column})")
+  for split, values in stored.items():
+    if not isinstance(values, dict):
+      raise ValueError(f"{metrics_path}: entry {split!r} should be an object {{nme, fr, auc, count}}")
+    computed = results.get(split)
+    if computed is None:
+      results[split] = SplitEval(
+          split=split, count=int(values.get("count", 0)), nme=_opt_float(values.get("nme")),
+          fr=_opt_float(values.get("fr")), auc=_opt_float(values.get("auc")),
+          nme_inter_pupil=_opt_float(values.get("nme_inter_pupil")),
+          source=str(metrics_path.relative_to(model.path.parent)))
+      continue
+    for field in ("nme", "fr", "auc", "nme_inter_pupil", "count"):
+      if values.get(field) is None:
+        continue
+      value = float(values[field])
+      ours = getattr(computed, field)
+      if ours is not None and not math.isclose(value, float(ours), rel_tol=1e-3, abs_tol=1e-6):
+        warnings.append(f"{model.dir_name}/{split}: metrics.json {field}={value:.6g} but the npz gives "
+                        f"{float(ours):.6g}; the tables show metrics.json's value")
+      setattr(computed, field, int(value) if field == "count" else value)
+    computed.source += " + metrics.json"
+  return results
+
+
+def _opt_float(value):
+  return None if value is None else float(value)
+
+
+def _detect_dataset(models: Sequence[ModelEntry]) -> str:
+  datasets = sorted({m.dataset for m in models})
+  if len(datasets) != 1:
+    raise ValueError("the model directories were trained on different datasets: " +
+                     ", ".join(f"{m.dir_name}={m.dataset}" for m in models) +
+                     "; pass dataset=... to report one of them")
+  return datasets[0]
+
+
+def _ordered_splits(splits, dataset):
+  known = dataset_info.get_info(dataset).splits if dataset in dataset_info.DATASETS else ()
+  rank = {s: i for i, s in enumerate(known)}
+  return sorted(splits, key=lambda s: (rank.get(s, len(rank)), s))
+
+
+def _test_splits(splits, dataset):
+  train = dataset_info.get_info(dataset).train_split if dataset in dataset_info.DATASETS else "train"
+  return [s for s in splits if s != train]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables.
+
+
+def _fmt(value, metric):
+  if value is None:
+    return "—"
+  if metric == "auc":
+    return f"{value:.4f}"
+  return f"{value:.2f}"
+
+
+def _ours(result: SplitEval | None, metric: str):
+  """Our value in the paper's unit (NME, FR in %; AUC fraction)."""
+  if result is None:
+    return None
+  value = getattr(result, metric)
+  if value is None:
+    return None
+  return value if metric == "auc" else 100.0 * value
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return lines + [""]
+
+
+class _Tables:
+  """Builds the markdown tables from {model: {split: SplitEval}}."""
+
+  def __init__(self, dataset, models, results):
+    self.dataset = dataset
+    self.models = models
+    self.results = results
+    self.with_paper = paper_results.has_paper_results(dataset)
+
+  def cell(self, model, split, metric):
+    return _fmt(_ours(self.results[model.dir_name].get(split), metric), metric)
+
+  def paper_cell(self, model, split, metric):
+    return _fmt(paper_results.paper_value(self.dataset, model.method, split, metric), metric)
+
+  def columns(self, model, split, metric):
+    cells = [self.cell(model, split, metric)]
+    if self.with_paper:
+      cells.append(self.paper_cell(model, split, metric))
+    return cells
+
+  def header(self, name):
+    return [name, f"{name} (paper)"] if self.with_paper else [name]
+
+  def pick(self, methods):
+    return [m for m in self.models if m.method in methods]
+
+  def metric_by_split(self, title, methods, splits, metrics, *, split_in_header=True):
+    """Rows: models; columns: (split, metric) pairs, each followed by the paper's value."""
+    models = self.pick(methods)
+    splits = [s for s in splits if any(s in self.results[m.dir_name] for m in models)]
+    if not models or not splits:
+      return []
+    header = ["Method", "Network"]
+    for split in splits:
+      for metric, unit in metrics:
+        name = _SPLIT_TITLES.get(split, split) if split_in_header else ""
+        header += self.header(f"{name} {unit}".strip())
+    rows = []
+    for model in models:
+      row = [model.label, model.network]
+      for split in splits:
+        for metric, _ in metrics:
+          row += self.columns(model, split, metric)
+      rows.append(row)
+    return [f"### {title}", ""] + _markdown_table(header, rows)
+
+  def metric_rows(self, title, methods, splits, metrics):
+    """The layout of Tables 4 and 7: rows (metric, model or split), columns splits or models."""
+    models = self.pick(methods)
+    splits = [s for s in splits if any(s in self.results[m.dir_name] for m in models)]
+    if not models or not splits:
+      return []
+    header = ["Metric", "Method"]
+    for split in splits:
+      header += self.header(_SPLIT_TITLES.get(split, split))
+    rows = []
+    for metric, name in metrics:
+      for model in models:
+        row = [name, model.label]
+        for split in splits:
+          row += self.columns(model, split, metric)
+        rows.append(row)
+    return [f"### {title}", ""] + _markdown_table(header, rows)
+
+  def per_split(self, split):
+    """Every model on one split: NME, FR, AUC (and inter-pupil NME where computed), image count."""
+    models = [m for m in self.models if split in self.results[m.dir_name]]
+    has_ip = any(self.results[m.dir_name][split].nme_inter_pupil is not None for m in models)
+    header = ["Method", "Network", "Directory"] + self.header("NME (%)")
+    if has_ip:
+      header += self.header("NME inter-pupil (%)")
+    header += self.header("FR (%)") + self.header("AUC") + ["Images"]
+    rows = []
+    for model in models:
+      result = self.results[model.dir_name][split]
+      row = [model.label, model.network, model.dir_name] + self.columns(model, split, "nme")
+      if has_ip:
+        row += self.columns(model, split, "nme_inter_pupil")
+      row += self.columns(model, split, "fr") + self.columns(model, split, "auc") + [str(result.count)]
+      rows.append(row)
+    return [f"### Split `{split}`", ""] + _markdown_table(header, rows)
+
+
+def _paper_tables(tables: _Tables, splits: Sequence[str]) -> list[str]:
+  lines: list[str] = []
+  ds = tables.dataset
+  nme, fr, auc = ("nme", "NME (%)"), ("fr", "FR (%)"), ("auc", "AUC")
+  if ds == "cofw":
+    lines += tables.metric_by_split(
+        "Table 1: COFW, 29 points, NME (%) and FR (%), inter-ocular", _MAIN_METHODS, ["test"],
+        [("nme", "NME (%)"), ("fr", "FR (%)")], split_in_header=False)
+  elif ds == "300w":
+    subsets = ["test_common", "test_challenging", "test_full"]
+    lines += tables.metric_by_split(
+        "Table 2: 300W, 68 points, NME (%), inter-ocular", _MAIN_METHODS, subsets, [("nme", "")])
+    lines += tables.metric_by_split(
+        "Table 3: 300W, NME (%), inter-pupil", _MAIN_METHODS, subsets, [("nme_inter_pupil", "")])
+  elif ds == "wflw":
+    lines += tables.metric_rows(
+        "Table 4: WFLW, 98 points, NME (%), FR (%) and AUC per subset", _MAIN_METHODS,
+        ["test", *WFLW_ATTRIBUTE_SUBSETS], [nme, fr, auc])
+  # Tables 7 and 8 are 300W experiments in the paper; their layout applies to any dataset's test splits.
+  ablation = ("mnv2", "mnv2_tou", "mnv2_tol", "mnv2_kd")
+  if any(m.method in ("mnv2_tou", "mnv2_tol") for m in tables.models):
+    ablation_splits = ["test_challenging", "test_common", "test_full"] if ds == "300w" else splits
+    lines += _transposed(tables, "Table 7: KD ablation, NME (%), FR (%) and AUC", ablation,
+                         ablation_splits, [nme, fr, auc])
+  losses = ("mnv2", "mnv2_l1", "mnv2_smooth_l1", "mnv2_kd")
+  if any(m.method in ("mnv2_l1", "mnv2_smooth_l1") for m in tables.models):
+    loss_splits = ["test_common", "test_challenging", "test_full"] if ds == "300w" else splits
+    lines += tables.metric_by_split("Table 8: MobileNetV2 trained with different losses, NME (%)",
+                                    losses, loss_splits, [("nme", "")])
+  return lines
+
+
+def _transposed(tables: _Tables, title, methods, splits, metrics):
+  """Table 7's layout: rows (metric, split), columns the models (ours, paper)."""
+  models = tables.pick(methods)
+  splits = [s for s in splits if any(s in tables.results[m.dir_name] for m in models)]
+  if not models or not splits:
+    return []
+  header = ["Metric", "Split"]
+  for model in models:
+    header += tables.header(model.label)
+  rows = []
+  for metric, name in metrics:
+    for split in splits:
+      row = [name, _SPLIT_TITLES.get(split, split)]
+      for model in models:
+        row += tables.columns(model, split, metric)
+      rows.append(row)
+  return [f"### {title}", ""] + _markdown_table(header, rows)
+
+
+def _kd_vs_l2_lines(tables: _Tables, splits) -> list[str]:
+  """The claim under test: KD-Loss lowers the student's NME compared with L2 (Sections 4.4, 4.7)."""
+  by_method = {m.method: m for m in tables.models}
+  if "mnv2" not in by_method or "mnv2_kd" not in by_method:
+    return []
+  lines = ["## KD-Loss against L2", ""]
+  for split in splits:
+    l2 = tables.results[by_method["mnv2"].dir_name].get(split)
+    kd = tables.results[by_method["mnv2_kd"].dir_name].get(split)
+    if l2 is None or kd is None or l2.nme is None or kd.nme is None:
+      continue
+    delta = 100.0 * (kd.nme - l2.nme)
+    verdict = "lower (better)" if delta < 0 else "not lower"
+    lines.append(f"- `{split}`: mnv2_KD NME {100 * kd.nme:.2f}% vs mnv2 (L2) {100 * l2.nme:.2f}%: "
+                 f"{delta:+.2f} points, KD is {verdict}.")
+  return lines + [""]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures.
+
+
+def _new_figure(width, height, dpi=100):
+  # A bare Figure with the Agg canvas: no pyplot global state, no display needed.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  figure = Figure(figsize=(width, height), dpi=dpi)
+  FigureCanvasAgg(figure)
+  return figure
+
+
+def plot_ced(curves: Sequence[tuple[str, SplitEval]], path: Path, *, title: str,
+             threshold: float = FAILURE_THRESHOLD) -> Path:
+  """Fig. 10: the cumulative distribution of per-image NME up to ``threshold``, one curve per model."""
+  metrics = _metrics_module()
+  figure = _new_figure(6.4, 4.8, dpi=120)
+  ax = figure.add_subplot(1, 1, 1)
+  for label, result in curves:
+    x, y = metrics.ced_curve(result.nmes, threshold=threshold, step=threshold / 1000)
+    ax.plot(np.asarray(x), np.asarray(y), linewidth=2,
+            label=f"{label}: FR {100 * result.fr:.2f}%, AUC {result.auc:.4f}")
+  ax.set_xlim(0.0, threshold)
+  ax.set_ylim(0.0, 1.0)
+  ax.set_xlabel("NME (inter-ocular)")
+  ax.set_ylabel("Proportion of images")
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  ax.legend(loc="lower right", fontsize=8)
+  figure.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path)
+  return path
+
+
+def landmark_failures(pred, gt, *, dataset: str, threshold: float = FAILURE_THRESHOLD) -> np.ndarray:
+  """Figs. 11/12/14 rule: landmark k fails when ||pred_k - gt_k|| / inter-ocular distance > threshold.
+
+  ``pred``, ``gt``: ``[..., K, 2]`` pixels. Returns bool ``[..., K]``. The inter-ocular distance is the one
+  the NME uses (Section 4.2, outer eye corners of :mod:`kd_landmarks.datasets.info`).
+  """
+  right, left = dataset_info.get_info(dataset).outer_eye_corners
+  gt = np.asarray(gt, dtype=np.float64)
+  inter_ocular = np.linalg.norm(gt[..., right, :] - gt[..., left, :], axis=-1)
+  if np.any(inter_ocular <= 0):
+    raise ValueError("ground truth with coincident outer eye corners: the inter-ocular distance is 0")
+  errors = np.linalg.norm(np.asarray(pred, dtype=np.float64) - gt, axis=-1)
+  return errors / inter_ocular[..., None] > threshold
+
+
+def _select_rows(nmes: np.ndarray, per_group: int) -> list[tuple[str, int]]:
+  """``per_group`` best, median and worst rows by NME (fewer when the split is small), no repeats."""
+  order = np.argsort(nmes, kind="stable")
+  n = len(order)
+  per_group = max(1, min(per_group, n // 3 if n >= 3 else 1))
+  mid = max(0, n // 2 - per_group // 2)
+  picks, seen = [], set()
+  for group, rows in (("best", order[:per_group]), ("median", order[mid:mid + per_group]),
+                      ("worst", order[::-1][:per_group])):
+    for row in rows:
+      if int(row) not in seen:
+        seen.add(int(row))
+        picks.append((group, int(row)))
+  return picks
+
+
+def _as_str(value) -> str:
+  value = np.asarray(value).item() if not isinstance(value, (str, bytes)) else value
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _as_image(example) -> tuple[np.ndarray, np.ndarray]:
+  """(image, crop -> original affine) from a stored example, a (image, affine) pair or a bare image."""
+  if isinstance(example, Mapping):
+    image = np.asarray(example["image"])
+    affine = example.get("crop_to_original")
+  elif isinstance(example, tuple):
+    image, affine = example
+    image = np.asarray(image)
+  else:
+    image, affine = np.asarray(example), None
+  if affine is None:
+    affine = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"get_image returned an image of shape {image.shape}; expected [H, W, 3]")
+  return image, np.asarray(affine, dtype=np.float64)
+
+
+def plot_qualitative(rows_of_models: Sequence[tuple[str, SplitEval]], path: Path, *, dataset: str,
+                     title: str, get_image: Callable[[str, int], Any] | None, per_group: int = 2,
+                     image_errors: list[str] | None = None) -> Path:
+  """Figs. 11, 12, 14: a grid (rows: models; columns: best, median, worst faces of the first model).
+
+  Each predicted landmark is green, or red where its error over the inter-ocular distance exceeds 0.1.
+  Points are drawn on the stored crop (original pixels mapped with the inverse of ``crop_to_original``);
+  without images they are drawn on a grey background in original-image pixels.
+  """
+  reference = rows_of_models[0][1]
+  picks = _select_rows(reference.nmes, per_group)
+  row_of_id = [{image_id: i for i, image_id in enumerate(result.image_id)} for _, result in rows_of_models]
+  cell = 2.3
+  figure = _new_figure(cell * len(picks), cell * len(rows_of_models) + 0.5, dpi=100)
+  images: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
+  for column, (group, ref_row) in enumerate(picks):
+    images[column] = None
+    if get_image is None:
+      continue
+    where = f"{reference.image_split}[{int(reference.image_rows[ref_row])}]"
+    try:
+      example = get_image(reference.image_split, int(reference.image_rows[ref_row]))
+      stored_id = example.get("image_id") if isinstance(example, Mapping) else None
+      if stored_id is not None and _as_str(stored_id) != str(reference.image_id[ref_row]):
+        # Rows of the npz follow the split's order; a different id means the data changed since eval.
+        raise ValueError(f"stored image_id {_as_str(stored_id)!r} differs from the evaluation's "
+                         f"{reference.image_id[ref_row]!r}; re-run the eval phase")
+      images[column] = _as_image(example)
+    except Exception as e:  # pylint: disable=broad-except
+      # A missing image must not lose the figure: the face is drawn on grey and the report says why.
+      if image_errors is not None:
+        image_errors.append(f"{where}: {e}")
+  for row, (label, result) in enumerate(rows_of_models):
+    for column, (group, ref_row) in enumerate(picks):
+      ax = figure.add_subplot(len(rows_of_models), len(picks), row * len(picks) + column + 1)
+      image_id = reference.image_id[ref_row]
+      model_row = row_of_id[row].get(image_id)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if column == 0:
+        ax.set_ylabel(label, fontsize=9)
+      if model_row is None:
+        ax.set_title(f"{group}: not evaluated", fontsize=7)
+        continue
+      pred, gt = result.pred[model_row], result.gt[model_row]
+      failed = landmark_failures(pred, gt, dataset=dataset)
+      colors = np.where(failed[:, None], np.array(BAD_COLOR), np.array(GOOD_COLOR))
+      loaded = images[column]
+      if loaded is not None:
+        image, crop_to_original = loaded
+        to_crop = coords.invert_affine(crop_to_original)
+        points = coords.apply_affine(to_crop, pred.astype(np.float64))
+        height, width = image.shape[:2]
+        ax.imshow(image, interpolation="bilinear")
+      else:
+        cx, cy, side = coords.square_box_from_landmarks(gt, scale=1.5)
+        ax.set_facecolor((0.55, 0.55, 0.55))
+        points = pred
+        width = height = side
+        ax.set_xlim(cx - side / 2, cx + side / 2)
+        ax.set_ylim(cy + side / 2, cy - side / 2)
+      # Dense layouts (98 points) get smaller dots so that neighbours stay apart.
+      marker_area = float(np.clip(600.0 / len(pred), 4.0, 18.0))
+      # A thin dark rim keeps green dots visible on green or bright backgrounds.
+      ax.scatter(points[:, 0], points[:, 1], s=marker_area, c=colors, edgecolors=(0, 0, 0, 0.6),
+                 linewidths=0.3)
+      if loaded is not None:
+        # Keep far-off failures visible instead of letting the crop's frame clip them.
+        lo = np.minimum(points.min(axis=0), [-0.5, -0.5])
+        hi = np.maximum(points.max(axis=0), [width - 0.5, height - 0.5])
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(hi[1], lo[1])
+        ax.set_facecolor(OUTSIDE_CROP_COLOR)
+      ax.set_title(f"{group}: NME {100 * result.nmes[model_row]:.2f}%", fontsize=8)
+  figure.suptitle(title, fontsize=10)
+  figure.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path)
+  return path
+
+
+def _default_get_image(dataset, data_dir):
+  """Reads crops from the stored dataset, checking that the row's image_id matches."""
+  from kd_landmarks import datasets  # imported lazily: tfds is slow to import
+  sources = {}
+
+  def get_image(split, index):
+    if split not in sources:
+      sources[split] = datasets.load_split(dataset, split, data_dir)
+    return sources[split][index]
+  return get_image
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report.
+
+
+def build_report(workdir, *, dataset: str | None = None, data_dir=None,
+                 get_image: Callable[[str, int], Any] | None = None, per_group: int = 2) -> Path:
+  """Writes ``DIR/report.md`` and ``DIR/figures/*.png``; returns the report's path.
+
+  Args:
+    workdir: the training workdir (``DIR/<model_dir>/{model.json, eval/metrics.json, eval/<split>.npz}``).
+    dataset: which dataset to report; by default the one in the models' ``model.json`` (must agree).
+    data_dir: where the prepared dataset lives, for the images of the qualitative figures.
+    get_image: ``(split, index) -> example``: a stored example (mapping with ``image`` and
+      ``crop_to_original``), an ``(image, crop_to_original)`` pair, or an image in original pixels. Default:
+      the stored dataset via ``kd_landmarks.datasets.load_split`` when ``data_dir`` is given.
+    per_group: faces per group (best, median, worst) in the qualitative figures.
+  """
+  workdir = Path(workdir)
+  models = find_models(workdir)
+  dataset = (dataset or _detect_dataset(models)).lower()
+  dataset_info.get_info(dataset)  # a clear error for an unknown name
+  models = [m for m in models if m.dataset == dataset]
+  if not models:
+    raise ValueError(f"no model directory under {workdir} was trained on {dataset!r}")
+  warnings: list[str] = []
+  results = {}
+  for model in tqdm(models, desc="report: reading evaluations", leave=False):
+    results[model.dir_name] = load_model_results(model, dataset=dataset, warnings=warnings)
+  splits = _ordered_splits({s for r in results.values() for s in r}, dataset)
+  test_splits = _test_splits(splits, dataset)
+  for model in models:
+    if not results[model.dir_name]:
+      warnings.append(f"{model.dir_name}: no eval/metrics.json or eval/*.npz; run the eval phase")
+
+  if get_image is None and data_dir is not None:
+    get_image = _default_get_image(dataset, data_dir)
+  figures_dir = workdir / "figures"
+  figure_lines = []
+  image_errors: list[str] = []
+  for split in tqdm(test_splits, desc="report: figures", leave=False):
+    with_arrays = [(m.label, results[m.dir_name][split]) for m in models
+                   if split in results[m.dir_name] and results[m.dir_name][split].nmes is not None]
+    if not with_arrays:
+      continue
+    ced = plot_ced(with_arrays, figures_dir / f"ced_{split}.png",
+                   title=f"CED, {dataset} {split}")
+    figure_lines += [f"![CED {split}]({ced.relative_to(workdir).as_posix()})", ""]
+    # The paper's qualitative figures compare mnv2_KD with mnv2; the teacher is added when present.
+    label_to_method = {m.label: m.method for m in models}
+    featured = sorted(with_arrays, key=lambda pair: {"mnv2_kd": 0, "mnv2": 1, "efn": 2}.get(
+        label_to_method[pair[0]], 3))[:3]
+    qualitative = plot_qualitative(
+        featured, figures_dir / f"qualitative_{split}.png", dataset=dataset,
+        title=f"{dataset} {split}: best / median / worst by {featured[0][0]} NME "
+              f"(green: landmark error ≤ 0.1 inter-ocular, red: > 0.1)",
+        get_image=get_image, per_group=per_group, image_errors=image_errors)
+    figure_lines += [f"![qualitative {split}]({qualitative.relative_to(workdir).as_posix()})", ""]
+
+  tables = _Tables(dataset, models, results)
+  lines = [f"# Evaluation report: {dataset}", ""]
+  lines += [f"Workdir `{workdir}`. NME is normalised by the inter-ocular distance (outer eye corners) and "
+            "given in %, FR is the % of images with NME > 0.1, AUC is the area under the CED curve up to "
+            "0.1 divided by 0.1, all in original-image pixels (Section 4.2)."]
+  if tables.with_paper:
+    lines += ["Columns marked *(paper)* hold the numbers published in Fard & Mahoor, CVIU 2022 for the "
+              "model of the same name (MobileNetV2 student, EfficientNet-B3 teachers, 224 px)."]
+  else:
+    lines += ["The paper reports no numbers for this dataset, so no published numbers are shown."]
+  lines += ["", "## Models", ""]
+  lines += _markdown_table(
+      ["Method", "Directory", "Network", "Role", "Loss", "Splits"],
+      [[m.label, m.dir_name, m.network, m.role, m.loss or "—",
+        ", ".join(_ordered_splits(results[m.dir_name], dataset)) or "—"] for m in models])
+  lines += _kd_vs_l2_lines(tables, test_splits)
+  paper_lines = _paper_tables(tables, test_splits)
+  if paper_lines:
+    lines += ["## Tables in the paper's layout", ""] + paper_lines
+  lines += ["## All models per split", ""]
+  for split in splits:
+    lines += tables.per_split(split)
+  if figure_lines:
+    lines += ["## Figures", "",
+              "CED curves (Fig. 10) and qualitative results (Figs. 11, 12, 14): each predicted landmark is "
+              "green, or red where its distance to the ground truth over the inter-ocular distance exceeds "
+              "0.1 (the rule of the paper's captions).", ""] + figure_lines
+    if get_image is None:
+      lines += ["No images were available (pass data_dir or get_image): landmarks are drawn on grey.", ""]
+  if image_errors:
+    warnings.append(f"{len(image_errors)} images could not be read and are drawn on grey; first: "
+                    f"{image_errors[0]}")
+  sources = [f"- `{m.dir_name}/{s}`: {r.source}" for m in models
+             for s, r in sorted(results[m.dir_name].items())]
+  lines += ["## Sources", ""] + sources + [""]
+  if warnings:
+    lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+  report_path = workdir / "report.md"
+  report_path.write_text("\n".join(lines))
+  return report_path
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True, help="training workdir holding the model directories")
+  parser.add_argument("--dataset", default=None, help="dataset to report (default: from model.json)")
+  parser.add_argument("--data_dir", default=None, help="prepared dataset, for the qualitative images")
+  parser.add_argument("--per_group", type=int, default=2, help="faces per best/median/worst group")
+  args = parser.parse_args(argv)
+  path = build_report(args.workdir, dataset=args.dataset, data_dir=args.data_dir, per_group=args.per_group)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,462 @@
+"""Tests of kd_landmarks.report and kd_landmarks.paper_results.
+
+Workdirs are made by hand: a perfect model (NME 0), a uniformly shifted one (every landmark moved by a
+known fraction of the inter-ocular distance, so NME = that fraction, and FR / AUC follow by hand) and a
+failing one. The markdown tables are parsed back and the cells compared with those hand values; the paper's
+numbers are compared with the paper's own text.
+"""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kd_landmarks import paper_results
+from kd_landmarks import report
+from kd_landmarks.datasets import info as dataset_info
+
+PAPER = Path("/work/shared/paper/kd_loss_paper.txt")
+INTER_OCULAR = 100.0  # pixels, fixed by where the fixtures put the outer eye corners
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fixtures.
+
+
+def make_faces(dataset, n, seed=0):
+  """Ground truth [n, K, 2] in original pixels with outer eye corners exactly INTER_OCULAR apart."""
+  info = dataset_info.get_info(dataset)
+  rng = np.random.default_rng(seed)
+  gt = rng.uniform(120.0, 280.0, size=(n, info.num_landmarks, 2))
+  offsets = rng.uniform(0.0, 50.0, size=(n, 1, 2))  # faces at different places in their photos
+  right, left = info.outer_eye_corners
+  gt[:, right] = [150.0, 170.0]
+  gt[:, left] = [150.0 + INTER_OCULAR, 170.0]
+  return gt + offsets
+
+
+def shifted(gt, fraction_of_inter_ocular):
+  """Every landmark moved along x by the fraction of the inter-ocular distance: NME = that fraction."""
+  return gt + np.array([fraction_of_inter_ocular * INTER_OCULAR, 0.0])
+
+
+def write_model(workdir, dir_name, *, dataset, role, loss=None, splits, metrics_json=None,
+                network="mobilenet_v2_tiny"):
+  """Writes DIR/<dir_name>/model.json and eval/<split>.npz ({split: (pred, gt[, attributes])})."""
+  model_dir = Path(workdir) / dir_name
+  (model_dir / "eval").mkdir(parents=True)
+  meta = {"model": network, "dataset": dataset, "num_landmarks": dataset_info.get_info(dataset).num_landmarks,
+          "role": role, "loss": loss}
+  (model_dir / "model.json").write_text(json.dumps(meta))
+  for split, arrays in splits.items():
+    pred, gt = arrays[:2]
+    n, k = gt.shape[:2]
+    attributes = arrays[2] if len(arrays) > 2 else np.zeros((n, 6), np.int32)
+    np.savez(model_dir / "eval" / f"{split}.npz", pred=pred.astype(np.float32), gt=gt.astype(np.float32),
+             image_id=np.array([f"img_{i:03d}.jpg" for i in range(n)]), attributes=attributes,
+             occluded=np.zeros((n, k), np.int32))
+  if metrics_json is not None:
+    (model_dir / "eval" / "metrics.json").write_text(json.dumps(metrics_json))
+  return model_dir
+
+
+def parse_table(markdown, heading_prefix):
+  """The markdown table under the first heading starting with heading_prefix: list of {column: cell}."""
+  lines = markdown.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(heading_prefix))
+  table = []
+  for line in lines[start + 1:]:
+    if line.startswith("#"):
+      break
+    if line.startswith("|"):
+      table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+  header, rows = table[0], table[2:]
+  return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+def row_of(rows, **match):
+  found = [r for r in rows if all(r[k] == v for k, v in match.items())]
+  assert len(found) == 1, (match, rows)
+  return found[0]
+
+
+def png_pixels(path):
+  image = Image.open(path)
+  image.verify()
+  return np.asarray(Image.open(path).convert("RGB"))
+
+
+def count_color(pixels, rgb, tolerance=40):
+  return int((np.abs(pixels.astype(int) - np.array(rgb)).max(axis=-1) <= tolerance).sum())
+
+
+GREEN = (0, 217, 0)  # report.GOOD_COLOR in 0-255
+RED = (255, 0, 0)
+
+
+@pytest.fixture
+def cofw_workdir(tmp_path):
+  gt = make_faces("cofw", 12)
+  write_model(tmp_path, "student_kd", dataset="cofw", role="student", loss="kd",
+              splits={"test": (gt.copy(), gt)})
+  write_model(tmp_path, "student_l2", dataset="cofw", role="student", loss="l2",
+              splits={"test": (shifted(gt, 0.05), gt)})
+  # Half the faces fail (0.2 > 0.1), half are 0.04 off: NME 12 %, FR 50 %.
+  mixed = np.concatenate([shifted(gt[:6], 0.2), shifted(gt[6:], 0.04)])
+  write_model(tmp_path, "teacher_tough", dataset="cofw", role="teacher_tough", network="efficientnet_b3",
+              splits={"test": (mixed, gt)})
+  return tmp_path
+
+
+def gray_crop_source(gt_by_row, crop_size=64):
+  """get_image returning uniform gray crops whose crop_to_original frames each face (as the builder does)."""
+  from kd_landmarks import coords
+
+  def get_image(split, index):
+    box = coords.square_box_from_landmarks(gt_by_row[index], scale=1.5)
+    return {"image": np.full((crop_size, crop_size, 3), 128, np.uint8),
+            "crop_to_original": coords.crop_affine(box, crop_size).astype(np.float32)}
+  return get_image
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables.
+
+
+def test_cofw_table1_has_hand_computed_values_next_to_the_paper(cofw_workdir):
+  text = report.build_report(cofw_workdir).read_text()
+  rows = parse_table(text, "### Table 1")
+  kd = row_of(rows, Method="mnv2_KD")
+  assert kd["NME (%)"] == "0.00" and kd["FR (%)"] == "0.00"
+  assert kd["NME (%) (paper)"] == "4.11" and kd["FR (%) (paper)"] == "2.36"
+  l2 = row_of(rows, Method="mnv2 (L2)")
+  assert l2["NME (%)"] == "5.00" and l2["FR (%)"] == "0.00"
+  assert l2["NME (%) (paper)"] == "5.04" and l2["FR (%) (paper)"] == "3.74"
+  efn = row_of(rows, Method="efn (Tough teacher)")
+  assert efn["Network"] == "efficientnet_b3"
+  assert efn["NME (%)"] == "12.00" and efn["FR (%)"] == "50.00"
+  assert efn["NME (%) (paper)"] == "3.81"
+
+
+def test_per_split_table_auc_matches_the_ced_area_by_hand(cofw_workdir):
+  text = report.build_report(cofw_workdir).read_text()
+  rows = parse_table(text, "### Split `test`")
+  # All NMEs equal e: CED is 0 below e and 1 from e on, so AUC@0.1 = (0.1 - e) / 0.1.
+  assert float(row_of(rows, Method="mnv2_KD")["AUC"]) == pytest.approx(1.0, abs=2e-3)
+  assert float(row_of(rows, Method="mnv2 (L2)")["AUC"]) == pytest.approx(0.5, abs=2e-3)
+  # Half at 0.04 (area 0.6 each), half beyond 0.1 (area 0): 0.3.
+  assert float(row_of(rows, Method="efn (Tough teacher)")["AUC"]) == pytest.approx(0.3, abs=2e-3)
+  assert row_of(rows, Method="mnv2_KD")["Images"] == "12"
+
+
+def test_kd_vs_l2_summary_states_the_difference(cofw_workdir):
+  text = report.build_report(cofw_workdir).read_text()
+  line = next(l for l in text.splitlines() if l.startswith("- `test`: mnv2_KD"))
+  assert "0.00% vs mnv2 (L2) 5.00%" in line and "-5.00 points" in line and "lower (better)" in line
+
+
+def test_metrics_json_is_preferred_and_disagreement_is_reported(tmp_path):
+  gt = make_faces("cofw", 4)
+  # metrics.json says NME 0.0321 but omits AUC: the table shows 3.21 and the AUC recomputed from the npz.
+  write_model(tmp_path, "student_kd", dataset="cofw", role="student", loss="kd",
+              splits={"test": (shifted(gt, 0.05), gt)},
+              metrics_json={"test": {"nme": 0.0321, "fr": 0.0, "count": 4}})
+  # A model with metrics.json only (no npz): its values still make the table.
+  model_dir = write_model(tmp_path, "student_l2", dataset="cofw", role="student", loss="l2", splits={},
+                          metrics_json={"test": {"nme": 0.07, "fr": 0.25, "auc": 0.31, "count": 4}})
+  text = report.build_report(tmp_path).read_text()
+  rows = parse_table(text, "### Split `test`")
+  kd = row_of(rows, Method="mnv2_KD")
+  assert kd["NME (%)"] == "3.21"
+  assert float(kd["AUC"]) == pytest.approx(0.5, abs=2e-3)
+  l2 = row_of(rows, Method="mnv2 (L2)")
+  assert (l2["NME (%)"], l2["FR (%)"], l2["AUC"]) == ("7.00", "25.00", "0.3100")
+  warnings = text.split("## Warnings")[1]
+  assert "student_kd/test" in warnings and "nme=0.0321" in warnings
+  assert model_dir.exists() and not (tmp_path / "figures" / "missing.png").exists()
+
+
+def test_synthetic_report_has_no_paper_columns(tmp_path):
+  gt = make_faces("synthetic", 6)
+  write_model(tmp_path, "student_kd", dataset="synthetic", role="student", loss="kd",
+              splits={"test": (shifted(gt, 0.03), gt)})
+  write_model(tmp_path, "student_l2", dataset="synthetic", role="student", loss="l2",
+              splits={"test": (shifted(gt, 0.02), gt)})
+  text = report.build_report(tmp_path).read_text()
+  assert "(paper)" not in text
+  rows = parse_table(text, "### Split `test`")
+  assert row_of(rows, Method="mnv2_KD")["NME (%)"] == "3.00"
+  assert row_of(rows, Method="mnv2 (L2)")["NME (%)"] == "2.00"
+  assert "KD is not lower" in text
+
+
+def test_300w_tables_2_3_7_8(tmp_path):
+  splits = ("test_common", "test_challenging", "test_full")
+  gts = {s: make_faces("300w", 5, seed=i) for i, s in enumerate(splits)}
+  shifts = {"student_l2": 0.06, "student_kd": 0.03, "student_kd_tough_only": 0.05,
+            "student_kd_tolerant_only": 0.04, "student_l1": 0.055, "teacher_tough": 0.02}
+  for dir_name, shift in shifts.items():
+    role = "teacher_tough" if dir_name.startswith("teacher") else "student"
+    loss = None if role != "student" else dir_name[len("student_"):]
+    write_model(tmp_path, dir_name, dataset="300w", role=role, loss=loss,
+                splits={s: (shifted(gt, shift), gt) for s, gt in gts.items()})
+  text = report.build_report(tmp_path).read_text()
+
+  table2 = parse_table(text, "### Table 2")
+  kd = row_of(table2, Method="mnv2_KD")
+  assert (kd["Common"], kd["Challenging"], kd["Full"]) == ("3.00", "3.00", "3.00")
+  assert (kd["Common (paper)"], kd["Challenging (paper)"], kd["Full (paper)"]) == ("3.56", "6.13", "4.06")
+  assert row_of(table2, Method="efn (Tough teacher)")["Full (paper)"] == "3.82"
+  assert {r["Method"] for r in table2} == {"mnv2 (L2)", "mnv2_KD", "efn (Tough teacher)"}
+
+  # Table 3: the same shift over the inter-pupil distance (means of points 36-41 and 42-47), by hand.
+  gt = gts["test_full"]
+  pupil_distance = np.linalg.norm(gt[:, 36:42].mean(1) - gt[:, 42:48].mean(1), axis=-1)
+  expected = np.mean(0.03 * INTER_OCULAR / pupil_distance) * 100
+  kd3 = row_of(parse_table(text, "### Table 3"), Method="mnv2_KD")
+  assert kd3["Full"] == f"{expected:.2f}" and kd3["Full (paper)"] == "5.66"
+
+  table7 = parse_table(text, "### Table 7")
+  nme_common = row_of(table7, Metric="NME (%)", Split="Common")
+  assert nme_common["mnv2_Tou"] == "5.00" and nme_common["mnv2_Tou (paper)"] == "3.85"
+  assert nme_common["mnv2_Tol"] == "4.00" and nme_common["mnv2_Tol (paper)"] == "3.73"
+  auc_full = row_of(table7, Metric="AUC", Split="Full")
+  assert float(auc_full["mnv2_KD"]) == pytest.approx(0.7, abs=2e-3)
+  assert auc_full["mnv2_KD (paper)"] == "0.7900"
+
+  table8 = parse_table(text, "### Table 8")
+  l1 = row_of(table8, Method="mnv2 (L1)")
+  assert l1["Challenging"] == "5.50" and l1["Challenging (paper)"] == "6.38"
+  assert {r["Method"] for r in table8} == {"mnv2 (L2)", "mnv2 (L1)", "mnv2_KD"}
+
+
+def test_wflw_subsets_come_from_attributes_when_not_evaluated_separately(tmp_path):
+  gt = make_faces("wflw", 8)
+  attributes = np.zeros((8, 6), np.int32)
+  attributes[:2, 0] = 1   # pose
+  attributes[2:5, 5] = 1  # blur
+  pred = shifted(gt, 0.02)
+  pred[:2] = shifted(gt[:2], 0.2)  # the pose faces fail
+  write_model(tmp_path, "student_kd", dataset="wflw", role="student", loss="kd",
+              splits={"test": (pred, gt, attributes)})
+  text = report.build_report(tmp_path).read_text()
+  rows = parse_table(text, "### Table 4")
+  nme = row_of(rows, Metric="NME (%)", Method="mnv2_KD")
+  assert nme["Test set"] == f"{(2 * 20 + 6 * 2) / 8:.2f}" and nme["Test set (paper)"] == "8.57"
+  assert nme["Pose"] == "20.00" and nme["Pose (paper)"] == "15.06"
+  assert nme["Blur"] == "2.00"
+  fr = row_of(rows, Metric="FR (%)", Method="mnv2_KD")
+  assert fr["Pose"] == "100.00" and fr["Blur"] == "0.00" and fr["Test set"] == "25.00"
+  assert "Expression" not in nme  # no face carries that attribute: no column rather than a made-up one
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures.
+
+
+def test_figures_are_valid_pngs_with_green_for_a_perfect_model(tmp_path):
+  gt = make_faces("cofw", 9)
+  write_model(tmp_path, "student_kd", dataset="cofw", role="student", loss="kd",
+              splits={"test": (gt + 0.5, gt)})
+  report.build_report(tmp_path, get_image=gray_crop_source(gt))
+  ced = png_pixels(tmp_path / "figures" / "ced_test.png")
+  assert ced.shape[0] >= 300 and ced.shape[1] >= 400
+  qualitative = png_pixels(tmp_path / "figures" / "qualitative_test.png")
+  assert qualitative.shape[0] >= 150 and qualitative.shape[1] >= 600
+  assert count_color(qualitative, GREEN) > 50
+  assert count_color(qualitative, RED, tolerance=60) == 0
+  # The crops' gray is shown, and every point lands inside its crop (mapped with the inverse of
+  # crop_to_original), so no dark out-of-crop background appears.
+  assert count_color(qualitative, (128, 128, 128), tolerance=3) > 1000
+  assert count_color(qualitative, [round(255 * c) for c in report.OUTSIDE_CROP_COLOR], tolerance=3) == 0
+
+
+def test_figures_show_red_for_a_failing_model_and_work_without_images(tmp_path):
+  gt = make_faces("cofw", 6)
+  write_model(tmp_path, "student_l2", dataset="cofw", role="student", loss="l2",
+              splits={"test": (shifted(gt, 0.3), gt)})
+  text = report.build_report(tmp_path).read_text()  # no get_image, no data_dir
+  assert "drawn on grey" in text
+  qualitative = png_pixels(tmp_path / "figures" / "qualitative_test.png")
+  assert count_color(qualitative, RED, tolerance=60) > 50
+  assert count_color(qualitative, GREEN) == 0
+  assert "figures/ced_test.png" in text and "figures/qualitative_test.png" in text
+
+
+def test_landmark_colouring_is_per_landmark_as_in_the_captions():
+  gt = make_faces("cofw", 1)[0]
+  pred = gt.copy()
+  pred[3, 0] += 0.15 * INTER_OCULAR  # one landmark off by 0.15: the image's NME is only 0.15 / 29
+  pred[4, 1] += 0.099 * INTER_OCULAR
+  pred[5, 1] -= 0.101 * INTER_OCULAR
+  failed = report.landmark_failures(pred, gt, dataset="cofw")
+  assert failed.tolist() == [k in (3, 5) for k in range(29)]
+
+
+def test_selected_rows_are_best_median_worst():
+  nmes = np.array([0.5, 0.1, 0.3, 0.2, 0.4, 0.05, 0.6])
+  picks = report._select_rows(nmes, 2)
+  assert [g for g, _ in picks] == ["best"] * 2 + ["median"] * 2 + ["worst"] * 2
+  assert [nmes[r] for _, r in picks] == [0.05, 0.1, 0.2, 0.3, 0.6, 0.5]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_errors_name_the_problem(tmp_path):
+  with pytest.raises(FileNotFoundError, match="kd_landmarks.main"):
+    report.build_report(tmp_path)
+  gt = make_faces("cofw", 3)
+  model_dir = write_model(tmp_path, "student_kd", dataset="cofw", role="student", loss="kd",
+                          splits={"test": (gt, gt)})
+  np.savez(model_dir / "eval" / "test.npz", gt=gt)
+  with pytest.raises(ValueError, match=r"test\.npz: missing field 'pred'"):
+    report.build_report(tmp_path)
+  bad = gt.copy()
+  bad[1, 2, 0] = np.nan
+  np.savez(model_dir / "eval" / "test.npz", pred=bad, gt=gt)
+  with pytest.raises(ValueError, match=r"'pred' is not finite in rows \[1\]"):
+    report.build_report(tmp_path)
+  np.savez(model_dir / "eval" / "test.npz", pred=gt[:, :10], gt=gt[:, :10])
+  with pytest.raises(ValueError, match="10 landmarks; the dataset has 29"):
+    report.build_report(tmp_path)
+
+
+def test_mixed_datasets_need_a_choice(tmp_path):
+  write_model(tmp_path, "student_kd", dataset="cofw", role="student", loss="kd",
+              splits={"test": (make_faces("cofw", 3),) * 2})
+  write_model(tmp_path, "student_l2", dataset="synthetic", role="student", loss="l2",
+              splits={"test": (make_faces("synthetic", 3),) * 2})
+  with pytest.raises(ValueError, match="different datasets"):
+    report.build_report(tmp_path)
+  text = report.build_report(tmp_path, dataset="synthetic").read_text()
+  assert "student_l2" in text and "student_kd" not in text
+
+
+def test_command_line(tmp_path, capsys):
+  write_model(tmp_path, "student_kd", dataset="synthetic", role="student", loss="kd",
+              splits={"test": (make_faces("synthetic", 3),) * 2})
+  report.main(["--workdir", str(tmp_path)])
+  assert "report.md" in capsys.readouterr().out
+  assert (tmp_path / "report.md").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's numbers against the paper's text.
+
+
+def _paper_lines():
+  if not PAPER.exists():
+    pytest.skip(f"{PAPER} not present")
+  return PAPER.read_text().splitlines()
+
+
+def _table_block(lines, caption_prefix):
+  start = next(i for i, line in enumerate(lines) if line.startswith(caption_prefix))
+  block = []
+  for line in lines[start + 1:]:
+    if block and not line.strip():
+      break
+    if line.strip():
+      block.append(line)
+  return block
+
+
+def _numbers(line):
+  return [float(x) for x in re.findall(r"(?<![\w.])\d+\.\d+", line)]
+
+
+_PAPER_NAMES = {"mnv2": "mnv2", "mnv2_{KD}": "mnv2_kd", "mnv2 _{KD}": "mnv2_kd", "efn": "efn"}
+
+
+def _own_rows(block):
+  """{method key: [numbers]} for the rows of the paper's own models in a table block, in order."""
+  rows = []
+  for line in block:
+    name = line.strip().split("\t")[0].strip() if not line.startswith("\t") else line.split("\t")[1].strip()
+    if name in _PAPER_NAMES:
+      rows.append((_PAPER_NAMES[name], _numbers(line)))
+  return rows
+
+
+def test_paper_tables_1_2_3_match_the_paper_text():
+  lines = _paper_lines()
+  table1 = dict(_own_rows(_table_block(lines, "Table 1:")))
+  for method, (nme, fr) in table1.items():
+    assert paper_results.TABLE1_COFW[method] == {"nme": nme, "fr": fr}
+  assert set(table1) == set(paper_results.TABLE1_COFW)
+
+  table2 = dict(_own_rows(_table_block(lines, "Table 2:")))
+  for method, values in table2.items():
+    assert [paper_results.TABLE2_300W[method][s] for s in ("test_common", "test_challenging",
+                                                           "test_full")] == values
+  assert set(table2) == set(paper_results.TABLE2_300W)
+
+  table3 = _table_block(lines, "Table 3:")
+  pupil_block = table3[next(i for i, l in enumerate(table3) if l.startswith("inter-pupil")):]
+  (method, values), = _own_rows(pupil_block)
+  assert [paper_results.TABLE3_300W_INTER_PUPIL[method][s] for s in ("test_common", "test_challenging",
+                                                                     "test_full")] == values
+
+
+def test_paper_table4_matches_the_paper_text():
+  block = _table_block(_paper_lines(), "Table 4:")
+  rows = _own_rows(block)
+  assert len(rows) == 9  # mnv2, mnv2_KD, efn for each of NME, FR, AUC
+  for index, (method, values) in enumerate(rows):
+    metric = ("nme", "fr", "auc")[index // 3]
+    stored = paper_results.TABLE4_WFLW[metric][method]
+    assert [stored[s] for s in paper_results._WFLW_SPLITS] == values, (metric, method)
+
+
+def test_paper_tables_7_8_match_the_paper_text():
+  lines = _paper_lines()
+  block = _table_block(lines, "Table 7:")
+  methods = ["mnv2", "mnv2_tou", "mnv2_tol", "mnv2_kd"]
+  split_names = {"Challenging": "test_challenging", "Common": "test_common", "Full": "test_full"}
+  checked = 0
+  metric = None
+  for line in block[1:]:
+    cells = [c.strip() for c in line.split("\t")]
+    metric = {"NME": "nme", "FR": "fr", "AUC": "auc"}.get(cells[0], metric)
+    split = split_names[cells[1]]
+    for method, value in zip(methods, _numbers(line), strict=True):
+      assert paper_results.TABLE7_300W_ABLATION[metric][method][split] == value
+      checked += 1
+  assert checked == 3 * 3 * 4
+
+  block = _table_block(lines, "Table 8:")
+  names = {"L2 Loss": "mnv2", "L1 Loss": "mnv2_l1", "smooth L1": "mnv2_smooth_l1", "KD Loss": "mnv2_kd"}
+  for line in block[1:]:
+    method = next(v for k, v in names.items() if line.startswith(k))
+    # The smooth-L1 row's citation year must not be read as a number: take the last three.
+    values = _numbers(line)[-3:]
+    assert [paper_results.TABLE8_300W_LOSSES[method][s] for s in ("test_common", "test_challenging",
+                                                                  "test_full")] == values
+
+
+def test_paper_value_lookup():
+  assert paper_results.paper_value("300W", "mnv2_kd", "test_full", "nme") == 4.06
+  assert paper_results.paper_value("300w", "mnv2_tol", "test_challenging", "fr") == 4.44
+  assert paper_results.paper_value("wflw", "efn", "test_pose", "auc") == 0.0905
+  assert paper_results.paper_value("synthetic", "mnv2_kd", "test", "nme") is None
+  assert paper_results.paper_value("cofw", "mnv2_kd", "test", "auc") is None
+  assert not paper_results.has_paper_results("synthetic") and paper_results.has_paper_results("cofw")
+  with pytest.raises(ValueError, match="unknown metric"):
+    paper_results.paper_value("cofw", "mnv2", "test", "nmee")
+
+
+def test_an_image_whose_id_differs_from_the_evaluation_is_not_used(tmp_path):
+  gt = make_faces("cofw", 3)
+  write_model(tmp_path, "student_kd", dataset="cofw", role="student", loss="kd",
+              splits={"test": (gt, gt)})
+
+  def wrong_image(split, index):
+    return {"image": np.zeros((32, 32, 3), np.uint8), "crop_to_original": np.eye(2, 3),
+            "image_id": np.bytes_(b"another.jpg")}
+  text = report.build_report(tmp_path, get_image=wrong_image).read_text()
+  assert "could not be read" in text and "'another.jpg' differs" in text
+  assert (tmp_path / "figures" / "qualitative_test.png").exists()
