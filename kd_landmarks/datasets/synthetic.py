@@ -75,6 +75,7 @@ class RenderConfig:
   # and the geometric yaw above does the rest.
   yaw_mode_scale: float = 0.3
   margin: float = 1.0  # Landmarks stay at least this many pixels inside the image.
+  max_gaze: float = 0.12  # Iris offset from the eye centre, as a fraction of the inter-ocular distance.
   hair_probability: float = 0.75
   clutter_count_range: tuple[int, int] = (3, 14)
   occluder_probability: float = 0.3
@@ -426,7 +427,7 @@ def render_example(split: str, index: int, *, image_size: int = 128, seed: int =
   eye_mask = Image.new("L", eyes.size, 0)
   mask_draw = ImageDraw.Draw(eye_mask)
   iris_draw = ImageDraw.Draw(eyes)
-  gaze = rng.uniform(-0.12, 0.12, size=2) * np.array([1.0, 0.5]) * iod
+  gaze = rng.uniform(-config.max_gaze, config.max_gaze, size=2) * np.array([1.0, 0.5]) * iod
   for eye in (RIGHT_EYE, LEFT_EYE):
     outline = marks[eye] - box_lo
     _polygon(mask_draw, outline, 255)
@@ -505,3 +506,48 @@ def generate(split: str, *, num_examples: int, image_size: int = 128, seed: int 
   example_rng(split, start, seed)  # Validates split and seed before the first yield.
   for index in range(start, start + num_examples):
     yield render_example(split, index, image_size=image_size, seed=seed, config=config)
+
+
+def contact_sheet(examples, *, columns: int = 6, zoom: int = 2, draw_landmarks: bool = True) -> Image.Image:
+  """Tiles rendered examples into one image, landmarks as green dots, to look at what the renderer makes."""
+  examples = list(examples)
+  if not examples:
+    raise ValueError("contact_sheet needs at least one example")
+  size = examples[0]["image"].shape[0] * zoom
+  rows = -(-len(examples) // columns)
+  sheet = Image.new("RGB", (columns * size, rows * size))
+  for position, example in enumerate(examples):
+    tile = Image.fromarray(example["image"]).resize((size, size), Image.NEAREST)
+    if draw_landmarks:
+      tile_draw = ImageDraw.Draw(tile)
+      # Pixel centres: output pixel p spans zoomed pixels [zoom * p, zoom * (p + 1)).
+      for x, y in (example["landmarks"] + 0.5) * zoom - 0.5:
+        tile_draw.ellipse([x - 1.2, y - 1.2, x + 1.2, y + 1.2], fill=(0, 255, 0))
+    sheet.paste(tile, ((position % columns) * size, (position // columns) * size))
+  return sheet
+
+
+def main(argv=None) -> int:
+  """``python -m kd_landmarks.datasets.synthetic --output sheet.png``: a contact sheet and the render speed."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description="Render synthetic faces into a contact sheet and time them.")
+  parser.add_argument("--output", required=True, help="PNG path of the contact sheet")
+  parser.add_argument("--split", default="train", choices=sorted(SPLIT_KEYS))
+  parser.add_argument("--num_examples", type=int, default=24)
+  parser.add_argument("--image_size", type=int, default=128)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--no_landmarks", action="store_true", help="leave the landmark dots off")
+  args = parser.parse_args(argv)
+  load_shape_prior()
+  cpu_start, wall_start = time.process_time(), time.perf_counter()
+  examples = list(generate(args.split, num_examples=args.num_examples, image_size=args.image_size, seed=args.seed))
+  cpu, wall = time.process_time() - cpu_start, time.perf_counter() - wall_start
+  contact_sheet(examples, draw_landmarks=not args.no_landmarks).save(args.output)
+  print(f"{args.output}: {len(examples)} faces at {args.image_size}px; {len(examples) / cpu:.0f} images/s per "
+        f"CPU-second ({len(examples) / wall:.0f} images/s wall clock)")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
