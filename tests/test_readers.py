@@ -276,6 +276,15 @@ def test_crop_puts_a_dot_where_the_affine_says(dot, landmark_box, size):
   np.testing.assert_allclose(_centroid(crop), expected, atol=0.05 + 0.05 / scale)
 
 
+def test_crop_pads_outside_the_photo_with_black():
+  image = np.full((40, 50, 3), 255, np.uint8)
+  affine = images.stored_crop_affine(np.array([[-10.0, -10.0], [20.0, 20.0]]), size=30)  # box from -17.5
+  crop = images.crop_face(image, affine, 30)
+  in_photo = coords.apply_affine(affine, np.array([[29.0, 29.0], [0.0, 0.0]]))
+  assert (in_photo[0] > 0).all() and (in_photo[1] < -1).all()
+  assert crop[-1, -1].min() == 255 and crop[0, 0].max() == 0
+
+
 def test_crop_landmark_round_trip_within_a_hundredth_of_a_pixel():
   rng = np.random.default_rng(3)
   for _ in range(20):

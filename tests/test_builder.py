@@ -1,0 +1,227 @@
+"""The tfds builder ``kd_landmarks``: every config built from tiny official-format fixtures and read back
+through ``as_data_source()`` (no TensorFlow), checked against the contract and independent computations."""
+import sys
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+import fixtures_formats as ff
+from kd_landmarks import coords
+from kd_landmarks.datasets import builder
+from kd_landmarks.datasets import load_split
+from kd_landmarks.datasets import readers
+from kd_landmarks.datasets.__main__ import main as cli_main
+
+COUNTS_300W = {"afw": 3, "helen/trainset": 3, "lfpw/trainset": 2, "helen/testset": 2, "lfpw/testset": 1,
+               "ibug": 1}
+WFLW_TEST_FLAGS = [[1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 1]]
+
+
+def _prepare(dataset, data_dir, manual_dir=None, **kwargs):
+  kwargs.setdefault("allow_partial", True)
+  return builder.prepare(dataset, data_dir=data_dir, manual_dir=manual_dir, show_progress=False, **kwargs)
+
+
+def _all(source):
+  return [source[i] for i in range(len(source))]
+
+
+@pytest.fixture(scope="module")
+def built_300w(tmp_path_factory):
+  manual_dir = tmp_path_factory.mktemp("manual_300w")
+  written = ff.write_300w(manual_dir, COUNTS_300W, takeo_in="ibug")
+  data_dir = tmp_path_factory.mktemp("data")
+  _prepare("300w", data_dir, manual_dir)
+  return data_dir, manual_dir, written
+
+
+def _check_contract(example, num_landmarks, size):
+  expected = {"image": (np.uint8, (size, size, 3)), "landmarks": (np.float32, (num_landmarks, 2)),
+              "soft_landmarks": (np.float32, (num_landmarks, 2)),
+              "landmarks_original": (np.float32, (num_landmarks, 2)),
+              "crop_to_original": (np.float32, (2, 3)), "attributes": (np.int32, (6,)),
+              "occluded": (np.int32, (num_landmarks,)), "index": (np.int64, ())}
+  assert set(example) == set(expected) | {"image_id"}
+  for key, (dtype, shape) in expected.items():
+    value = np.asarray(example[key])
+    assert value.dtype == dtype and value.shape == shape, (key, value.dtype, value.shape)
+  assert isinstance(example["image_id"], str)
+
+
+def test_300w_splits_contract_and_geometry(built_300w):
+  data_dir, _, written = built_300w
+  sizes = {"train": 8, "test_common": 3, "test_challenging": 2, "test_full": 5}
+  ids = {}
+  for split, size in sizes.items():
+    source = load_split("300w", split, data_dir)
+    examples = _all(source)
+    assert len(source) == size
+    ids[split] = [e["image_id"] for e in examples]
+    for position, example in enumerate(examples):
+      _check_contract(example, 68, 320)
+      assert example["index"] == position
+      np.testing.assert_allclose(example["landmarks_original"], written[example["image_id"]], atol=1e-4)
+      # Landmark round trip crop -> original within 0.01 px, through the stored float32 affine.
+      back = coords.apply_affine(example["crop_to_original"].astype(np.float64),
+                                 example["landmarks"].astype(np.float64))
+      assert np.abs(back - example["landmarks_original"]).max() < 0.01
+      # The landmark box is centred and fills 1 / 1.5 of the crop (Section 4.3 box, stored margin).
+      lo, hi = example["landmarks"].min(0), example["landmarks"].max(0)
+      np.testing.assert_allclose((hi - lo).max(), 320 / builder.STORED_CROP_SCALE, rtol=1e-4)
+      np.testing.assert_allclose((hi + lo) / 2, [159.5, 159.5], atol=0.01)
+  assert ids["test_full"] == ids["test_common"] + ids["test_challenging"]
+  assert source.metadata["stored_crop_size"] == 320 and source.metadata["allow_partial"] is True
+
+
+def test_300w_real_photo_crop_matches_bilinear_resampling(built_300w):
+  """The stored takeo crop equals the photo sampled at crop_to_original of each crop pixel (up to jpeg)."""
+  data_dir, _, _ = built_300w
+  source = load_split("300w", "test_challenging", data_dir)
+  (takeo,) = [e for e in _all(source) if e["image_id"] == "ibug/takeo.ppm"]
+  photo = np.asarray(Image.open(ff.TAKEO_DIR / "takeo.ppm").convert("RGB"), np.float64)
+  v, u = np.mgrid[0:320, 0:320]
+  grid = np.stack([u, v], axis=-1).reshape(-1, 2).astype(np.float64)
+  original = coords.apply_affine(takeo["crop_to_original"].astype(np.float64), grid)
+  inside = ((original[:, 0] >= 0) & (original[:, 0] <= photo.shape[1] - 1) &
+            (original[:, 1] >= 0) & (original[:, 1] <= photo.shape[0] - 1))
+  expected = np.stack([ndimage.map_coordinates(photo[:, :, c], [original[:, 1], original[:, 0]], order=1)
+                       for c in range(3)], axis=-1)
+  stored = takeo["image"].reshape(-1, 3).astype(np.float64)
+  assert np.abs(stored[inside] - expected[inside]).mean() < 3.0
+
+
+def test_soft_landmarks_match_an_independent_pca_of_the_train_split(built_300w):
+  """Section 3.1 (Eqs. 1-3) recomputed with an SVD: fitted on train crop landmarks, 90% of the 136
+  eigenvectors kept, b clipped at 3 sqrt(lambda). Projection and clipping commute with the crop's
+  uniform scale and shift, so crop pixels give the same answer as the normalised frame."""
+  data_dir, _, _ = built_300w
+  train = _all(load_split("300w", "train", data_dir))
+  shapes = np.stack([e["landmarks"] for e in train]).astype(np.float64).reshape(len(train), -1)
+  mean = shapes.mean(0)
+  _, singular, basis_t = np.linalg.svd(shapes - mean, full_matrices=True)
+  variances = np.zeros(136)
+  variances[:len(singular)] = singular ** 2 / (len(train) - 1)
+  kept = int(0.9 * 136)  # 122
+  basis = basis_t[:kept].T
+  limit = 3 * np.sqrt(variances[:kept])
+  for split in ("train", "test_full"):
+    for example in _all(load_split("300w", split, data_dir)):
+      params = np.clip((example["landmarks"].reshape(-1) - mean) @ basis, -limit, limit)
+      expected = (mean + basis @ params).reshape(68, 2)
+      np.testing.assert_allclose(example["soft_landmarks"], expected, atol=2e-3)
+      # Soft landmarks are never farther from the mean shape than the hard ones.
+      assert (np.linalg.norm(example["soft_landmarks"].reshape(-1) - mean)
+              <= np.linalg.norm(example["landmarks"].reshape(-1) - mean) + 1e-3)
+  # Test faces are not in the 7-dimensional span of 8 train shapes: their soft landmarks move.
+  test = _all(load_split("300w", "test_full", data_dir))
+  assert min(np.abs(e["soft_landmarks"] - e["landmarks"]).max() for e in test) > 1.0
+
+
+def test_load_split_errors_name_the_fix(tmp_path, built_300w):
+  with pytest.raises(FileNotFoundError, match="python -m kd_landmarks.datasets prepare --dataset cofw"):
+    load_split("cofw", "train", tmp_path)
+  with pytest.raises(ValueError, match="unknown split 'validation'"):
+    load_split("300w", "validation", built_300w[0])
+  with pytest.raises(ValueError, match="unknown dataset"):
+    load_split("aflw", "train", tmp_path)
+
+
+def test_official_counts_are_required_and_nothing_is_half_built(tmp_path, built_300w):
+  _, manual_dir, _ = built_300w
+  with pytest.raises(readers.DatasetFormatError, match="has 8 examples but the official data has 3148"):
+    _prepare("300w", tmp_path, manual_dir, allow_partial=False)
+  with pytest.raises(FileNotFoundError, match="not prepared"):
+    load_split("300w", "train", tmp_path)
+
+
+def test_unreadable_image_fails_the_build_naming_the_file(tmp_path):
+  manual_dir = tmp_path / "manual"
+  ff.write_300w(manual_dir, COUNTS_300W)
+  broken = manual_dir / "helen" / "testset" / "helen_testset_0001.jpg"
+  broken.write_bytes(b"\x00" * 10)
+  with pytest.raises(Exception) as error:
+    _prepare("300w", tmp_path / "data", manual_dir)
+  assert str(broken) in str(error.value)
+
+
+def test_cofw_build_keeps_occlusion_flags_and_greyscale_photos(tmp_path):
+  written = ff.write_cofw(tmp_path / "manual", num_train=4, num_test=2)
+  _prepare("cofw", tmp_path / "data", tmp_path / "manual")
+  for split in ("train", "test"):
+    examples = _all(load_split("cofw", split, tmp_path / "data"))
+    assert len(examples) == len(written[split])
+    for example, (_, landmarks, flags) in zip(examples, written[split]):
+      _check_contract(example, 29, 320)
+      np.testing.assert_array_equal(example["occluded"], flags)
+      np.testing.assert_allclose(example["landmarks_original"], landmarks, atol=1e-4)
+  grey = _all(load_split("cofw", "train", tmp_path / "data"))[1]["image"].astype(int)
+  assert np.array_equal(grey[..., 0], grey[..., 1]) or np.abs(grey[..., 0] - grey[..., 1]).max() <= 8
+
+
+def test_wflw_build_has_attribute_subsets(tmp_path):
+  written = ff.write_wflw(tmp_path / "manual", num_train=3, test_flags=WFLW_TEST_FLAGS)
+  _prepare("wflw", tmp_path / "data", tmp_path / "manual")
+  test = _all(load_split("wflw", "test", tmp_path / "data"))
+  assert [e["image_id"] for e in test] == [t[0] for t in written["test"]]
+  for column, attribute in enumerate(readers.WFLW_ATTRIBUTES):
+    subset = _all(load_split("wflw", f"test_{attribute}", tmp_path / "data"))
+    assert [e["image_id"] for e in subset] == [t[0] for t in written["test"] if t[2][column]]
+    assert [e["index"] for e in subset] == list(range(len(subset)))
+    for example in subset:
+      _check_contract(example, 98, 320)
+      assert example["attributes"][column] == 1
+
+
+def test_synthetic_build_with_its_options(tmp_path):
+  options = {"num_train": 6, "num_test": 3, "image_size": 48, "seed": 1}
+  _prepare("synthetic", tmp_path, synthetic_options=options, allow_partial=False)
+  from kd_landmarks.datasets import synthetic  # the renderer the builder crops from
+  rendered = list(synthetic.generate("test", num_examples=3, image_size=48, seed=1))
+  source = load_split("synthetic", "test", tmp_path)
+  assert len(source) == 3 and len(load_split("synthetic", "train", tmp_path)) == 6
+  for example, raw in zip(_all(source), rendered):
+    _check_contract(example, 68, 48)
+    assert example["image_id"] == raw["image_id"]
+    np.testing.assert_allclose(example["landmarks_original"], raw["landmarks"], atol=1e-5)
+  assert source.metadata["synthetic"] == options
+  # Same options: reused. Different options: refused unless overwrite.
+  _prepare("synthetic", tmp_path, synthetic_options=options, allow_partial=False)
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    _prepare("synthetic", tmp_path, synthetic_options={**options, "num_test": 2}, allow_partial=False)
+  _prepare("synthetic", tmp_path, synthetic_options={**options, "num_test": 2}, allow_partial=False,
+           overwrite=True)
+  assert len(load_split("synthetic", "test", tmp_path)) == 2
+
+
+def test_synthetic_generator_with_wrong_landmark_count_is_refused(tmp_path, monkeypatch):
+  fake = types.ModuleType("kd_landmarks.datasets.synthetic")
+
+  def generate(split, *, num_examples, image_size, seed):
+    del split, seed
+    for i in range(num_examples):
+      yield {"image": np.zeros((image_size, image_size, 3), np.uint8),
+             "landmarks": np.ones((67, 2), np.float32) * i, "image_id": str(i)}
+
+  fake.generate = generate
+  monkeypatch.setitem(sys.modules, "kd_landmarks.datasets.synthetic", fake)
+  monkeypatch.setattr(sys.modules["kd_landmarks.datasets"], "synthetic", fake, raising=False)
+  with pytest.raises(readers.DatasetFormatError, match=r"landmarks of shape \(67, 2\), expected \(68, 2\)"):
+    _prepare("synthetic", tmp_path, synthetic_options={"num_train": 2, "num_test": 1, "image_size": 32})
+
+
+def test_command_line_prepare(tmp_path, capsys, built_300w):
+  _, manual_dir, _ = built_300w
+  code = cli_main(["prepare", "--dataset", "300w", "--manual_dir", str(manual_dir), "--data_dir",
+                   str(tmp_path / "data"), "--allow_partial"])
+  assert code == 0
+  out = capsys.readouterr().out
+  assert "test_full: 5 examples" in out and "train: 8 examples" in out
+  code = cli_main(["prepare", "--dataset", "wflw", "--manual_dir", str(tmp_path / "none"), "--data_dir",
+                   str(tmp_path / "data")])
+  assert code == 1
+  err = capsys.readouterr().err
+  assert str(tmp_path / "none") in err and "WFLW_annotations" in err
+  assert cli_main(["prepare", "--dataset", "cofw", "--data_dir", str(tmp_path), "--num_train", "3"]) == 2
