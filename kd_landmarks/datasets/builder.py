@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 import os
 import pathlib
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from etils import epath
 import numpy as np
