@@ -1,0 +1,221 @@
+"""Host-side input pipeline: random-access source -> shuffled, sharded numpy batches (grain).
+
+Training (:func:`make_train_iterator`). Every epoch is a fresh permutation of the whole split
+(grain's index shuffle seeded by ``seed`` and the epoch), cut into global batches of
+``global_batch_size`` with the remainder dropped. Global batch ``s`` is a pure function of
+(seed, s), which makes resuming at ``start_step`` exact, and it does not depend on the number of
+processes: process ``p`` of ``P`` loads the p-th contiguous block of ``global_batch_size / P`` rows
+(the rows ``jax.make_array_from_process_local_data`` expects from it).
+
+Evaluation (:func:`make_eval_iterator`). Every example exactly once, in order; each process reads a
+contiguous block, and every process yields the same number of fixed-size batches. Slots past the
+end are filled with a copy of a real example (finite values, so no NaN leaks into masked sums) and
+flagged ``mask == False``: nothing is dropped and nothing is counted twice.
+
+Batches are dicts of numpy arrays: ``image`` uint8 [B, S, S, 3], the landmark sets in stored-crop
+pixels, the other stored fields, plus ``tough``/``tolerant`` joined from the teacher cache by each
+example's ``index`` (row i of the cache is the example with ``index == i``; contracts.md).
+Augmentation happens later, on the device (:mod:`kd_landmarks.augment`).
+
+Reads run in ``num_threads`` threads (array_record reads and image decoding release the GIL); for an
+in-memory source use ``num_threads=0``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+# Threads reading examples. The tfds array_record source spends its time in C++ reads and image
+# decoding (both release the GIL), so a few threads per core keep up; see benchmarks/input_pipeline.py.
+DEFAULT_NUM_THREADS = 4
+TEACHER_KEYS = ("tough", "tolerant")
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Training steps in one epoch (the remainder of each epoch is dropped)."""
+  return num_examples // global_batch_size
+
+
+def make_train_iterator(source, *, global_batch_size: int, seed: int, start_step: int = 0,
+                        num_processes: int = 1, process_index: int = 0,
+                        teacher_cache: Mapping[str, np.ndarray] | None = None,
+                        keys: Sequence[str] | None = None, num_steps: int | None = None,
+                        num_threads: int = DEFAULT_NUM_THREADS, prefetch_batches: int = 2):
+  """This process' training batches from ``start_step`` on (endless unless ``num_steps`` is given).
+
+  Args:
+    source: random-access examples (``len`` and ``[i]`` -> dict of numpy), e.g.
+      ``kd_landmarks.datasets.load_split(...)`` or a list of dicts.
+    global_batch_size: examples per step over all processes.
+    seed: shuffling seed, 0 <= seed < 2**32.
+    start_step: the first global step to yield (resume).
+    num_processes, process_index: multi-host sharding (``jax.process_count()``, ``jax.process_index()``).
+    teacher_cache: ``load_teacher_cache(...)`` output; adds ``tough`` and ``tolerant`` [B, K, 2].
+    keys: the example fields to keep (all when None); teacher keys are always added when cached.
+    num_steps: stop after this many steps (endless when None).
+    num_threads: reading threads (0: read in the consuming thread).
+    prefetch_batches: how many batches the threads read ahead.
+
+  Returns:
+    A grain ``DatasetIterator`` of dicts of numpy arrays with leading dimension
+    ``global_batch_size // num_processes``.
+  """
+  num_examples = _check_source(source)
+  local_batch_size = _local_batch_size(global_batch_size, num_processes, process_index)
+  epoch_steps = steps_per_epoch(num_examples, global_batch_size)
+  if epoch_steps == 0:
+    raise ValueError(f"the split has {num_examples} examples, fewer than one global batch of "
+                     f"{global_batch_size}; lower the batch size")
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}")
+  join = _ExampleTransform(keys, teacher_cache, num_examples)
+
+  # Position j of `shuffled` is element j % N of epoch j // N's permutation (grain reseeds per epoch).
+  shuffled = grain.MapDataset.source(source).shuffle(seed=seed)
+
+  def stream_position(local_element: int) -> int:
+    step, slot = divmod(local_element, local_batch_size)
+    epoch, batch_in_epoch = divmod(step, epoch_steps)
+    return (epoch * num_examples + batch_in_epoch * global_batch_size
+            + process_index * local_batch_size + slot)
+
+  first = start_step * local_batch_size
+  stop = (first + num_steps * local_batch_size) if num_steps is not None else _ENDLESS
+  examples = grain.MapDataset.range(first, stop).map(lambda k: join(shuffled[stream_position(k)]))
+  read_options = grain.ReadOptions(num_threads=num_threads,
+                                   prefetch_buffer_size=max(1, prefetch_batches) * local_batch_size)
+  batches = examples.to_iter_dataset(read_options).batch(local_batch_size, drop_remainder=True)
+  return iter(batches)
+
+
+def train_batch_indices(step: int, *, num_examples: int, global_batch_size: int, seed: int,
+                        num_processes: int = 1, process_index: int = 0) -> np.ndarray:
+  """Source positions of this process' rows of global batch ``step`` (what the iterator reads).
+
+  Cheap (no reads): for logging, tests and exact-resume checks.
+  """
+  local_batch_size = _local_batch_size(global_batch_size, num_processes, process_index)
+  identity = grain.MapDataset.range(num_examples).shuffle(seed=seed)
+  epoch_steps = steps_per_epoch(num_examples, global_batch_size)
+  epoch, batch_in_epoch = divmod(step, epoch_steps)
+  start = epoch * num_examples + batch_in_epoch * global_batch_size + process_index * local_batch_size
+  return np.array([identity[position] for position in range(start, start + local_batch_size)])
+
+
+class EvalIterator:
+  """Fixed-size evaluation batches with a boolean ``mask`` (False on padding). ``len`` = batches."""
+
+  def __init__(self, batches: Iterable, num_batches: int):
+    self._iterator = iter(batches)
+    self._num_batches = num_batches
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._iterator)
+
+
+def make_eval_iterator(source, *, batch_size: int, num_processes: int = 1, process_index: int = 0,
+                       keys: Sequence[str] | None = None, num_threads: int = DEFAULT_NUM_THREADS,
+                       prefetch_batches: int = 2) -> EvalIterator:
+  """Every example of ``source`` once, in order, in batches of ``batch_size`` with a ``mask``.
+
+  Process ``p`` reads the p-th contiguous block of ceil(N / P) examples; all processes yield the same
+  number of batches (collectives in the eval step need that), the last ones padded.
+  """
+  num_examples = _check_source(source)
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  _local_batch_size(num_processes, num_processes, process_index)  # validates the process arguments
+  per_process = math.ceil(num_examples / num_processes)
+  num_batches = math.ceil(per_process / batch_size)
+  begin = process_index * per_process
+  end = min(begin + per_process, num_examples)
+  join = _ExampleTransform(keys, None, num_examples)
+  # A real example (finite values) stands in for padding; the mask says it is not one.
+  padding_position = begin if begin < end else 0
+
+  def read(local_element: int):
+    position = begin + local_element
+    valid = position < end
+    example = join(source[position if valid else padding_position])
+    example["mask"] = np.bool_(valid)
+    return example
+
+  read_options = grain.ReadOptions(num_threads=num_threads,
+                                   prefetch_buffer_size=max(1, prefetch_batches) * batch_size)
+  batches = (grain.MapDataset.range(num_batches * batch_size).map(read)
+             .to_iter_dataset(read_options).batch(batch_size, drop_remainder=False))
+  return EvalIterator(batches, num_batches)
+
+
+# --------------------------------------------------------------------------------------------------
+
+_ENDLESS = 2**62  # grain ranges need an end; no run reaches this many examples.
+
+
+class _ExampleTransform:
+  """Keeps the requested fields and joins the teacher cache by ``index`` (picklable for workers)."""
+
+  def __init__(self, keys, teacher_cache, num_examples):
+    self._keys = None if keys is None else tuple(keys)
+    self._teacher = None
+    if teacher_cache is not None:
+      missing = [key for key in TEACHER_KEYS if key not in teacher_cache]
+      if missing:
+        raise ValueError(f"teacher_cache lacks {missing} (has {sorted(teacher_cache)}); load it with "
+                         "kd_landmarks.datasets.teacher_cache.load_teacher_cache")
+      self._teacher = {key: np.asarray(teacher_cache[key], np.float32) for key in TEACHER_KEYS}
+      rows = {key: value.shape[0] for key, value in self._teacher.items()}
+      if any(count != num_examples for count in rows.values()):
+        raise ValueError(f"teacher cache rows {rows} do not match the {num_examples} examples of the "
+                         "split; it was written for another split; write it again")
+
+  def __call__(self, example: Mapping[str, Any]) -> dict:
+    if self._keys is None:
+      result = dict(example)
+    else:
+      missing = [key for key in self._keys if key not in example]
+      if missing:
+        raise KeyError(f"example lacks fields {missing}; it has {sorted(example)}")
+      result = {key: example[key] for key in self._keys}
+    if self._teacher is not None:
+      if "index" not in example:
+        raise KeyError(f"joining the teacher cache needs each example's 'index'; it has {sorted(example)}")
+      row = int(example["index"])
+      if not 0 <= row < len(self._teacher["tough"]):
+        raise IndexError(f"example index {row} is outside the teacher cache's "
+                         f"{len(self._teacher['tough'])} rows; the cache belongs to another split")
+      for key, table in self._teacher.items():
+        result[key] = table[row]
+    return result
+
+
+def _check_source(source) -> int:
+  try:
+    num_examples = len(source)
+  except TypeError:
+    raise TypeError(f"the input pipeline needs a random-access source (len and [i]), got "
+                    f"{type(source).__name__}") from None
+  if num_examples == 0:
+    raise ValueError(f"the data source {source!r:.80} is empty; prepare the split first "
+                     "(python -m kd_landmarks.datasets prepare ...)")
+  return num_examples
+
+
+def _local_batch_size(global_batch_size: int, num_processes: int, process_index: int) -> int:
+  if num_processes <= 0 or not 0 <= process_index < num_processes:
+    raise ValueError(f"process_index={process_index} must be in [0, num_processes={num_processes})")
+  if global_batch_size <= 0 or global_batch_size % num_processes:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                     f"num_processes={num_processes}")
+  return global_batch_size // num_processes
