@@ -82,6 +82,7 @@ class RenderConfig:
   blur_probability: float = 0.5
   max_blur_sigma: float = 1.2  # Pixels at 128 px, scaled with the image size.
   max_noise_std: float = 10.0  # Grey levels.
+  grayscale_probability: float = 0.08
 
   def __post_init__(self):
     if self.supersample < 1:
@@ -89,7 +90,7 @@ class RenderConfig:
     low, high = self.face_size_range
     if not 0 < low <= high < 1:
       raise ValueError(f"RenderConfig.face_size_range must satisfy 0 < low <= high < 1, got {self.face_size_range}")
-    for name in ("hair_probability", "occluder_probability", "blur_probability"):
+    for name in ("hair_probability", "occluder_probability", "blur_probability", "grayscale_probability"):
       value = getattr(self, name)
       if not 0 <= value <= 1:
         raise ValueError(f"RenderConfig.{name} must be a probability in [0, 1], got {value}")
@@ -160,8 +161,9 @@ def _ellipse_points(centre, radii, angle, start, stop, count) -> np.ndarray:
   return local @ np.array([[cos, sin], [-sin, cos]]) + np.asarray(centre)
 
 
-def _face_geometry(shape: np.ndarray):
-  """Auxiliary points in the canonical frame: forehead arc, hair outline, neck; all follow the landmarks."""
+def _face_geometry(shape: np.ndarray, hairline: float):
+  """Auxiliary points in the canonical frame: forehead arc, hair outline and fringe, neck; all follow the
+  landmarks. ``hairline`` is the fringe's height above the brows, as a fraction of the brow-to-chin height."""
   jaw_left, jaw_right = shape[0], shape[16]
   centre_x = (jaw_left[0] + jaw_right[0]) / 2
   top_y = (jaw_left[1] + jaw_right[1]) / 2
@@ -178,14 +180,20 @@ def _face_geometry(shape: np.ndarray):
   centre = np.array([centre_x, (top_y - forehead_height + chin_y) / 2])
   # Hair: the upper head outline (down to jaw points 2 and 14) enlarged about the head centre, drawn behind.
   hair = (np.concatenate([shape[[2, 1, 0]], forehead, shape[[16, 15, 14]]]) - centre) * 1.12 + centre
-  # The neck is narrower than the jaw: start it 15% inside jaw points 5 and 11.
-  neck_top_left = shape[5] + 0.15 * (shape[11] - shape[5])
-  neck_top_right = shape[11] + 0.15 * (shape[5] - shape[11])
+  # Fringe: the band between the forehead arc and a lower, narrower arc at the hairline, drawn over the skin.
+  fringe_height = (top_y - brow_top) + hairline * face_height
+  inner_angles = angles[::-1]
+  hairline_arc = np.stack([centre_x + 0.97 * half_width * np.cos(inner_angles),
+                           top_y + fringe_height * np.sin(inner_angles)], axis=-1)
+  fringe = np.concatenate([shape[[0]], forehead, shape[[16]], hairline_arc])
+  # The neck is narrower than the jaw (it starts 12% in from jaw points 5 and 11) and widens downwards.
+  neck_top_left = shape[5] + 0.12 * (shape[11] - shape[5])
+  neck_top_right = shape[11] + 0.12 * (shape[5] - shape[11])
   neck_drop = 1.2 * face_height
-  neck = np.array([neck_top_left, neck_top_right, neck_top_right + [0.05 * half_width, neck_drop],
-                   neck_top_left + [-0.05 * half_width, neck_drop]])
+  neck = np.array([neck_top_left, neck_top_right, neck_top_right + [0.2 * half_width, neck_drop],
+                   neck_top_left + [-0.2 * half_width, neck_drop]])
   shoulders_centre = np.array([centre_x, chin_y + 0.75 * face_height + 0.5 * face_height])
-  return {"head": head_outline, "hair": hair, "neck": neck, "shoulders_centre": shoulders_centre[None],
+  return {"head": head_outline, "hair": hair, "fringe": fringe, "neck": neck, "shoulders_centre": shoulders_centre[None],
           "half_width": half_width, "face_height": face_height}
 
 
@@ -227,9 +235,15 @@ def _place(points: np.ndarray, landmarks: np.ndarray, rng, image_size: int, conf
   return lambda p: (p @ rotation) * scale + offset, scale, angle
 
 
-def _draw_clutter(draw: ImageDraw.ImageDraw, rng, size: int, count: int) -> None:
+def _random_colour(rng, saturation: float) -> np.ndarray:
+  """A uniform random RGB colour pulled towards its grey by ``1 - saturation``."""
+  colour = rng.uniform(0, 255, size=3)
+  return colour.mean() + saturation * (colour - colour.mean())
+
+
+def _draw_clutter(draw: ImageDraw.ImageDraw, rng, size: int, count: int, saturation: float) -> None:
   for _ in range(count):
-    colour = _colour(rng.uniform(0, 255, size=3))
+    colour = _colour(_random_colour(rng, saturation))
     kind = rng.integers(4)
     centre = rng.uniform(-0.1, 1.1, size=2) * size
     extent = rng.uniform(0.05, 0.45) * size
@@ -250,8 +264,11 @@ def _draw_clutter(draw: ImageDraw.ImageDraw, rng, size: int, count: int) -> None
 def _background(rng, image_size: int, supersample: int, config: RenderConfig) -> Image.Image:
   """A smooth random colour field (low-resolution noise, upsampled) plus clutter shapes, supersampled."""
   grid = int(rng.integers(2, 7))
-  base = rng.uniform(0, 255, size=3)
-  field = np.clip(base + rng.normal(0, 45, size=(grid, grid, 3)), 0, 255).astype(np.uint8)
+  # Scenes range from greyish to vivid; one saturation for the whole background.
+  saturation = rng.uniform(0.2, 1.0)
+  field = _random_colour(rng, saturation) + rng.normal(0, 45, size=(grid, grid, 3))
+  field = field.mean(axis=-1, keepdims=True) + saturation * (field - field.mean(axis=-1, keepdims=True))
+  field = np.clip(field, 0, 255).astype(np.uint8)
   # Smooth at the output size, then a nearest-neighbour blow-up that the final box filter undoes exactly:
   # bilinear resizing straight to the supersampled size costs 4x as much for the same look.
   image = Image.fromarray(field).resize((image_size, image_size), Image.BILINEAR)
@@ -259,7 +276,8 @@ def _background(rng, image_size: int, supersample: int, config: RenderConfig) ->
   if supersample > 1:
     image = image.resize((size, size), Image.NEAREST)
   draw = ImageDraw.Draw(image)
-  _draw_clutter(draw, rng, size, int(rng.integers(config.clutter_count_range[0], config.clutter_count_range[1] + 1)))
+  _draw_clutter(draw, rng, size, int(rng.integers(config.clutter_count_range[0], config.clutter_count_range[1] + 1)),
+                saturation)
   return image
 
 
@@ -365,8 +383,8 @@ def render_example(split: str, index: int, *, image_size: int = 128, seed: int =
 
   # --- Geometry, all in the canonical frame first, then posed. ---
   shape = sample_shape(rng, config)
-  geometry = _face_geometry(shape)
-  aux_names = ("head", "hair", "neck", "shoulders_centre")
+  geometry = _face_geometry(shape, hairline=rng.uniform(0.1, 0.4))
+  aux_names = ("head", "hair", "fringe", "neck", "shoulders_centre")
   aux = [geometry[name] for name in aux_names]
   points = np.concatenate([shape] + aux, axis=0)
   protrusion = np.concatenate([_PROTRUSION] + [np.zeros(len(a)) for a in aux])
@@ -381,7 +399,7 @@ def render_example(split: str, index: int, *, image_size: int = 128, seed: int =
   canvas_points = pixels * ss + (ss - 1) / 2
   split_points = np.split(canvas_points, np.cumsum([NUM_LANDMARKS] + [len(a) for a in aux])[:-1])
   marks = split_points[0]
-  head, hair, neck, shoulders_centre = split_points[1:]
+  head, hair, fringe, neck, shoulders_centre = split_points[1:]
   iod = float(np.linalg.norm(marks[LEFT_EYE].mean(axis=0) - marks[RIGHT_EYE].mean(axis=0)))
   face_height = geometry["face_height"] * scale * ss
 
@@ -404,15 +422,12 @@ def render_example(split: str, index: int, *, image_size: int = 128, seed: int =
   draw.ellipse([*(clothes_centre - clothes_radii), *(clothes_centre + clothes_radii)],
                fill=_colour(rng.uniform(0, 255, size=3)))
   _polygon(draw, neck, _colour(skin * shadow))
-  if rng.uniform() < config.hair_probability:
+  has_hair = rng.uniform() < config.hair_probability
+  if has_hair:
     _polygon(draw, hair, _colour(hair_colour))
   _polygon(draw, head, _colour(skin))
-  # Shading of the half turned away, as a darker polygon over the side of the head.
-  side = marks[30, 0] - (marks[0, 0] + marks[16, 0]) / 2
-  if abs(side) > 0.04 * face_height:
-    far = JAW[9:] if side > 0 else JAW[:8]
-    edge = np.concatenate([marks[far], marks[[27]]]) if side > 0 else np.concatenate([marks[[27]], marks[far]])
-    _polygon(draw, edge, _colour(skin * (0.9 + 0.08 * (1 - min(1.0, abs(side) / (0.4 * face_height))))))
+  if has_hair and rng.uniform() < 0.7:
+    _polygon(draw, fringe, _colour(hair_colour))
   # Brows: thick strokes along the brow points.
   brow_width = max(1, int(round(rng.uniform(0.08, 0.14) * iod)))
   for brow in (RIGHT_BROW, LEFT_BROW):
@@ -446,6 +461,8 @@ def render_example(split: str, index: int, *, image_size: int = 128, seed: int =
     draw.line(_flat(marks[eye[[3, 4, 5, 0]]]), fill=lid_colour, width=lid_width, joint="curve")
   # Nose: a shadowed ridge, a darker base line, nostrils.
   nose_shadow = _colour(skin * 0.78)
+  # The ridge's shadow falls on the side the face turns away from.
+  side = marks[30, 0] - (marks[0, 0] + marks[16, 0]) / 2
   ridge_offset = np.array([math.copysign(0.05 * iod, -side if side else 1.0), 0.0])
   draw.line(_flat(marks[NOSE_RIDGE] + ridge_offset), fill=nose_shadow,
             width=max(1, int(round(0.06 * iod))), joint="curve")
@@ -458,6 +475,15 @@ def render_example(split: str, index: int, *, image_size: int = 128, seed: int =
   # Lips, then the inner mouth (degenerate when closed, which still leaves the dark line between the lips).
   _polygon(draw, marks[OUTER_LIPS], _colour(lip_colour))
   _polygon(draw, marks[INNER_LIPS], _colour(mouth_colour))
+  # Upper teeth in an open mouth: a band under the upper inner lip, tapering to the corners.
+  opening = marks[66] - marks[62]
+  opening_height = float(np.linalg.norm(opening))
+  if opening_height > 0.08 * iod and rng.uniform() < 0.7:
+    down = opening / opening_height
+    depth = min(0.5 * opening_height, 0.15 * iod) * np.array([0.0, 0.7, 1.0, 0.7, 0.0])[:, None]
+    upper = marks[[60, 61, 62, 63, 64]]
+    _polygon(draw, np.concatenate([upper, (upper + depth * down)[::-1]]), _colour(np.array([235, 230, 210.0])
+                                                                                  * rng.uniform(0.75, 1.0)))
   draw.line(_flat(marks[np.r_[INNER_LIPS, INNER_LIPS[:1]]]), fill=_colour(mouth_colour),
             width=max(1, int(round(0.03 * iod))), joint="curve")
 
@@ -482,6 +508,8 @@ def render_example(split: str, index: int, *, image_size: int = 128, seed: int =
   # Brightness offset, plus 0.5 so that the truncating uint8 cast below rounds.
   pixels_out += np.float32(rng.uniform(-20, 20) + 0.5)
   pixels_out += _sensor_noise(rng, image_size, rng.uniform(0, config.max_noise_std))
+  if rng.uniform() < config.grayscale_probability:
+    pixels_out[...] = (pixels_out @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
   np.clip(pixels_out, 0, 255, out=pixels_out)
   result = {
       "image": pixels_out.astype(np.uint8),
