@@ -138,7 +138,7 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
         builder=self, description=__doc__, features=features, metadata=tfds.core.MetadataDict(),
         # `index` must equal the position in the split (it joins the teacher cache).
         disable_shuffling=True,
-        homepage="https://doi.org/10.1016/j.cviu.2022.103316")
+        homepage="https://arxiv.org/abs/2111.07047")
 
   # ------------------------------------------------------------------------------------- generation
 
