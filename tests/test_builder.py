@@ -10,6 +10,7 @@ from scipy import ndimage
 
 import fixtures_formats as ff
 from kd_landmarks import coords
+from kd_landmarks import shapes
 from kd_landmarks.datasets import builder
 from kd_landmarks.datasets import load_split
 from kd_landmarks.datasets import readers
@@ -118,6 +119,15 @@ def test_soft_landmarks_match_an_independent_pca_of_the_train_split(built_300w):
   # Test faces are not in the 7-dimensional span of 8 train shapes: their soft landmarks move.
   test = _all(load_split("300w", "test_full", data_dir))
   assert min(np.abs(e["soft_landmarks"] - e["landmarks"]).max() for e in test) > 1.0
+
+
+def test_stored_shape_model_reproduces_the_soft_landmarks(built_300w):
+  data_dir, _, _ = built_300w
+  model = builder.load_shape_model("300w", data_dir)
+  for example in _all(load_split("300w", "test_common", data_dir)):
+    normalised = coords.to_normalized(example["landmarks"].astype(np.float64), 320)
+    soft = coords.to_pixels(shapes.soft_landmarks(normalised, model, keep=0.9), 320)
+    np.testing.assert_allclose(example["soft_landmarks"], soft, atol=1e-3)
 
 
 def test_load_split_errors_name_the_fix(tmp_path, built_300w):

@@ -20,4 +20,10 @@ def load_split(dataset: str, split: str, data_dir):
   return builder.load_split(dataset, split, data_dir)
 
 
-__all__ = ["STORED_CROP_SCALE", "STORED_CROP_SIZE", "get_info", "load_split"]
+def load_shape_model(dataset: str, data_dir):
+  """The ASM shape model (Section 3.1) the prepared ``dataset``'s soft landmarks were built with."""
+  from kd_landmarks.datasets import builder  # pylint: disable=g-import-not-at-top
+  return builder.load_shape_model(dataset, data_dir)
+
+
+__all__ = ["STORED_CROP_SCALE", "STORED_CROP_SIZE", "get_info", "load_shape_model", "load_split"]

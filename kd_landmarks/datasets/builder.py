@@ -42,6 +42,7 @@ NUM_ATTRIBUTES = len(readers.WFLW_ATTRIBUTES)
 SYNTHETIC_DEFAULTS = {"num_train": 2000, "num_test": 300, "image_size": 128, "seed": 0}
 PREPARE_COMMAND = ("python -m kd_landmarks.datasets prepare --dataset {dataset} --manual_dir M "
                    "--data_dir {data_dir}")
+SHAPE_MODEL_FILE = "shape_model.npz"  # in the prepared folder; frame: normalised stored crop
 _CHUNK = 32  # examples handed to the worker threads at a time (bounds memory while keeping order)
 
 
@@ -114,7 +115,8 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     options = {"dataset": self.builder_config.dataset, "stored_crop_size": self.stored_size,
                "stored_crop_scale": STORED_CROP_SCALE, "num_landmarks": self.dataset_info.num_landmarks,
                "soft_landmarks": {"keep": SOFT_LANDMARKS_KEEP, "keep_mode": "eigenvectors", "clip": 3.0,
-                                  "fitted_on": "train", "frame": "normalised stored crop"},
+                                  "fitted_on": "train", "frame": "normalised stored crop",
+                                  "shape_model_file": SHAPE_MODEL_FILE},
                "allow_partial": self._allow_partial}
     if self.builder_config.dataset == "synthetic":
       options["synthetic"] = {k: int(v) for k, v in self._synthetic_options.items()}
@@ -179,6 +181,9 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     train_crop_landmarks = np.stack([_crop_landmarks(raw.landmarks, size)
                                      for raw in raw_splits[self.dataset_info.train_split]])
     shape_model = shapes.fit_shape_model(coords.to_normalized(train_crop_landmarks, size))
+    # Kept with the data (tfds moves the whole folder into place), so that soft landmarks with another
+    # `keep` can be recomputed without the official archives: see `load_shape_model`.
+    shapes.save_shape_model(pathlib.Path(self.data_path) / SHAPE_MODEL_FILE, shape_model)
     metadata = self.preparation_options()
     metadata["split_sizes"] = {split: len(raw) for split, raw in raw_splits.items()}
     self.info.metadata.update(metadata)
@@ -321,17 +326,30 @@ class LandmarkSource:
     return f"LandmarkSource({self.name}, {len(self)} examples)"
 
 
-def load_split(dataset: str, split: str, data_dir) -> LandmarkSource:
-  """The prepared ``split`` of ``dataset`` in ``data_dir`` as a random-access source (docs/contracts.md)."""
+def _prepared_builder(dataset: str, data_dir) -> KdLandmarks:
   info = info_lib.get_info(dataset)
-  if split not in info.splits:
-    raise ValueError(f"unknown split {split!r} of {info.name}; choose from {list(info.splits)}")
   builder = KdLandmarks(config=info.name, data_dir=os.fspath(data_dir), show_progress=False)
   if not is_prepared(builder):
     raise FileNotFoundError(
         f"{info.name} is not prepared in {data_dir} (no {builder.data_path}/dataset_info.json); run: "
         + PREPARE_COMMAND.format(dataset=info.name, data_dir=data_dir)
         + (" (no --manual_dir needed)" if info.name == "synthetic" else ""))
+  return builder
+
+
+def load_shape_model(dataset: str, data_dir) -> shapes.ShapeModel:
+  """The shape model the soft landmarks were built with (fitted on the train split, in the normalised
+  stored-crop frame: apply it to ``coords.to_normalized(example['landmarks'], stored_crop_size)``)."""
+  builder = _prepared_builder(dataset, data_dir)
+  return shapes.load_shape_model(pathlib.Path(builder.data_path) / SHAPE_MODEL_FILE)
+
+
+def load_split(dataset: str, split: str, data_dir) -> LandmarkSource:
+  """The prepared ``split`` of ``dataset`` in ``data_dir`` as a random-access source (docs/contracts.md)."""
+  info = info_lib.get_info(dataset)
+  if split not in info.splits:
+    raise ValueError(f"unknown split {split!r} of {info.name}; choose from {list(info.splits)}")
+  builder = _prepared_builder(info.name, data_dir)
   source = builder.as_data_source(split=split)
   metadata = dict(builder.info.metadata or {})
   return LandmarkSource(source, metadata, f"{info.name}/{split}")
