@@ -161,6 +161,8 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     examples = []
     generated = synthetic.generate(split, num_examples=num_examples, image_size=int(options["image_size"]),
                                    seed=int(options["seed"]))
+    generated = tqdm.tqdm(generated, total=num_examples, desc=f"render synthetic/{split}", unit="face",
+                          disable=not self._show_progress)
     for i, raw in enumerate(generated):
       landmarks = np.asarray(raw["landmarks"], dtype=np.float32)
       if landmarks.shape != (self.dataset_info.num_landmarks, 2):
