@@ -36,8 +36,8 @@ Download the official archives yourself (their licences forbid redistribution) a
         <manual_dir>/lfpw/trainset/*.png + *.pts             (811)
         <manual_dir>/lfpw/testset/*.png + *.pts              (224)
         <manual_dir>/ibug/*.jpg + *.pts                      (135)
-cofw: COFW colour (Burgos-Artizzu et al. 2013, http://www.vision.caltech.edu/xpburgos/ICCV13/, now on
-      CaltechDATA as "Caltech Occluded Faces in the Wild (COFW)"), MATLAB v7.3 files:
+cofw: COFW colour (Burgos-Artizzu et al. 2013), COFW_color.zip from https://data.caltech.edu/records/20099
+      (formerly http://www.vision.caltech.edu/xpburgos/ICCV13/), MATLAB v7.3 files:
         <manual_dir>/COFW_train_color.mat                    (IsTr, phisTr, bboxesTr: 1345 faces)
         <manual_dir>/COFW_test_color.mat                     (IsT, phisT, bboxesT: 507 faces)
 wflw: WFLW (Wu et al. 2018, https://wywu.github.io/projects/LAB/WFLW.html): extract WFLW_images.tar.gz
