@@ -288,8 +288,7 @@ def prepare(dataset: str, *, data_dir, manual_dir=None, allow_partial: bool = Fa
       raise FileExistsError(
           f"{builder.data_path} was prepared with {stored}, not the requested {wanted}; pass --overwrite "
           "(overwrite=True) to rebuild it, or choose another --data_dir")
-  if show_progress:
-    tfds.disable_progress_bar()  # ours (one bar per split, with a total) replaces tfds's counters
+  tfds.disable_progress_bar()  # ours (one bar per split, with a total) replaces tfds's counters
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=None if manual_dir is None else os.fspath(manual_dir), download_mode=mode,
       compute_stats=tfds.download.ComputeStatsMode.SKIP))
