@@ -88,9 +88,8 @@ def load_teacher_cache(path, *, num_examples=None, num_landmarks=None) -> dict[s
   path = pathlib.Path(path)
   where = os.fspath(path)
   if not path.is_file():
-    raise TeacherCacheError(f"{where}: no teacher cache; train both teachers, then write it (the student "
-                            "phase does this when it finds the teachers' checkpoints), or run the teachers "
-                            "online instead")
+    raise TeacherCacheError(f"{where}: no teacher cache; after training both teachers write it with the "
+                            "phase=cache_teachers run of kd_landmarks.main, or set teachers_online=True")
   try:
     with np.load(path, allow_pickle=False) as contents:
       arrays = {key: contents[key] for key in contents.files}
