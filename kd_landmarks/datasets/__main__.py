@@ -13,6 +13,7 @@ from kd_landmarks.datasets import info as info_lib
 
 
 def _parser() -> argparse.ArgumentParser:
+  from kd_landmarks.datasets.builder import SYNTHETIC_DEFAULTS  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog="python -m kd_landmarks.datasets", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -25,10 +26,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="accept split sizes other than the official ones (a deliberate subset)")
   prepare.add_argument("--overwrite", action="store_true", help="rebuild even if data_dir already has it")
   prepare.add_argument("--num_workers", type=int, default=None, help="image decoding/cropping threads")
-  prepare.add_argument("--num_train", type=int, default=None, help="synthetic only: training faces")
-  prepare.add_argument("--num_test", type=int, default=None, help="synthetic only: test faces")
-  prepare.add_argument("--image_size", type=int, default=None, help="synthetic only: stored crop side (px)")
-  prepare.add_argument("--seed", type=int, default=None, help="synthetic only: rendering seed")
+  prepare.add_argument("--num_train", type=int, default=None, help=f"synthetic only: training faces (default {SYNTHETIC_DEFAULTS['num_train']})")
+  prepare.add_argument("--num_test", type=int, default=None, help=f"synthetic only: test faces (default {SYNTHETIC_DEFAULTS['num_test']})")
+  prepare.add_argument("--image_size", type=int, default=None, help=f"synthetic only: stored crop side (px) (default {SYNTHETIC_DEFAULTS['image_size']})")
+  prepare.add_argument("--seed", type=int, default=None, help=f"synthetic only: rendering seed (default {SYNTHETIC_DEFAULTS['seed']})")
   commands.add_parser("layout", help="print where to download each dataset and the manual_dir layout")
   return parser
 
