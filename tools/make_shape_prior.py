@@ -4,7 +4,7 @@ Input: the real iBUG-68 annotations in ``keypoints_frames_{train,test}.csv`` (4,
 from the PyPI package facial-keypoints-detecter 1.0.0; see the README next to them). Each row is an image
 name followed by x0, y0, ..., x67, y67 in pixels.
 
-Model (a point-distribution model, the same family as the ASM of the paper's Section 3.1, Eqs. 1-2):
+Model (a point-distribution model: the ASM form of the paper's Section 3.1, Eq. 1):
   1. Generalised Procrustes alignment: each shape is centred, scaled to unit Frobenius norm and rotated
      (no reflection) onto the current mean; the mean is re-estimated, re-normalised and kept in the
      orientation of the starting reference, until it stops moving.
