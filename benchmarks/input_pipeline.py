@@ -1,0 +1,135 @@
+"""Input pipeline throughput: ours (grain, kd_landmarks.input_pipeline) vs a plain numpy loop.
+
+Prints examples/s and examples/s per CPU core of reading + batching training batches
+(``make_train_iterator``), on a synthetic in-memory source and, with ``--data_dir``, on a prepared
+array_record split (``python -m kd_landmarks.datasets prepare ...``). The baseline reads the same
+examples in the same order with a Python loop and ``np.stack`` in the consuming thread.
+
+With ``--augment`` it also times the on-device augmentation's two bilinear samplers
+(``AugmentConfig.sampler``: one gather per tap vs ``jax.scipy.ndimage.map_coordinates``) at 224 px.
+
+  python benchmarks/input_pipeline.py --quick
+  python benchmarks/input_pipeline.py --data_dir ~/kd_data --dataset synthetic --augment
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from kd_landmarks import input_pipeline
+
+
+def synthetic_source(num_examples: int, image_size: int, num_landmarks: int = 68):
+  """In-memory examples with the stored fields of contracts.md (random content)."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (num_examples, image_size, image_size, 3), dtype=np.uint8)
+  points = rng.uniform(0, image_size, (num_examples, num_landmarks, 2)).astype(np.float32)
+  return [{"image": images[i], "landmarks": points[i], "soft_landmarks": points[i] + 1.0,
+           "landmarks_original": points[i] * 2.0, "crop_to_original": np.eye(2, 3, dtype=np.float32),
+           "image_id": f"synthetic/{i:06d}", "attributes": np.zeros(6, np.int32),
+           "occluded": np.zeros(num_landmarks, np.int32), "index": np.int64(i)}
+          for i in range(num_examples)]
+
+
+def numpy_loop_batches(source, *, global_batch_size, seed, keys):
+  """The baseline: the same batch order, read and stacked one example at a time in this thread."""
+  for step in itertools.count():
+    indices = input_pipeline.train_batch_indices(step, num_examples=len(source),
+                                                 global_batch_size=global_batch_size, seed=seed)
+    examples = [source[int(i)] for i in indices]
+    yield {key: np.stack([np.asarray(example[key]) for example in examples]) for key in keys}
+
+
+def examples_per_second(batches, *, num_batches, batch_size, desc):
+  next(batches)  # warm-up: thread start, first reads
+  start = time.perf_counter()
+  for _ in tqdm(range(num_batches), desc=desc, leave=False):
+    next(batches)
+  return num_batches * batch_size / (time.perf_counter() - start)
+
+
+def compare_pipelines(source, *, label, batch_size, num_batches, thread_counts):
+  cores = os.cpu_count() or 1
+  keys = ("image", "landmarks", "soft_landmarks", "index")
+  baseline = examples_per_second(numpy_loop_batches(source, global_batch_size=batch_size, seed=0, keys=keys),
+                                 num_batches=num_batches, batch_size=batch_size, desc="numpy loop")
+  print(f"\n[{label}] {len(source)} examples, batch {batch_size}, {num_batches} batches, {cores} cores")
+  print(f"  {'pipeline':<28}{'examples/s':>12}{'per core':>10}{'vs numpy':>10}")
+  print(f"  {'numpy loop (baseline)':<28}{baseline:>12.0f}{baseline / cores:>10.0f}{1.0:>9.2f}x")
+  for threads in thread_counts:
+    iterator = input_pipeline.make_train_iterator(source, global_batch_size=batch_size, seed=0, keys=keys,
+                                                  num_threads=threads)
+    ours = examples_per_second(iterator, num_batches=num_batches, batch_size=batch_size,
+                               desc=f"grain {threads} threads")
+    print(f"  {f'ours, grain, {threads} threads':<28}{ours:>12.0f}{ours / cores:>10.0f}{ours / baseline:>9.2f}x")
+
+
+def compare_samplers(*, batch_size, stored_size, out_size, repeats):
+  """Times augment() with each sampler (photometric off, so the warp dominates)."""
+  import jax  # pylint: disable=g-import-not-at-top  (only this section needs JAX)
+  from kd_landmarks import augment  # pylint: disable=g-import-not-at-top
+  from kd_landmarks.datasets import flips  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (batch_size, stored_size, stored_size, 3), dtype=np.uint8)
+  points = rng.uniform(stored_size * 0.2, stored_size * 0.8, (batch_size, 68, 2)).astype(np.float32)
+  sets = {"landmarks": points, "soft_landmarks": points}
+  print(f"\n[augment on {jax.devices()[0].platform}] batch {batch_size}, {stored_size} px -> {out_size} px, "
+        f"median of {repeats}")
+  timings = {}
+  for sampler in ("map_coordinates", "gather"):
+    config = augment.AugmentConfig(sampler=sampler, photometric=False, noise=False)
+    fn = jax.jit(lambda key, x, s, c=config: augment.augment(
+        key, x, s, out_size=out_size, flip_permutation=flips.flip_permutation(68), config=c))
+    jax.block_until_ready(fn(jax.random.key(0), images, sets))  # compile
+    runs = []
+    for seed in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(jax.random.key(seed), images, sets))
+      runs.append(time.perf_counter() - start)
+    timings[sampler] = float(np.median(runs))
+  base = timings["map_coordinates"]
+  for sampler, seconds in timings.items():
+    print(f"  {sampler:<28}{seconds * 1e3:>9.1f} ms/batch {batch_size / seconds:>9.0f} images/s "
+          f"{base / seconds:>6.2f}x vs map_coordinates")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few seconds")
+  parser.add_argument("--data_dir", help="a prepared data dir (python -m kd_landmarks.datasets prepare)")
+  parser.add_argument("--dataset", default="synthetic")
+  parser.add_argument("--split", default="train")
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--num_batches", type=int, default=50)
+  parser.add_argument("--augment", action="store_true", help="also time the augmentation samplers")
+  args = parser.parse_args()
+
+  if args.quick:
+    batch_size, num_batches, num_examples, image_size = 16, 8, 256, 96
+    thread_counts = (0, 2)
+  else:
+    batch_size, num_batches, num_examples, image_size = args.batch_size, args.num_batches, 4096, 320
+    thread_counts = (0, 2, 4, 8)
+  compare_pipelines(synthetic_source(num_examples, image_size), label=f"in-memory, {image_size} px",
+                    batch_size=batch_size, num_batches=num_batches, thread_counts=thread_counts)
+  if args.data_dir:
+    from kd_landmarks import datasets  # pylint: disable=g-import-not-at-top  (tfds import is slow)
+    source = datasets.load_split(args.dataset, args.split, args.data_dir)
+    num_batches_on_disk = min(num_batches, max(1, len(source) // batch_size - 1))
+    compare_pipelines(source, label=f"array_record {args.dataset}/{args.split}", batch_size=batch_size,
+                      num_batches=num_batches_on_disk, thread_counts=thread_counts)
+  if args.augment:
+    if args.quick:
+      compare_samplers(batch_size=2, stored_size=96, out_size=64, repeats=3)
+    else:
+      compare_samplers(batch_size=16, stored_size=320, out_size=224, repeats=5)
+
+
+if __name__ == "__main__":
+  main()
