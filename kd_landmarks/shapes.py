@@ -159,8 +159,10 @@ def soft_landmarks(landmarks, model: ShapeModel, *, keep=0.9, keep_mode="eigenve
 
 
 def save_shape_model(path, model: ShapeModel) -> None:
-  """Writes the model as an ``.npz`` (keys ``mean``, ``eigenvectors``, ``eigenvalues``)."""
-  np.savez(path, mean=model.mean, eigenvectors=model.eigenvectors, eigenvalues=model.eigenvalues)
+  """Writes the model as an ``.npz`` (keys ``mean``, ``eigenvectors``, ``eigenvalues``) at exactly ``path``."""
+  # Through a file object: np.savez would append ".npz" to a path without it, and load would miss it.
+  with open(path, "wb") as stream:
+    np.savez(stream, mean=model.mean, eigenvectors=model.eigenvectors, eigenvalues=model.eigenvalues)
 
 
 def load_shape_model(path) -> ShapeModel:

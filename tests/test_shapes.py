@@ -113,7 +113,7 @@ def test_batch_shape_and_dtype_preserved(tmp_path):
   model = shapes.fit_shape_model(data)
   out = shapes.soft_landmarks(data.reshape(4, 10, 5, 2), model)
   assert out.shape == (4, 10, 5, 2) and out.dtype == np.float32
-  path = os.path.join(tmp_path, "model.npz")
+  path = os.path.join(tmp_path, "model")  # no suffix: saved and loaded under exactly this name
   shapes.save_shape_model(path, model)
   loaded = shapes.load_shape_model(path)
   np.testing.assert_array_equal(loaded.eigenvectors, model.eigenvectors)
