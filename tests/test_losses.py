@@ -142,8 +142,8 @@ def test_kd_loss_non_negative_with_one_teacher_or_phi_sigma_at_least_one(d_tough
 
 
 def test_author_code_variant_can_be_negative_too():
-  # Tough teacher 1.0 away, Tolerant teacher on P_Gt, P_Pr at beta = 0.15: main = 3 * 0? no -- the code's
-  # threshold is d_Tol = 0, so main = Delta^2 = 0.0225 (x2); Tough in R_N: -0.45 * 0.85; Tolerant: 0.
+  # Tough teacher 1.0 away, Tolerant teacher on P_Gt, P_Pr at the Tough beta = 0.15. The code's main loss
+  # switches at d_Tol = 0, so it is Delta^2 = 0.0225 (weight 2); Tough in R_N: -0.45 * 0.85; Tolerant: 0.
   got = losses.kd_loss(jnp.array([0.15]), jnp.zeros(1), jnp.array([1.0]), jnp.zeros(1), variant="author_code")
   np.testing.assert_allclose(got, 2 * 0.0225 - 0.45 * 0.85, rtol=1e-5)
 
