@@ -522,11 +522,10 @@ def landmark_failures(pred, gt, *, dataset: str, threshold: float = FAILURE_THRE
   """Figs. 11/12/14 rule: landmark k fails when ||pred_k - gt_k|| / inter-ocular distance > threshold.
 
   ``pred``, ``gt``: ``[..., K, 2]`` pixels. Returns bool ``[..., K]``. The inter-ocular distance is the one
-  the NME uses (Section 4.2, outer eye corners of :mod:`kd_landmarks.datasets.info`).
+  the NME uses (Section 4.2, ``kd_landmarks.metrics.normalizing_distance``).
   """
-  right, left = dataset_info.get_info(dataset).outer_eye_corners
   gt = np.asarray(gt, dtype=np.float64)
-  inter_ocular = np.linalg.norm(gt[..., right, :] - gt[..., left, :], axis=-1)
+  inter_ocular = _metrics_module().normalizing_distance(gt, dataset=dataset, normalization="inter_ocular")
   if np.any(inter_ocular <= 0):
     raise ValueError("ground truth with coincident outer eye corners: the inter-ocular distance is 0")
   errors = np.linalg.norm(np.asarray(pred, dtype=np.float64) - gt, axis=-1)
