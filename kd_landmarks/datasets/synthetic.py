@@ -320,7 +320,7 @@ def _draw_occluder(draw: ImageDraw.ImageDraw, mask_draw: ImageDraw.ImageDraw, rn
     colour = _colour(rng.uniform(0, 255, size=3))
     shapes.append(("polygon", bar))
   elif kind == 1:  # A hand: a palm and four fingers, skin-toned.
-    colour = _colour(skin * rng.uniform(0.8, 1.1, size=3))
+    colour = _colour(skin * rng.uniform(0.8, 1.1))
     side = rng.choice([-1.0, 1.0])
     centre = face_centre + np.array([side * rng.uniform(0.2, 0.5), rng.uniform(0.0, 0.45)]) * face_size
     palm_radius = rng.uniform(0.18, 0.26) * face_size
