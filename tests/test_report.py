@@ -460,3 +460,19 @@ def test_an_image_whose_id_differs_from_the_evaluation_is_not_used(tmp_path):
   text = report.build_report(tmp_path, get_image=wrong_image).read_text()
   assert "could not be read" in text and "'another.jpg' differs" in text
   assert (tmp_path / "figures" / "qualitative_test.png").exists()
+
+
+def test_ablation_and_loss_layouts_on_a_dataset_the_paper_did_not_ablate(tmp_path):
+  gt = make_faces("synthetic", 4)
+  for dir_name, shift in (("student_l2", 0.06), ("student_kd", 0.03), ("student_kd_tolerant_only", 0.04),
+                          ("student_l1", 0.05)):
+    write_model(tmp_path, dir_name, dataset="synthetic", role="student", loss=dir_name[len("student_"):],
+                splits={"test": (shifted(gt, shift), gt)})
+  text = report.build_report(tmp_path).read_text()
+  assert "### Table 7" not in text and "### Table 8" not in text  # those are the paper's 300W tables
+  ablation = parse_table(text, "### KD ablation in the layout of Table 7")
+  nme = row_of(ablation, Metric="NME (%)", Split="Test set")
+  assert (nme["mnv2 (L2)"], nme["mnv2_Tol"], nme["mnv2_KD"]) == ("6.00", "4.00", "3.00")
+  assert "mnv2_Tou" not in nme  # not trained: no column
+  losses = parse_table(text, "### Loss comparison in the layout of Table 8")
+  assert row_of(losses, Method="mnv2 (L1)")["Test set"] == "5.00"
