@@ -75,10 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def default_augment_config() -> ml_collections.ConfigDict:
-  """Section 4.4: rotation +-45 deg, flips (p=0.5), brightness/contrast/colour, Gaussian noise."""
-  return ml_collections.ConfigDict(dict(
-      rotation_degrees=45.0, flip_probability=0.5, box_expansion=(0.0, 0.1),
-      brightness=0.2, contrast=0.2, saturation=0.2, noise_std=0.02))
+  """Section 4.3: box expansion up to 10%, rotation +-45 deg, flips (p=0.5), brightness/contrast/colour,
+  Gaussian noise. The fields and defaults are those of ``kd_landmarks.augment.AugmentConfig`` (one home)."""
+  import dataclasses
+  from kd_landmarks import augment
+  return ml_collections.ConfigDict(dataclasses.asdict(augment.AugmentConfig()))
 
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

@@ -138,7 +138,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   batch_stats = lax.pmean(updates.get("batch_stats", state.batch_stats), parallel.AXIS)
   metrics = {
       "loss": lax.pmean(loss, parallel.AXIS),
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
       "learning_rate": spec.learning_rate_fn(state.step),
   }
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -454,10 +454,12 @@ def load_split(config, workdir, split):
 
 def _prepare_synthetic(config, data_dir):
   """Renders the synthetic dataset into ``data_dir`` (the demo's first run; no download)."""
-  from kd_landmarks.datasets import prepare_synthetic
+  from kd_landmarks.datasets import builder
   if jax.process_index() == 0:
     logging.info("preparing the synthetic dataset in %s", data_dir)
-    prepare_synthetic(data_dir, **{k: v for k, v in config.synthetic.to_dict().items() if v})
+    # Zero means "the builder's default" (builder.SYNTHETIC_DEFAULTS).
+    options = {k: int(v) for k, v in config.synthetic.to_dict().items() if v}
+    builder.prepare("synthetic", data_dir=data_dir, synthetic_options=options)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("synthetic dataset prepared")
@@ -506,7 +508,7 @@ def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase,
   learning_rate_fn = create_learning_rate_fn(config)
   spec = StepSpec(target=target, loss_fn=losses.get_student_loss(loss_name), loss_variant=config.loss_variant,
                   image_size=int(config.image_size), flip_permutation=flips.flip_permutation(config.dataset),
-                  augment_config=ml_collections.FrozenConfigDict(config.augment),
+                  augment_config=augment_config(config),
                   learning_rate_fn=learning_rate_fn, teacher_modules=teacher_modules)
   keys = ["image", "landmarks", "index"]
   if target == "soft_landmarks":
@@ -524,6 +526,12 @@ def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase,
       eval_every_steps=int(config.eval_every_steps), keep_checkpoints=int(config.keep_checkpoints),
       prefetch=int(config.prefetch), mesh=mesh)
   return fit(setup)
+
+
+def augment_config(config):
+  """``config.augment`` as the frozen ``augment.AugmentConfig`` the step closes over."""
+  from kd_landmarks import augment
+  return augment.AugmentConfig(**config.augment.to_dict())
 
 
 def val_split(config) -> str:

@@ -1,0 +1,196 @@
+"""Tests of kd_landmarks.train: learning rate, the train step, deterministic batches, fit (resume, NaN)."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_landmarks import checkpoint
+from kd_landmarks import parallel
+from kd_landmarks import train
+import train_fixtures as fx
+
+
+def _config(**optimizer):
+  import ml_collections
+  base = dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-7, decay=1e-6)
+  base.update(optimizer)
+  return ml_collections.ConfigDict({"optimizer": base})
+
+
+def test_learning_rate_is_keras_time_based_decay():
+  # Section 4.4: lr 1e-3, decay 1e-6 -> lr / (1 + 1e-6 * step).
+  fn = train.create_learning_rate_fn(_config())
+  assert float(fn(0)) == pytest.approx(1e-3)
+  assert float(fn(1_000_000)) == pytest.approx(0.5e-3)
+  assert float(fn(250_000)) == pytest.approx(1e-3 / 1.25)
+
+
+def test_optimizer_first_step_is_adam():
+  # Adam's first update is -lr * g / (|g| + eps') = -lr * sign(g) (bias-corrected m/sqrt(v) = sign).
+  config = _config(learning_rate=0.1)
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  grads = {"w": jnp.array([0.5, -4.0, 1e-3])}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.1 * np.sign(grads["w"]), rtol=1e-3)
+
+
+def test_batch_indices_are_epoch_permutations_and_pure():
+  seen = np.concatenate([train.batch_indices(s, num_examples=10, batch_size=3, seed=0) for s in range(3)])
+  assert len(set(seen.tolist())) == 9  # One epoch: 3 full batches, no repeats, remainder dropped.
+  np.testing.assert_array_equal(train.batch_indices(4, num_examples=10, batch_size=3, seed=0),
+                                train.batch_indices(4, num_examples=10, batch_size=3, seed=0))
+  assert not np.array_equal(train.batch_indices(0, num_examples=10, batch_size=3, seed=0),
+                            train.batch_indices(3, num_examples=10, batch_size=3, seed=0))
+  with pytest.raises(ValueError, match="fewer than one batch"):
+    train.batch_indices(0, num_examples=2, batch_size=3, seed=0)
+
+
+def test_host_batches_join_the_teacher_cache_by_index():
+  source = fx.InMemorySource(12)
+  table = np.arange(12, dtype=np.float32)[:, None, None] * np.ones((1, fx.NUM_LANDMARKS, 2), np.float32)
+  batches = train.HostBatches(source, keys=("image", "index"), global_batch_size=4, seed=3, start_step=2,
+                              extra={"tough": table})
+  try:
+    batch = next(batches)
+  finally:
+    batches.close()
+  expected = train.batch_indices(2, num_examples=12, batch_size=4, seed=3)
+  np.testing.assert_array_equal(batch["index"], expected)
+  np.testing.assert_array_equal(batch["tough"][:, 0, 0], expected.astype(np.float32))
+
+
+def _single_device_step(spec, state, batch, rng, teachers=None):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  step = train.compile_train_step(spec, mesh, with_teachers=teachers is not None)
+  state = jax.tree.map(jnp.copy, state)  # The step donates its state; keep the caller's copy alive.
+  args = (state, parallel.shard_host_batch(batch, mesh), rng)
+  return step(*args, teachers) if teachers is not None else step(*args)
+
+
+def _state(model=None, tx=None, seed=0):
+  return train.create_train_state(jax.random.PRNGKey(seed), model or fx.TinyModel(), fx.IMAGE_SIZE,
+                                  tx or fx.make_tx())
+
+
+def test_train_step_matches_a_hand_written_step():
+  """The compiled step equals: augment -> forward -> L2 grad -> Adam, written out independently."""
+  import optax
+  from kd_landmarks import augment
+  from kd_landmarks import losses
+  source = fx.InMemorySource(8)
+  batch = fx.make_batch(source, range(4))
+  spec = fx.make_spec()
+  state = _state()
+  rng = jax.random.PRNGKey(7)
+  new_state, metrics = _single_device_step(spec, state, batch, rng)
+
+  step_rng = jax.random.fold_in(rng, 0)  # Device 0 of the 'data' axis.
+  augment_rng, dropout_rng = jax.random.split(step_rng)
+  images, sets, _ = augment.augment(augment_rng, batch["image"], {"landmarks": batch["landmarks"]},
+                                    out_size=fx.IMAGE_SIZE, flip_permutation=spec.flip_permutation,
+                                    config=spec.augment_config)
+  model = fx.TinyModel()
+
+  def loss_of(params):
+    pred, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                                mutable=["batch_stats"])
+    return jnp.mean((pred - sets["landmarks"]) ** 2), updates
+
+  (loss, updates), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+  tx = fx.make_tx()
+  opt_updates, _ = tx.update(grads, tx.init(state.params), state.params)
+  expected = optax.apply_updates(state.params, opt_updates)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new_state.params,
+               expected)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new_state.batch_stats,
+               updates["batch_stats"])
+  assert int(new_state.step) == 1
+  np.testing.assert_allclose(metrics["learning_rate"], 1e-2)
+
+
+def test_l2_assumption_of_the_hand_written_step():
+  # The hand-written step above uses the mean squared error per coordinate; pin it to losses.l2_loss.
+  from kd_landmarks import losses
+  pred = jnp.array([[[0.0, 0.0], [1.0, 1.0]]])
+  gt = jnp.array([[[3.0, 4.0], [1.0, 1.0]]])
+  assert float(losses.l2_loss(pred, gt)) == pytest.approx((9 + 16) / 4)
+
+
+def test_student_step_reads_teachers_and_keeps_them_frozen():
+  source = fx.InMemorySource(8)
+  batch = fx.make_batch(source, range(4))
+  teacher = fx.TinyModel()
+  teacher_variables = {name: teacher.init(jax.random.PRNGKey(i), jnp.zeros((1, 8, 8, 3)))
+                       for i, name in enumerate(train.TEACHERS)}
+  state = _state()
+  spec_online = fx.make_spec("student", "kd", teacher_modules={"tough": teacher, "tolerant": teacher})
+  new_state, metrics = _single_device_step(spec_online, state, batch, jax.random.PRNGKey(1), teacher_variables)
+  assert np.isfinite(metrics["loss"])
+  # The optimiser state mirrors the student's params only: no teacher leaf sneaks in.
+  student_only = fx.make_tx().init(state.params)
+  assert jax.tree.structure(new_state.opt_state) == jax.tree.structure(student_only)
+  # Cached teachers: predictions equal to the ground truth make KD differ from L2 only by its weights;
+  # with teachers far away the loss changes, so the step really reads batch['tough'/'tolerant'].
+  cached = dict(batch, tough=batch["landmarks"], tolerant=batch["landmarks"])
+  far = dict(batch, tough=batch["landmarks"] + 3.0, tolerant=batch["landmarks"] - 3.0)
+  spec = fx.make_spec("student", "kd")
+  _, near_metrics = _single_device_step(spec, _state(), cached, jax.random.PRNGKey(1))
+  _, far_metrics = _single_device_step(spec, _state(), far, jax.random.PRNGKey(1))
+  assert float(near_metrics["loss"]) != pytest.approx(float(far_metrics["loss"]))
+
+
+def test_fit_trains_saves_and_reports_best(tmp_path):
+  model_dir = str(tmp_path / "teacher_tough")
+  setup = fx.fit_setup(model_dir, num_train_steps=4, checkpoint_every=2, validate=True)
+  variables = train.fit(setup)
+  assert checkpoint.state_manager(model_dir).all_steps() == [2, 4]
+  assert os.path.exists(os.path.join(model_dir, train.DONE_FILE))
+  assert checkpoint.read_model_json(model_dir)["phase"] == "teacher_tough"
+  assert checkpoint.best_manager(model_dir).best_step() == 4
+  assert os.listdir(os.path.join(model_dir, "events"))
+  # A second fit finds the run finished and returns the same variables without training.
+  again = train.fit(fx.fit_setup(model_dir, num_train_steps=4))
+  jax.tree.map(np.testing.assert_array_equal, again, variables)
+
+
+def test_interrupted_fit_resumes_to_the_same_params(tmp_path):
+  whole = train.fit(fx.fit_setup(str(tmp_path / "a"), num_train_steps=6, checkpoint_every=2))
+  # Stopped after 3 steps (checkpoint at 2): the restart redoes step 3 from the step-2 checkpoint.
+  train.fit(fx.fit_setup(str(tmp_path / "b"), num_train_steps=6, checkpoint_every=2, stop_after_steps=3))
+  assert checkpoint.state_manager(str(tmp_path / "b")).latest_step() == 3
+  resumed = train.fit(fx.fit_setup(str(tmp_path / "b"), num_train_steps=6, checkpoint_every=2))
+  jax.tree.map(np.testing.assert_array_equal, resumed, whole)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  model_dir = str(tmp_path / "m")
+  setup = fx.fit_setup(model_dir, num_train_steps=8, checkpoint_every=2)
+  source = setup.train_source
+  good_steps = 3
+  original_load = train.HostBatches.load
+
+  def poisoned_load(self, step):
+    batch = original_load(self, step)
+    if step >= good_steps:
+      batch["landmarks"] = np.full_like(batch["landmarks"], np.nan)
+    return batch
+
+  train.HostBatches.load = poisoned_load
+  try:
+    with pytest.raises(train.NonFiniteLossError, match=r"step 4 is not finite.*step 2"):
+      train.fit(setup)
+  finally:
+    train.HostBatches.load = original_load
+  manager = checkpoint.state_manager(model_dir)
+  assert manager.latest_step() == 2
+  restored = checkpoint.restore_state(manager, None and source or _host_tree())
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored["params"]))
+
+
+def _host_tree():
+  state = _state()
+  return parallel.fetch_replicated(train._state_tree(state))  # pylint: disable=protected-access
