@@ -1,0 +1,306 @@
+"""Landmarks on real photos: detector -> training crop -> student -> landmarks on the original photo.
+
+Usage::
+
+  python -m kd_landmarks.predict --workdir RUN [--model student_kd] [--checkpoint MODEL_DIR] \
+      IMAGE_OR_DIR ... [--out DIR] [--detector dlib_hog]
+  python -m kd_landmarks.predict fit-box-map --workdir RUN [--model student_kd] --data_dir DATA \
+      [--detector dlib_hog] [--split train] [--max_images N]
+
+For each image ``--out`` receives ``<name>.json`` (per face: detector box and score, the crop box, the
+landmarks in original-image pixels) and ``<name>.png`` (an overlay); ``summary.json`` lists every input with
+its status (``ok``, ``no_face``, ``error`` with the reason, or ``skipped`` for non-image files in a folder).
+
+The crop reproduces evaluation (paper Section 4.3, ``augment.preprocess_eval``): the square landmark box
+scaled by ``EVAL_BOX_SCALE``. A photo has no landmarks, so the landmark box is predicted from the detector's
+box by the :class:`kd_landmarks.detect.BoxMap` learned on the training set (``fit-box-map``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from kd_landmarks import coords
+from kd_landmarks import detect
+from kd_landmarks.datasets import images as image_io
+
+DEFAULT_MODEL = "student_kd"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def eval_box_scale() -> float:
+  """The evaluation crop's margin around the landmark box (contract: ``augment.EVAL_BOX_SCALE``)."""
+  from kd_landmarks import augment  # Imported here: augment pulls in jax, which the detectors do not need.
+  return float(augment.EVAL_BOX_SCALE)
+
+
+def crop_for_landmark_box(image: np.ndarray, landmark_box, *, image_size: int,
+                          box_scale: float) -> tuple[np.ndarray, np.ndarray]:
+  """Cuts the student's input: the landmark box (cx, cy, side) scaled by ``box_scale``, resized to
+  ``image_size``. Returns (crop float32 ``[S, S, 3]`` in [0, 1], crop-pixels -> image-pixels affine)."""
+  cx, cy, side = (float(v) for v in landmark_box)
+  if not side > 0:
+    raise ValueError(f"a face box needs a positive side; got {side}")
+  crop_to_image = coords.crop_affine(np.array([cx, cy, side * box_scale]), image_size)
+  crop = image_io.crop_face(image, crop_to_image, image_size)
+  return crop.astype(np.float32) / 255.0, crop_to_image
+
+
+def landmarks_to_image(landmarks_normalized, crop_to_image, image_size: int) -> np.ndarray:
+  """Student output (normalised coordinates of the crop, ``[..., K, 2]``) -> original-image pixels."""
+  crop_px = coords.to_pixels(np.asarray(landmarks_normalized, dtype=np.float64), image_size)
+  return np.asarray(coords.apply_affine(np.asarray(crop_to_image, dtype=np.float64), crop_px))
+
+
+@dataclasses.dataclass
+class FaceLandmarks:
+  """One face in one photo, in original-image pixels."""
+  box: tuple[float, float, float, float]   # the detector's box (x0, y0, x1, y1)
+  score: float                             # the detector's score
+  crop_box: tuple[float, float, float]     # the landmark box (cx, cy, side) predicted from the detector box
+  landmarks: np.ndarray                    # [K, 2]
+
+  def to_json(self) -> dict:
+    return {"box": [round(float(v), 3) for v in self.box], "score": round(float(self.score), 4),
+            "crop_box": [round(float(v), 3) for v in self.crop_box],
+            "landmarks": np.round(self.landmarks, 3).tolist()}
+
+
+class LandmarkPredictor:
+  """A trained student behind a face detector.
+
+  ``module``/``variables``/``meta`` are what :func:`kd_landmarks.checkpoint.load_inference_variables`
+  returns; ``meta['image_size']`` is the student's input side.
+  """
+
+  def __init__(self, module, variables, meta: dict, *, detector: detect.FaceDetector,
+               box_map: detect.BoxMap, box_scale: float | None = None):
+    import jax
+
+    self.module = module
+    self.variables = variables
+    self.meta = dict(meta)
+    self.image_size = int(meta["image_size"])
+    self.num_landmarks = int(meta["num_landmarks"])
+    self.detector = detector
+    self.box_map = box_map
+    self.box_scale = eval_box_scale() if box_scale is None else float(box_scale)
+    # One compiled function for batch 1: faces are run one at a time, so no shape ever recompiles.
+    # Variables are an argument, not closed-over constants, so XLA does not fold megabytes into the program.
+    self._apply = jax.jit(lambda variables, images: module.apply(variables, images, train=False))
+
+  def landmarks_for_box(self, image: np.ndarray, landmark_box) -> np.ndarray:
+    """Runs the student on the crop around a landmark box (cx, cy, side); returns ``[K, 2]`` image pixels."""
+    crop, crop_to_image = crop_for_landmark_box(image, landmark_box, image_size=self.image_size,
+                                                box_scale=self.box_scale)
+    normalized = np.asarray(self._apply(self.variables, crop[None]))[0]
+    if normalized.shape != (self.num_landmarks, 2):
+      raise ValueError(f"the model returned {normalized.shape}; model.json says "
+                       f"num_landmarks={self.num_landmarks}")
+    return landmarks_to_image(normalized, crop_to_image, self.image_size)
+
+  def predict(self, image: np.ndarray) -> list[FaceLandmarks]:
+    """Detects every face of an RGB uint8 photo and returns its landmarks, best detection first."""
+    faces = []
+    for detection in self.detector.detect(image):
+      landmark_box = self.box_map(detection.centre_width)
+      faces.append(FaceLandmarks(box=detection.box, score=detection.score,
+                                 crop_box=tuple(float(v) for v in landmark_box),
+                                 landmarks=self.landmarks_for_box(image, landmark_box)))
+    return faces
+
+
+def draw_overlay(image: np.ndarray, faces: Sequence[FaceLandmarks]):
+  """The photo with each detector box (red), crop box (blue) and landmarks (green); a PIL image."""
+  from PIL import Image, ImageDraw
+
+  overlay = Image.fromarray(image)
+  draw = ImageDraw.Draw(overlay)
+  radius = max(1.0, min(image.shape[:2]) / 200.0)
+  for face in faces:
+    # Boxes are drawn in PIL's pixel-corner frame: ours (pixel centres on integers) shifted by +0.5.
+    draw.rectangle([v + 0.5 for v in face.box], outline=(255, 0, 0))
+    cx, cy, side = face.crop_box
+    draw.rectangle([cx - side / 2 + 0.5, cy - side / 2 + 0.5, cx + side / 2 + 0.5, cy + side / 2 + 0.5],
+                   outline=(0, 128, 255))
+    for x, y in face.landmarks:
+      x, y = x + 0.5, y + 0.5
+      draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=(0, 255, 0))
+  return overlay
+
+
+def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
+  """Files to run on (folders expanded, sorted) and the records of what was skipped and why."""
+  files, skipped = [], []
+  for entry in inputs:
+    if os.path.isdir(entry):
+      for name in sorted(os.listdir(entry)):
+        path = os.path.join(entry, name)
+        if os.path.isdir(path):
+          skipped.append({"image": path, "status": "skipped", "reason": "a folder (not searched)"})
+        elif name.lower().endswith(IMAGE_EXTENSIONS):
+          files.append(path)
+        else:
+          skipped.append({"image": path, "status": "skipped",
+                          "reason": f"not an image extension {IMAGE_EXTENSIONS}"})
+    else:
+      # Named explicitly: try it whatever its extension; a missing file is reported as an error.
+      files.append(entry)
+  return files, skipped
+
+
+def _output_stem(path: str, used: dict) -> str:
+  stem = os.path.splitext(os.path.basename(path))[0] or "image"
+  count = used.get(stem, 0)
+  used[stem] = count + 1
+  return stem if count == 0 else f"{stem}_{count}"  # Two inputs named alike must not overwrite each other.
+
+
+def predict_files(predictor: LandmarkPredictor, inputs: Sequence[str], out_dir: str, *,
+                  progress: bool = True) -> dict:
+  """Runs :class:`LandmarkPredictor` on files and folders; writes per-image JSON + PNG and
+  ``summary.json`` into ``out_dir``. Never raises for a bad image: it is reported in the summary."""
+  from tqdm import tqdm
+
+  os.makedirs(out_dir, exist_ok=True)
+  files, records = expand_inputs(inputs)
+  box_map_note = {"detector": predictor.detector.name, **predictor.box_map.to_json(),
+                  "fitted": predictor.box_map.fitted}
+  used_stems: dict = {}
+  for path in tqdm(files, desc="predict", unit="image", disable=not progress or len(files) < 2):
+    record: dict[str, Any] = {"image": path}
+    try:
+      image = image_io.read_image(path)
+    except image_io.ImageReadError as error:
+      records.append({**record, "status": "error", "reason": str(error)})
+      continue
+    faces = predictor.predict(image)
+    stem = _output_stem(path, used_stems)
+    result = {"image": path, "width": int(image.shape[1]), "height": int(image.shape[0]),
+              "model": predictor.meta.get("model"), "dataset": predictor.meta.get("dataset"),
+              "checkpoint": predictor.meta.get("checkpoint"), "box_map": box_map_note,
+              "faces": [face.to_json() for face in faces]}
+    json_path = os.path.join(out_dir, stem + ".json")
+    with open(json_path, "w") as f:
+      json.dump(result, f, indent=1)
+    png_path = os.path.join(out_dir, stem + ".png")
+    draw_overlay(image, faces).save(png_path)
+    records.append({**record, "status": "ok" if faces else "no_face", "faces": len(faces),
+                    "json": json_path, "png": png_path})
+  summary = {"box_map": box_map_note,
+             "counts": {status: sum(r["status"] == status for r in records)
+                        for status in ("ok", "no_face", "error", "skipped")},
+             "images": records}
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def resolve_model_dir(workdir: str | None, model: str, checkpoint: str | None) -> str:
+  """``--checkpoint`` (a model directory) wins; else ``WORKDIR/MODEL``."""
+  if checkpoint:
+    return checkpoint
+  if not workdir:
+    raise ValueError("give --workdir RUN (the training workdir) or --checkpoint MODEL_DIR")
+  return os.path.join(workdir, model)
+
+
+def load_predictor(model_dir: str, detector_name: str = detect.DEFAULT_DETECTOR) -> LandmarkPredictor:
+  """Loads a trained student from its model directory with the detector and its box map."""
+  from kd_landmarks import checkpoint
+
+  module, variables, meta = checkpoint.load_inference_variables(model_dir)
+  return LandmarkPredictor(module, variables, meta, detector=detect.get_detector(detector_name),
+                           box_map=detect.load_box_map(model_dir, detector_name))
+
+
+def _training_examples(dataset: str, split: str, data_dir: str | None, max_images: int | None):
+  from kd_landmarks import datasets
+
+  source = datasets.load_split(dataset, split, data_dir)
+  count = len(source) if max_images is None else min(len(source), max_images)
+  # Evenly spaced, so that a capped fit still sees the whole split rather than its first shard.
+  for index in np.unique(np.linspace(0, len(source) - 1, count).round().astype(int)):
+    yield source[int(index)]
+
+
+def fit_box_map_for_model(model_dir: str, *, detector_name: str = detect.DEFAULT_DETECTOR,
+                          dataset: str | None = None, split: str | None = None,
+                          data_dir: str | None = None, max_images: int | None = None,
+                          progress: bool = True) -> tuple[detect.BoxMap, dict]:
+  """Learns the detector-box -> landmark-box map on the model's training split (the stored crops:
+  image + ground-truth landmarks in crop pixels) and stores it in ``model_dir/box_map.json``."""
+  from kd_landmarks import checkpoint
+  from kd_landmarks.datasets import info
+
+  meta = checkpoint.read_model_json(model_dir)
+  dataset = dataset or meta["dataset"]
+  split = split or info.get_info(dataset).train_split
+  detector = detect.get_detector(detector_name)
+  examples = _training_examples(dataset, split, data_dir, max_images)
+  box_map, stats = detect.fit_box_map(detector, examples, source=f"fitted on {dataset}/{split}",
+                                      progress=progress)
+  detect.save_box_map(model_dir, detector_name, box_map)
+  return box_map, stats
+
+
+def _fit_main(argv: Sequence[str]) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m kd_landmarks.predict fit-box-map",
+      description="Learn the detector-box -> training-crop map on the training set; stores box_map.json.")
+  parser.add_argument("--workdir")
+  parser.add_argument("--model", default=DEFAULT_MODEL)
+  parser.add_argument("--checkpoint", help="a model directory (overrides WORKDIR/MODEL)")
+  parser.add_argument("--data_dir", help="where `python -m kd_landmarks.datasets prepare` wrote the data")
+  parser.add_argument("--dataset", help="default: the model's dataset (model.json)")
+  parser.add_argument("--split", help="default: the dataset's training split")
+  parser.add_argument("--detector", default=detect.DEFAULT_DETECTOR, choices=sorted(detect.DETECTORS))
+  parser.add_argument("--max_images", type=int, help="fit on this many evenly spaced images")
+  args = parser.parse_args(argv)
+  model_dir = resolve_model_dir(args.workdir, args.model, args.checkpoint)
+  box_map, stats = fit_box_map_for_model(model_dir, detector_name=args.detector, dataset=args.dataset,
+                                         split=args.split, data_dir=args.data_dir,
+                                         max_images=args.max_images)
+  print(json.dumps({"box_map": box_map.to_json(), "fit": stats,
+                    "written": os.path.join(model_dir, detect.BOX_MAP_JSON)}, indent=1))
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] == "fit-box-map":
+    return _fit_main(argv[1:])
+  parser = argparse.ArgumentParser(
+      prog="python -m kd_landmarks.predict",
+      description="Facial landmarks on photos with a trained student (see also: fit-box-map).")
+  parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+  parser.add_argument("--workdir")
+  parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory name inside the workdir")
+  parser.add_argument("--checkpoint", help="a model directory (overrides WORKDIR/MODEL)")
+  parser.add_argument("--out", default="predictions")
+  parser.add_argument("--detector", default=detect.DEFAULT_DETECTOR, choices=sorted(detect.DETECTORS))
+  args = parser.parse_args(argv)
+  model_dir = resolve_model_dir(args.workdir, args.model, args.checkpoint)
+  predictor = load_predictor(model_dir, args.detector)
+  if not predictor.box_map.fitted:
+    print(f"note: no box map fitted for {args.detector} in {model_dir}; using the {predictor.box_map.source}."
+          " Run `python -m kd_landmarks.predict fit-box-map` for accurate crops.", file=sys.stderr)
+  summary = predict_files(predictor, args.inputs, args.out)
+  counts = summary["counts"]
+  print(f"{counts['ok']} image(s) with faces, {counts['no_face']} without a face, {counts['error']} "
+        f"unreadable, {counts['skipped']} skipped -> {os.path.join(args.out, 'summary.json')}")
+  for record in summary["images"]:
+    if record["status"] in ("error", "no_face"):
+      print(f"  {record['status']}: {record['image']}" + (f" ({record['reason']})" if "reason" in record
+                                                          else ""))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,208 @@
+"""predict.py and detect.py: geometry worked by hand, the learned box map, and the CLI on real photos."""
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from kd_landmarks import coords
+from kd_landmarks import detect
+from kd_landmarks import predict
+from kd_landmarks.datasets import readers
+import predict_fixtures
+
+
+class _ConstantModel:
+  """Stands in for a student: always predicts the same normalised landmarks (no parameters)."""
+
+  def __init__(self, points_normalized):
+    self.points = jnp.asarray(points_normalized, dtype=jnp.float32)
+
+  def apply(self, variables, images, train=False):
+    del variables, train
+    return jnp.broadcast_to(self.points, (images.shape[0],) + self.points.shape)
+
+
+class _FixedDetector:
+  name = "fixed"
+
+  def __init__(self, detections):
+    self.detections = detections
+
+  def detect(self, image):
+    del image
+    return list(self.detections)
+
+
+def _meta(image_size, num_landmarks):
+  return {"model": "constant", "num_landmarks": num_landmarks, "image_size": image_size,
+          "dataset": "300w", "overrides": {}, "dtype": "float32"}
+
+
+def test_landmarks_to_image_matches_closed_form():
+  # A crop of side S covering the box (cx, cy, side * scale): normalised n maps to cx + n * side * scale
+  # (the crop spans [-0.5, 0.5] of the scaled box), independent of S.
+  cx, cy, side, scale, size = 140.25, 77.5, 93.0, 1.05, 224
+  normalized = np.array([[0.0, 0.0], [0.5, -0.5], [-0.25, 0.125], [0.31, 0.07]])
+  _, crop_to_image = predict.crop_for_landmark_box(np.zeros((300, 300, 3), np.uint8), (cx, cy, side),
+                                                   image_size=size, box_scale=scale)
+  mapped = predict.landmarks_to_image(normalized, crop_to_image, size)
+  expected = np.array([cx, cy]) + normalized * side * scale
+  np.testing.assert_allclose(mapped, expected, atol=0.01)
+
+
+def test_crop_samples_the_image_where_the_affine_says():
+  # On a linear ramp, any interpolation (and PIL's antialiasing filter) returns the ramp's value at the
+  # sampled point, so each crop pixel must hold image_value(crop_to_image(pixel)).
+  height, width = 120, 160
+  ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+  image = np.stack([xs * 1.5, ys * 2.0, 0 * xs + 100], axis=-1).astype(np.uint8)
+  crop, crop_to_image = predict.crop_for_landmark_box(image, (80.0, 60.0, 40.0), image_size=32,
+                                                      box_scale=1.05)
+  grid = np.stack(np.meshgrid(np.arange(32.0), np.arange(32.0)), axis=-1).reshape(-1, 2)
+  where = coords.apply_affine(crop_to_image, grid)
+  np.testing.assert_allclose(crop[..., 0].reshape(-1) * 255, where[:, 0] * 1.5, atol=1.0)
+  np.testing.assert_allclose(crop[..., 1].reshape(-1) * 255, where[:, 1] * 2.0, atol=1.0)
+
+
+def test_predictor_maps_crop_centre_to_box_from_detector():
+  # Detector box (x0, y0, x1, y1) = (40, 50, 140, 150): centre (90, 100), width 100. Box map
+  # (offset 0.1, 0.2, scale 1.2) -> landmark box (100, 120, 120); with the 1.05 crop margin a
+  # prediction n lands at (100, 120) + n * 126.
+  points = np.array([[0.0, 0.0], [0.5, 0.5], [-0.5, 0.25]])
+  predictor = predict.LandmarkPredictor(
+      _ConstantModel(points), {}, _meta(32, 3),
+      detector=_FixedDetector([detect.Detection((40.0, 50.0, 140.0, 150.0), 1.5)]),
+      box_map=detect.BoxMap(0.1, 0.2, 1.2, source="test"), box_scale=1.05)
+  faces = predictor.predict(np.zeros((240, 200, 3), np.uint8))
+  assert len(faces) == 1
+  np.testing.assert_allclose(faces[0].crop_box, (100.0, 120.0, 120.0), atol=1e-9)
+  np.testing.assert_allclose(faces[0].landmarks, np.array([100.0, 120.0]) + points * 126.0, atol=0.01)
+
+
+def test_box_map_fit_recovers_a_known_map():
+  rng = np.random.default_rng(0)
+  det = np.stack([rng.uniform(50, 500, 40), rng.uniform(50, 500, 40), rng.uniform(30, 300, 40)], -1)
+  truth = detect.BoxMap(-0.03, 0.11, 1.17, source="truth")
+  fitted = detect.fit_box_map_from_pairs(det, truth(det), source="fit")
+  assert (fitted.offset_x, fitted.offset_y, fitted.side_scale) == pytest.approx((-0.03, 0.11, 1.17))
+  np.testing.assert_allclose(fitted.residual_std, 0.0, atol=1e-12)
+  assert fitted.num_faces == 40 and fitted.fitted
+
+
+def test_fit_box_map_pairs_detections_with_their_own_face():
+  # Two faces per image; the detector also returns a decoy far away. The fit must use, for each
+  # annotated face, the detection on that face: det box = landmark box shrunk by 0.8 and raised by 0.1 side.
+  rng = np.random.default_rng(1)
+  examples = []
+  for _ in range(6):
+    landmarks = rng.uniform(0, 1, (68, 2)) * rng.uniform(40, 90) + rng.uniform(10, 60, 2)
+    cx, cy, side = coords.square_box_from_landmarks(landmarks)
+    w = 0.8 * side
+    dcx, dcy = cx, cy - 0.1 * side
+    face = detect.Detection((dcx - w / 2, dcy - w / 2, dcx + w / 2, dcy + w / 2), 1.0)
+    decoy = detect.Detection((400.0, 400.0, 450.0, 450.0), 3.0)
+    examples.append({"image": np.zeros((8, 8, 3), np.uint8), "landmarks": landmarks,
+                     "detections": [decoy, face]})
+
+  class _PerExampleDetector:
+    name = "per_example"
+
+    def __init__(self):
+      self.calls = iter(examples)
+
+    def detect(self, image):
+      return next(self.calls)["detections"]
+
+  box_map, stats = detect.fit_box_map(_PerExampleDetector(), examples, source="test", progress=False)
+  assert stats["matched"] == 6 and stats["missed"] == 0
+  # landmark centre = det centre + 0.1 side = det centre + 0.125 det width; side = 1.25 det width.
+  assert (box_map.offset_x, box_map.offset_y, box_map.side_scale) == pytest.approx((0.0, 0.125, 1.25))
+
+
+def test_box_map_json_round_trip_and_default(tmp_path):
+  assert not detect.load_box_map(str(tmp_path), "dlib_hog").fitted
+  fitted = detect.BoxMap(0.01, 0.09, 1.1, source="fitted on 300w/train", num_faces=12,
+                         residual_std=(0.01, 0.02, 0.03))
+  detect.save_box_map(str(tmp_path), "dlib_hog", fitted)
+  detect.save_box_map(str(tmp_path), "dlib_cnn", detect.BoxMap(0, 0.2, 1.0, source="fitted on x"))
+  assert detect.load_box_map(str(tmp_path), "dlib_hog") == fitted
+  (tmp_path / detect.BOX_MAP_JSON).write_text('{"dlib_hog": {"offset_x": 1}}')
+  with pytest.raises(ValueError, match="fit-box-map"):
+    detect.load_box_map(str(tmp_path), "dlib_hog")
+
+
+def test_dlib_hog_finds_the_real_face_near_its_landmarks():
+  image = np.asarray(Image.open(predict_fixtures.TAKEO_DIR / "takeo.ppm").convert("RGB"))
+  landmarks = readers.read_pts(predict_fixtures.TAKEO_DIR / "takeo.pts")
+  detections = detect.get_detector("dlib_hog").detect(image)
+  assert len(detections) == 1
+  match = detect.match_detection(detections, landmarks, min_iou=0.5)
+  assert match is not None and match.score > 0
+  # The default map must put the crop on the face: its box within 10% of the landmark box.
+  mapped = detect.DEFAULT_BOX_MAPS["dlib_hog"](match.centre_width)
+  truth = coords.square_box_from_landmarks(landmarks)
+  assert np.all(np.abs(mapped - truth) < 0.1 * truth[2])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  return predict_fixtures.write_model_dir(tmp_path_factory.mktemp("run") / "student_kd")
+
+
+def test_cli_on_the_real_photo_writes_json_and_overlay(model_dir, tmp_path):
+  out = tmp_path / "out"
+  assert predict.main(["--checkpoint", model_dir, str(predict_fixtures.TAKEO_DIR / "takeo.ppm"),
+                       "--out", str(out)]) == 0
+  result = json.loads((out / "takeo.json").read_text())
+  assert (result["width"], result["height"]) == (150, 225)
+  assert result["box_map"]["fitted"] is False and result["box_map"]["source"].startswith("default")
+  (face,) = result["faces"]
+  assert len(face["landmarks"]) == 68 and np.isfinite(face["landmarks"]).all()
+  landmarks = readers.read_pts(predict_fixtures.TAKEO_DIR / "takeo.pts")
+  assert detect.box_iou(face["box"], _square(coords.square_box_from_landmarks(landmarks))) > 0.5
+  with Image.open(out / "takeo.png") as overlay:
+    assert overlay.size == (150, 225)
+
+
+def test_cli_on_a_folder_reports_bad_and_faceless_files(model_dir, tmp_path):
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  shutil.copy(predict_fixtures.TAKEO_DIR / "takeo.ppm", folder / "takeo.ppm")
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+  Image.fromarray(np.full((120, 90, 3), 128, np.uint8)).save(folder / "blank.png")
+  (folder / "notes.txt").write_text("not an image")
+  out = tmp_path / "out"
+  assert predict.main(["--checkpoint", model_dir, str(folder), "--out", str(out)]) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["counts"] == {"ok": 1, "no_face": 1, "error": 1, "skipped": 1}
+  status = {os.path.basename(r["image"]): r for r in summary["images"]}
+  assert status["broken.jpg"]["status"] == "error" and "cannot decode" in status["broken.jpg"]["reason"]
+  assert status["blank.png"]["status"] == "no_face"
+  assert json.loads((out / "blank.json").read_text())["faces"] == []
+  assert (out / "blank.png").exists() and (out / "takeo.png").exists()
+
+
+def test_cli_uses_a_fitted_box_map(model_dir, tmp_path):
+  # A map stored in the model dir replaces the default, and the crop box follows it exactly.
+  local_dir = tmp_path / "model"
+  shutil.copytree(model_dir, local_dir)
+  box_map = detect.BoxMap(0.0, 0.5, 2.0, source="fitted on test/train", num_faces=3)
+  detect.save_box_map(str(local_dir), "dlib_hog", box_map)
+  out = tmp_path / "out"
+  predict.main(["--checkpoint", str(local_dir), str(predict_fixtures.TAKEO_DIR / "takeo.ppm"),
+                "--out", str(out)])
+  result = json.loads((out / "takeo.json").read_text())
+  assert result["box_map"]["fitted"] is True
+  (face,) = result["faces"]
+  x0, y0, x1, y1 = face["box"]
+  np.testing.assert_allclose(face["crop_box"], [(x0 + x1) / 2, (y0 + y1) / 2 + 0.5 * (x1 - x0),
+                                                2.0 * (x1 - x0)], atol=2e-3)
+
+
+def _square(box):
+  cx, cy, side = box
+  return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
