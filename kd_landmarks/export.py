@@ -1,0 +1,232 @@
+"""Export a trained student, with its preprocessing, for runtimes without JAX (paper Section 4.6, Table 6).
+
+Usage::
+
+  python -m kd_landmarks.export --workdir RUN [--model student_kd] [--checkpoint MODEL_DIR] \
+      --format onnx [--quantize] [--out DIR] [--data_dir DATA]
+
+The exported graph takes what a camera gives: the face crop as RGB **uint8** ``[B, S, S, 3]`` (NHWC,
+S = ``image_size`` of model.json, cut as in :func:`kd_landmarks.predict.crop_for_landmark_box`) and returns
+``landmarks`` float32 ``[B, K, 2]`` in normalised crop coordinates (``px = (n + 0.5) * S - 0.5``). The
+division by 255 and the model's own input normalisation are inside the graph.
+
+Formats:
+  * ``onnx``: float32 via jax2onnx (``<model>.onnx``); with ``--quantize`` also a statically quantised int8
+    QDQ model (``<model>.int8.onnx``, onnxruntime.quantization, per-channel weights, activations calibrated
+    on face crops: the training split when ``--data_dir`` is given, else the real fixture photo).
+  * TFLite/LiteRT: no converter route works here without TensorFlow (jax2tf and ai-edge-torch need it; the
+    ``ai-edge-litert`` package is an interpreter only), so it is not offered. Convert the ONNX file with
+    a TensorFlow-based tool (e.g. onnx2tf) on a machine that has TensorFlow.
+
+Every export is checked: the float32 ONNX output must match JAX within ``FP32_TOLERANCE`` on the check
+images, or the export fails; the quantised model's error is measured and written to ``export.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import types
+from typing import Sequence
+
+import numpy as np
+
+from kd_landmarks import coords
+
+# Max |ONNX - JAX| in normalised coordinates (1e-4 = 0.02 px of a 224 px crop).
+FP32_TOLERANCE = 1e-4
+INPUT_NAME = "image"
+OUTPUT_NAME = "landmarks"
+# The paper's MobileNetV2 student file size (Table 6).
+PAPER_MODEL_SIZE_MB = 3.2
+FIXTURE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
+                           "takeo")
+
+
+def serving_function(module, variables):
+  """uint8 RGB crops ``[B, S, S, 3]`` -> normalised landmarks ``[B, K, 2]``: the function exported."""
+  import jax.numpy as jnp
+
+  # The lax depthwise convolution maps to ONNX's native grouped Conv; the CPU-oriented shifted-slice
+  # implementations would export as dozens of Slice/Mul nodes. Same parameters, same mathematics.
+  if "depthwise_impl" in getattr(module, "__dataclass_fields__", {}):
+    module = module.clone(depthwise_impl="lax")
+
+  def serve(images_uint8):
+    return module.apply(variables, images_uint8.astype(jnp.float32) / 255.0, train=False)
+
+  return serve
+
+
+def to_onnx_model(module, variables, image_size: int, *, model_name: str = "kd_landmarks_student"):
+  """Traces the serving function with jax2onnx; returns an ``onnx.ModelProto`` with a dynamic batch."""
+  from jax2onnx import to_onnx
+
+  # jax2onnx takes any object with .shape/.dtype; a string dimension makes the batch dynamic.
+  spec = types.SimpleNamespace(shape=("B", int(image_size), int(image_size), 3), dtype=np.uint8)
+  proto = to_onnx(serving_function(module, variables), [spec], model_name=model_name,
+                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+  # jax2onnx 0.17 annotates some intermediate values with NHWC shapes where its graph holds NCHW; ONNX
+  # Runtime then warns on every load and its quantiser's shape inference fails. The annotations are
+  # optional (ONNX Runtime infers shapes itself), so drop them.
+  del proto.graph.value_info[:]
+  return proto
+
+
+def ort_session(path: str, *, threads: int = 1):
+  """An ONNX Runtime CPU session (``threads`` intra-op threads; errors only in the log)."""
+  import onnxruntime as ort
+
+  options = ort.SessionOptions()
+  options.intra_op_num_threads = threads
+  options.inter_op_num_threads = 1
+  options.log_severity_level = 3
+  return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, images_uint8) -> np.ndarray:
+  return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images_uint8, dtype=np.uint8)})[0]
+
+
+def quantize_static_int8(float_path: str, int8_path: str, calibration_images: np.ndarray) -> str:
+  """int8 QDQ quantisation: per-channel symmetric weights, activation ranges calibrated (MinMax) on
+  ``calibration_images`` (uint8 ``[N, S, S, 3]``), which should be real face crops."""
+  from onnxruntime import quantization as q
+
+  class _Reader(q.CalibrationDataReader):
+
+    def __init__(self, images):
+      self._batches = iter([{INPUT_NAME: image[None]} for image in images])
+
+    def get_next(self):
+      return next(self._batches, None)
+
+  q.quantize_static(float_path, int8_path, _Reader(np.asarray(calibration_images, dtype=np.uint8)),
+                    quant_format=q.QuantFormat.QDQ, per_channel=True, activation_type=q.QuantType.QUInt8,
+                    weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
+  return int8_path
+
+
+def fixture_crops(image_size: int, *, count: int = 16, seed: int = 0) -> np.ndarray:
+  """Face crops of the real fixture photo (takeo) around its annotated landmark box, with the small
+  shifts and scalings a detector box brings (so calibration sees more than one framing)."""
+  from kd_landmarks import predict
+  from kd_landmarks.datasets import images as image_io
+  from kd_landmarks.datasets import readers
+
+  image = image_io.read_image(os.path.join(FIXTURE_DIR, "takeo.ppm"))
+  landmarks = readers.read_pts(os.path.join(FIXTURE_DIR, "takeo.pts"))
+  cx, cy, side = coords.square_box_from_landmarks(landmarks)
+  rng = np.random.default_rng(seed)
+  crops = []
+  for index in range(count):
+    jitter = np.zeros(3) if index == 0 else rng.uniform(-0.05, 0.05, size=3)
+    box = (cx + jitter[0] * side, cy + jitter[1] * side, side * (1 + jitter[2]))
+    crop, _ = predict.crop_for_landmark_box(image, box, image_size=image_size,
+                                            box_scale=predict.eval_box_scale())
+    crops.append(np.round(crop * 255.0).astype(np.uint8))
+  return np.stack(crops)
+
+
+def dataset_crops(dataset: str, split: str, data_dir: str, image_size: int, *, count: int = 64):
+  """Evaluation crops of ``count`` evenly spaced stored examples of a prepared split."""
+  from kd_landmarks import datasets
+  from kd_landmarks import predict
+
+  source = datasets.load_split(dataset, split, data_dir)
+  crops = []
+  for index in np.unique(np.linspace(0, len(source) - 1, min(count, len(source))).round().astype(int)):
+    example = source[int(index)]
+    box = coords.square_box_from_landmarks(np.asarray(example["landmarks"]))
+    crop, _ = predict.crop_for_landmark_box(np.asarray(example["image"]), box, image_size=image_size,
+                                            box_scale=predict.eval_box_scale())
+    crops.append(np.round(crop * 255.0).astype(np.uint8))
+  return np.stack(crops)
+
+
+def export_onnx(module, variables, meta: dict, out_dir: str, *, quantize: bool = False,
+                check_images: np.ndarray | None = None, calibration_images: np.ndarray | None = None,
+                name: str = "student") -> dict:
+  """Writes ``out_dir/<name>.onnx`` (and ``<name>.int8.onnx``), checks them against JAX, and returns
+  (and writes to ``out_dir/export.json``) what was made: paths, sizes, max errors, export time."""
+  import jax
+
+  image_size = int(meta["image_size"])
+  os.makedirs(out_dir, exist_ok=True)
+  if check_images is None:
+    check_images = fixture_crops(image_size, count=4)
+  check_images = np.asarray(check_images, dtype=np.uint8)
+  expected = np.asarray(jax.jit(serving_function(module, variables))(check_images))
+
+  start = time.perf_counter()
+  proto = to_onnx_model(module, variables, image_size)
+  float_path = os.path.join(out_dir, f"{name}.onnx")
+  with open(float_path, "wb") as f:
+    f.write(proto.SerializeToString())
+  report = {"model": meta.get("model"), "num_landmarks": int(meta["num_landmarks"]),
+            "image_size": image_size, "checkpoint": meta.get("checkpoint"),
+            "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["B", image_size, image_size, 3],
+                      "layout": "NHWC RGB face crop"},
+            "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["B", int(meta["num_landmarks"]), 2],
+                       "units": "normalised crop coordinates: px = (n + 0.5) * image_size - 0.5"},
+            "export_seconds": round(time.perf_counter() - start, 1),
+            "check_images": int(len(check_images))}
+  error = float(np.abs(run_onnx(ort_session(float_path), check_images) - expected).max())
+  report["float32"] = {"path": float_path, "size_mb": round(os.path.getsize(float_path) / 1e6, 3),
+                       "max_abs_error_vs_jax": error}
+  if not error <= FP32_TOLERANCE:
+    raise RuntimeError(f"{float_path}: ONNX Runtime differs from JAX by {error:.3g} > {FP32_TOLERANCE} "
+                       "(normalised units); the export is wrong, do not ship it")
+  if quantize:
+    if calibration_images is None:
+      calibration_images = fixture_crops(image_size)
+    int8_path = quantize_static_int8(float_path, os.path.join(out_dir, f"{name}.int8.onnx"),
+                                     calibration_images)
+    int8_error = np.abs(run_onnx(ort_session(int8_path), check_images) - expected)
+    report["int8"] = {"path": int8_path, "size_mb": round(os.path.getsize(int8_path) / 1e6, 3),
+                      "paper_table6_size_mb": PAPER_MODEL_SIZE_MB,
+                      "calibration_images": int(len(calibration_images)),
+                      "max_abs_error_vs_jax": float(int8_error.max()),
+                      # In pixels of the crop: what the quantisation costs on the landmarks.
+                      "mean_px_error_vs_jax": float(
+                          np.linalg.norm(int8_error * image_size, axis=-1).mean())}
+  with open(os.path.join(out_dir, "export.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m kd_landmarks.export",
+                                   description="Export a trained student to ONNX (float32, int8).")
+  parser.add_argument("--workdir")
+  parser.add_argument("--model", default="student_kd")
+  parser.add_argument("--checkpoint", help="a model directory (overrides WORKDIR/MODEL)")
+  parser.add_argument("--format", default="onnx", choices=["onnx", "tflite"])
+  parser.add_argument("--quantize", action="store_true", help="also write a static int8 model")
+  parser.add_argument("--out", help="default: MODEL_DIR/export")
+  parser.add_argument("--data_dir", help="calibrate int8 on the model's training split from here")
+  parser.add_argument("--calibration_images", type=int, default=64)
+  args = parser.parse_args(argv)
+  if args.format == "tflite":
+    parser.error("TFLite export needs TensorFlow (jax2tf / ai-edge-torch), which kd_landmarks keeps out; "
+                 "export ONNX and convert it with onnx2tf on a machine with TensorFlow (docs/deploy.md)")
+  from kd_landmarks import checkpoint
+  from kd_landmarks import predict
+  from kd_landmarks.datasets import info
+
+  model_dir = predict.resolve_model_dir(args.workdir, args.model, args.checkpoint)
+  module, variables, meta = checkpoint.load_inference_variables(model_dir)
+  calibration = None
+  if args.quantize and args.data_dir:
+    calibration = dataset_crops(meta["dataset"], info.get_info(meta["dataset"]).train_split,
+                                args.data_dir, int(meta["image_size"]), count=args.calibration_images)
+  report = export_onnx(module, variables, meta, args.out or os.path.join(model_dir, "export"),
+                       quantize=args.quantize, calibration_images=calibration)
+  print(json.dumps(report, indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

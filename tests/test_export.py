@@ -1,0 +1,78 @@
+"""export.py: the ONNX student matches JAX, takes uint8 crops with a dynamic batch, and quantises to int8."""
+import json
+import os
+
+import jax
+import numpy as np
+import onnx
+import pytest
+
+from kd_landmarks import export
+import predict_fixtures
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  module, variables, meta = predict_fixtures.tiny_student()
+  out_dir = tmp_path_factory.mktemp("export")
+  report = export.export_onnx(module, variables, meta, str(out_dir), quantize=True)
+  return module, variables, meta, report
+
+
+def test_onnx_matches_the_model_on_float_input(exported):
+  # Independent of the export's serving function: the module applied to uint8 / 255 with the default
+  # (CPU) depthwise implementation, against the exported graph (lax depthwise, casts inside the graph).
+  module, variables, meta, report = exported
+  rng = np.random.default_rng(0)
+  images = np.concatenate([export.fixture_crops(meta["image_size"], count=2),
+                           rng.integers(0, 256, (3, meta["image_size"], meta["image_size"], 3))]
+                          ).astype(np.uint8)
+  expected = np.asarray(jax.jit(lambda x: module.apply(variables, x, train=False))(
+      images.astype(np.float32) / 255.0))
+  got = export.run_onnx(export.ort_session(report["float32"]["path"]), images)
+  assert got.shape == (5, 68, 2)  # a batch other than the traced one: the batch dimension is dynamic
+  np.testing.assert_allclose(got, expected, atol=export.FP32_TOLERANCE, rtol=0)
+  assert report["float32"]["max_abs_error_vs_jax"] <= export.FP32_TOLERANCE
+
+
+def test_onnx_interface_is_documented_one(exported):
+  _, _, meta, report = exported
+  model = onnx.load(report["float32"]["path"])
+  (graph_input,) = model.graph.input
+  (graph_output,) = model.graph.output
+  assert graph_input.name == export.INPUT_NAME and graph_output.name == export.OUTPUT_NAME
+  assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+  dims = [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+  assert dims[1:] == [meta["image_size"], meta["image_size"], 3] and isinstance(dims[0], str)
+
+
+def test_int8_model_stores_int8_weights_and_stays_close(exported):
+  _, _, meta, report = exported
+  model = onnx.load(report["int8"]["path"])
+  conv_weights = {node.input[1] for node in onnx.load(report["float32"]["path"]).graph.node
+                  if node.op_type == "Conv"}
+  int8_initializers = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+  # Every convolution's weights are stored as int8 (per-channel QDQ), none left in float.
+  assert len(int8_initializers) >= len(conv_weights) > 0
+  assert report["int8"]["size_mb"] < report["float32"]["size_mb"]
+  # Quantisation error, in crop pixels, small against the spread of the predictions themselves.
+  images = export.fixture_crops(meta["image_size"], count=4)
+  float_out = export.run_onnx(export.ort_session(report["float32"]["path"]), images)
+  int8_out = export.run_onnx(export.ort_session(report["int8"]["path"]), images)
+  error = np.abs(int8_out - float_out).mean()
+  spread = np.abs(float_out - float_out.mean(axis=1, keepdims=True)).mean()
+  assert error < 0.25 * spread
+
+
+def test_export_json_records_what_was_made(exported):
+  _, _, _, report = exported
+  with open(os.path.join(os.path.dirname(report["float32"]["path"]), "export.json")) as f:
+    written = json.load(f)
+  assert written["int8"]["paper_table6_size_mb"] == export.PAPER_MODEL_SIZE_MB
+  assert written["float32"]["size_mb"] == pytest.approx(
+      os.path.getsize(report["float32"]["path"]) / 1e6, abs=1e-3)
+
+
+def test_tflite_is_refused_with_the_reason():
+  with pytest.raises(SystemExit):
+    export.main(["--checkpoint", "unused", "--format", "tflite"])
