@@ -627,29 +627,28 @@ def plot_qualitative(rows_of_models: Sequence[tuple[str, SplitEval]], path: Path
       loaded = images[column]
       if loaded is not None:
         image, crop_to_original = loaded
-        to_crop = coords.invert_affine(crop_to_original)
-        points = coords.apply_affine(to_crop, pred.astype(np.float64))
+        points = coords.apply_affine(coords.invert_affine(crop_to_original), pred.astype(np.float64))
         height, width = image.shape[:2]
+        frame_lo, frame_hi = np.array([-0.5, -0.5]), np.array([width - 0.5, height - 0.5])
         ax.imshow(image, interpolation="bilinear")
+        ax.set_facecolor(OUTSIDE_CROP_COLOR)
       else:
+        # No image: original pixels, framed like the stored crop (the landmark box scaled by 1.5).
         cx, cy, side = coords.square_box_from_landmarks(gt, scale=1.5)
-        ax.set_facecolor((0.55, 0.55, 0.55))
         points = pred
-        width = height = side
-        ax.set_xlim(cx - side / 2, cx + side / 2)
-        ax.set_ylim(cy + side / 2, cy - side / 2)
+        frame_lo, frame_hi = np.array([cx - side / 2, cy - side / 2]), np.array([cx + side / 2, cy + side / 2])
+        ax.set_facecolor((0.55, 0.55, 0.55))
       # Dense layouts (98 points) get smaller dots so that neighbours stay apart.
       marker_area = float(np.clip(600.0 / len(pred), 4.0, 18.0))
       # A thin dark rim keeps green dots visible on green or bright backgrounds.
       ax.scatter(points[:, 0], points[:, 1], s=marker_area, c=colors, edgecolors=(0, 0, 0, 0.6),
                  linewidths=0.3)
-      if loaded is not None:
-        # Keep far-off failures visible instead of letting the crop's frame clip them.
-        lo = np.minimum(points.min(axis=0), [-0.5, -0.5])
-        hi = np.maximum(points.max(axis=0), [width - 0.5, height - 0.5])
-        ax.set_xlim(lo[0], hi[0])
-        ax.set_ylim(hi[1], lo[1])
-        ax.set_facecolor(OUTSIDE_CROP_COLOR)
+      # Keep far-off failures visible instead of letting the frame clip them.
+      margin = 0.03 * (frame_hi - frame_lo)
+      lo = np.minimum(points.min(axis=0) - margin, frame_lo)
+      hi = np.maximum(points.max(axis=0) + margin, frame_hi)
+      ax.set_xlim(lo[0], hi[0])
+      ax.set_ylim(hi[1], lo[1])
       ax.set_title(f"{group}: NME {100 * result.nmes[model_row]:.2f}%", fontsize=8)
   figure.suptitle(title, fontsize=10)
   figure.tight_layout()
