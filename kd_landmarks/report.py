@@ -73,6 +73,9 @@ _SPLIT_TITLES = {
     "test_blur": "Blur",
 }
 
+# The training's default data directory inside a workdir (train.data_dir_of with no config.data_dir).
+DEFAULT_DATA_SUBDIR = "data"
+
 # Colours of the qualitative figures: landmark within / beyond the failure threshold.
 GOOD_COLOR = (0.0, 0.85, 0.0)
 BAD_COLOR = (1.0, 0.0, 0.0)
@@ -680,7 +683,8 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
   Args:
     workdir: the training workdir (``DIR/<model_dir>/{model.json, eval/metrics.json, eval/<split>.npz}``).
     dataset: which dataset to report; by default the one in the models' ``model.json`` (must agree).
-    data_dir: where the prepared dataset lives, for the images of the qualitative figures.
+    data_dir: where the prepared dataset lives, for the images of the qualitative figures; default
+      ``DIR/data`` when it exists (where training prepares the synthetic data).
     get_image: ``(split, index) -> example``: a stored example (mapping with ``image`` and
       ``crop_to_original``), an ``(image, crop_to_original)`` pair, or an image in original pixels. Default:
       the stored dataset via ``kd_landmarks.datasets.load_split`` when ``data_dir`` is given.
@@ -703,8 +707,10 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
     if not results[model.dir_name]:
       warnings.append(f"{model.dir_name}: no eval/metrics.json or eval/*.npz; run the eval phase")
 
+  if get_image is None and data_dir is None and (workdir / DEFAULT_DATA_SUBDIR).is_dir():
+    data_dir = workdir / DEFAULT_DATA_SUBDIR  # where training keeps the data when config.data_dir is unset
   if get_image is None and data_dir is not None:
-    get_image = _default_get_image(dataset, data_dir)
+    get_image = _default_get_image(dataset, str(data_dir))
   figures_dir = workdir / "figures"
   figure_lines = []
   image_errors: list[str] = []
@@ -756,6 +762,8 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
               "0.1 (the rule of the paper's captions).", ""] + figure_lines
     if get_image is None:
       lines += ["No images were available (pass data_dir or get_image): landmarks are drawn on grey.", ""]
+    elif data_dir is not None:
+      lines += [f"Images: the stored crops of `{data_dir}`.", ""]
   if image_errors:
     warnings.append(f"{len(image_errors)} images could not be read and are drawn on grey; first: "
                     f"{image_errors[0]}")

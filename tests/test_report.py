@@ -476,3 +476,28 @@ def test_ablation_and_loss_layouts_on_a_dataset_the_paper_did_not_ablate(tmp_pat
   assert "mnv2_Tou" not in nme  # not trained: no column
   losses = parse_table(text, "### Loss comparison in the layout of Table 8")
   assert row_of(losses, Method="mnv2 (L1)")["Test set"] == "5.00"
+
+
+def test_images_come_from_the_prepared_dataset_in_the_workdir(tmp_path):
+  """End to end with the tfds builder: DIR/data is found, crops are read and ids are checked."""
+  from kd_landmarks.datasets import builder
+  from kd_landmarks.datasets import load_split
+  builder.prepare("synthetic", data_dir=tmp_path / "data", show_progress=False, num_workers=1,
+                  synthetic_options={"num_train": 2, "num_test": 6, "image_size": 64})
+  source = load_split("synthetic", "test", tmp_path / "data")
+  examples = [source[i] for i in range(len(source))]
+  gt = np.stack([e["landmarks_original"] for e in examples]).astype(np.float64)
+  model_dir = write_model(tmp_path, "student_kd", dataset="synthetic", role="student", loss="kd",
+                          splits={"test": (gt, gt)})
+  # The evaluate step's ids are the stored ones.
+  with np.load(model_dir / "eval" / "test.npz") as data:
+    arrays = dict(data)
+  arrays["image_id"] = np.array([str(e["image_id"]) for e in examples])
+  np.savez(model_dir / "eval" / "test.npz", **arrays)
+  text = report.build_report(tmp_path).read_text()
+  assert "Images: the stored crops of" in text and "## Warnings" not in text
+  qualitative = png_pixels(tmp_path / "figures" / "qualitative_test.png")
+  assert count_color(qualitative, GREEN) > 50 and count_color(qualitative, RED, tolerance=60) == 0
+  # Photos, not the flat grey drawn without images: tens of thousands of distinct colours (a grey-only
+  # figure of the same layout has a few thousand, from anti-aliased dots and text).
+  assert len(np.unique(qualitative.reshape(-1, 3), axis=0)) > 20000
