@@ -501,3 +501,25 @@ def test_images_come_from_the_prepared_dataset_in_the_workdir(tmp_path):
   # Photos, not the flat grey drawn without images: tens of thousands of distinct colours (a grey-only
   # figure of the same layout has a few thousand, from anti-aliased dots and text).
   assert len(np.unique(qualitative.reshape(-1, 3), axis=0)) > 20000
+
+
+def test_agrees_with_what_the_evaluate_step_writes(tmp_path):
+  """metrics.json as kd_landmarks.evaluate writes it (WFLW subsets by attribute) matches our npz recompute."""
+  evaluate = pytest.importorskip("kd_landmarks.evaluate")
+  rng = np.random.default_rng(3)
+  gt = make_faces("wflw", 10)
+  pred = gt + rng.normal(scale=6.0, size=gt.shape)
+  attributes = (rng.uniform(size=(10, 6)) < 0.4).astype(np.int32)
+  stored = {"test": evaluate.split_metrics(pred, gt, dataset="wflw")}
+  for column, name in enumerate(evaluate.WFLW_ATTRIBUTES):
+    mask = attributes[:, column] > 0
+    if mask.any():
+      stored[f"test_{name}"] = evaluate.split_metrics(pred[mask], gt[mask], dataset="wflw")
+  write_model(tmp_path, "student_kd", dataset="wflw", role="student", loss="kd",
+              splits={"test": (pred, gt, attributes)}, metrics_json=stored)
+  text = report.build_report(tmp_path).read_text()
+  assert "## Warnings" not in text
+  rows = parse_table(text, "### Table 4")
+  nme = row_of(rows, Metric="NME (%)", Method="mnv2_KD")
+  for split, values in stored.items():
+    assert nme[report._SPLIT_TITLES[split]] == f"{100 * values['nme']:.2f}"
