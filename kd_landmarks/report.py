@@ -94,6 +94,7 @@ class ModelEntry:
   role: str
   loss: str | None
   dataset: str
+  loss_variant: str | None = None  # KD-Loss constants: 'paper' or 'author_code'
 
 
 @dataclasses.dataclass
@@ -132,7 +133,8 @@ def find_models(workdir: Path) -> list[ModelEntry]:
     except json.JSONDecodeError as e:
       raise ValueError(f"{model_json}: not valid JSON ({e}); re-run the evaluate phase") from None
     dir_name = model_json.parent.name
-    role = meta.get("role") or _role_from_dir(dir_name)
+    # Training writes the phase that trained the model ('teacher_tough', 'teacher_tolerant', 'student').
+    role = meta.get("role") or meta.get("phase") or _role_from_dir(dir_name)
     loss = meta.get("loss")
     if role == "student" and loss is None and dir_name.startswith("student_"):
       loss = dir_name[len("student_"):]
@@ -141,15 +143,15 @@ def find_models(workdir: Path) -> list[ModelEntry]:
     elif role == "student":
       method = _LOSS_TO_METHOD.get(loss, f"student_{loss}")
     else:
-      raise ValueError(f"{model_json}: field 'role' is {role!r}; expected 'teacher_tough', "
-                       "'teacher_tolerant' or 'student'")
+      raise ValueError(f"{model_json}: field 'role' (or 'phase') is {role!r}; expected 'teacher_tough', "
+                       "'teacher_tolerant' or 'student' (or name the directory so)")
     for field in ("model", "dataset"):
       if field not in meta:
         raise ValueError(f"{model_json}: missing field {field!r}; the evaluate step writes it")
     entries.append(ModelEntry(
         dir_name=dir_name, path=model_json.parent, method=method,
         label=_METHOD_LABELS.get(method, f"student ({loss})"), network=str(meta["model"]),
-        role=role, loss=loss, dataset=str(meta["dataset"]).lower()))
+        role=role, loss=loss, loss_variant=meta.get("loss_variant"), dataset=str(meta["dataset"]).lower()))
   if not entries:
     raise FileNotFoundError(
         f"no trained model directories (DIR/<model_dir>/model.json) under {workdir}; train and evaluate "
@@ -746,7 +748,8 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
   lines += ["", "## Models", ""]
   lines += _markdown_table(
       ["Method", "Directory", "Network", "Role", "Loss", "Splits"],
-      [[m.label, m.dir_name, m.network, m.role, m.loss or "—",
+      [[m.label, m.dir_name, m.network, m.role,
+        (m.loss or "—") + (f" ({m.loss_variant})" if m.loss_variant and m.role == "student" else ""),
         ", ".join(_ordered_splits(results[m.dir_name], dataset)) or "—"] for m in models])
   lines += _kd_vs_l2_lines(tables, test_splits)
   paper_lines = _paper_tables(tables, test_splits)

@@ -523,3 +523,20 @@ def test_agrees_with_what_the_evaluate_step_writes(tmp_path):
   nme = row_of(rows, Metric="NME (%)", Method="mnv2_KD")
   for split, values in stored.items():
     assert nme[report._SPLIT_TITLES[split]] == f"{100 * values['nme']:.2f}"
+
+
+def test_model_json_as_training_writes_it(tmp_path):
+  """Training records the phase (not a 'role') and loss 'l2' for teachers; the variant is shown."""
+  gt = make_faces("synthetic", 3)
+  for dir_name, phase, loss in (("teacher_tough", "teacher_tough", "l2"),
+                                ("teacher_tolerant", "teacher_tolerant", "l2"), ("student_kd", "student", "kd")):
+    model_dir = write_model(tmp_path, dir_name, dataset="synthetic", role=None, loss=loss,
+                            splits={"test": (gt, gt)})
+    meta = json.loads((model_dir / "model.json").read_text())
+    del meta["role"]
+    meta.update(phase=phase, loss_variant="author_code")
+    (model_dir / "model.json").write_text(json.dumps(meta))
+  rows = parse_table(report.build_report(tmp_path).read_text(), "## Models")
+  assert [r["Method"] for r in rows] == ["mnv2_KD", "efn (Tough teacher)", "efn (Tolerant teacher)"]
+  assert row_of(rows, Directory="student_kd")["Loss"] == "kd (author_code)"
+  assert row_of(rows, Directory="teacher_tough")["Loss"] == "l2"
