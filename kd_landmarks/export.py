@@ -72,7 +72,48 @@ def to_onnx_model(module, variables, image_size: int, *, model_name: str = "kd_l
   # Runtime then warns on every load and its quantiser's shape inference fails. The annotations are
   # optional (ONNX Runtime infers shapes itself), so drop them.
   del proto.graph.value_info[:]
+  relu6_as_clip(proto)
   return proto
+
+
+def relu6_as_clip(model) -> int:
+  """Rewrites ReLU6 exported as ``Min(Max(x, 0), 6)`` into ``Clip(x, 0, 6)``, in place; returns the count.
+
+  Same values, but ONNX Runtime fuses a Conv followed by Clip into one kernel and does not fuse the
+  Max/Min pair: 1.6x faster for MobileNetV2 at batch 1 (24 ms vs 40 ms, untrained, one thread of the
+  shared 2-core CPU), and the int8 quantiser then sees Conv+Clip, which it also fuses.
+  """
+  from onnx import helper
+  from onnx import numpy_helper
+
+  graph = model.graph
+  constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+  consumers: dict[str, list] = {}
+  for node in graph.node:
+    for name in node.input:
+      consumers.setdefault(name, []).append(node)
+
+  def is_scalar(name, value):
+    return name in constants and constants[name].size == 1 and float(constants[name].reshape(())) == value
+
+  rewritten, dropped, nodes = 0, set(), []
+  for node in graph.node:
+    if id(node) in dropped:
+      continue
+    users = consumers.get(node.output[0], []) if node.output else []
+    if (node.op_type == "Max" and len(node.input) == 2 and is_scalar(node.input[1], 0.0) and
+        len(users) == 1 and users[0].op_type == "Min" and list(users[0].input[:1]) == [node.output[0]] and
+        is_scalar(users[0].input[1], 6.0) and node.output[0] not in {o.name for o in graph.output}):
+      minimum = users[0]
+      nodes.append(helper.make_node("Clip", [node.input[0], node.input[1], minimum.input[1]],
+                                    [minimum.output[0]], name=f"{node.name}_relu6"))
+      dropped.add(id(minimum))
+      rewritten += 1
+    else:
+      nodes.append(node)
+  del graph.node[:]
+  graph.node.extend(nodes)
+  return rewritten
 
 
 def ort_session(path: str, *, threads: int = 1):
@@ -103,9 +144,21 @@ def quantize_static_int8(float_path: str, int8_path: str, calibration_images: np
     def get_next(self):
       return next(self._batches, None)
 
-  q.quantize_static(float_path, int8_path, _Reader(np.asarray(calibration_images, dtype=np.uint8)),
-                    quant_format=q.QuantFormat.QDQ, per_channel=True, activation_type=q.QuantType.QUInt8,
-                    weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
+  # Fold batch norm into the convolutions first (ONNX Runtime's recommended pre-processing): otherwise
+  # each BatchNormalization gets its own quantise/dequantise pair, which costs accuracy and makes the
+  # int8 model slower than the float one (untrained full MobileNetV2, 1 thread of the shared 2-core CPU:
+  # 98 ms int8 vs 60 ms float; folded: 55 ms).
+  from onnxruntime.quantization import shape_inference
+
+  prepared_path = int8_path + ".prepared.onnx"
+  shape_inference.quant_pre_process(float_path, prepared_path, skip_symbolic_shape=True)
+  try:
+    q.quantize_static(prepared_path, int8_path, _Reader(np.asarray(calibration_images, dtype=np.uint8)),
+                      quant_format=q.QuantFormat.QDQ, per_channel=True,
+                      activation_type=q.QuantType.QUInt8,
+                      weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
+  finally:
+    os.remove(prepared_path)
   return int8_path
 
 

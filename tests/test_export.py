@@ -44,6 +44,9 @@ def test_onnx_interface_is_documented_one(exported):
   assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
   dims = [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim]
   assert dims[1:] == [meta["image_size"], meta["image_size"], 3] and isinstance(dims[0], str)
+  # Every ReLU6 became a Clip (which ONNX Runtime fuses into the preceding Conv); no Max/Min pair is left.
+  op_types = [node.op_type for node in model.graph.node]
+  assert op_types.count("Clip") > 0 and "Max" not in op_types and "Min" not in op_types
 
 
 def test_int8_model_stores_int8_weights_and_stays_close(exported):
