@@ -576,7 +576,9 @@ def _as_image(example) -> tuple[np.ndarray, np.ndarray]:
   if affine is None:
     affine = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
   if image.ndim == 2:
-    image = np.repeat(image[..., None], 3, axis=-1)
+    image = image[..., None]
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
   if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
     raise ValueError(f"get_image returned an image of shape {image.shape}; expected [H, W, 3]")
   return image, np.asarray(affine, dtype=np.float64)
@@ -641,7 +643,8 @@ def plot_qualitative(rows_of_models: Sequence[tuple[str, SplitEval]], path: Path
         # No image: original pixels, framed like the stored crop (the landmark box scaled by 1.5).
         cx, cy, side = coords.square_box_from_landmarks(gt, scale=1.5)
         points = pred
-        frame_lo, frame_hi = np.array([cx - side / 2, cy - side / 2]), np.array([cx + side / 2, cy + side / 2])
+        frame_lo = np.array([cx - side / 2, cy - side / 2])
+        frame_hi = np.array([cx + side / 2, cy + side / 2])
         ax.set_facecolor((0.55, 0.55, 0.55))
       # Dense layouts (98 points) get smaller dots so that neighbours stay apart.
       marker_area = float(np.clip(600.0 / len(pred), 4.0, 18.0))
@@ -663,7 +666,7 @@ def plot_qualitative(rows_of_models: Sequence[tuple[str, SplitEval]], path: Path
 
 
 def _default_get_image(dataset, data_dir):
-  """Reads crops from the stored dataset, checking that the row's image_id matches."""
+  """``get_image`` over the stored dataset (each split opened once); ids are checked by the caller."""
   from kd_landmarks import datasets  # imported lazily: tfds is slow to import
   sources = {}
 

@@ -529,7 +529,8 @@ def test_model_json_as_training_writes_it(tmp_path):
   """Training records the phase (not a 'role') and loss 'l2' for teachers; the variant is shown."""
   gt = make_faces("synthetic", 3)
   for dir_name, phase, loss in (("teacher_tough", "teacher_tough", "l2"),
-                                ("teacher_tolerant", "teacher_tolerant", "l2"), ("student_kd", "student", "kd")):
+                                ("teacher_tolerant", "teacher_tolerant", "l2"),
+                                ("student_kd", "student", "kd")):
     model_dir = write_model(tmp_path, dir_name, dataset="synthetic", role=None, loss=loss,
                             splits={"test": (gt, gt)})
     meta = json.loads((model_dir / "model.json").read_text())
