@@ -10,6 +10,7 @@ With ``--augment`` it also times the on-device augmentation's two bilinear sampl
 
   python benchmarks/input_pipeline.py --quick
   python benchmarks/input_pipeline.py --data_dir ~/kd_data --dataset synthetic --augment
+  python benchmarks/input_pipeline.py --augment_only --augment_batch_size 64   # e.g. on a GPU
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ import time
 
 import numpy as np
 from tqdm import tqdm
-
-from kd_landmarks import input_pipeline
 
 
 def synthetic_source(num_examples: int, image_size: int, num_landmarks: int = 68):
@@ -38,6 +37,7 @@ def synthetic_source(num_examples: int, image_size: int, num_landmarks: int = 68
 
 def numpy_loop_batches(source, *, global_batch_size, seed, keys):
   """The baseline: the same batch order, read and stacked one example at a time in this thread."""
+  from kd_landmarks import input_pipeline  # pylint: disable=g-import-not-at-top  (grain: host side only)
   for step in itertools.count():
     indices = input_pipeline.train_batch_indices(step, num_examples=len(source),
                                                  global_batch_size=global_batch_size, seed=seed)
@@ -54,6 +54,7 @@ def examples_per_second(batches, *, num_batches, batch_size, desc):
 
 
 def compare_pipelines(source, *, label, batch_size, num_batches, thread_counts):
+  from kd_landmarks import input_pipeline  # pylint: disable=g-import-not-at-top
   cores = os.cpu_count() or 1
   keys = ("image", "landmarks", "soft_landmarks", "index")
   baseline = examples_per_second(numpy_loop_batches(source, global_batch_size=batch_size, seed=0, keys=keys),
@@ -82,20 +83,24 @@ def compare_samplers(*, batch_size, stored_size, out_size, repeats):
   print(f"\n[augment on {jax.devices()[0].platform}] batch {batch_size}, {stored_size} px -> {out_size} px, "
         f"median of {repeats}")
   timings = {}
-  for sampler in ("map_coordinates", "gather"):
-    config = augment.AugmentConfig(sampler=sampler, photometric=False, noise=False)
+  variants = {"map_coordinates": augment.AugmentConfig(sampler="map_coordinates", photometric=False,
+                                                       noise=False),
+              "gather": augment.AugmentConfig(sampler="gather", photometric=False, noise=False),
+              "gather + photometric + noise": augment.AugmentConfig(sampler="gather")}
+  for name, config in variants.items():
     fn = jax.jit(lambda key, x, s, c=config: augment.augment(
         key, x, s, out_size=out_size, flip_permutation=flips.flip_permutation(68), config=c))
-    jax.block_until_ready(fn(jax.random.key(0), images, sets))  # compile
+    images_on_device, sets_on_device = jax.device_put((images, sets))
+    jax.block_until_ready(fn(jax.random.key(0), images_on_device, sets_on_device))  # compile
     runs = []
     for seed in range(repeats):
       start = time.perf_counter()
-      jax.block_until_ready(fn(jax.random.key(seed), images, sets))
+      jax.block_until_ready(fn(jax.random.key(seed), images_on_device, sets_on_device))
       runs.append(time.perf_counter() - start)
-    timings[sampler] = float(np.median(runs))
+    timings[name] = float(np.median(runs))
   base = timings["map_coordinates"]
-  for sampler, seconds in timings.items():
-    print(f"  {sampler:<28}{seconds * 1e3:>9.1f} ms/batch {batch_size / seconds:>9.0f} images/s "
+  for name, seconds in timings.items():
+    print(f"  {name:<30}{seconds * 1e3:>9.2f} ms/batch {batch_size / seconds:>9.0f} images/s "
           f"{base / seconds:>6.2f}x vs map_coordinates")
 
 
@@ -108,6 +113,8 @@ def main():
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--num_batches", type=int, default=50)
   parser.add_argument("--augment", action="store_true", help="also time the augmentation samplers")
+  parser.add_argument("--augment_only", action="store_true", help="only time the augmentation (no grain)")
+  parser.add_argument("--augment_batch_size", type=int, default=16)
   args = parser.parse_args()
 
   if args.quick:
@@ -116,6 +123,9 @@ def main():
   else:
     batch_size, num_batches, num_examples, image_size = args.batch_size, args.num_batches, 4096, 320
     thread_counts = (0, 2, 4, 8)
+  if args.augment_only:
+    compare_samplers(batch_size=args.augment_batch_size, stored_size=320, out_size=224, repeats=10)
+    return
   compare_pipelines(synthetic_source(num_examples, image_size), label=f"in-memory, {image_size} px",
                     batch_size=batch_size, num_batches=num_batches, thread_counts=thread_counts)
   if args.data_dir:
@@ -128,7 +138,7 @@ def main():
     if args.quick:
       compare_samplers(batch_size=2, stored_size=96, out_size=64, repeats=3)
     else:
-      compare_samplers(batch_size=16, stored_size=320, out_size=224, repeats=5)
+      compare_samplers(batch_size=args.augment_batch_size, stored_size=320, out_size=224, repeats=5)
 
 
 if __name__ == "__main__":

@@ -193,23 +193,44 @@ def warp_image(image_uint8, out_to_input, out_size, *, sampler="gather", fill_mo
 # Photometric jitter on one float image in [0, 1].
 
 
+def standard_normal(rng, shape):
+  """N(0, 1) samples by Box-Muller on both 16-bit halves of each random uint32.
+
+  Same distribution as ``jax.random.normal`` up to 16-bit resolution (tails cut at 4.7 sigma, which
+  pixel noise never needs) from half the random bits and no inverse erf: ~1.5x faster than
+  ``jax.random.normal`` on XLA CPU at 4 x 224 x 224 x 3, where the noise dominates the augmentation.
+  """
+  size = math.prod(shape)
+  bits = jax.random.bits(rng, ((size + 1) // 2,), jnp.uint32)
+  # (k + 0.5) / 2**16 lies in (0, 1): log never sees 0.
+  u1 = ((bits >> 16).astype(jnp.float32) + 0.5) * (1.0 / 65536.0)
+  u2 = ((bits & 0xFFFF).astype(jnp.float32) + 0.5) * (1.0 / 65536.0)
+  radius = jnp.sqrt(-2.0 * jnp.log(u1))
+  angle = (2.0 * math.pi) * u2
+  samples = jnp.concatenate([radius * jnp.cos(angle), radius * jnp.sin(angle)])
+  return samples[:size].reshape(shape)
+
+
 def _photometric(rng, image, config):
+  """Brightness, contrast, saturation and colour-gain jitter, then Gaussian noise (Section 4.3)."""
   brightness_key, contrast_key, saturation_key, gain_key, noise_key, std_key = jax.random.split(rng, 6)
   if config.photometric:
     def factor(key, delta, shape=()):
       return jax.random.uniform(key, shape, minval=1.0 - delta, maxval=1.0 + delta)
 
-    image = image + jax.random.uniform(brightness_key, (), minval=-config.max_brightness_delta,
-                                       maxval=config.max_brightness_delta)
-    mean = image.mean()
+    brightness = jax.random.uniform(brightness_key, (), minval=-config.max_brightness_delta,
+                                    maxval=config.max_brightness_delta)
+    image = image + brightness
+    mean = image.mean()  # contrast pivots about the image's mean, as PIL and tf.image do
     image = (image - mean) * factor(contrast_key, config.max_contrast_delta) + mean
-    grey = (image @ jnp.asarray(_LUMA, dtype=image.dtype))[..., None]
+    # A weighted sum, not `image @ luma`: XLA CPU runs that [H*W, 3] x [3] dot ~10x slower.
+    grey = (image[..., 0] * _LUMA[0] + image[..., 1] * _LUMA[1] + image[..., 2] * _LUMA[2])[..., None]
     image = (image - grey) * factor(saturation_key, config.max_saturation_delta) + grey
     image = image * factor(gain_key, config.max_color_gain_delta, (3,))
     image = jnp.clip(image, 0.0, 1.0)
   if config.noise:
     noise_std = jax.random.uniform(std_key, (), maxval=config.max_noise_std)
-    image = jnp.clip(image + noise_std * jax.random.normal(noise_key, image.shape), 0.0, 1.0)
+    image = jnp.clip(image + noise_std * standard_normal(noise_key, image.shape), 0.0, 1.0)
   return image
 
 

@@ -247,3 +247,45 @@ def test_bad_input_errors():
     augment.augment(jax.random.key(0), images, {"landmarks": shapes}, flip_permutation=None)
   with pytest.raises(ValueError, match="sampler"):
     augment.AugmentConfig(sampler="nearest")
+
+
+def test_standard_normal_is_gaussian():
+  samples = np.asarray(jax.jit(augment.standard_normal, static_argnums=1)(jax.random.key(0), (301, 333)))
+  assert samples.shape == (301, 333)  # an odd count: one Box-Muller half is dropped
+  flat = samples.ravel()
+  assert abs(flat.mean()) < 0.01 and abs(flat.std() - 1.0) < 0.01
+  # Mass within 1 and 2 sigma, and the Kolmogorov-Smirnov distance to N(0, 1).
+  assert abs(np.mean(np.abs(flat) < 1.0) - 0.6827) < 0.005
+  assert abs(np.mean(np.abs(flat) < 2.0) - 0.9545) < 0.003
+  sorted_samples = np.sort(flat)
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  ks = np.abs(stats.norm.cdf(sorted_samples) - np.arange(1, flat.size + 1) / flat.size).max()
+  assert ks < 0.005
+
+
+def _photometric(config, image, seed=0):
+  return np.asarray(jax.jit(augment._photometric, static_argnums=2)(  # pylint: disable=protected-access
+      jax.random.key(seed), jnp.asarray(image), config))
+
+
+def test_photometric_jitters_do_what_their_names_say():
+  rng = np.random.default_rng(0)
+  image = rng.uniform(0.3, 0.7, (16, 16, 3)).astype(np.float32)  # away from the clip at 0 and 1
+  none = dict(photometric=True, noise=False, max_brightness_delta=0.0, max_contrast_delta=0.0,
+              max_saturation_delta=0.0, max_color_gain_delta=0.0)
+  np.testing.assert_allclose(_photometric(augment.AugmentConfig(**none), image), image, atol=1e-6)
+  # Brightness: one offset for every pixel and channel.
+  shifted = _photometric(augment.AugmentConfig(**{**none, "max_brightness_delta": 0.2}), image) - image
+  assert np.ptp(shifted) < 1e-5 and abs(shifted.mean()) > 1e-4
+  # Contrast: scales deviations from the mean, keeping the mean.
+  contrasted = _photometric(augment.AugmentConfig(**{**none, "max_contrast_delta": 0.2}), image)
+  np.testing.assert_allclose(contrasted.mean(), image.mean(), atol=1e-5)
+  ratio = (contrasted - image.mean()) / (image - image.mean())
+  assert np.ptp(ratio[np.abs(image - image.mean()) > 0.05]) < 1e-3
+  # Saturation leaves a grey image grey and unchanged.
+  grey = np.repeat(image[..., :1], 3, axis=-1)
+  np.testing.assert_allclose(_photometric(augment.AugmentConfig(**{**none, "max_saturation_delta": 0.3}),
+                                          grey), grey, atol=1e-6)
+  # Colour gains: one factor per channel.
+  gained = _photometric(augment.AugmentConfig(**{**none, "max_color_gain_delta": 0.1}), image) / image
+  assert np.ptp(gained.reshape(-1, 3), axis=0).max() < 1e-5 and np.ptp(gained[0, 0]) > 1e-4
