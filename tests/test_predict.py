@@ -135,7 +135,45 @@ def test_box_map_json_round_trip_and_default(tmp_path):
     detect.load_box_map(str(tmp_path), "dlib_hog")
 
 
+def test_fit_box_map_cli_learns_on_the_models_training_split(tmp_path, monkeypatch):
+  # The plumbing: dataset and split come from model.json, the map lands in box_map.json, predict uses it.
+  from kd_landmarks import checkpoint
+  from kd_landmarks import datasets
+
+  model_dir = str(tmp_path / "student_kd")
+  checkpoint.write_model_json(model_dir, _meta(32, 68) | {"dataset": "cofw"})
+  rng = np.random.default_rng(2)
+  examples = [{"image": np.zeros((8, 8, 3), np.uint8),
+               "landmarks": rng.uniform(0, 1, (29, 2)) * 60 + rng.uniform(20, 40, 2)} for _ in range(5)]
+  requested = []
+
+  def load_split(dataset, split, data_dir):
+    requested.append((dataset, split, data_dir))
+    return examples
+
+  class _BoxFromLandmarks:
+    """Returns the landmark box shifted up by 0.1 and shrunk to 0.8 of its side."""
+    name = "dlib_hog"
+
+    def __init__(self):
+      self.next_example = iter(examples)
+
+    def detect(self, image):
+      cx, cy, side = coords.square_box_from_landmarks(next(self.next_example)["landmarks"])
+      w = 0.8 * side
+      return [detect.Detection((cx - w / 2, cy - 0.1 * side - w / 2, cx + w / 2, cy - 0.1 * side + w / 2), 1.)]
+
+  monkeypatch.setattr(datasets, "load_split", load_split)
+  monkeypatch.setattr(detect, "get_detector", lambda name: _BoxFromLandmarks())
+  assert predict.main(["fit-box-map", "--checkpoint", model_dir, "--data_dir", "/data"]) == 0
+  assert requested == [("cofw", "train", "/data")]
+  box_map = detect.load_box_map(model_dir, "dlib_hog")
+  assert box_map.fitted and box_map.num_faces == 5 and box_map.source == "fitted on cofw/train"
+  assert (box_map.offset_x, box_map.offset_y, box_map.side_scale) == pytest.approx((0.0, 0.125, 1.25))
+
+
 def test_dlib_hog_finds_the_real_face_near_its_landmarks():
+  pytest.importorskip("dlib")
   image = np.asarray(Image.open(predict_fixtures.TAKEO_DIR / "takeo.ppm").convert("RGB"))
   landmarks = readers.read_pts(predict_fixtures.TAKEO_DIR / "takeo.pts")
   detections = detect.get_detector("dlib_hog").detect(image)
@@ -154,6 +192,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_cli_on_the_real_photo_writes_json_and_overlay(model_dir, tmp_path):
+  pytest.importorskip("dlib")
   out = tmp_path / "out"
   assert predict.main(["--checkpoint", model_dir, str(predict_fixtures.TAKEO_DIR / "takeo.ppm"),
                        "--out", str(out)]) == 0
@@ -169,6 +208,7 @@ def test_cli_on_the_real_photo_writes_json_and_overlay(model_dir, tmp_path):
 
 
 def test_cli_on_a_folder_reports_bad_and_faceless_files(model_dir, tmp_path):
+  pytest.importorskip("dlib")
   folder = tmp_path / "photos"
   folder.mkdir()
   shutil.copy(predict_fixtures.TAKEO_DIR / "takeo.ppm", folder / "takeo.ppm")
@@ -187,6 +227,7 @@ def test_cli_on_a_folder_reports_bad_and_faceless_files(model_dir, tmp_path):
 
 
 def test_cli_uses_a_fitted_box_map(model_dir, tmp_path):
+  pytest.importorskip("dlib")
   # A map stored in the model dir replaces the default, and the crop box follows it exactly.
   local_dir = tmp_path / "model"
   shutil.copytree(model_dir, local_dir)
