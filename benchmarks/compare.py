@@ -282,7 +282,8 @@ def main(argv=None) -> int:
   fastest = min(medians.values())
   device = jax.devices()[0].device_kind
   print(f"\n{faces} face(s) in {len(photos)} photo(s) ({len(missed)} missed by {detector.name}); "
-        f"batch 1, {threads} thread(s) per runtime, CPU: {_cpu_name()} ({os.cpu_count()} cores, jax {device}),"
+        f"batch 1, {threads} thread(s) per runtime, CPU: {_cpu_name()} ({os.cpu_count()} cores, "
+        f"jax {device}),"
         f" box map: {box_map.source}")
   print(f"{'method':58s} {'ms/face':>8s} {'model ms':>9s} {'x fastest':>9s} {'NME %':>7s}")
   results = []
@@ -291,7 +292,8 @@ def main(argv=None) -> int:
     print(f"{label:58s} {medians[key]:8.2f} {np.median(model_times[key]):9.2f} "
           f"{medians[key] / fastest:9.2f} {nme:>7s}")
     results.append({"method": label, "ms_per_face": medians[key],
-                    "model_ms": float(np.median(model_times[key])), "ratio_to_fastest": medians[key] / fastest,
+                    "model_ms": float(np.median(model_times[key])),
+                    "ratio_to_fastest": medians[key] / fastest,
                     "nme_percent": 100 * float(np.mean(nmes[key])) if nmes.get(key) else None})
   detection_ms = float(np.median(detect_ms))
   print(f"{'detection: ' + detector.name + ' (per photo)':58s} {detection_ms:8.2f}")
@@ -304,7 +306,8 @@ def main(argv=None) -> int:
   else:
     print("MediaPipe skipped: run once with --fetch_mediapipe to cache its model")
   if "int8" in report:
-    print(f"int8 ONNX file: {report['int8']['size_mb']:.2f} MB (float32 {report['float32']['size_mb']:.2f} MB;"
+    print(f"int8 ONNX file: {report['int8']['size_mb']:.2f} MB "
+          f"(float32 {report['float32']['size_mb']:.2f} MB;"
           f" paper Table 6: {export.PAPER_MODEL_SIZE_MB} MB); int8 vs JAX: mean "
           f"{report['int8']['mean_px_error_vs_jax']:.2f} px of the {size} px crop")
   if not trained:

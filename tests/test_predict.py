@@ -161,7 +161,8 @@ def test_fit_box_map_cli_learns_on_the_models_training_split(tmp_path, monkeypat
     def detect(self, image):
       cx, cy, side = coords.square_box_from_landmarks(next(self.next_example)["landmarks"])
       w = 0.8 * side
-      return [detect.Detection((cx - w / 2, cy - 0.1 * side - w / 2, cx + w / 2, cy - 0.1 * side + w / 2), 1.)]
+      top = cy - 0.1 * side - w / 2
+      return [detect.Detection((cx - w / 2, top, cx + w / 2, top + w), 1.0)]
 
   monkeypatch.setattr(datasets, "load_split", load_split)
   monkeypatch.setattr(detect, "get_detector", lambda name: _BoxFromLandmarks())
