@@ -83,6 +83,41 @@ def test_predictor_maps_crop_centre_to_box_from_detector():
   np.testing.assert_allclose(faces[0].landmarks, np.array([100.0, 120.0]) + points * 126.0, atol=0.01)
 
 
+def test_large_photos_are_detected_shrunk_and_boxes_scaled_back():
+  # 2560 x 1920 -> shrunk by 2 to 1280 x 960. A box over small pixels 100..199 (extent 99.5..199.5)
+  # covers full-size pixels 200..399, i.e. extent 199.5..399.5.
+  seen_shapes = []
+
+  class _Recorder(_FixedDetector):
+
+    def detect(self, image):
+      seen_shapes.append(image.shape)
+      return super().detect(image)
+
+  predictor = predict.LandmarkPredictor(
+      _ConstantModel(np.zeros((2, 2))), {}, _meta(32, 2),
+      detector=_Recorder([detect.Detection((99.5, 49.5, 199.5, 149.5), 1.0)]),
+      box_map=detect.BoxMap(0.0, 0.0, 1.0, source="test"), box_scale=1.0)
+  (detection,) = predictor.detect(np.zeros((1920, 2560, 3), np.uint8))
+  assert seen_shapes == [(960, 1280, 3)]
+  np.testing.assert_allclose(detection.box, (199.5, 99.5, 399.5, 299.5), atol=1e-9)
+  (detection,) = predictor.detect(np.zeros((100, 120, 3), np.uint8))  # small photos: untouched
+  assert seen_shapes[-1] == (100, 120, 3) and detection.box == (99.5, 49.5, 199.5, 149.5)
+
+
+def test_read_photo_applies_exif_orientation(tmp_path):
+  # Orientation 6 = the camera was turned 90 degrees clockwise: viewers show the photo rotated, so a
+  # 60 x 40 (w x h) JPEG displays as 40 x 60, with its top-left corner moved to the top-right.
+  pixels = np.zeros((40, 60, 3), np.uint8)
+  pixels[:10, :10] = 255
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+  upright = predict.read_photo(str(tmp_path / "phone.jpg"))
+  assert upright.shape == (60, 40, 3)
+  assert upright[:10, -10:].mean() > 200 and upright[:10, :10].mean() < 50
+
+
 def test_box_map_fit_recovers_a_known_map():
   rng = np.random.default_rng(0)
   det = np.stack([rng.uniform(50, 500, 40), rng.uniform(50, 500, 40), rng.uniform(30, 300, 40)], -1)
