@@ -60,8 +60,8 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, start_step
     prefetch_batches: how many batches the threads read ahead.
 
   Returns:
-    A grain ``DatasetIterator`` of dicts of numpy arrays with leading dimension
-    ``global_batch_size // num_processes``.
+    A grain ``DatasetIterator`` (also checkpointable with ``get_state``/``set_state``) of dicts of
+    numpy arrays with leading dimension ``global_batch_size // num_processes``.
   """
   num_examples = _check_source(source)
   local_batch_size = _local_batch_size(global_batch_size, num_processes, process_index)
@@ -76,7 +76,7 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, start_step
   join = _ExampleTransform(keys, teacher_cache, num_examples)
 
   # Position j of `shuffled` is element j % N of epoch j // N's permutation (grain reseeds per epoch).
-  shuffled = grain.MapDataset.source(source).shuffle(seed=seed)
+  shuffled = grain.MapDataset.source(source).shuffle(seed=_shuffle_seed(seed))
 
   def stream_position(local_element: int) -> int:
     step, slot = divmod(local_element, local_batch_size)
@@ -100,7 +100,7 @@ def train_batch_indices(step: int, *, num_examples: int, global_batch_size: int,
   Cheap (no reads): for logging, tests and exact-resume checks.
   """
   local_batch_size = _local_batch_size(global_batch_size, num_processes, process_index)
-  identity = grain.MapDataset.range(num_examples).shuffle(seed=seed)
+  identity = grain.MapDataset.range(num_examples).shuffle(seed=_shuffle_seed(seed))
   epoch_steps = steps_per_epoch(num_examples, global_batch_size)
   epoch, batch_in_epoch = divmod(step, epoch_steps)
   start = epoch * num_examples + batch_in_epoch * global_batch_size + process_index * local_batch_size
@@ -198,6 +198,12 @@ class _ExampleTransform:
       for key, table in self._teacher.items():
         result[key] = table[row]
     return result
+
+
+def _shuffle_seed(seed: int) -> int:
+  """grain seeds epoch e with (seed + e); hashing the user's seed first keeps runs with seeds s and s + 1
+  from sharing all but one epoch order."""
+  return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
 def _check_source(source) -> int:

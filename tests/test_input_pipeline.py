@@ -157,3 +157,12 @@ def test_reads_a_prepared_array_record_split(tmp_path):
   assert [b["mask"].sum() for b in eval_batches] == [4, 3]
   assert np.concatenate([b["index"][b["mask"]] for b in eval_batches]).tolist() == list(range(7))
   assert eval_batches[1]["image_id"].shape == (4,)
+
+
+def test_neighbouring_seeds_do_not_share_epochs():
+  # grain reseeds epoch e with (seed + e); without hashing, seed 1's epoch 0 would be seed 0's epoch 1.
+  epoch_1_of_seed_0 = np.concatenate([input_pipeline.train_batch_indices(
+      step, num_examples=20, global_batch_size=5, seed=0) for step in (4, 5, 6, 7)])
+  epoch_0_of_seed_1 = np.concatenate([input_pipeline.train_batch_indices(
+      step, num_examples=20, global_batch_size=5, seed=1) for step in (0, 1, 2, 3)])
+  assert not np.array_equal(epoch_1_of_seed_0, epoch_0_of_seed_1)
