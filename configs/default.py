@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 64
   config.prefetch = 2                # Host batches prepared ahead of the device.
   config.write_report = True
+  config.compilation_cache = True    # Persistent XLA cache in WORKDIR/jax_cache (restarts compile less).
 
   # Platform: mesh over all devices; bfloat16 compute on accelerators.
   config.platform = "cpu"

@@ -641,16 +641,20 @@ def evaluate_all(config, workdir, *, skip_current: bool = False):
   return results
 
 
-def write_report(workdir):
+def write_report(config, workdir):
   from kd_landmarks import report
   if jax.process_index() == 0:
-    return report.build_report(workdir)
+    return report.build_report(workdir, dataset=config.dataset, data_dir=data_dir_of(config, workdir))
 
 
 def run(config, workdir: str):
   """Runs ``config.phase`` (or, for 'all', every phase in order, skipping finished ones) in ``workdir``."""
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
+  if config.compilation_cache:
+    # Teachers share shapes, so do the students: the persistent cache turns their recompiles into reads.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   phases = ALL_PHASES if config.phase == "all" else (config.phase,)
   run_all = config.phase == "all"
   for phase in phases:
@@ -671,4 +675,7 @@ def run(config, workdir: str):
       evaluate_all(config, workdir, skip_current=run_all)
     elif phase == "report":
       if config.write_report or not run_all:
-        write_report(workdir)
+        path = write_report(config, workdir)
+        if path is not None:
+          logging.info("report: %s", path)
+          print(f"report written to {path}", flush=True)

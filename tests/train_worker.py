@@ -1,0 +1,109 @@
+"""A subprocess for the parallel / multi-host / kill-and-resume tests: runs train.fit on in-memory data.
+
+  python tests/train_worker.py fit OUT.npz MODEL_DIR [MODEL_DIR ...] [--steps N] [--devices D]
+      [--process_id I --num_processes P --coordinator HOST:PORT]
+  python tests/train_worker.py pmap_vs_shard_map OUT.npz --devices 2
+
+Writes the final params (flattened) of the last MODEL_DIR to OUT.npz. XLA_FLAGS must be set before jax
+is imported, hence the subprocess.
+"""
+import argparse
+import os
+import sys
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("mode", choices=["fit", "pmap_vs_shard_map"])
+  parser.add_argument("out")
+  parser.add_argument("model_dirs", nargs="*")
+  parser.add_argument("--steps", type=int, default=6)
+  parser.add_argument("--checkpoint_every", type=int, default=2)
+  parser.add_argument("--devices", type=int, default=1)
+  parser.add_argument("--process_id", type=int, default=0)
+  parser.add_argument("--num_processes", type=int, default=1)
+  parser.add_argument("--coordinator", default="")
+  args = parser.parse_args()
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax
+  if args.num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from kd_landmarks import parallel
+    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  import numpy as np
+  if args.mode == "fit":
+    import train_fixtures as fx
+    from kd_landmarks import train
+    for model_dir in args.model_dirs:
+      variables = train.fit(fx.fit_setup(model_dir, num_train_steps=args.steps, batch_size=4,
+                                         checkpoint_every=args.checkpoint_every))
+    flat = {jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
+  else:
+    flat = pmap_vs_shard_map()
+  np.savez(args.out, **flat)
+  print(f"worker {args.process_id}: {jax.process_count()} processes, {jax.device_count()} devices, done")
+
+
+def pmap_vs_shard_map():
+  """The same train step under jax.pmap and under jit(shard_map) on all local devices."""
+  import functools
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import train_fixtures as fx
+  from kd_landmarks import parallel
+  from kd_landmarks import train
+  devices = jax.device_count()
+  source = fx.InMemorySource(16)
+  batch = fx.make_batch(source, range(2 * devices))
+  spec = fx.make_spec()
+  state = train.create_train_state(jax.random.PRNGKey(0), fx.TinyModel(), fx.IMAGE_SIZE, fx.make_tx())
+  rng = jax.random.PRNGKey(3)
+
+  pmapped = jax.pmap(functools.partial(train.train_step, spec=spec), axis_name=parallel.AXIS,
+                     in_axes=(0, 0, None))
+  replicated = jax.tree.map(lambda x: jnp.stack([x] * devices), state)
+  per_device = jax.tree.map(lambda x: x.reshape((devices, -1) + x.shape[1:]), batch)
+  pmap_state = replicated
+  for step in range(2):
+    pmap_state, pmap_metrics = pmapped(pmap_state, per_device, jax.random.fold_in(rng, step))
+
+  mesh = parallel.make_mesh()
+  compiled = train.compile_train_step(spec, mesh)
+  shard_state = jax.tree.map(jnp.copy, state)
+  sharded_batch = parallel.shard_host_batch(batch, mesh)
+  for step in range(2):
+    shard_state, shard_metrics = compiled(shard_state, sharded_batch, jax.random.fold_in(rng, step))
+  out = {}
+  for name, tree in (("pmap", jax.tree.map(lambda x: x[0], pmap_state.params)),
+                     ("pmap_device1", jax.tree.map(lambda x: x[devices - 1], pmap_state.params)),
+                     ("shard_map", shard_state.params),
+                     ("single", _single_device_reference(spec, state, batch, rng))):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      out[f"{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+  out["pmap_loss"] = np.asarray(pmap_metrics["loss"][0])
+  out["shard_map_loss"] = np.asarray(shard_metrics["loss"])
+  return out
+
+
+def _single_device_reference(spec, state, batch, rng):
+  """Not the same computation (one device draws one augmentation for the whole batch): returned so the
+  test can check the two-device runs really differ from it, i.e. that the device axis was used."""
+  import jax
+  import jax.numpy as jnp
+  from kd_landmarks import parallel
+  from kd_landmarks import train
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  compiled = train.compile_train_step(spec, mesh)
+  single = jax.tree.map(jnp.copy, state)
+  for step in range(2):
+    single, _ = compiled(single, parallel.shard_host_batch(batch, mesh), jax.random.fold_in(rng, step))
+  return single.params
+
+
+if __name__ == "__main__":
+  main()
