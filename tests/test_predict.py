@@ -208,16 +208,19 @@ def test_fit_box_map_cli_learns_on_the_models_training_split(tmp_path, monkeypat
   assert (box_map.offset_x, box_map.offset_y, box_map.side_scale) == pytest.approx((0.0, 0.125, 1.25))
 
 
-def test_dlib_hog_finds_the_real_face_near_its_landmarks():
+@pytest.mark.parametrize("detector_name", ["dlib_hog", "dlib_hog_fast"])
+def test_dlib_hog_finds_the_real_face_near_its_landmarks(detector_name):
   pytest.importorskip("dlib")
   image = np.asarray(Image.open(predict_fixtures.TAKEO_DIR / "takeo.ppm").convert("RGB"))
   landmarks = readers.read_pts(predict_fixtures.TAKEO_DIR / "takeo.pts")
-  detections = detect.get_detector("dlib_hog").detect(image)
+  detector = detect.get_detector(detector_name)
+  assert detector.name == detector_name  # box maps are stored under this name
+  detections = detector.detect(image)
   assert len(detections) == 1
   match = detect.match_detection(detections, landmarks, min_iou=0.5)
   assert match is not None and match.score > 0
   # The default map must put the crop on the face: its box within 10% of the landmark box.
-  mapped = detect.DEFAULT_BOX_MAPS["dlib_hog"](match.centre_width)
+  mapped = detect.DEFAULT_BOX_MAPS[detector_name](match.centre_width)
   truth = coords.square_box_from_landmarks(landmarks)
   assert np.all(np.abs(mapped - truth) < 0.1 * truth[2])
 
