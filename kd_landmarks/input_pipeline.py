@@ -17,20 +17,24 @@ pixels, the other stored fields, plus ``tough``/``tolerant`` joined from the tea
 example's ``index`` (row i of the cache is the example with ``index == i``; contracts.md).
 Augmentation happens later, on the device (:mod:`kd_landmarks.augment`).
 
-Reads run in ``num_threads`` threads (array_record reads and image decoding release the GIL); for an
-in-memory source use ``num_threads=0``.
+One grain element is one whole batch, read with the source's batched ``__getitems__`` (array_record
+fetches the records of a batch together) and stacked; ``num_threads`` threads build different
+batches at once (record reads and image decoding release the GIL), overlapping with the training
+step. Per element instead of per batch, grain's bookkeeping cost more than the reads on small crops
+(benchmarks/input_pipeline.py: about 1.5-2x fewer examples/s).
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import grain
 import numpy as np
 
-# Threads reading examples. The tfds array_record source spends its time in C++ reads and image
-# decoding (both release the GIL), so a few threads per core keep up; see benchmarks/input_pipeline.py.
-DEFAULT_NUM_THREADS = 4
+# Threads building batches: one per core (up to 8). Reads and decoding release the GIL, and even on
+# few cores a thread lets the next batch load while the device runs the step.
+DEFAULT_NUM_THREADS = min(8, os.cpu_count() or 1)
 TEACHER_KEYS = ("tough", "tolerant")
 
 
@@ -56,8 +60,8 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, start_step
     teacher_cache: ``load_teacher_cache(...)`` output; adds ``tough`` and ``tolerant`` [B, K, 2].
     keys: the example fields to keep (all when None); teacher keys are always added when cached.
     num_steps: stop after this many steps (endless when None).
-    num_threads: reading threads (0: read in the consuming thread).
-    prefetch_batches: how many batches the threads read ahead.
+    num_threads: threads building batches (0: build them in the consuming thread).
+    prefetch_batches: how many batches are read ahead (at least num_threads).
 
   Returns:
     A grain ``DatasetIterator`` (also checkpointable with ``get_state``/``set_state``) of dicts of
@@ -74,23 +78,18 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, start_step
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
   join = _ExampleTransform(keys, teacher_cache, num_examples)
+  order = _epoch_order(num_examples, seed)
 
-  # Position j of `shuffled` is element j % N of epoch j // N's permutation (grain reseeds per epoch).
-  shuffled = grain.MapDataset.source(source).shuffle(seed=_shuffle_seed(seed))
-
-  def stream_position(local_element: int) -> int:
-    step, slot = divmod(local_element, local_batch_size)
+  def load_batch(step: int) -> dict:
     epoch, batch_in_epoch = divmod(step, epoch_steps)
-    return (epoch * num_examples + batch_in_epoch * global_batch_size
-            + process_index * local_batch_size + slot)
+    start = (epoch * num_examples + batch_in_epoch * global_batch_size
+             + process_index * local_batch_size)
+    positions = [order[position] for position in range(start, start + local_batch_size)]
+    return _stack([join(example) for example in _read(source, positions)])
 
-  first = start_step * local_batch_size
-  stop = (first + num_steps * local_batch_size) if num_steps is not None else _ENDLESS
-  examples = grain.MapDataset.range(first, stop).map(lambda k: join(shuffled[stream_position(k)]))
-  read_options = grain.ReadOptions(num_threads=num_threads,
-                                   prefetch_buffer_size=max(1, prefetch_batches) * local_batch_size)
-  batches = examples.to_iter_dataset(read_options).batch(local_batch_size, drop_remainder=True)
-  return iter(batches)
+  stop = start_step + num_steps if num_steps is not None else _ENDLESS
+  read_options = _read_options(num_threads, prefetch_batches)
+  return iter(grain.MapDataset.range(start_step, stop).map(load_batch).to_iter_dataset(read_options))
 
 
 def train_batch_indices(step: int, *, num_examples: int, global_batch_size: int, seed: int,
@@ -100,11 +99,10 @@ def train_batch_indices(step: int, *, num_examples: int, global_batch_size: int,
   Cheap (no reads): for logging, tests and exact-resume checks.
   """
   local_batch_size = _local_batch_size(global_batch_size, num_processes, process_index)
-  identity = grain.MapDataset.range(num_examples).shuffle(seed=_shuffle_seed(seed))
-  epoch_steps = steps_per_epoch(num_examples, global_batch_size)
-  epoch, batch_in_epoch = divmod(step, epoch_steps)
+  order = _epoch_order(num_examples, seed)
+  epoch, batch_in_epoch = divmod(step, steps_per_epoch(num_examples, global_batch_size))
   start = epoch * num_examples + batch_in_epoch * global_batch_size + process_index * local_batch_size
-  return np.array([identity[position] for position in range(start, start + local_batch_size)])
+  return np.array([order[position] for position in range(start, start + local_batch_size)])
 
 
 class EvalIterator:
@@ -144,17 +142,17 @@ def make_eval_iterator(source, *, batch_size: int, num_processes: int = 1, proce
   # A real example (finite values) stands in for padding; the mask says it is not one.
   padding_position = begin if begin < end else 0
 
-  def read(local_element: int):
-    position = begin + local_element
-    valid = position < end
-    example = join(source[position if valid else padding_position])
-    example["mask"] = np.bool_(valid)
-    return example
+  def load_batch(batch_index: int) -> dict:
+    first = begin + batch_index * batch_size
+    positions = list(range(first, first + batch_size))
+    valid = [position < end for position in positions]
+    examples = _read(source, [position if ok else padding_position for position, ok in zip(positions, valid)])
+    batch = _stack([join(example) for example in examples])
+    batch["mask"] = np.asarray(valid, dtype=bool)
+    return batch
 
-  read_options = grain.ReadOptions(num_threads=num_threads,
-                                   prefetch_buffer_size=max(1, prefetch_batches) * batch_size)
-  batches = (grain.MapDataset.range(num_batches * batch_size).map(read)
-             .to_iter_dataset(read_options).batch(batch_size, drop_remainder=False))
+  read_options = _read_options(num_threads, prefetch_batches)
+  batches = grain.MapDataset.range(num_batches).map(load_batch).to_iter_dataset(read_options)
   return EvalIterator(batches, num_batches)
 
 
@@ -200,10 +198,32 @@ class _ExampleTransform:
     return result
 
 
-def _shuffle_seed(seed: int) -> int:
-  """grain seeds epoch e with (seed + e); hashing the user's seed first keeps runs with seeds s and s + 1
-  from sharing all but one epoch order."""
-  return int(np.random.SeedSequence(seed).generate_state(1)[0])
+def _epoch_order(num_examples: int, seed: int):
+  """``order[j]`` = the source position read j-th: element j % N of epoch j // N's permutation.
+
+  grain's index shuffle is O(1) memory and reseeds epoch e with (seed + e); hashing the user's seed
+  first keeps runs with seeds s and s + 1 from sharing all but one epoch order.
+  """
+  shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+  return grain.MapDataset.range(num_examples).shuffle(seed=shuffle_seed)
+
+
+def _read_options(num_threads: int, prefetch_batches: int) -> grain.ReadOptions:
+  # grain keeps at most prefetch_buffer_size elements (batches) in flight: at least one per thread.
+  return grain.ReadOptions(num_threads=num_threads,
+                           prefetch_buffer_size=max(1, prefetch_batches, num_threads))
+
+
+def _read(source, positions: list[int]) -> list:
+  """Examples at ``positions``; one batched call where the source has one (array_record reads the
+  records of a batch together)."""
+  if hasattr(source, "__getitems__"):
+    return list(source.__getitems__(positions))
+  return [source[position] for position in positions]
+
+
+def _stack(examples: list[dict]) -> dict:
+  return {key: np.stack([np.asarray(example[key]) for example in examples]) for key in examples[0]}
 
 
 def _check_source(source) -> int:
