@@ -1,0 +1,181 @@
+"""Models: exact sizes of the published architectures, shapes, dtypes, modes and errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_landmarks import model_stats
+from kd_landmarks.models import MODEL_NAMES, create_model
+
+
+def _init(model, images):
+  # Jitted: un-jitted Flax init/apply dispatches op by op, which is slow on CPU.
+  return jax.jit(lambda key, x: model.init(key, x, train=False))(jax.random.key(0), images)
+
+
+def _apply_fn(model, *, train=False, **kwargs):
+  """A jitted ``(variables, images, seed) -> apply(...)``; reuse it to compile once."""
+  fn = jax.jit(lambda v, x, key: model.apply(v, x, train=train, rngs={"dropout": key}, **kwargs))
+  return lambda variables, images, seed=0: fn(variables, images, jax.random.key(seed))
+
+
+def _variables(model, size):
+  return model_stats.abstract_variables(model, size)
+
+
+def _counts(name, num_landmarks=68, size=224, **overrides):
+  variables = _variables(create_model(name, num_landmarks=num_landmarks, **overrides), size)
+  params = model_stats.count_parameters(variables["params"])
+  head = model_stats.count_parameters(variables["params"]["head"])
+  return params, params - head, model_stats.count_parameters(variables["batch_stats"])
+
+
+# Keras' "trainable params" of tf.keras.applications.*(include_top=False): BatchNorm moving statistics
+# are excluded (they are our batch_stats). Head: Dense(1280 -> 2K) = 1280 * 136 + 136 for K = 68.
+@pytest.mark.parametrize("name,backbone,with_head", [
+    ("mobilenet_v2", 2_223_872, 2_223_872 + 1280 * 136 + 136),   # = 2,398,088
+    ("efficientnet_b3", 10_696_232, 10_696_232 + 1536 * 136 + 136),  # = 10,905,264
+    ("efficientnet_b0", 4_007_548, 4_007_548 + 1280 * 136 + 136),
+])
+def test_parameter_counts_match_keras(name, backbone, with_head):
+  params, backbone_params, _ = _counts(name)
+  assert backbone_params == backbone
+  assert params == with_head
+
+
+def test_pinned_totals_from_the_issue():
+  assert _counts("mobilenet_v2")[0] == 2_398_088
+  assert _counts("efficientnet_b3")[0] == 10_905_264
+
+
+@pytest.mark.parametrize("alpha,keras_total_with_imagenet_top,last_channels", [
+    (0.5, 1_987_224, 1280), (1.4, 6_156_712, 1792)])
+def test_width_multiplier_matches_keras_totals(alpha, keras_total_with_imagenet_top, last_channels):
+  # Keras' totals include BatchNorm statistics and a 1000-class top: subtract that top.
+  params, backbone, batch_stats = _counts("mobilenet_v2", width_multiplier=alpha)
+  assert backbone + batch_stats == keras_total_with_imagenet_top - (last_channels * 1000 + 1000)
+  assert params - backbone == last_channels * 136 + 136
+
+
+def test_batch_stats_are_two_per_batchnorm_channel():
+  variables = _variables(create_model("mobilenet_v2", num_landmarks=68), 224)
+  scales = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+               if path[-1].key == "scale")
+  assert model_stats.count_parameters(variables["batch_stats"]) == 2 * scales
+
+
+def test_mobilenet_v2_macs_near_published():
+  stats = model_stats.model_stats("mobilenet_v2", num_landmarks=68, image_size=224)
+  # Sandler et al. (2018), Table 4: 300 M multiply-adds at 224 px.
+  assert abs(stats["gmacs"] - 0.300) / 0.300 < 0.10
+  assert stats["gflops"] == pytest.approx(2 * stats["gmacs"])
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_output_shape(name):
+  model = create_model(name, num_landmarks=5)
+  images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  variables = _variables(model, 64)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+  assert out.shape == (2, 5, 2) and out.dtype == jnp.float32
+  assert set(variables) == {"params", "batch_stats"}
+
+
+def test_tiny_train_and_eval_modes():
+  model = create_model("mobilenet_v2_tiny", num_landmarks=3)
+  images = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+  variables = _init(model, images)
+  out, updates = _apply_fn(model, train=True, mutable=["batch_stats"])(variables, images)
+  assert out.shape == (2, 3, 2) and np.all(np.isfinite(out))
+  # Training moves the running statistics; evaluation is deterministic and uses them.
+  before = jax.tree_util.tree_leaves(variables["batch_stats"])
+  after = jax.tree_util.tree_leaves(updates["batch_stats"])
+  assert any(not np.allclose(a, b) for a, b in zip(before, after))
+  evaluate = _apply_fn(model)
+  np.testing.assert_array_equal(evaluate(variables, images, 1), evaluate(variables, images, 2))
+
+
+@pytest.mark.slow  # Three compiles of a train step (about 25 s of CPU on a quiet machine).
+def test_depthwise_impls_agree_inside_the_model():
+  images = jax.random.uniform(jax.random.key(1), (2, 33, 33, 3))
+  base = create_model("mobilenet_v2_tiny", num_landmarks=4, depthwise_impl="lax")
+  variables = _init(base, images)
+
+  def loss(model):
+    def fn(params):
+      out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
+                           train=True, mutable=["batch_stats"])
+      return jnp.sum(out ** 2), out
+    return fn
+
+  (want_loss, want_out), want_grads = jax.jit(jax.value_and_grad(loss(base), has_aux=True))(
+      variables["params"])
+  # 'shifted' (plain autodiff) is checked layer by layer in test_depthwise.py; here the custom VJP
+  # is exercised through BatchNorm, residuals and stride-2 blocks.
+  for impl in ("shifted_vjp",):
+    model = create_model("mobilenet_v2_tiny", num_landmarks=4, depthwise_impl=impl)
+    (got_loss, got_out), got_grads = jax.jit(jax.value_and_grad(loss(model), has_aux=True))(
+        variables["params"])
+    np.testing.assert_allclose(got_out, want_out, rtol=1e-4, atol=1e-5)
+    # Train-mode BatchNorm magnifies float32 summation-order differences, and some gradients are zero
+    # up to rounding (biases before BatchNorm): compare against the scale of all gradients.
+    got_flat = np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(got_grads)])
+    want_flat = np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(want_grads)])
+    np.testing.assert_allclose(got_flat, want_flat, rtol=1e-3, atol=1e-3 * np.max(np.abs(want_flat)))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+  model = create_model("mobilenet_v2_tiny", num_landmarks=3, dtype=jnp.bfloat16)
+  images = jax.random.uniform(jax.random.key(1), (1, 32, 32, 3))
+  variables = _init(model, images)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
+  out = _apply_fn(model)(variables, images)
+  assert out.dtype == jnp.float32
+  ref = _apply_fn(create_model("mobilenet_v2_tiny", num_landmarks=3))(variables, images)
+  np.testing.assert_allclose(out, ref, atol=0.1 * float(jnp.max(jnp.abs(ref))) + 1e-3)
+
+
+def test_normalisation_happens_inside_the_model():
+  # The stem convolution (no bias) sees (x - ImageNet mean) / std: an image equal to the mean must
+  # give an all-zero stem output, and the plain [0, 1] image 0.5 must not.
+  model = create_model("mobilenet_v2_tiny", num_landmarks=2)
+  mean_image = jnp.broadcast_to(jnp.asarray([0.485, 0.456, 0.406]), (1, 32, 32, 3))
+  variables = _init(model, mean_image)
+  apply = _apply_fn(model, capture_intermediates=True, mutable=["intermediates"])
+  stem_output = lambda x: apply(variables, x)[1]["intermediates"]["stem"]["__call__"][0]
+  np.testing.assert_allclose(stem_output(mean_image), 0.0, atol=1e-5)
+  assert np.max(np.abs(stem_output(jnp.full_like(mean_image, 0.5)))) > 1e-3
+
+
+@pytest.mark.slow  # Two compiles of an EfficientNet train step.
+def test_stochastic_depth_and_dropout_only_in_training():
+  model = create_model("efficientnet_b0_tiny", num_landmarks=2, stochastic_depth_rate=0.5, dropout_rate=0.5)
+  images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
+  variables = _init(model, images)
+  apply = _apply_fn(model, train=True, mutable=["batch_stats"])
+  train = lambda seed: apply(variables, images, seed)[0]
+  assert not np.allclose(train(1), train(2))
+  quiet = create_model("efficientnet_b0_tiny", num_landmarks=2, stochastic_depth_rate=0.0, dropout_rate=0.0)
+  quiet_apply = _apply_fn(quiet, train=True, mutable=["batch_stats"])
+  quiet_train = lambda seed: quiet_apply(variables, images, seed)[0]
+  np.testing.assert_array_equal(quiet_train(1), quiet_train(2))
+
+
+def test_errors_name_the_choices():
+  with pytest.raises(ValueError, match="mobilenet_v2"):
+    create_model("resnet50", num_landmarks=68)
+  with pytest.raises(ValueError, match="width_multiplier"):
+    create_model("mobilenet_v2", num_landmarks=68, widht_multiplier=0.5)
+  with pytest.raises(ValueError, match="depthwise_impl"):
+    create_model("mobilenet_v2", num_landmarks=68, depthwise_impl="fft")
+  with pytest.raises(ValueError, match="num_landmarks"):
+    create_model("mobilenet_v2", num_landmarks=0)
+  model = create_model("mobilenet_v2_tiny", num_landmarks=2)
+  with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32)), train=False)
+
+
+def test_model_stats_prints_table(capsys):
+  model_stats.main(["--models", "mobilenet_v2_tiny", "--image_size", "32"])
+  printed = capsys.readouterr().out
+  assert "| mobilenet_v2_tiny |" in printed and "MB fp32" in printed
