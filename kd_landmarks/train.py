@@ -281,8 +281,9 @@ def fit(setup: FitSetup) -> dict:
   (numpy). Raises :class:`NonFiniteLossError` on a NaN/inf loss without saving the bad state."""
   mesh = setup.mesh or parallel.make_mesh()
   parallel.check_batch_size(setup.global_batch_size, mesh)
-  checkpoint.write_model_json(setup.model_dir, setup.meta)
   is_chief = jax.process_index() == 0
+  if is_chief:  # One writer: the processes of a multi-host run share the workdir.
+    checkpoint.write_model_json(setup.model_dir, setup.meta)
   base_rng = jax.random.PRNGKey(setup.seed)
   init_rng, train_rng = jax.random.split(base_rng)
   state = create_train_state(init_rng, setup.model, setup.spec.image_size, setup.tx)

@@ -1,0 +1,48 @@
+"""Two local CPU processes (gloo collectives, loopback coordinator) train like one process with 2 devices."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+  coordinator = f"127.0.0.1:{_free_port()}"
+  shared_dir = str(tmp_path / "multi")  # Both processes write one checkpoint directory, as on a cluster.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  workers = [subprocess.Popen(
+      [sys.executable, WORKER, "fit", str(tmp_path / f"p{i}.npz"), shared_dir, "--steps", "4",
+       "--devices", "1", "--process_id", str(i), "--num_processes", "2", "--coordinator", coordinator],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
+  reference = subprocess.run(
+      [sys.executable, WORKER, "fit", str(tmp_path / "one.npz"), str(tmp_path / "one"), "--steps", "4",
+       "--devices", "2"], capture_output=True, text=True, timeout=900, env=env)
+  outputs = []
+  for worker in workers:
+    try:
+      outputs.append(worker.communicate(timeout=900)[0])
+    finally:
+      worker.kill()
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output[-3000:]
+  assert "2 processes, 2 devices" in outputs[0]
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  p0, p1, one = (np.load(tmp_path / name) for name in ("p0.npz", "p1.npz", "one.npz"))
+  assert sorted(p0) == sorted(one)
+  for name in one:
+    np.testing.assert_array_equal(p0[name], p1[name])
+    np.testing.assert_allclose(p0[name], one[name], rtol=1e-5, atol=1e-6)
+  # And training moved the parameters (the comparison is not between two initialisations).
+  from kd_landmarks import checkpoint
+  assert checkpoint.state_manager(shared_dir).latest_step() == 4
