@@ -45,28 +45,36 @@ def numpy_loop_batches(source, *, global_batch_size, seed, keys):
     yield {key: np.stack([np.asarray(example[key]) for example in examples]) for key in keys}
 
 
-def examples_per_second(batches, *, num_batches, batch_size, desc):
+def examples_per_second(batches, *, num_batches, batch_size, desc, step_seconds=0.0):
+  """Throughput of a consumer that takes each batch, then spends ``step_seconds`` (a stand-in for the
+  training step, during which the GIL is free) before asking for the next."""
   next(batches)  # warm-up: thread start, first reads
   start = time.perf_counter()
   for _ in tqdm(range(num_batches), desc=desc, leave=False):
     next(batches)
+    if step_seconds:
+      time.sleep(step_seconds)
   return num_batches * batch_size / (time.perf_counter() - start)
 
 
-def compare_pipelines(source, *, label, batch_size, num_batches, thread_counts):
+def compare_pipelines(source, *, label, batch_size, num_batches, thread_counts, step_ms=0.0):
   from kd_landmarks import input_pipeline  # pylint: disable=g-import-not-at-top
   cores = os.cpu_count() or 1
   keys = ("image", "landmarks", "soft_landmarks", "index")
+  step_seconds = step_ms / 1e3
   baseline = examples_per_second(numpy_loop_batches(source, global_batch_size=batch_size, seed=0, keys=keys),
-                                 num_batches=num_batches, batch_size=batch_size, desc="numpy loop")
-  print(f"\n[{label}] {len(source)} examples, batch {batch_size}, {num_batches} batches, {cores} cores")
+                                 num_batches=num_batches, batch_size=batch_size, desc="numpy loop",
+                                 step_seconds=step_seconds)
+  step_note = f", consumer step {step_ms:g} ms" if step_ms else ""
+  print(f"\n[{label}] {len(source)} examples, batch {batch_size}, {num_batches} batches, {cores} cores"
+        f"{step_note}")
   print(f"  {'pipeline':<28}{'examples/s':>12}{'per core':>10}{'vs numpy':>10}")
   print(f"  {'numpy loop (baseline)':<28}{baseline:>12.0f}{baseline / cores:>10.0f}{1.0:>9.2f}x")
   for threads in thread_counts:
     iterator = input_pipeline.make_train_iterator(source, global_batch_size=batch_size, seed=0, keys=keys,
                                                   num_threads=threads)
     ours = examples_per_second(iterator, num_batches=num_batches, batch_size=batch_size,
-                               desc=f"grain {threads} threads")
+                               desc=f"grain {threads} threads", step_seconds=step_seconds)
     print(f"  {f'ours, grain, {threads} threads':<28}{ours:>12.0f}{ours / cores:>10.0f}{ours / baseline:>9.2f}x")
 
 
@@ -112,6 +120,9 @@ def main():
   parser.add_argument("--split", default="train")
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--num_batches", type=int, default=50)
+  parser.add_argument("--step_ms", type=float, default=0.0,
+                      help="also measure with a consumer busy this long per batch (a simulated train step)")
+  parser.add_argument("--num_examples", type=int, default=4096, help="in-memory source size")
   parser.add_argument("--augment", action="store_true", help="also time the augmentation samplers")
   parser.add_argument("--augment_only", action="store_true", help="only time the augmentation (no grain)")
   parser.add_argument("--augment_batch_size", type=int, default=16)
@@ -121,19 +132,27 @@ def main():
     batch_size, num_batches, num_examples, image_size = 16, 8, 256, 96
     thread_counts = (0, 2)
   else:
-    batch_size, num_batches, num_examples, image_size = args.batch_size, args.num_batches, 4096, 320
+    batch_size, num_batches, num_examples, image_size = (args.batch_size, args.num_batches,
+                                                         args.num_examples, 320)
     thread_counts = (0, 2, 4, 8)
   if args.augment_only:
     compare_samplers(batch_size=args.augment_batch_size, stored_size=320, out_size=224, repeats=10)
     return
-  compare_pipelines(synthetic_source(num_examples, image_size), label=f"in-memory, {image_size} px",
-                    batch_size=batch_size, num_batches=num_batches, thread_counts=thread_counts)
+  memory_source = synthetic_source(num_examples, image_size)
+  compare_pipelines(memory_source, label=f"in-memory, {image_size} px", batch_size=batch_size,
+                    num_batches=num_batches, thread_counts=thread_counts)
+  if args.step_ms:
+    compare_pipelines(memory_source, label=f"in-memory, {image_size} px", batch_size=batch_size,
+                      num_batches=num_batches, thread_counts=thread_counts, step_ms=args.step_ms)
   if args.data_dir:
     from kd_landmarks import datasets  # pylint: disable=g-import-not-at-top  (tfds import is slow)
     source = datasets.load_split(args.dataset, args.split, args.data_dir)
     num_batches_on_disk = min(num_batches, max(1, len(source) // batch_size - 1))
     compare_pipelines(source, label=f"array_record {args.dataset}/{args.split}", batch_size=batch_size,
                       num_batches=num_batches_on_disk, thread_counts=thread_counts)
+    if args.step_ms:
+      compare_pipelines(source, label=f"array_record {args.dataset}/{args.split}", batch_size=batch_size,
+                        num_batches=num_batches_on_disk, thread_counts=thread_counts, step_ms=args.step_ms)
   if args.augment:
     if args.quick:
       compare_samplers(batch_size=2, stored_size=96, out_size=64, repeats=3)
