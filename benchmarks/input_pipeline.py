@@ -75,7 +75,8 @@ def compare_pipelines(source, *, label, batch_size, num_batches, thread_counts, 
                                                   num_threads=threads)
     ours = examples_per_second(iterator, num_batches=num_batches, batch_size=batch_size,
                                desc=f"grain {threads} threads", step_seconds=step_seconds)
-    print(f"  {f'ours, grain, {threads} threads':<28}{ours:>12.0f}{ours / cores:>10.0f}{ours / baseline:>9.2f}x")
+    name = f"ours, grain, {threads} threads"
+    print(f"  {name:<28}{ours:>12.0f}{ours / cores:>10.0f}{ours / baseline:>9.2f}x")
 
 
 def compare_samplers(*, batch_size, stored_size, out_size, repeats):

@@ -56,7 +56,8 @@ def test_resume_at_step_reproduces_the_stream():
     np.testing.assert_array_equal(a["index"], b["index"])
   for step, batch in enumerate(full):
     np.testing.assert_array_equal(
-        input_pipeline.train_batch_indices(step, num_examples=17, global_batch_size=4, seed=7), batch["index"])
+        input_pipeline.train_batch_indices(step, num_examples=17, global_batch_size=4, seed=7),
+        batch["index"])
 
 
 def test_processes_split_each_global_batch_into_contiguous_blocks():
@@ -148,7 +149,8 @@ def test_reads_a_prepared_array_record_split(tmp_path):
     assert batch["image"].dtype == np.uint8 and batch["image"].shape == (8, 32, 32, 3)
     assert batch["landmarks"].dtype == np.float32 and batch["landmarks"].shape == (8, 68, 2)
     np.testing.assert_array_equal(
-        batch["index"], input_pipeline.train_batch_indices(step, num_examples=20, global_batch_size=8, seed=0))
+        batch["index"],
+        input_pipeline.train_batch_indices(step, num_examples=20, global_batch_size=8, seed=0))
     # The stored fields of each row belong together: compare with a direct read of that example.
     for row, index in enumerate(batch["index"]):
       np.testing.assert_array_equal(batch["landmarks"][row], train[int(index)]["landmarks"])
