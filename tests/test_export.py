@@ -13,9 +13,14 @@ import predict_fixtures
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-  module, variables, meta = predict_fixtures.tiny_student()
-  out_dir = tmp_path_factory.mktemp("export")
-  report = export.export_onnx(module, variables, meta, str(out_dir), quantize=True)
+  # Through the command line, from a model directory saved the way training saves it.
+  from kd_landmarks import checkpoint
+
+  model_dir = predict_fixtures.write_model_dir(tmp_path_factory.mktemp("run") / "student_kd")
+  assert export.main(["--checkpoint", model_dir, "--format", "onnx", "--quantize"]) == 0
+  with open(os.path.join(model_dir, "export", "export.json")) as f:
+    report = json.load(f)
+  module, variables, meta = checkpoint.load_inference_variables(model_dir)
   return module, variables, meta, report
 
 
