@@ -111,3 +111,45 @@ def test_restore_state_keeps_structure_and_step(tmp_path):
   assert int(restored["step"]) == 7
   assert type(restored["opt_state"][0]).__name__ == "ScaleByAdamState"
   jax.tree.map(np.testing.assert_array_equal, restored["params"], tree["params"])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_restart_ends_like_an_uninterrupted_run(tmp_path):
+  """A run killed with SIGKILL resumes from its last checkpoint and ends with the uninterrupted params."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  worker = os.path.join(os.path.dirname(__file__), "train_worker.py")
+  killed_dir = str(tmp_path / "killed")
+  command = [sys.executable, worker, "fit", str(tmp_path / "unused.npz"), killed_dir, "--steps", "400",
+             "--checkpoint_every", "4"]
+  process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 600
+    # Wait for a checkpoint past the first, then kill without warning (no cleanup handlers run).
+    while time.time() < deadline and process.poll() is None:
+      steps = [int(d) for d in os.listdir(os.path.join(killed_dir, "checkpoints"))
+               if d.isdigit()] if os.path.isdir(os.path.join(killed_dir, "checkpoints")) else []
+      if steps and max(steps) >= 8:
+        break
+      time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read()[-2000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  finally:
+    process.kill()
+  killed_at = checkpoint.state_manager(killed_dir).latest_step()
+  assert 8 <= killed_at < 400
+  assert not os.path.exists(os.path.join(killed_dir, "train_done.json"))
+  # Restart the killed run (resumes) and run an uninterrupted one; same number of steps, 20 here.
+  resumed_out, whole_out = tmp_path / "resumed.npz", tmp_path / "whole.npz"
+  total = str(killed_at + 8)
+  for out, model_dir in ((resumed_out, killed_dir), (whole_out, str(tmp_path / "whole"))):
+    result = subprocess.run([sys.executable, worker, "fit", str(out), model_dir, "--steps", total,
+                             "--checkpoint_every", "4"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+  resumed, whole = np.load(resumed_out), np.load(whole_out)
+  assert sorted(resumed) == sorted(whole)
+  for name in whole:
+    np.testing.assert_array_equal(resumed[name], whole[name])
