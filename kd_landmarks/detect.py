@@ -170,7 +170,9 @@ class BoxMap:
 
   def to_json(self) -> dict:
     return {"offset_x": self.offset_x, "offset_y": self.offset_y, "side_scale": self.side_scale,
-            "source": self.source, "num_faces": self.num_faces, "residual_std": list(self.residual_std)}
+            "source": self.source, "num_faces": self.num_faces,
+            # null, not NaN, when unknown: NaN is not valid JSON for other readers.
+            "residual_std": [float(v) if np.isfinite(v) else None for v in self.residual_std]}
 
   @classmethod
   def from_json(cls, record: dict, where: str) -> "BoxMap":
@@ -178,7 +180,8 @@ class BoxMap:
       return cls(offset_x=float(record["offset_x"]), offset_y=float(record["offset_y"]),
                  side_scale=float(record["side_scale"]), source=str(record["source"]),
                  num_faces=int(record.get("num_faces", 0)),
-                 residual_std=tuple(float(v) for v in record.get("residual_std", [float("nan")] * 3)))
+                 residual_std=tuple(float("nan") if v is None else float(v)
+                                    for v in record.get("residual_std", [None] * 3)))
     except (KeyError, TypeError, ValueError) as error:
       raise ValueError(f"{where}: malformed box map {record!r} ({error}); rerun "
                        "`python -m kd_landmarks.predict fit-box-map`") from None

@@ -331,8 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"unreadable, {counts['skipped']} skipped -> {os.path.join(args.out, 'summary.json')}")
   for record in summary["images"]:
     if record["status"] in ("error", "no_face"):
-      print(f"  {record['status']}: {record['image']}" + (f" ({record['reason']})" if "reason" in record
-                                                          else ""))
+      # An error's reason already names the file.
+      print(f"  {record['status']}: {record.get('reason', record['image'])}")
   return 0
 
 
