@@ -146,7 +146,8 @@ def make_eval_iterator(source, *, batch_size: int, num_processes: int = 1, proce
     first = begin + batch_index * batch_size
     positions = list(range(first, first + batch_size))
     valid = [position < end for position in positions]
-    examples = _read(source, [position if ok else padding_position for position, ok in zip(positions, valid)])
+    examples = _read(source, [position if ok else padding_position
+                              for position, ok in zip(positions, valid)])
     batch = _stack([join(example) for example in examples])
     batch["mask"] = np.asarray(valid, dtype=bool)
     return batch
@@ -158,7 +159,7 @@ def make_eval_iterator(source, *, batch_size: int, num_processes: int = 1, proce
 
 # --------------------------------------------------------------------------------------------------
 
-_ENDLESS = 2**62  # grain ranges need an end; no run reaches this many examples.
+_ENDLESS = 2**62  # grain ranges need an end; no run reaches this many steps.
 
 
 class _ExampleTransform:
