@@ -563,12 +563,13 @@ def cache_teachers(config, workdir):
   """Phase cache_teachers: both teachers' predictions on the train split, in stored-crop pixels."""
   from kd_landmarks import evaluate
   from kd_landmarks.datasets import teacher_cache
+  teacher_dirs = {teacher: _require_teacher(workdir, teacher) for teacher in TEACHERS}  # Fail before work.
   mesh = parallel.make_mesh()
   source = load_split(config, workdir, "train")
   predictions = {}
   index = None
   for teacher in TEACHERS:
-    module, variables, _ = checkpoint.load_inference_variables(_require_teacher(workdir, teacher))
+    module, variables, _ = checkpoint.load_inference_variables(teacher_dirs[teacher])
     result = evaluate.predict_source(module, variables, source, image_size=int(config.image_size),
                                      batch_size=int(config.eval_batch_size), mesh=mesh,
                                      desc=f"cache {teacher} teacher")

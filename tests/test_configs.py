@@ -1,0 +1,70 @@
+"""Tests of configs/: the paper's hyper-parameters, the arg parser, locking against key typos."""
+import importlib.util
+import os
+
+import pytest
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(CONFIG_DIR, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("name,dataset", [("300w", "300w"), ("cofw", "cofw"), ("wflw", "wflw")])
+def test_dataset_configs_hold_the_papers_hyper_parameters(name, dataset):
+  config = _load(name).get_config()
+  assert config.dataset == dataset
+  # Section 4.4.
+  assert config.optimizer.learning_rate == 1e-3
+  assert (config.optimizer.b1, config.optimizer.b2) == (0.9, 0.999)
+  assert config.optimizer.decay == 1e-6
+  assert config.teacher.batch_size == 40 and config.student.batch_size == 70
+  assert config.teacher.num_epochs == 250 and config.student.num_epochs == 250
+  assert (config.teacher_model, config.student_model, config.image_size) == (
+      "efficientnet_b3", "mobilenet_v2", 224)
+  # Section 4.3: +-45 degree rotation, flips with probability 0.5, box expanded up to 10%.
+  assert config.augment.max_rotation_degrees == 45.0
+  assert config.augment.flip_probability == 0.5
+  assert config.augment.max_box_expansion == pytest.approx(0.1)
+  assert config.platform == "cpu" and config.dtype == "float32"
+
+
+def test_config_arg_sets_phase_platform_and_runlocal():
+  config = _load("300w").get_config("phase=student,platform=gpu,runlocal")
+  assert config.phase == "student"
+  assert config.dtype == "bfloat16" and config.platform == "gpu"
+  assert config.student.num_train_steps == 20
+  assert _load("cofw").get_config("platform=tpu").dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("arg,match", [("phase=techer", "unknown phase"), ("platform=ipu", "unknown platform"),
+                                       ("flavour=x", "unknown config arg")])
+def test_bad_config_arg_fails_with_the_choices(arg, match):
+  with pytest.raises(ValueError, match=match):
+    _load("default").get_config(arg)
+
+
+@pytest.mark.parametrize("name", ["default", "demo", "300w", "cofw", "wflw"])
+def test_configs_are_locked_against_key_typos(name):
+  config = _load(name).get_config()
+  with pytest.raises(AttributeError, match="studnet_loss"):
+    config.studnet_loss = "l2"
+  with pytest.raises(AttributeError):
+    config.optimizer.learnin_rate = 1.0
+  config.student_loss = "kd"  # Existing keys stay settable (what --config.x=y does).
+
+
+def test_demo_names_existing_models_and_losses_and_augment_fields():
+  from kd_landmarks import augment
+  from kd_landmarks import models
+  from kd_landmarks import train
+  config = _load("demo").get_config()
+  assert config.teacher_model in models.MODEL_NAMES and config.student_model in models.MODEL_NAMES
+  assert train.student_losses(config) == ["l2", "kd"]
+  train.validate_config(config)
+  train.augment_config(config)  # Every augment key is a field of AugmentConfig.
+  assert isinstance(train.augment_config(config), augment.AugmentConfig)

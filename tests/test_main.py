@@ -1,0 +1,113 @@
+"""Tests of kd_landmarks.main / train.run: bad input stops at once with what to run or set; the pipeline."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kd_landmarks import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(name="demo", arg=None, **overrides):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def _main(*args, timeout=300):
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "kd_landmarks.main", *args], capture_output=True, text=True,
+                        cwd=ROOT, timeout=timeout, env=env)
+
+
+def test_config_key_typo_fails_at_once(tmp_path):
+  result = _main("--config", "configs/demo.py", "--config.studnet_loss=l2", "--workdir", str(tmp_path))
+  assert result.returncode != 0
+  assert "studnet_loss" in result.stderr
+  assert not os.listdir(tmp_path)  # Nothing ran.
+
+
+def test_unknown_phase_in_the_config_arg_fails(tmp_path):
+  result = _main("--config", "configs/demo.py:phase=teachers", "--workdir", str(tmp_path))
+  assert result.returncode != 0 and "unknown phase 'teachers'" in result.stderr
+
+
+def test_unknown_phase_or_loss_override_fails_before_any_work(tmp_path):
+  with pytest.raises(ValueError, match="unknown phase 'trian'"):
+    train.run(_config(phase="trian"), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=r"unknown loss: 'kd2'; choose from \["):
+    train.run(_config(student_loss="l2,kd2"), str(tmp_path / "b"))
+  with pytest.raises(ValueError, match="loss_variant"):
+    train.run(_config(loss_variant="authors"), str(tmp_path / "c"))
+  assert not os.path.exists(tmp_path / "a")
+
+
+def test_kd_student_without_teacher_cache_says_what_to_run(tmp_path):
+  with pytest.raises(FileNotFoundError, match="phase=cache_teachers"):
+    train.run(_config(phase="student", student_loss="kd"), str(tmp_path))
+
+
+def test_online_teachers_without_teacher_checkpoints_say_what_to_run(tmp_path):
+  with pytest.raises(FileNotFoundError, match="phase=teacher_tough"):
+    train.run(_config(phase="student", student_loss="kd_tough_only", teachers_online=True), str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="phase=teacher_tough"):
+    train.run(_config(phase="cache_teachers"), str(tmp_path))
+
+
+def test_unprepared_real_dataset_names_the_prepare_command(tmp_path):
+  config = _config("cofw", "phase=teacher_tough", data_dir=str(tmp_path / "nodata"))
+  with pytest.raises(FileNotFoundError, match="kd_landmarks.datasets prepare"):
+    train.run(config, str(tmp_path / "w"))
+
+
+def test_eval_without_trained_models_says_to_train(tmp_path):
+  with pytest.raises(FileNotFoundError, match="phase=all"):
+    train.run(_config(phase="eval"), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_all_phases_end_to_end_on_a_tiny_synthetic_set(tmp_path):
+  """phase=all through main: prepare, teachers, cache, L2 and KD students, eval files, report; then a
+  re-run skips every finished phase."""
+  workdir = tmp_path / "run"
+  overrides = [
+      "--config.synthetic.num_train=24", "--config.synthetic.num_test=8", "--config.synthetic.image_size=32",
+      "--config.image_size=32", "--config.teacher_model=mobilenet_v2_tiny",
+      "--config.teacher.batch_size=8", "--config.teacher.num_train_steps=3",
+      "--config.student.batch_size=8", "--config.student.num_train_steps=3",
+      "--config.checkpoint_every_steps=2", "--config.log_every_steps=1", "--config.eval_batch_size=8"]
+  result = _main("--config", "configs/demo.py", "--workdir", str(workdir), *overrides, timeout=1500)
+  assert result.returncode == 0, result.stderr[-4000:]
+  for model in ("teacher_tough", "teacher_tolerant", "student_l2", "student_kd"):
+    metrics = json.load(open(workdir / model / "eval" / "metrics.json"))
+    assert set(metrics) == {"test"} and metrics["test"]["count"] == 8
+    assert {"nme", "nme_inter_pupil", "fr", "auc"} <= set(metrics["test"])
+    meta = json.load(open(workdir / model / "model.json"))
+    assert meta["image_size"] == 32 and meta["num_landmarks"] == 68
+    import numpy as np
+    arrays = np.load(workdir / model / "eval" / "test.npz")
+    assert arrays["pred"].shape == arrays["gt"].shape == (8, 68, 2)
+    assert os.listdir(workdir / model / "events")
+  assert json.load(open(workdir / "student_kd" / "model.json"))["loss"] == "kd"
+  assert (workdir / "teacher_cache" / "train.npz").exists()
+  assert (workdir / "report.md").exists()
+  # The student's checkpoint holds only the student: no teacher subtree.
+  from kd_landmarks import checkpoint
+  _, variables, _ = checkpoint.load_inference_variables(str(workdir / "student_kd"))
+  assert set(variables) <= {"params", "batch_stats"}
+  before = os.path.getmtime(workdir / "student_kd" / "eval" / "metrics.json")
+  again = _main("--config", "configs/demo.py", "--workdir", str(workdir), *overrides, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert os.path.getmtime(workdir / "student_kd" / "eval" / "metrics.json") == before
