@@ -75,8 +75,8 @@ def fetch_mediapipe_model() -> str:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def annotated_photos(folders, data_dir=None, max_faces=None):
-  """(name, RGB image, ground truth [68, 2] pixels) of every photo with a .pts, then the 300W test split."""
+def annotated_photos(folders, data_dir=None, max_faces=None, dataset="300w", split="test_full"):
+  """(name, RGB image, ground truth [68, 2] pixels) of every photo with a .pts, then the prepared split."""
   from kd_landmarks.datasets import images as image_io
   from kd_landmarks.datasets import readers
 
@@ -90,12 +90,14 @@ def annotated_photos(folders, data_dir=None, max_faces=None):
                        readers.read_pts(pts)))
   if data_dir:
     from kd_landmarks import datasets
-    source = datasets.load_split("300w", "test_full", data_dir)
+    source = datasets.load_split(dataset, split, data_dir)
     count = len(source) if max_faces is None else min(len(source), max_faces)
     # The stored crops (1.5x the landmark box) are photos of one face each, with their annotation.
     for index in np.unique(np.linspace(0, len(source) - 1, count).round().astype(int)):
       example = source[int(index)]
-      photos.append((f"300w/test_full/{example['image_id']}", np.asarray(example["image"]),
+      image_id = example["image_id"]
+      image_id = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
+      photos.append((f"{dataset}/{split}/{image_id}", np.asarray(example["image"]),
                      np.asarray(example["landmarks"], np.float64)))
   return photos[:max_faces] if max_faces else photos
 
@@ -149,7 +151,10 @@ def main(argv=None) -> int:
   parser.add_argument("--checkpoint", help="a model directory (overrides WORKDIR/MODEL)")
   parser.add_argument("--photos", nargs="*", default=[DEFAULT_PHOTOS],
                       help="folders of photos with 300W .pts annotations")
-  parser.add_argument("--data_dir", help="also use the prepared 300W test_full split from here")
+  parser.add_argument("--data_dir", help="also use a prepared test split from here")
+  parser.add_argument("--dataset", default="300w", choices=["300w", "synthetic"],
+                      help="a 68-point dataset (dlib's predictor has 68 points)")
+  parser.add_argument("--split", help="default: test_full for 300w, test otherwise")
   parser.add_argument("--max_faces", type=int)
   parser.add_argument("--repeats", type=int, default=50)
   parser.add_argument("--detector", default=detect.DEFAULT_DETECTOR, choices=sorted(detect.DETECTORS))
@@ -182,8 +187,9 @@ def main(argv=None) -> int:
   size = predictor.image_size
   student_name = f"{meta['model']} @{size}px" + ("" if trained else " (untrained)")
 
+  split = args.split or ("test_full" if args.dataset == "300w" else "test")
   photos = annotated_photos(args.photos, args.data_dir, 2 if args.quick and args.max_faces is None
-                            else args.max_faces)
+                            else args.max_faces, dataset=args.dataset, split=split)
   if not photos:
     parser.error(f"no annotated photos (image + .pts) in {args.photos}")
 
