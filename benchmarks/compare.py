@@ -193,10 +193,23 @@ def main(argv=None) -> int:
   if not photos:
     parser.error(f"no annotated photos (image + .pts) in {args.photos}")
 
-  # --- (b) ONNX exports of the same variables.
-  export_dir = tempfile.mkdtemp(prefix="kd_compare_")
-  print(f"exporting {student_name} to ONNX in {export_dir} ...", file=sys.stderr)
-  report = export.export_onnx(module, variables, meta, export_dir, quantize=not args.no_int8)
+  # --- (b) ONNX exports of the same variables: the model's own export (its int8 calibrated on training
+  # data) when `python -m kd_landmarks.export` made one, else a fresh one.
+  existing = os.path.join(model_dir, "export", "export.json") if model_dir else None
+  report = None
+  if existing and os.path.exists(existing):
+    with open(existing) as f:
+      report = json.load(f)
+    if report.get("checkpoint") != list(meta.get("checkpoint") or []):
+      report = None  # Exported from another checkpoint: stale.
+  if report is not None:
+    if "int8" not in report:
+      args.no_int8 = True
+    print(f"using the existing export {existing}", file=sys.stderr)
+  else:
+    export_dir = tempfile.mkdtemp(prefix="kd_compare_")
+    print(f"exporting {student_name} to ONNX in {export_dir} ...", file=sys.stderr)
+    report = export.export_onnx(module, variables, meta, export_dir, quantize=not args.no_int8)
   sessions = {"onnx fp32": export.ort_session(report["float32"]["path"], threads=threads)}
   if not args.no_int8:
     sessions["onnx int8"] = export.ort_session(report["int8"]["path"], threads=threads)
