@@ -31,9 +31,15 @@ def to_pixels(points_norm, image_size):
 
 def apply_affine(affine, points):
   """Applies ``[..., 2, 3]`` affine(s) to points ``[..., K, 2]``."""
-  linear = affine[..., :2]
-  offset = affine[..., 2]
-  return points @ linear.swapaxes(-1, -2) + offset[..., None, :]
+  # Written out element by element rather than as a matmul: on GPUs/TPUs a float32 matmul runs at reduced
+  # precision by default, which moved points by ~0.2 px at 320 px (measured on an H200).
+  x = points[..., 0]
+  y = points[..., 1]
+  a = affine[..., None, :, :]
+  new_x = a[..., 0, 0] * x + a[..., 0, 1] * y + a[..., 0, 2]
+  new_y = a[..., 1, 0] * x + a[..., 1, 1] * y + a[..., 1, 2]
+  stack = np.stack if isinstance(points, np.ndarray) else _jnp_stack
+  return stack([new_x, new_y], axis=-1)
 
 
 def invert_affine(affine):
@@ -79,6 +85,11 @@ def crop_affine(box, out_size):
   row0 = np.stack([s, zeros, tx], axis=-1)
   row1 = np.stack([zeros, s, ty], axis=-1)
   return np.stack([row0, row1], axis=-2)
+
+
+def _jnp_stack(arrays, axis):
+  import jax.numpy as jnp  # Only reached with jax inputs; keeps numpy-only users free of a jax import.
+  return jnp.stack(arrays, axis=axis)
 
 
 def _wh(image_size):
