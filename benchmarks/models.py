@@ -1,0 +1,330 @@
+"""Speed of the student (MobileNetV2) and teacher (EfficientNet-B3): JAX against peers, same run.
+
+Measures, at 224 px by default:
+  * forward latency at batch 1 (jitted JAX; PyTorch eager, channels-last; ONNX Runtime on the
+    PyTorch model exported with torch.onnx), median milliseconds;
+  * train-step throughput (forward + backward + Adam, MSE on the coordinates, BatchNorm in training
+    mode), batch 8 on CPU, median images/second;
+and prints ratios JAX / peer. The PyTorch models are written here (no torchvision) to match the Flax
+ones layer for layer, including the Dense(2K) head; their parameter counts are printed as a check.
+
+CPU (pin the cores so every framework gets the same ones; the figures are medians):
+  taskset -c 0,1 python benchmarks/models.py                # full run, all depthwise implementations
+  python benchmarks/models.py --quick                       # a few iterations at 64 px: checks it runs
+GPU (JAX only; peers need a CUDA PyTorch, use --peers torch to try):
+  python benchmarks/models.py --platform gpu --dtype bfloat16 --batch 256 --models student
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+MODEL_NAMES = {"student": "mobilenet_v2", "teacher": "efficientnet_b3"}
+NUM_LANDMARKS = 68
+
+
+def _median_seconds(fn, *, warmup, iterations):
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(iterations):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------- JAX
+
+def jax_benchmark(role, args, depthwise_impl):
+  """Returns (forward ms at batch 1, train img/s at args.batch, compile seconds)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from kd_landmarks import models
+
+  device = jax.devices(args.platform)[0]
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+  model = models.create_model(MODEL_NAMES[role], num_landmarks=NUM_LANDMARKS, dtype=dtype,
+                              depthwise_impl=depthwise_impl)
+  size = args.image_size
+  with jax.default_device(device):
+    rng = jax.random.key(0)
+    images = jax.random.uniform(rng, (args.batch, size, size, 3), jnp.float32)
+    targets = jax.random.uniform(rng, (args.batch, NUM_LANDMARKS, 2), jnp.float32) - 0.5
+    variables = jax.jit(lambda x: model.init(rng, x, train=False))(images[:1])
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(variables["params"])
+
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+    def train_step(params, batch_stats, opt_state, images, targets, key):
+      def loss_fn(params):
+        pred, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                    mutable=["batch_stats"], rngs={"dropout": key})
+        return jnp.mean((pred - targets) ** 2), updates["batch_stats"]
+      (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    step = jax.jit(train_step, donate_argnums=(0, 1, 2))
+    start = time.perf_counter()
+    one = images[:1]
+    forward(variables, one).block_until_ready()
+    compile_s = time.perf_counter() - start
+    forward_s = _median_seconds(lambda: forward(variables, one).block_until_ready(),
+                                warmup=args.warmup, iterations=args.iterations)
+
+    # The train step donates its state, so it runs after the forward timing.
+    start = time.perf_counter()
+    state = [variables["params"], variables["batch_stats"], opt_state]
+    key = jax.random.key(1)
+    state = list(step(*state, images, targets, key))
+    jax.block_until_ready(state)
+    compile_s += time.perf_counter() - start
+
+    def run_step():
+      state[:] = step(state[0], state[1], state[2], images, targets, key)
+      jax.block_until_ready(state[3])
+    step_s = _median_seconds(run_step, warmup=args.warmup,
+                             iterations=max(3, args.iterations // args.train_iteration_divisor))
+  return forward_s * 1e3, args.batch / step_s, compile_s
+
+
+# ------------------------------------------------------------------------------------------- PyTorch
+
+def torch_models():
+  """PyTorch MobileNetV2 and EfficientNet with the same layers and head as kd_landmarks.models."""
+  import math
+  import torch
+  from torch import nn
+
+  from kd_landmarks.models.efficientnet import BASE_STAGES, VARIANTS, round_filters, round_repeats
+  from kd_landmarks.models.layers import IMAGENET_MEAN, IMAGENET_STD, make_divisible
+  from kd_landmarks.models.mobilenet_v2 import INVERTED_RESIDUAL_SETTINGS
+
+  def conv_bn(cin, cout, k, stride, groups, act):
+    # TF SAME padding for stride 2 on even inputs pads (0, 1); symmetric k//2 has the same cost.
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01)]
+    if act is not None:
+      layers.append(act())
+    return nn.Sequential(*layers)
+
+  class Head(nn.Module):
+    def __init__(self, channels, dropout):
+      super().__init__()
+      self.dropout = nn.Dropout(dropout)
+      self.fc = nn.Linear(channels, 2 * NUM_LANDMARKS)
+
+    def forward(self, x):
+      return self.fc(self.dropout(x.mean((2, 3)))).view(x.shape[0], NUM_LANDMARKS, 2)
+
+  class Normalize(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+      self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x):
+      return (x - self.mean) / self.std
+
+  class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, t, stride):
+      super().__init__()
+      hidden = cin * t
+      layers = [conv_bn(cin, hidden, 1, 1, 1, nn.ReLU6)] if t != 1 else []
+      layers += [conv_bn(hidden, hidden, 3, stride, hidden, nn.ReLU6), conv_bn(hidden, cout, 1, 1, 1, None)]
+      self.body = nn.Sequential(*layers)
+      self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+      return x + self.body(x) if self.residual else self.body(x)
+
+  class TorchMobileNetV2(nn.Module):
+    def __init__(self):
+      super().__init__()
+      layers = [Normalize(), conv_bn(3, 32, 3, 2, 1, nn.ReLU6)]
+      cin = 32
+      for t, c, n, s in INVERTED_RESIDUAL_SETTINGS:
+        for i in range(n):
+          layers.append(InvertedResidual(cin, make_divisible(c), t, s if i == 0 else 1))
+          cin = make_divisible(c)
+      layers.append(conv_bn(cin, 1280, 1, 1, 1, nn.ReLU6))
+      self.features = nn.Sequential(*layers)
+      self.head = Head(1280, 0.0)
+
+    def forward(self, x):
+      return self.head(self.features(x))
+
+  class MBConv(nn.Module):
+    def __init__(self, cin, cout, k, stride, t, drop):
+      super().__init__()
+      hidden = cin * t
+      self.expand = conv_bn(cin, hidden, 1, 1, 1, nn.SiLU) if t != 1 else nn.Identity()
+      self.depthwise = conv_bn(hidden, hidden, k, stride, hidden, nn.SiLU)
+      squeezed = max(1, int(cin * 0.25))
+      self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(hidden, squeezed, 1), nn.SiLU(),
+                              nn.Conv2d(squeezed, hidden, 1), nn.Sigmoid())
+      self.project = conv_bn(hidden, cout, 1, 1, 1, None)
+      self.residual = stride == 1 and cin == cout
+      self.drop = drop
+
+    def forward(self, x):
+      y = self.depthwise(self.expand(x))
+      y = self.project(y * self.se(y))
+      if not self.residual:
+        return y
+      if self.training and self.drop > 0:
+        keep = torch.rand(y.shape[0], 1, 1, 1) < 1 - self.drop
+        y = y * keep / (1 - self.drop)
+      return x + y
+
+  class TorchEfficientNet(nn.Module):
+    def __init__(self, variant="b3"):
+      super().__init__()
+      width, depth, _, dropout = VARIANTS[variant]
+      stem = round_filters(32, width)
+      layers = [Normalize(), conv_bn(3, stem, 3, 2, 1, nn.SiLU)]
+      cin = stem
+      total = sum(round_repeats(s.repeats, depth) for s in BASE_STAGES)
+      block = 0
+      for s in BASE_STAGES:
+        cout = round_filters(s.out_channels, width)
+        for i in range(round_repeats(s.repeats, depth)):
+          layers.append(MBConv(cin, cout, s.kernel_size, s.strides if i == 0 else 1, s.expansion,
+                               0.2 * block / total))
+          cin = cout
+          block += 1
+      top = round_filters(1280, width)
+      layers.append(conv_bn(cin, top, 1, 1, 1, nn.SiLU))
+      self.features = nn.Sequential(*layers)
+      self.head = Head(top, dropout)
+
+    def forward(self, x):
+      return self.head(self.features(x))
+
+  del math
+  return {"student": TorchMobileNetV2, "teacher": TorchEfficientNet}
+
+
+def torch_benchmark(role, args, onnx_too):
+  """Returns (params, forward ms, train img/s, onnxruntime forward ms or None)."""
+  import torch
+  torch.set_num_threads(args.threads)
+  model = torch_models()[role]().to(memory_format=torch.channels_last)
+  params = sum(p.numel() for p in model.parameters())
+  size = args.image_size
+  one = torch.rand(1, 3, size, size).contiguous(memory_format=torch.channels_last)
+  images = torch.rand(args.batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+  targets = torch.rand(args.batch, NUM_LANDMARKS, 2) - 0.5
+
+  model.eval()
+  with torch.inference_mode():
+    forward_s = _median_seconds(lambda: model(one), warmup=args.warmup, iterations=args.iterations)
+  model.train()
+  optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+  def run_step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.mean((model(images) - targets) ** 2)
+    loss.backward()
+    optimizer.step()
+  step_s = _median_seconds(run_step, warmup=args.warmup,
+                           iterations=max(3, args.iterations // args.train_iteration_divisor))
+
+  onnx_ms = None
+  if onnx_too:
+    onnx_ms = onnxruntime_benchmark(model, one, args)
+  return params, forward_s * 1e3, args.batch / step_s, onnx_ms
+
+
+def onnxruntime_benchmark(model, one, args):
+  import tempfile
+  import onnxruntime as ort
+  import torch
+  model.eval()
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "model.onnx")
+    try:
+      torch.onnx.export(model, (one.contiguous(),), path, input_names=["images"], output_names=["landmarks"],
+                        opset_version=17, dynamo=False)
+    except TypeError:  # Older torch without the dynamo flag.
+      torch.onnx.export(model, (one.contiguous(),), path, input_names=["images"], output_names=["landmarks"],
+                        opset_version=17)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {"images": one.contiguous().numpy()}
+    seconds = _median_seconds(lambda: session.run(None, feed), warmup=args.warmup, iterations=args.iterations)
+  return seconds * 1e3
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="3 iterations at 64 px: checks that it runs")
+  parser.add_argument("--models", default="student,teacher", help="comma-separated: student, teacher")
+  parser.add_argument("--platform", default="cpu", help="jax platform: cpu, gpu, tpu")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--batch", type=int, default=8, help="train-step batch size")
+  parser.add_argument("--image_size", type=int, default=None, help="default 224 (64 with --quick)")
+  parser.add_argument("--iterations", type=int, default=None, help="timed forward iterations (default 50)")
+  parser.add_argument("--warmup", type=int, default=None)
+  parser.add_argument("--depthwise_impls", default="auto",
+                      help="comma-separated depthwise_impl values to time for JAX, or 'all'")
+  parser.add_argument("--peers", default=None,
+                      help="comma-separated: torch, onnxruntime (default both on CPU, none elsewhere)")
+  parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                      help="threads for PyTorch / ONNX Runtime (default: the cores this process may use)")
+  args = parser.parse_args(argv)
+  args.image_size = args.image_size or (64 if args.quick else 224)
+  args.iterations = args.iterations or (3 if args.quick else 50)
+  args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+  # Train steps are ~50x a forward: time fewer of them.
+  args.train_iteration_divisor = 1 if args.quick else 5
+  if args.peers is None:
+    args.peers = "torch,onnxruntime" if args.platform == "cpu" else ""
+  peers = {p for p in args.peers.split(",") if p}
+
+  from kd_landmarks.models import depthwise
+  impls = ([i for i in depthwise.DEPTHWISE_IMPLS if i != "auto"] if args.depthwise_impls == "all"
+           else args.depthwise_impls.split(","))
+  import jax
+  print(f"jax {jax.__version__} on {jax.devices(args.platform)[0].device_kind}; cores usable: "
+        f"{len(os.sched_getaffinity(0))}; image {args.image_size}px; train batch {args.batch}; "
+        f"dtype {args.dtype}; 'auto' depthwise = {depthwise.resolve_impl('auto')}", flush=True)
+
+  for role in [r.strip() for r in args.models.split(",") if r.strip()]:
+    print(f"\n== {role} ({MODEL_NAMES[role]}) ==", flush=True)
+    jax_results = {}
+    for impl in impls:
+      forward_ms, train_ips, compile_s = jax_benchmark(role, args, impl)
+      jax_results[impl] = (forward_ms, train_ips)
+      print(f"JAX depthwise={impl:12s} forward b1 {forward_ms:8.2f} ms   train b{args.batch} "
+            f"{train_ips:8.1f} img/s   (compile+first {compile_s:.1f} s)", flush=True)
+    if "torch" in peers:
+      params, t_forward, t_train, onnx_ms = torch_benchmark(role, args, "onnxruntime" in peers)
+      print(f"PyTorch {params:,} params, channels-last: forward b1 {t_forward:8.2f} ms   "
+            f"train b{args.batch} {t_train:8.1f} img/s", flush=True)
+      if onnx_ms is not None:
+        print(f"ONNX Runtime (PyTorch export): forward b1 {onnx_ms:8.2f} ms", flush=True)
+      for impl, (forward_ms, train_ips) in jax_results.items():
+        line = (f"ratios JAX[{impl}]: forward time JAX/PyTorch {forward_ms / t_forward:.2f}x, "
+                f"train throughput JAX/PyTorch {train_ips / t_train:.2f}x")
+        if onnx_ms is not None:
+          line += f", forward time JAX/ONNX Runtime {forward_ms / onnx_ms:.2f}x"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+  main()
