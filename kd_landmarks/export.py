@@ -11,9 +11,10 @@ S = ``image_size`` of model.json, cut as in :func:`kd_landmarks.predict.crop_for
 division by 255 and the model's own input normalisation are inside the graph.
 
 Formats:
-  * ``onnx``: float32 via jax2onnx (``<model>.onnx``); with ``--quantize`` also a statically quantised int8
-    QDQ model (``<model>.int8.onnx``, onnxruntime.quantization, per-channel weights, activations calibrated
-    on face crops: the training split when ``--data_dir`` is given, else the real fixture photo).
+  * ``onnx``: float32 via jax2onnx (``<model dir name>.onnx``, e.g. ``student_kd.onnx``); with
+    ``--quantize`` also a statically quantised int8 QDQ model (``student_kd.int8.onnx``,
+    onnxruntime.quantization, per-channel weights, activations calibrated on face crops: the training
+    split when ``--data_dir`` is given, else the real fixture photo). Teachers export the same way.
   * TFLite/LiteRT: no converter route works here without TensorFlow (jax2tf and ai-edge-torch need it; the
     ``ai-edge-litert`` package is an interpreter only), so it is not offered. Convert the ONNX file with
     a TensorFlow-based tool (e.g. onnx2tf) on a machine that has TensorFlow.
@@ -275,8 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.quantize and args.data_dir:
     calibration = dataset_crops(meta["dataset"], info.get_info(meta["dataset"]).train_split,
                                 args.data_dir, int(meta["image_size"]), count=args.calibration_images)
+  # Files are named after the model directory (student_kd.onnx, teacher_tough.onnx, ...).
   report = export_onnx(module, variables, meta, args.out or os.path.join(model_dir, "export"),
-                       quantize=args.quantize, calibration_images=calibration)
+                       quantize=args.quantize, calibration_images=calibration,
+                       name=os.path.basename(os.path.normpath(model_dir)))
   print(json.dumps(report, indent=1))
   return 0
 
