@@ -23,13 +23,14 @@ CORE = [
 EXTRAS = {
     "test": ["pytest>=8.0", "hypothesis>=6.100"],
     # Export of a trained student to mobile/edge runtimes.
-    "export": ["onnx>=1.16", "onnxruntime>=1.18", "jax2onnx"],
+    "export": ["onnx>=1.16", "onnxruntime>=1.18", "jax2onnx>=0.17"],
+    # Landmarks on your own photos: dlib's HOG face detector (its model is inside the wheel).
+    "predict": ["dlib-bin>=19.24"],
     # Side-by-side comparisons with peer frameworks and detectors people use today.
     "bench": [
         "torch==2.13.0",
         "onnx>=1.16",
         "onnxruntime>=1.18",
-        "opencv-python-headless>=4.9",
         "dlib-bin>=19.24",
         "face_recognition_models>=0.3",
         "ai-edge-litert>=1.0",
