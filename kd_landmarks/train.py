@@ -107,14 +107,16 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   landmark_sets = {"landmarks": batch["landmarks"]}
   if spec.target == "soft_landmarks":
     landmark_sets["soft_landmarks"] = batch["soft_landmarks"]
-  if spec.target == "student" and spec.teacher_modules is None:
+  # A baseline student (l2, l1, smooth_l1) gets no teacher predictions in its batch; its loss ignores them.
+  cached_teachers = spec.target == "student" and spec.teacher_modules is None and "tough" in batch
+  if cached_teachers:
     landmark_sets["tough"] = batch["tough"]
     landmark_sets["tolerant"] = batch["tolerant"]
   augment_fn = spec.augment_fn or _default_augment_fn()
   images, targets, _ = augment_fn(augment_rng, batch["image"], landmark_sets, reference="landmarks",
                                   out_size=spec.image_size, flip_permutation=spec.flip_permutation,
                                   config=spec.augment_config)
-  if spec.target == "student":
+  if spec.target == "student" and (cached_teachers or spec.teacher_modules is not None):
     if spec.teacher_modules is not None:
       # Online teachers see exactly the student's augmented images; frozen: no gradient, eval mode.
       for name, module in spec.teacher_modules.items():
@@ -122,7 +124,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
             module.apply(teacher_variables[name], images, train=False).astype(jnp.float32))
     gt, tough, tolerant = targets["landmarks"], targets["tough"], targets["tolerant"]
   else:
-    gt = targets[spec.target]
+    gt = targets["landmarks" if spec.target == "student" else spec.target]
     tough = tolerant = gt  # The L2 loss ignores them; passing gt keeps one loss signature.
 
   def loss_of(params):

@@ -1,0 +1,104 @@
+"""Tests of kd_landmarks.evaluate: predictions travel back to original pixels exactly; files and metrics."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_landmarks import augment
+from kd_landmarks import coords
+from kd_landmarks import evaluate
+import train_fixtures as fx
+
+
+class _OracleModule:
+  """Predicts, for each image, the ground truth in the eval crop's normalised coordinates (computed
+  independently of evaluate.py's mapping) plus a known offset in normalised units."""
+
+  def __init__(self, truth_norm, offset=0.0):
+    self.truth_norm = truth_norm
+    self.offset = offset
+
+  def apply(self, variables, images, train=False):
+    del variables, train
+    # Images carry their row number in pixel (0, 0, 0) so that the oracle can look its answer up.
+    rows = jnp.round(images[:, 0, 0, 0] * 255.0).astype(jnp.int32)
+    return self.truth_norm[rows] + self.offset
+
+  def __hash__(self):
+    return id(self)
+
+
+class _RowSource(fx.InMemorySource):
+  def __getitem__(self, i):
+    example = super().__getitem__(i)
+    image = np.zeros_like(example["image"])
+    image[:, :] = i  # A flat image survives the eval crop's bilinear resampling exactly.
+    return dict(example, image=image)
+
+
+def _truth_norm(source):
+  images = np.stack([source[i]["image"] for i in range(len(source))])
+  landmarks = np.stack([source[i]["landmarks"] for i in range(len(source))])
+  _, sets, _ = augment.preprocess_eval(images, {"landmarks": landmarks}, out_size=fx.IMAGE_SIZE)
+  return jnp.asarray(sets["landmarks"])
+
+
+def test_oracle_predictions_map_back_to_original_pixels():
+  source = _RowSource(5)
+  module = _OracleModule(_truth_norm(source))
+  result = evaluate.predict_source(module, {}, source, image_size=fx.IMAGE_SIZE, batch_size=2)
+  gt_original = np.stack([source[i]["landmarks_original"] for i in range(5)])
+  np.testing.assert_allclose(result["pred"], gt_original, atol=1e-3)  # Includes the padded last batch.
+  np.testing.assert_allclose(result["pred_crop"], np.stack([source[i]["landmarks"] for i in range(5)]),
+                             atol=1e-3)
+  assert list(result["image_id"]) == [f"img{i}" for i in range(5)]
+  np.testing.assert_array_equal(result["index"], np.arange(5))
+
+
+def test_a_known_normalised_error_becomes_the_expected_pixel_error():
+  # Offset 0.01 normalised = 0.01 * eval box side (crop px) * 2 (crop -> original scale) in original px.
+  source = _RowSource(3)
+  module = _OracleModule(_truth_norm(source), offset=0.01)
+  result = evaluate.predict_source(module, {}, source, image_size=fx.IMAGE_SIZE, batch_size=4)
+  landmarks = source[0]["landmarks"]
+  side = coords.square_box_from_landmarks(landmarks)[2] * augment.EVAL_BOX_SCALE
+  np.testing.assert_allclose(result["pred"][0] - result["gt"][0], 0.01 * side * 2.0, rtol=1e-3)
+
+
+def test_split_metrics_by_hand():
+  gt = np.zeros((2, 68, 2), np.float32)
+  gt[:, 36] = (0.0, 0.0)
+  gt[:, 45] = (100.0, 0.0)  # Inter-ocular distance 100 px.
+  pred = gt.copy()
+  pred[0] += (5.0, 0.0)     # Every point 5 px off: NME 0.05.
+  pred[1] += (0.0, 20.0)    # 20 px off: NME 0.2, a failure at 0.1.
+  result = evaluate.split_metrics(pred, gt, dataset="300w")
+  assert result["nme"] == pytest.approx(0.125)
+  assert result["fr"] == pytest.approx(0.5)
+  assert result["count"] == 2
+  assert "nme_inter_pupil" in result
+  cofw_gt = np.random.default_rng(0).uniform(0, 100, (1, 29, 2))
+  assert "nme_inter_pupil" not in evaluate.split_metrics(cofw_gt, cofw_gt, dataset="cofw")  # Table 3: 300W.
+
+
+def test_evaluate_model_writes_the_files_the_report_reads(tmp_path, monkeypatch):
+  from kd_landmarks import checkpoint
+  source = _RowSource(4)
+  module = _OracleModule(_truth_norm(source), offset=0.02)
+  meta = dict(model="oracle", num_landmarks=fx.NUM_LANDMARKS, image_size=fx.IMAGE_SIZE, dataset="synthetic",
+              overrides={}, dtype="float32")
+  monkeypatch.setattr(checkpoint, "load_inference_variables",
+                      lambda model_dir: (module, {}, dict(meta, checkpoint=("best", 7))))
+  model_dir = str(tmp_path / "student_kd")
+  metrics = evaluate.evaluate_model(model_dir, splits=["test"], load_split_fn=lambda split: source,
+                                    batch_size=4)
+  written = json.load(open(os.path.join(model_dir, "eval", "metrics.json")))
+  assert written == metrics
+  assert written["test"]["count"] == 4 and written["test"]["nme"] > 0
+  arrays = np.load(os.path.join(model_dir, "eval", "test.npz"))
+  assert set(arrays) == {"pred", "gt", "image_id", "attributes", "occluded"}
+  assert arrays["pred"].shape == arrays["gt"].shape == (4, fx.NUM_LANDMARKS, 2)
+  assert os.listdir(os.path.join(model_dir, "events"))
