@@ -10,6 +10,8 @@ sizes and step counts are small. Optimiser, decay and augmentation are the paper
 import importlib.util
 import os
 
+import ml_collections
+
 
 def _default():
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
@@ -27,13 +29,22 @@ def get_config(arg=None):
   config.synthetic.num_test = 300
   config.synthetic.image_size = 96
   config.image_size = 64
-  config.teacher_model = "efficientnet_b3_tiny"
+  # At this size a tiny EfficientNet learns far slower than a tiny MobileNetV2 (measured), so the demo's
+  # teachers are the student's architecture trained longer: KD's benefit then comes from the loss alone.
+  config.teacher_model = "mobilenet_v2_tiny"
   config.student_model = "mobilenet_v2_tiny"
+  # Faster-moving batch-norm averages: with a few hundred steps Keras' 0.99 leaves eval-mode statistics
+  # behind the weights (measured: eval MSE 3x the train MSE after 300 steps).
+  config.teacher_overrides = ml_collections.ConfigDict(dict(bn_momentum=0.9))
+  config.student_overrides = ml_collections.ConfigDict(dict(bn_momentum=0.9))
   config.student_loss = "l2,kd"
   config.teacher.batch_size = 32
-  config.teacher.num_train_steps = 600
+  config.teacher.num_train_steps = 500
   config.student.batch_size = 32
-  config.student.num_train_steps = 600
+  config.student.num_train_steps = 400
+  # +-15 instead of the paper's +-45 degrees: the synthetic faces are near-frontal and a CPU-sized run
+  # cannot learn the full rotation range in a few hundred steps.
+  config.augment.max_rotation_degrees = 15.0
   config.log_every_steps = 50
   config.checkpoint_every_steps = 200
   config.eval_every_steps = -1
