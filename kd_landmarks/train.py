@@ -395,9 +395,17 @@ def _check_finite(pending, model_dir, last_saved) -> dict:
 
 
 def _write_done(model_dir, step):
-  if jax.process_index() == 0:
-    with open(os.path.join(model_dir, DONE_FILE), "w") as f:
-      json.dump({"step": int(step), "time": time.time()}, f)
+  """Marks training finished. Rewritten only when the step changes: its mtime tells the teacher cache
+  and the evaluation whether they are older than the model."""
+  path = os.path.join(model_dir, DONE_FILE)
+  if jax.process_index() != 0:
+    return
+  if os.path.exists(path):
+    with open(path) as f:
+      if json.load(f).get("step") == int(step):
+        return
+  with open(path, "w") as f:
+    json.dump({"step": int(step), "time": time.time()}, f)
 
 
 def _summary_writer(model_dir):
