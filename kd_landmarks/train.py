@@ -39,6 +39,9 @@ TEACHERS = ("tough", "tolerant")
 TEACHER_TARGETS = {"tough": "landmarks", "tolerant": "soft_landmarks"}
 TEACHER_LOSS = "l2"  # Section 4.4: both teachers are trained with the L2 loss.
 CACHE_FILE = os.path.join("teacher_cache", "train.npz")
+# Each role starts from its own initialisation and batch order; every student loss shares one, so that
+# the students of Tables 7-8 differ only by their loss.
+ROLE_SEED_OFFSETS = {"landmarks": 0, "soft_landmarks": 1, "student": 2}
 DONE_FILE = "train_done.json"
 
 
@@ -530,7 +533,7 @@ def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase,
       batch_size=int(config.eval_batch_size), mesh=mesh)
   setup = FitSetup(
       model_dir=model_dir, model=model, spec=spec, train_source=train_source, batch_keys=tuple(keys),
-      global_batch_size=batch_size, num_train_steps=steps, seed=int(config.seed),
+      global_batch_size=batch_size, num_train_steps=steps, seed=int(config.seed) + ROLE_SEED_OFFSETS[target],
       tx=create_optimizer(config, learning_rate_fn), meta=meta, extra_arrays=extra_arrays,
       teacher_variables=teacher_variables, validate_fn=validate_fn,
       log_every_steps=int(config.log_every_steps), checkpoint_every_steps=int(config.checkpoint_every_steps),
