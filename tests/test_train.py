@@ -157,6 +157,7 @@ def test_fit_trains_saves_and_reports_best(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, again, variables)
 
 
+@pytest.mark.slow
 def test_interrupted_fit_resumes_to_the_same_params(tmp_path):
   whole = train.fit(fx.fit_setup(str(tmp_path / "a"), num_train_steps=6, checkpoint_every=2))
   # Stopped after 3 steps (checkpoint at 2): the restart redoes step 3 from the step-2 checkpoint.
@@ -166,6 +167,7 @@ def test_interrupted_fit_resumes_to_the_same_params(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed, whole)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   model_dir = str(tmp_path / "m")
   setup = fx.fit_setup(model_dir, num_train_steps=8, checkpoint_every=2)
