@@ -94,7 +94,7 @@ def jax_benchmark(role, args, depthwise_impl):
       state[:] = step(state[0], state[1], state[2], images, targets, key)
       jax.block_until_ready(state[3])
     step_s = _median_seconds(run_step, warmup=args.warmup,
-                             iterations=max(3, args.iterations // args.train_iteration_divisor))
+                             iterations=args.train_iterations)
   return forward_s * 1e3, args.batch / step_s, compile_s
 
 
@@ -238,7 +238,7 @@ def torch_benchmark(role, args, onnx_too):
     loss.backward()
     optimizer.step()
   step_s = _median_seconds(run_step, warmup=args.warmup,
-                           iterations=max(3, args.iterations // args.train_iteration_divisor))
+                           iterations=args.train_iterations)
 
   onnx_ms = None
   if onnx_too:
@@ -279,6 +279,8 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=8, help="train-step batch size")
   parser.add_argument("--image_size", type=int, default=None, help="default 224 (64 with --quick)")
   parser.add_argument("--iterations", type=int, default=None, help="timed forward iterations (default 50)")
+  parser.add_argument("--train_iterations", type=int, default=None,
+                      help="timed train steps (default: iterations / 5 on CPU, = iterations elsewhere)")
   parser.add_argument("--warmup", type=int, default=None)
   parser.add_argument("--depthwise_impls", default="auto",
                       help="comma-separated depthwise_impl values to time for JAX, or 'all'")
@@ -290,8 +292,10 @@ def main(argv=None):
   args.image_size = args.image_size or (64 if args.quick else 224)
   args.iterations = args.iterations or (3 if args.quick else 50)
   args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
-  # Train steps are ~50x a forward: time fewer of them.
-  args.train_iteration_divisor = 1 if args.quick else 5
+  if args.train_iterations is None:
+    # On CPU a train step costs ~50 forwards: time fewer of them.
+    args.train_iterations = args.iterations if args.quick or args.platform != "cpu" else max(
+        3, args.iterations // 5)
   if args.peers is None:
     args.peers = "torch,onnxruntime" if args.platform == "cpu" else ""
   peers = {p for p in args.peers.split(",") if p}

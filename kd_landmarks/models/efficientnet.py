@@ -74,8 +74,7 @@ class MBConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    conv = functools.partial(nn.Conv, kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
-                             kernel_init=layers.conv_init)
+    conv = functools.partial(layers.PointwiseConv, dtype=self.dtype, param_dtype=self.param_dtype)
     in_channels = x.shape[-1]
     y = x
     if self.expansion != 1:
@@ -151,8 +150,8 @@ class EfficientNet(nn.Module):
                    stage.se_ratio, self.stochastic_depth_rate * block / total_blocks, self.depthwise_impl,
                    norm, self.dtype, self.param_dtype, name=f"block{block}")(x, train=train)
         block += 1
-    x = nn.Conv(round_filters(self.top_channels, width), (1, 1), use_bias=False, dtype=self.dtype,
-                param_dtype=self.param_dtype, kernel_init=layers.conv_init, name="top")(x)
+    x = layers.PointwiseConv(round_filters(self.top_channels, width), dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="top")(x)
     x = nn.swish(norm(name="top_bn")(x))
     return layers.RegressionHead(self.num_landmarks, self.dropout_rate, self.param_dtype,
                                  name="head")(x, train=train)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
+from jax import lax
 import jax.numpy as jnp
 
 from kd_landmarks.models import depthwise
@@ -40,6 +42,33 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
   if new_value < 0.9 * value:
     new_value += divisor
   return new_value
+
+
+class PointwiseConv(nn.Module):
+  """1x1 convolution with the parameter layout of ``nn.Conv`` (kernel ``[1, 1, Cin, Cout]``).
+
+  On CPU it runs as a matrix product over the channel axis: the same arithmetic, but XLA's CPU
+  backend computes the gradient of a 1x1 ``lax.conv`` about 4x slower than the gradient of a dot
+  (65 vs 15 ms for [8, 56, 56, 144] -> 24 on one core). Elsewhere it stays a convolution.
+  """
+  features: int
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    if jax.default_backend() == "cpu":
+      y = lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    else:
+      y = lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 class DepthwiseConv(nn.Module):

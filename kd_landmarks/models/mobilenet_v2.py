@@ -39,8 +39,8 @@ class InvertedResidual(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, kernel_size=(1, 1), use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype, kernel_init=layers.conv_init)
+    conv = functools.partial(layers.PointwiseConv, use_bias=False, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
     in_channels = x.shape[-1]
     y = x
     if self.expansion != 1:
@@ -104,8 +104,7 @@ class MobileNetV2(nn.Module):
       last_channels = layers.make_divisible(1280 * self.width_multiplier)
     else:
       last_channels = 1280
-    x = nn.Conv(last_channels, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=layers.conv_init, name="top")(x)
+    x = layers.PointwiseConv(last_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="top")(x)
     x = nn.relu6(norm(name="top_bn")(x))
     return layers.RegressionHead(self.num_landmarks, self.dropout_rate, self.param_dtype,
                                  name="head")(x, train=train)
