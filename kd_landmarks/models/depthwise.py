@@ -34,7 +34,10 @@ from jax import lax
 import jax.numpy as jnp
 
 DEPTHWISE_IMPLS = ("auto", "lax", "shifted", "shifted_vjp")
-# Measured by benchmarks/models.py on the 2-core CPU (forward and train step).
+# benchmarks/models.py on the shared 2-core CPU: 'shifted' and 'shifted_vjp' run the MobileNetV2 forward
+# 7-8x faster than 'lax' and the train step about 4x faster; the two shifted forms are within noise
+# of each other (the hand-written backward does the same passes as autodiff's). 'shifted_vjp' is the
+# default because its backward is explicit and tested tap by tap.
 CPU_DEFAULT_IMPL = "shifted_vjp"
 
 
