@@ -18,6 +18,7 @@ CORE = [
     "matplotlib>=3.8",     # CED curves and overlays as PNG
     "tqdm>=4.66",
     "tensorboardX>=2.6",   # TensorBoard event files without TensorFlow
+    "absl-py>=1.4",        # main.py flags
 ]
 
 EXTRAS = {

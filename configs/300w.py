@@ -3,20 +3,10 @@
 Run: python -m kd_landmarks.main --config configs/300w.py[:phase=...,platform=gpu] --workdir runs/300w
 (prepare the data first: python -m kd_landmarks.datasets prepare 300w ...).
 """
-import importlib.util
-import os
-
-
-def _default():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("kd_landmarks_configs_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from kd_landmarks import config_lib
 
 
 def get_config(arg=None):
-  default = _default()
-  config = default.base_config()
+  config = config_lib.base_config()
   config.dataset = "300w"
-  return default.apply_arg(config, arg)
+  return config_lib.apply_arg(config, arg)

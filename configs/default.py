@@ -1,119 +1,12 @@
 """Shared defaults: the paper's training hyper-parameters (Section 4.4) and the pipeline switches.
 
-Dataset configs (300w.py, cofw.py, wflw.py, demo.py) start from :func:`base_config` and change only what
-differs. Every config is *locked*: a key typo such as ``--config.studnet_loss=l2`` fails at once with
-ml_collections' "Key 'studnet_loss' does not exist" instead of being silently ignored.
+The defaults themselves live in ``kd_landmarks/config_lib.py`` (:func:`base_config`) so that every config file
+imports them the same way; this file is a runnable config of its own (dataset 300w).
 
-``get_config(arg)`` parses ``arg`` = "phase=...,platform=...,runlocal" (any subset, comma-separated), as in
-``--config configs/300w.py:phase=student,platform=gpu``.
+  python -m kd_landmarks.main --config configs/default.py:phase=...,platform=... --workdir DIR
 """
-from __future__ import annotations
-
-import ml_collections
-
-PHASES = ("teacher_tough", "teacher_tolerant", "cache_teachers", "student", "eval", "report", "all")
-PLATFORMS = ("cpu", "gpu", "tpu")
+from kd_landmarks import config_lib
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """The paper's setup: EfficientNet-B3 teachers, MobileNetV2 student, 224 px, Adam 1e-3, decay 1e-6."""
-  config = ml_collections.ConfigDict()
-  config.phase = "all"
-  config.dataset = "300w"
-  config.data_dir = ""            # Empty: WORKDIR/data (where the demo prepares the synthetic set).
-  config.seed = 0
-
-  # Models (Section 3.3): teachers are EfficientNet-B3, the student MobileNetV2, inputs 224 x 224.
-  config.image_size = 224
-  config.teacher_model = "efficientnet_b3"
-  config.student_model = "mobilenet_v2"
-  config.teacher_overrides = ml_collections.ConfigDict()   # Extra create_model kwargs, e.g. dropout_rate.
-  config.student_overrides = ml_collections.ConfigDict()
-
-  # Student loss: a name (or comma-separated names; phase 'all' trains each) from losses.STUDENT_LOSSES:
-  # kd, l2, l1, smooth_l1, kd_tough_only, kd_tolerant_only (Tables 7, 8). 'paper' or 'author_code'
-  # constants (see docs/method.md).
-  config.student_loss = "l2,kd"
-  config.loss_variant = "paper"
-  # True: run the frozen teachers inside the student's step on the augmented batch instead of reading
-  # the teacher cache (slower, but the teachers then see exactly the student's augmented image).
-  config.teachers_online = False
-
-  # Optimiser (Section 4.4): Adam(lr 1e-3, b1 0.9, b2 0.999) with Keras' time-based decay
-  # lr_t = lr / (1 + decay * step), decay 1e-6. eps 1e-7 is Keras' default, which the authors used.
-  config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-7, decay=1e-6))
-
-  # Phases: teachers batch 40, student batch 70, about 250 epochs each (Section 4.4). num_train_steps > 0
-  # overrides the epochs. batch_size is global (all devices); per_device_batch_size > 0 replaces it by
-  # per_device_batch_size * device count.
-  config.teacher = ml_collections.ConfigDict(dict(batch_size=40, num_epochs=250.0, num_train_steps=-1))
-  config.student = ml_collections.ConfigDict(dict(batch_size=70, num_epochs=250.0, num_train_steps=-1))
-  config.per_device_batch_size = -1
-
-  # Bookkeeping.
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 1000
-  config.eval_every_steps = 5000     # Validation NME for the best checkpoint; <= 0: at the end only.
-  config.keep_checkpoints = 2
-  config.val_split = ""              # Empty: the dataset's first test split (the paper has no val split).
-  config.eval_splits = ""            # Comma-separated; empty: every split but train.
-  config.eval_batch_size = 64
-  config.prefetch = 2                # Host batches prepared ahead of the device.
-  config.write_report = True
-  config.compilation_cache = True    # Persistent XLA cache in WORKDIR/jax_cache (restarts compile less).
-
-  # Platform: mesh over all devices; bfloat16 compute on accelerators.
-  config.platform = "cpu"
-  config.dtype = "float32"
-
-  # Augmentation on device (passed to kd_landmarks.augment.augment as `config`).
-  config.augment = default_augment_config()
-
-  # Only for dataset 'synthetic': what `prepare` renders when the data is missing.
-  config.synthetic = ml_collections.ConfigDict(dict(num_train=0, num_test=0, image_size=0, seed=0))
-  return config
-
-
-def default_augment_config() -> ml_collections.ConfigDict:
-  """Section 4.3: box expansion up to 10%, rotation +-45 deg, flips (p=0.5), brightness/contrast/colour,
-  Gaussian noise. The fields and defaults are those of ``kd_landmarks.augment.AugmentConfig`` (one home)."""
-  import dataclasses
-  from kd_landmarks import augment
-  return ml_collections.ConfigDict(dataclasses.asdict(augment.AugmentConfig()))
-
-
-def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Applies "phase=...,platform=...,runlocal" to ``config`` and locks it."""
-  for item in filter(None, (part.strip() for part in (arg or "").split(","))):
-    key, _, value = item.partition("=")
-    if key == "phase":
-      if value not in PHASES:
-        raise ValueError(f"unknown phase {value!r} in config arg {arg!r}; choose from {PHASES}")
-      config.phase = value
-    elif key == "platform":
-      set_platform(config, value)
-    elif key == "runlocal":
-      # A quick local smoke run of a full-size config: few steps, frequent logs.
-      config.teacher.num_train_steps = 20
-      config.student.num_train_steps = 20
-      config.log_every_steps = 5
-      config.checkpoint_every_steps = 10
-      config.eval_every_steps = -1
-    else:
-      raise ValueError(f"unknown config arg {key!r} in {arg!r}; use phase=..., platform=... or runlocal")
-  config.lock()
-  return config
-
-
-def set_platform(config: ml_collections.ConfigDict, platform: str) -> None:
-  """cpu: float32. gpu/tpu: bfloat16 compute (params stay float32), deeper host prefetch."""
-  if platform not in PLATFORMS:
-    raise ValueError(f"unknown platform {platform!r}; choose from {PLATFORMS}")
-  config.platform = platform
-  config.dtype = "float32" if platform == "cpu" else "bfloat16"
-  config.prefetch = 2 if platform == "cpu" else 4
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return apply_arg(base_config(), arg)
+def get_config(arg=None):
+  return config_lib.apply_arg(config_lib.base_config(), arg)
