@@ -121,6 +121,20 @@ class SplitEval:
 # Reading the workdir.
 
 
+# The paper's abbreviations name a network family; a config may train another (the demo's teachers are
+# tiny MobileNetV2s), and the label must then not claim the paper's network.
+_FAMILY_ABBREVIATIONS = {"mobilenet_v2": "mnv2", "efficientnet": "efn"}
+
+
+def _method_label(method: str, network: str, loss: str | None) -> str:
+  """The paper's name for ``method`` with the abbreviation of the network actually trained."""
+  label = _METHOD_LABELS.get(method, f"student ({loss})")
+  paper_abbreviation = "efn" if method.startswith("efn") else "mnv2"
+  ours = next((abbreviation for family, abbreviation in _FAMILY_ABBREVIATIONS.items()
+               if network.startswith(family)), network)
+  return label.replace(paper_abbreviation, ours, 1) if ours != paper_abbreviation else label
+
+
 def find_models(workdir: Path) -> list[ModelEntry]:
   """Every ``DIR/<model_dir>/model.json``, sorted in the paper's row order."""
   workdir = Path(workdir)
@@ -150,7 +164,7 @@ def find_models(workdir: Path) -> list[ModelEntry]:
         raise ValueError(f"{model_json}: missing field {field!r}; the evaluate step writes it")
     entries.append(ModelEntry(
         dir_name=dir_name, path=model_json.parent, method=method,
-        label=_METHOD_LABELS.get(method, f"student ({loss})"), network=str(meta["model"]),
+        label=_method_label(method, str(meta["model"]), loss), network=str(meta["model"]),
         role=role, loss=loss, loss_variant=meta.get("loss_variant"), dataset=str(meta["dataset"]).lower()))
   if not entries:
     raise FileNotFoundError(

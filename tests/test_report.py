@@ -42,9 +42,11 @@ def shifted(gt, fraction_of_inter_ocular):
   return gt + np.array([fraction_of_inter_ocular * INTER_OCULAR, 0.0])
 
 
-def write_model(workdir, dir_name, *, dataset, role, loss=None, splits, metrics_json=None,
-                network="mobilenet_v2_tiny"):
-  """Writes DIR/<dir_name>/model.json and eval/<split>.npz ({split: (pred, gt[, attributes])})."""
+def write_model(workdir, dir_name, *, dataset, role, loss=None, splits, metrics_json=None, network=None):
+  """Writes DIR/<dir_name>/model.json and eval/<split>.npz ({split: (pred, gt[, attributes])}).
+  The network defaults to the paper's: EfficientNet-B3 teachers, MobileNetV2 students."""
+  if network is None:
+    network = "efficientnet_b3" if dir_name.startswith("teacher") else "mobilenet_v2"
   model_dir = Path(workdir) / dir_name
   (model_dir / "eval").mkdir(parents=True)
   meta = {"model": network, "dataset": dataset, "num_landmarks": dataset_info.get_info(dataset).num_landmarks,
@@ -541,3 +543,11 @@ def test_model_json_as_training_writes_it(tmp_path):
   assert [r["Method"] for r in rows] == ["mnv2_KD", "efn (Tough teacher)", "efn (Tolerant teacher)"]
   assert row_of(rows, Directory="student_kd")["Loss"] == "kd (author_code)"
   assert row_of(rows, Directory="teacher_tough")["Loss"] == "l2"
+
+
+def test_labels_name_the_network_actually_trained():
+  # The demo trains tiny MobileNetV2 teachers: the report must not call them 'efn'.
+  assert report._method_label("efn", "mobilenet_v2_tiny", "l2") == "mnv2 (Tough teacher)"
+  assert report._method_label("efn", "efficientnet_b3", "l2") == "efn (Tough teacher)"
+  assert report._method_label("mnv2_kd", "mobilenet_v2", "kd") == "mnv2_KD"
+  assert report._method_label("mnv2_kd", "efficientnet_b0", "kd") == "efn_KD"
