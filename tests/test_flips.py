@@ -1,5 +1,6 @@
 """Tests for kd_landmarks.datasets.flips: structure of each permutation and symmetry on real shapes."""
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import pytest
 from kd_landmarks.datasets import flips
 from kd_landmarks.datasets import info
 
-KEYPOINTS_68_CSV = "/work/shared/data/keypoints_68/keypoints_frames_train.csv"
+KEYPOINTS_68_CSV = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "keypoints_68"
+                       / "keypoints_frames_train.csv")  # ../shared beside the checkout
 
 
 @pytest.mark.parametrize("dataset", ["300w", "cofw", "wflw", "synthetic"])

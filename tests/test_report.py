@@ -17,7 +17,7 @@ from kd_landmarks import paper_results
 from kd_landmarks import report
 from kd_landmarks.datasets import info as dataset_info
 
-PAPER = Path("/work/shared/paper/kd_loss_paper.txt")
+PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "kd_loss_paper.txt"  # ../shared
 INTER_OCULAR = 100.0  # pixels, fixed by where the fixtures put the outer eye corners
 
 

@@ -1,5 +1,6 @@
 """Tests of the ASM shape model and Soft-landmarks (paper Section 3.1, Eqs. 1-3)."""
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 
 from kd_landmarks import shapes
 
-KEYPOINTS_68 = "/work/shared/data/keypoints_68"
+KEYPOINTS_68 = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "keypoints_68")  # ../shared
 
 
 def _random_shapes(num_shapes=40, num_landmarks=5, seed=0):
