@@ -25,6 +25,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Orbax logs every checkpoint step at INFO through absl's logger, and JAX its backend probing, burying our
+  # progress bars and metrics; keep their warnings and errors, and our own INFO lines (root logger).
+  for noisy in ("absl", "jax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   from kd_landmarks import parallel
   # Before anything touches a device: joins the other hosts when there are any.
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
