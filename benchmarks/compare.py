@@ -31,7 +31,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 import zipfile
 
 # One thread for XLA too, so that every runtime is compared on one core (set before jax is imported).
@@ -47,6 +46,7 @@ from kd_landmarks import coords  # noqa: E402
 from kd_landmarks import detect  # noqa: E402
 from kd_landmarks import export  # noqa: E402
 from kd_landmarks import predict  # noqa: E402
+from benchmarks import timing  # noqa: E402
 
 MEDIAPIPE_VERSION = "0.10.21"
 MEDIAPIPE_MEMBER = "mediapipe/modules/face_landmark/face_landmark.tflite"
@@ -134,14 +134,7 @@ def untrained_student(model_name: str, image_size: int, num_landmarks: int = 68,
 
 
 def median_ms(fn, repeats: int, warmup: int = 2) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  return 1e3 * timing.median_seconds(fn, warmup=warmup, iterations=repeats)
 
 
 def main(argv=None) -> int:

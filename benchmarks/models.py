@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -26,19 +25,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
+
 MODEL_NAMES = {"student": "mobilenet_v2", "teacher": "efficientnet_b3"}
 NUM_LANDMARKS = 68
-
-
-def _median_seconds(fn, *, warmup, iterations):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(iterations):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------------------------- JAX
@@ -79,7 +69,7 @@ def jax_benchmark(role, args, depthwise_impl):
     one = images[:1]
     forward(variables, one).block_until_ready()
     compile_s = time.perf_counter() - start
-    forward_s = _median_seconds(lambda: forward(variables, one).block_until_ready(),
+    forward_s = timing.median_seconds(lambda: forward(variables, one).block_until_ready(),
                                 warmup=args.warmup, iterations=args.iterations)
 
     # The train step donates its state, so it runs after the forward timing.
@@ -93,7 +83,7 @@ def jax_benchmark(role, args, depthwise_impl):
     def run_step():
       state[:] = step(state[0], state[1], state[2], images, targets, key)
       jax.block_until_ready(state[3])
-    step_s = _median_seconds(run_step, warmup=args.warmup,
+    step_s = timing.median_seconds(run_step, warmup=args.warmup,
                              iterations=args.train_iterations)
   return forward_s * 1e3, args.batch / step_s, compile_s
 
@@ -228,7 +218,7 @@ def torch_benchmark(role, args, onnx_too):
 
   model.eval()
   with torch.inference_mode():
-    forward_s = _median_seconds(lambda: model(one), warmup=args.warmup, iterations=args.iterations)
+    forward_s = timing.median_seconds(lambda: model(one), warmup=args.warmup, iterations=args.iterations)
   model.train()
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -237,7 +227,7 @@ def torch_benchmark(role, args, onnx_too):
     loss = torch.mean((model(images) - targets) ** 2)
     loss.backward()
     optimizer.step()
-  step_s = _median_seconds(run_step, warmup=args.warmup,
+  step_s = timing.median_seconds(run_step, warmup=args.warmup,
                            iterations=args.train_iterations)
 
   onnx_ms = None
@@ -264,7 +254,7 @@ def onnxruntime_benchmark(model, one, args):
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feed = {"images": one.contiguous().numpy()}
-    seconds = _median_seconds(lambda: session.run(None, feed), warmup=args.warmup, iterations=args.iterations)
+    seconds = timing.median_seconds(lambda: session.run(None, feed), warmup=args.warmup, iterations=args.iterations)
   return seconds * 1e3
 
 
