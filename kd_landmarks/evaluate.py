@@ -53,53 +53,59 @@ def _predict_block(variables, images, landmarks, *, module, image_size):
   return predict_crop_pixels(module, variables, images, landmarks, image_size=image_size)
 
 
+# What one evaluation reads of each example; all but the image id are gathered from every process.
+_EVAL_KEYS = ("image", "landmarks", "landmarks_original", "crop_to_original", "image_id", "attributes",
+              "occluded", "index")
+_GATHERED_DTYPES = {"mask": bool, "landmarks_original": np.float32, "crop_to_original": np.float32,
+                    "attributes": np.int32, "occluded": np.int32, "index": np.int64}
+
+
 def predict_source(module, variables, source, *, image_size: int, batch_size: int, mesh=None,
                    desc: str = "predict") -> dict:
   """Runs the model over a whole data source; returns numpy arrays for every example in order:
   pred_crop, pred (original px), gt (original px), image_id, attributes, occluded, index."""
   from tqdm import tqdm
+  from kd_landmarks import input_pipeline
   mesh = mesh or parallel.make_mesh()
   devices = mesh.devices.size
-  # One fixed batch shape (a compile per shape costs seconds): round up to the device count, pad the tail.
+  # One fixed batch shape (a compile per shape costs seconds): round up to the device count; the
+  # pipeline pads the last batches and masks the padding.
   batch_size = max(devices, -(-batch_size // devices) * devices)
   parallel.check_batch_size(batch_size, mesh)
   predict = _compiled_predict(module, int(image_size), mesh)
   variables = parallel.replicate(variables, mesh)
-  rows = parallel.host_batch_slice(batch_size)
-  num_examples = len(source)
-  collected = {k: [] for k in ("pred_crop", "gt", "crop_to_original", "image_id", "attributes", "occluded",
-                               "index")}
-  for start in tqdm(range(0, num_examples, batch_size), desc=desc, unit="batch",
+  num_processes = jax.process_count()
+  # Process p reads the p-th contiguous block of the split; a global batch is the processes' batches
+  # side by side.
+  batches = input_pipeline.make_eval_iterator(
+      source, batch_size=batch_size // num_processes, num_processes=num_processes,
+      process_index=jax.process_index(), keys=_EVAL_KEYS)
+  gathered, local_ids = [], []
+  for batch in tqdm(batches, total=len(batches), desc=desc, unit="batch",
                     disable=jax.process_index() != 0, dynamic_ncols=True):
-    indices = np.arange(start, start + batch_size)
-    valid = indices < num_examples
-    indices = np.minimum(indices, num_examples - 1)  # Pad by repeating the last example; masked below.
-    local_examples = _get_examples(source, indices[rows])
-    images = np.stack([np.asarray(e["image"]) for e in local_examples])
-    landmarks = np.stack([np.asarray(e["landmarks"], np.float32) for e in local_examples])
-    pred_local = predict(variables, *parallel.shard_host_batch((images, landmarks), mesh))
-    pred_crop = np.asarray(parallel.fetch_batch(pred_local))[valid]
-    examples = _get_examples(source, indices[valid]) if jax.process_count() > 1 else \
-        [e for e, v in zip(local_examples, valid) if v]
-    collected["pred_crop"].append(pred_crop)
-    collected["gt"].append(np.stack([np.asarray(e["landmarks_original"], np.float32) for e in examples]))
-    collected["crop_to_original"].append(np.stack([np.asarray(e["crop_to_original"], np.float32)
-                                                   for e in examples]))
-    collected["image_id"].append(np.array([_as_str(e["image_id"]) for e in examples]))
-    collected["attributes"].append(np.stack([np.asarray(e["attributes"], np.int32) for e in examples]))
-    collected["occluded"].append(np.stack([np.asarray(e["occluded"], np.int32) for e in examples]))
-    collected["index"].append(np.array([int(e["index"]) for e in examples], np.int64))
-  result = {k: np.concatenate(v) for k, v in collected.items()}
+    inputs = (batch["image"], batch["landmarks"].astype(np.float32))
+    pred_crop = predict(variables, *parallel.shard_host_batch(inputs, mesh))
+    gathered.append(parallel.fetch_batch(dict({k: batch[k] for k in _GATHERED_DTYPES}, pred_crop=pred_crop)))
+    local_ids.append(batch["image_id"])
+
+  def in_order(key):
+    # [batch, process, row] -> [process, batch, row]: each process' block, blocks in split order.
+    stacked = np.stack([np.asarray(g[key]) for g in gathered])
+    stacked = stacked.reshape((len(gathered), num_processes, -1) + stacked.shape[2:])
+    return np.swapaxes(stacked, 0, 1).reshape((-1,) + stacked.shape[3:])
+
+  mask = in_order("mask").astype(bool)
+  dtypes = dict(_GATHERED_DTYPES, pred_crop=np.float32)
+  result = {key: in_order(key)[mask].astype(dtype) for key, dtype in dtypes.items() if key != "mask"}
+  result["gt"] = result.pop("landmarks_original")
+  if num_processes == 1:
+    image_ids = np.concatenate(local_ids)[mask]
+  else:  # Strings do not all-gather: every process reads the ids of the whole split.
+    image_ids = [source[position]["image_id"] for position in range(len(source))]
+  result["image_id"] = np.array([_as_str(image_id) for image_id in image_ids])
   result["pred"] = coords.apply_affine(result["crop_to_original"].astype(np.float64),
                                        result["pred_crop"].astype(np.float64)).astype(np.float32)
   return result
-
-
-def _get_examples(source, indices):
-  indices = [int(i) for i in indices]
-  if hasattr(source, "__getitems__"):
-    return list(source.__getitems__(indices))
-  return [source[i] for i in indices]
 
 
 def _as_str(value) -> str:

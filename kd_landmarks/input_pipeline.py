@@ -72,7 +72,8 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, start_step
   epoch_steps = steps_per_epoch(num_examples, global_batch_size)
   if epoch_steps == 0:
     raise ValueError(f"the split has {num_examples} examples, fewer than one global batch of "
-                     f"{global_batch_size}; lower the batch size")
+                     f"{global_batch_size}; lower the batch size (training: --config.teacher.batch_size / "
+                     "--config.student.batch_size)")
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   if start_step < 0:

@@ -15,8 +15,6 @@ import functools
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -30,6 +28,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from kd_landmarks import checkpoint
+from kd_landmarks import input_pipeline
 from kd_landmarks import parallel
 
 PHASES = ("teacher_tough", "teacher_tolerant", "cache_teachers", "student", "eval", "report", "all")
@@ -150,6 +149,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   return new_state, metrics
 
 
+def batch_keys(spec: StepSpec) -> tuple:
+  """The example fields ``train_step`` reads (the teacher cache adds 'tough'/'tolerant' itself)."""
+  return ("image", "landmarks", "soft_landmarks") if spec.target == "soft_landmarks" else ("image", "landmarks")
+
+
 def _default_augment_fn():
   from kd_landmarks import augment  # Late import: tests may run the step with their own augmentation.
   return augment.augment
@@ -171,88 +175,6 @@ def _train_step_no_teachers(step, state, batch, rng):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Host-side batches: deterministic by step, so a resumed run sees exactly the data it would have seen.
-
-
-def batch_indices(step: int, *, num_examples: int, batch_size: int, seed: int) -> np.ndarray:
-  """Example indices of global batch ``step``: epoch e is a permutation seeded by (seed, e), remainder
-  dropped. A pure function of the step, which is what makes resume exact."""
-  steps_per_epoch = num_examples // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"the training split has {num_examples} examples, fewer than one batch of "
-                     f"{batch_size}; lower --config.teacher.batch_size / --config.student.batch_size")
-  epoch, within = divmod(int(step), steps_per_epoch)
-  permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  return permutation[within * batch_size:(within + 1) * batch_size]
-
-
-class HostBatches:
-  """Iterates this process' slice of the global batches from ``start_step``, prefetching in a thread.
-
-  ``source`` is a random-access data source (len, __getitem__ -> dict of numpy); ``extra`` maps a key to an
-  array indexed by the example's ``index`` field (the teacher cache).
-  """
-
-  def __init__(self, source, *, keys, global_batch_size: int, seed: int, start_step: int,
-               extra: Mapping[str, np.ndarray] | None = None, prefetch: int = 2):
-    self._source = source
-    self._keys = tuple(keys)
-    self._global_batch_size = global_batch_size
-    self._seed = seed
-    self._extra = dict(extra or {})
-    self._rows = parallel.host_batch_slice(global_batch_size)
-    self._num_examples = len(source)
-    self._queue = queue.Queue(maxsize=max(1, prefetch))
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._produce, args=(start_step,), daemon=True)
-    self._thread.start()
-
-  def load(self, step: int) -> dict:
-    indices = batch_indices(step, num_examples=self._num_examples, batch_size=self._global_batch_size,
-                            seed=self._seed)[self._rows]
-    examples = _get_examples(self._source, indices)
-    batch = {key: np.stack([np.asarray(example[key]) for example in examples]) for key in self._keys}
-    if self._extra:
-      rows = np.asarray([int(example["index"]) for example in examples])
-      for key, table in self._extra.items():
-        batch[key] = table[rows]
-    return batch
-
-  def _produce(self, step):
-    while not self._stop.is_set():
-      try:
-        item = self.load(step)
-      except Exception as error:  # pylint: disable=broad-except  # Re-raised in the consumer thread.
-        item = error
-      while not self._stop.is_set():
-        try:
-          self._queue.put(item, timeout=0.1)
-          break
-        except queue.Full:
-          continue
-      if isinstance(item, Exception):
-        return
-      step += 1
-
-  def __next__(self) -> dict:
-    item = self._queue.get()
-    if isinstance(item, Exception):
-      raise item
-    return item
-
-  def close(self):
-    self._stop.set()
-    self._thread.join(timeout=5)
-
-
-def _get_examples(source, indices):
-  indices = [int(i) for i in indices]
-  if hasattr(source, "__getitems__"):
-    return list(source.__getitems__(indices))
-  return [source[i] for i in indices]
-
-
-# ----------------------------------------------------------------------------------------------------------
 # One training run (a teacher or a student), with resume, periodic and best checkpoints, NaN stop.
 
 
@@ -263,20 +185,19 @@ class FitSetup:
   model: Any
   spec: StepSpec
   train_source: Any
-  batch_keys: tuple
   global_batch_size: int
   num_train_steps: int
   seed: int
   tx: Any
   meta: Mapping[str, Any]
-  extra_arrays: Mapping[str, np.ndarray] | None = None
+  teacher_cache: Mapping[str, np.ndarray] | None = None   # load_teacher_cache(...): joined by 'index'.
   teacher_variables: Mapping[str, Any] | None = None
   validate_fn: Callable | None = None      # (variables) -> mean validation NME.
   log_every_steps: int = 100
   checkpoint_every_steps: int = 1000
   eval_every_steps: int = -1
   keep_checkpoints: int = 2
-  prefetch: int = 2
+  prefetch: int = 2                        # Batches read ahead of the device (input_pipeline threads).
   mesh: Any = None
   stop_after_steps: int | None = None      # Tests: stop early (as if killed) after this many steps.
 
@@ -314,12 +235,15 @@ def fit(setup: FitSetup) -> dict:
   teachers = parallel.replicate(setup.teacher_variables, mesh) if with_teachers else None
   best = checkpoint.best_manager(setup.model_dir) if setup.validate_fn else None
   writer = _summary_writer(setup.model_dir) if is_chief else None
-  batches = HostBatches(setup.train_source, keys=setup.batch_keys,
-                        global_batch_size=setup.global_batch_size, seed=setup.seed,
-                        start_step=start_step, extra=setup.extra_arrays, prefetch=setup.prefetch)
   end_step = setup.num_train_steps
   if setup.stop_after_steps is not None:
     end_step = min(end_step, start_step + setup.stop_after_steps)
+  # Batch s is a pure function of (seed, s), so a resumed run reads exactly what it would have read.
+  batches = input_pipeline.make_train_iterator(
+      setup.train_source, global_batch_size=setup.global_batch_size, seed=setup.seed,
+      start_step=start_step, num_steps=end_step - start_step, num_processes=jax.process_count(),
+      process_index=jax.process_index(), teacher_cache=setup.teacher_cache,
+      keys=batch_keys(setup.spec), prefetch_batches=setup.prefetch)
   pending = []  # Device metrics not yet checked for NaN (fetched in bulk to keep the device busy).
   last_saved = start_step if restored is not None else None
   from tqdm import tqdm
@@ -507,7 +431,7 @@ def num_train_steps(phase_config, num_examples: int, batch_size: int) -> int:
 
 
 def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase, target, loss_name,
-               phase_config, extra_arrays=None, teacher_modules=None, teacher_variables=None):
+               phase_config, teacher_cache=None, teacher_modules=None, teacher_variables=None):
   from kd_landmarks import evaluate
   from kd_landmarks import losses
   from kd_landmarks.datasets import flips
@@ -524,17 +448,14 @@ def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase,
                   image_size=int(config.image_size), flip_permutation=flips.flip_permutation(config.dataset),
                   augment_config=augment_config(config),
                   learning_rate_fn=learning_rate_fn, teacher_modules=teacher_modules)
-  keys = ["image", "landmarks", "index"]
-  if target == "soft_landmarks":
-    keys.append("soft_landmarks")
   val_source = load_split(config, workdir, val_split(config))
   validate_fn = functools.partial(
       evaluate.mean_nme, model, source=val_source, dataset=config.dataset, image_size=int(config.image_size),
       batch_size=int(config.eval_batch_size), mesh=mesh)
   setup = FitSetup(
-      model_dir=model_dir, model=model, spec=spec, train_source=train_source, batch_keys=tuple(keys),
+      model_dir=model_dir, model=model, spec=spec, train_source=train_source,
       global_batch_size=batch_size, num_train_steps=steps, seed=int(config.seed) + ROLE_SEED_OFFSETS[target],
-      tx=create_optimizer(config, learning_rate_fn), meta=meta, extra_arrays=extra_arrays,
+      tx=create_optimizer(config, learning_rate_fn), meta=meta, teacher_cache=teacher_cache,
       teacher_variables=teacher_variables, validate_fn=validate_fn,
       log_every_steps=int(config.log_every_steps), checkpoint_every_steps=int(config.checkpoint_every_steps),
       eval_every_steps=int(config.eval_every_steps), keep_checkpoints=int(config.keep_checkpoints),
@@ -606,7 +527,7 @@ def _cache_is_current(workdir) -> bool:
 
 def train_student(config, workdir, loss_name: str):
   """Phase student: ``loss_name`` against cached (or online) frozen teachers (Section 3.3, Eqs. 4-14)."""
-  extra_arrays = teacher_modules = teacher_variables = None
+  cache = teacher_modules = teacher_variables = None
   if needs_teachers(loss_name):
     if config.teachers_online:
       teacher_modules, teacher_variables = {}, {}
@@ -622,14 +543,10 @@ def train_student(config, workdir, loss_name: str):
             f"`python -m kd_landmarks.main --config <config>:phase=cache_teachers --workdir {workdir}` after "
             "both teachers (or phase=all), or set --config.teachers_online=True")
       cache = teacher_cache.load_teacher_cache(path)
-      extra_arrays = {"tough": np.asarray(cache["tough"], np.float32),
-                      "tolerant": np.asarray(cache["tolerant"], np.float32)}
-  if extra_arrays is None and teacher_modules is None:
-    # Baselines (l2, l1, smooth_l1) take no teachers; the ground truth fills their slots.
-    extra_arrays = None
+  # Baselines (l2, l1, smooth_l1) take no teachers; the ground truth fills their slots.
   return _fit_model(config, workdir, model_dir_name=f"student_{loss_name}", model_name=config.student_model,
                     overrides=config.student_overrides.to_dict(), phase="student", target="student",
-                    loss_name=loss_name, phase_config=config.student, extra_arrays=extra_arrays,
+                    loss_name=loss_name, phase_config=config.student, teacher_cache=cache,
                     teacher_modules=teacher_modules, teacher_variables=teacher_variables)
 
 

@@ -1,4 +1,4 @@
-"""Tests of kd_landmarks.train: learning rate, the train step, deterministic batches, fit (resume, NaN)."""
+"""Tests of kd_landmarks.train: learning rate, the train step, its batches, fit (resume, NaN)."""
 import os
 
 import jax
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kd_landmarks import checkpoint
+from kd_landmarks import input_pipeline
 from kd_landmarks import parallel
 from kd_landmarks import train
 import train_fixtures as fx
@@ -37,27 +38,16 @@ def test_optimizer_first_step_is_adam():
   np.testing.assert_allclose(updates["w"], -0.1 * np.sign(grads["w"]), rtol=1e-3)
 
 
-def test_batch_indices_are_epoch_permutations_and_pure():
-  seen = np.concatenate([train.batch_indices(s, num_examples=10, batch_size=3, seed=0) for s in range(3)])
-  assert len(set(seen.tolist())) == 9  # One epoch: 3 full batches, no repeats, remainder dropped.
-  np.testing.assert_array_equal(train.batch_indices(4, num_examples=10, batch_size=3, seed=0),
-                                train.batch_indices(4, num_examples=10, batch_size=3, seed=0))
-  assert not np.array_equal(train.batch_indices(0, num_examples=10, batch_size=3, seed=0),
-                            train.batch_indices(3, num_examples=10, batch_size=3, seed=0))
-  with pytest.raises(ValueError, match="fewer than one batch"):
-    train.batch_indices(0, num_examples=2, batch_size=3, seed=0)
-
-
-def test_host_batches_join_the_teacher_cache_by_index():
+def test_train_batches_from_a_resume_step_join_the_teacher_cache_by_index():
   source = fx.InMemorySource(12)
   table = np.arange(12, dtype=np.float32)[:, None, None] * np.ones((1, fx.NUM_LANDMARKS, 2), np.float32)
-  batches = train.HostBatches(source, keys=("image", "index"), global_batch_size=4, seed=3, start_step=2,
-                              extra={"tough": table})
+  batches = input_pipeline.make_train_iterator(source, keys=("image", "index"), global_batch_size=4, seed=3,
+                                               start_step=2, teacher_cache={"tough": table, "tolerant": table})
   try:
     batch = next(batches)
   finally:
     batches.close()
-  expected = train.batch_indices(2, num_examples=12, batch_size=4, seed=3)
+  expected = input_pipeline.train_batch_indices(2, num_examples=12, global_batch_size=4, seed=3)
   np.testing.assert_array_equal(batch["index"], expected)
   np.testing.assert_array_equal(batch["tough"][:, 0, 0], expected.astype(np.float32))
 
@@ -168,25 +158,22 @@ def test_interrupted_fit_resumes_to_the_same_params(tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   model_dir = str(tmp_path / "m")
   setup = fx.fit_setup(model_dir, num_train_steps=8, checkpoint_every=2)
   source = setup.train_source
   good_steps = 3
-  original_load = train.HostBatches.load
+  original_iterator = input_pipeline.make_train_iterator
 
-  def poisoned_load(self, step):
-    batch = original_load(self, step)
-    if step >= good_steps:
-      batch["landmarks"] = np.full_like(batch["landmarks"], np.nan)
-    return batch
+  def poisoned_iterator(*args, start_step=0, **kwargs):
+    for step, batch in enumerate(original_iterator(*args, start_step=start_step, **kwargs), start_step):
+      if step >= good_steps:
+        batch["landmarks"] = np.full_like(batch["landmarks"], np.nan)
+      yield batch
 
-  train.HostBatches.load = poisoned_load
-  try:
-    with pytest.raises(train.NonFiniteLossError, match=r"step 4 is not finite.*step 2"):
-      train.fit(setup)
-  finally:
-    train.HostBatches.load = original_load
+  monkeypatch.setattr(input_pipeline, "make_train_iterator", poisoned_iterator)
+  with pytest.raises(train.NonFiniteLossError, match=r"step 4 is not finite.*step 2"):
+    train.fit(setup)
   manager = checkpoint.state_manager(model_dir)
   assert manager.latest_step() == 2
   restored = checkpoint.restore_state(manager, None and source or _host_tree())

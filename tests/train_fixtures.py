@@ -84,8 +84,7 @@ def fit_setup(model_dir, *, num_train_steps=6, num_examples=16, batch_size=4, ch
     validate_fn = functools.partial(evaluate.mean_nme, model, source=InMemorySource(6, seed=1),
                                     dataset="synthetic", image_size=IMAGE_SIZE, batch_size=4, mesh=mesh)
   return train.FitSetup(
-      model_dir=model_dir, model=model, spec=make_spec(), train_source=source,
-      batch_keys=("image", "landmarks", "index"), global_batch_size=batch_size,
+      model_dir=model_dir, model=model, spec=make_spec(), train_source=source, global_batch_size=batch_size,
       num_train_steps=num_train_steps, seed=0, tx=make_tx(), meta=meta, log_every_steps=2,
       checkpoint_every_steps=checkpoint_every, prefetch=1, mesh=mesh, stop_after_steps=stop_after_steps,
       validate_fn=validate_fn)
