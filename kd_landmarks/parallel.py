@@ -3,8 +3,8 @@
 Every step runs per device under ``jax.shard_map`` over a 1-D mesh axis named ``'data'`` (what ``jax.pmap``
 compiles to since JAX 0.8): the batch is split along its first axis, the train state is replicated, and the
 step itself averages gradients and batch statistics with ``lax.pmean(..., 'data')``. On several hosts each
-process feeds only its slice of the global batch (:func:`host_batch_slice`) and the same program runs on
-every process (SPMD).
+process feeds only its contiguous block of the global batch (``input_pipeline.make_train_iterator`` with
+the process index) and the same program runs on every process (SPMD).
 """
 from __future__ import annotations
 
@@ -87,13 +87,6 @@ def check_batch_size(global_batch_size: int, mesh) -> None:
         f"global batch size {global_batch_size} does not split over {devices} devices in "
         f"{jax.process_count()} processes; set --config.per_device_batch_size or a batch_size that is a "
         f"multiple of {devices}")
-
-
-def host_batch_slice(global_batch_size: int) -> slice:
-  """Rows of the global batch this process loads (process i holds the i-th contiguous block)."""
-  per_process = global_batch_size // jax.process_count()
-  start = jax.process_index() * per_process
-  return slice(start, start + per_process)
 
 
 def shard_host_batch(local_batch: Any, mesh) -> Any:
