@@ -133,19 +133,12 @@ def _matvec(matrix, vector):
                     matrix[1, 0] * vector[0] + matrix[1, 1] * vector[1]])
 
 
-def _apply_affine_exact(affine, points):
-  """coords.apply_affine for one [2, 3] affine and [K, 2] points, elementwise (see _matvec)."""
-  x, y = points[..., 0], points[..., 1]
-  return jnp.stack([affine[0, 0] * x + affine[0, 1] * y + affine[0, 2],
-                    affine[1, 0] * x + affine[1, 1] * y + affine[1, 2]], axis=-1)
-
-
 def _transform_landmark_sets(landmark_sets, out_to_input, flip, flip_permutation, out_size):
   """Maps every set into normalised output coordinates and relabels them when the image was flipped."""
   input_to_out = _invert_similarity(out_to_input)
   result = {}
   for key, points in landmark_sets.items():
-    normalised = coords.to_normalized(_apply_affine_exact(input_to_out, points), out_size)
+    normalised = coords.to_normalized(coords.apply_affine(input_to_out, points), out_size)
     if flip_permutation is not None:
       normalised = jnp.where(flip, normalised[flip_permutation], normalised)
     result[key] = normalised.astype(jnp.float32)

@@ -54,6 +54,10 @@ def serving_function(module, variables):
   # implementations would export as dozens of Slice/Mul nodes. Same parameters, same mathematics.
   if "depthwise_impl" in getattr(module, "__dataclass_fields__", {}):
     module = module.clone(depthwise_impl="lax")
+  # A model trained on an accelerator computes in bfloat16; mobile runtimes (and ONNX Runtime's CPU Conv)
+  # want float32, and the parameters are float32 already.
+  if "dtype" in getattr(module, "__dataclass_fields__", {}):
+    module = module.clone(dtype=jnp.float32)
 
   def serve(images_uint8):
     return module.apply(variables, images_uint8.astype(jnp.float32) / 255.0, train=False)

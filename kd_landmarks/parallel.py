@@ -59,8 +59,12 @@ def _is_multiworker_tpu() -> bool:
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh ``('data',)`` over all devices of all processes (or the given ones)."""
-  devices = list(jax.devices() if devices is None else devices)
+  """A 1-D mesh ``('data',)`` over all devices of all processes (or the given ones).
+
+  Ordered by (process, device id), so that process p's devices hold the p-th contiguous block of every batch:
+  the block the input pipeline gives process p, and the order in which host arrays are gathered.
+  """
+  devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
   return jax.sharding.Mesh(np.array(devices), (AXIS,))
 
 

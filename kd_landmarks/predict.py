@@ -214,7 +214,11 @@ def predict_files(predictor: LandmarkPredictor, inputs: Sequence[str], out_dir: 
     except image_io.ImageReadError as error:
       records.append({**record, "status": "error", "reason": str(error)})
       continue
-    faces = predictor.predict(image)
+    try:
+      faces = predictor.predict(image)
+    except (ValueError, RuntimeError) as error:  # e.g. a degenerate crop box, a dlib failure on odd input
+      records.append({**record, "status": "error", "reason": f"{type(error).__name__}: {error}"})
+      continue
     stem = _output_stem(path, used_stems)
     result = {"image": path, "width": int(image.shape[1]), "height": int(image.shape[0]),
               "model": predictor.meta.get("model"), "dataset": predictor.meta.get("dataset"),

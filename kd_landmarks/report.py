@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kd_landmarks import coords
+from kd_landmarks.datasets.images import STORED_CROP_SCALE
 from kd_landmarks import paper_results
 from kd_landmarks.datasets import info as dataset_info
 
@@ -654,8 +655,8 @@ def plot_qualitative(rows_of_models: Sequence[tuple[str, SplitEval]], path: Path
         ax.imshow(image, interpolation="bilinear")
         ax.set_facecolor(OUTSIDE_CROP_COLOR)
       else:
-        # No image: original pixels, framed like the stored crop (the landmark box scaled by 1.5).
-        cx, cy, side = coords.square_box_from_landmarks(gt, scale=1.5)
+        # No image: original pixels, framed like the stored crop.
+        cx, cy, side = coords.square_box_from_landmarks(gt, scale=STORED_CROP_SCALE)
         points = pred
         frame_lo = np.array([cx - side / 2, cy - side / 2])
         frame_hi = np.array([cx + side / 2, cy + side / 2])

@@ -28,11 +28,12 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from kd_landmarks import checkpoint
+from kd_landmarks import config_lib
 from kd_landmarks import input_pipeline
 from kd_landmarks import parallel
 
-PHASES = ("teacher_tough", "teacher_tolerant", "cache_teachers", "student", "eval", "report", "all")
-ALL_PHASES = PHASES[:-1]
+PHASES = config_lib.PHASES
+ALL_PHASES = PHASES[:-1]  # 'all' runs every other phase in this order.
 TEACHERS = ("tough", "tolerant")
 # Teacher name -> the landmark set it learns: ground truth (Tough) or ASM soft landmarks (Tolerant).
 TEACHER_TARGETS = {"tough": "landmarks", "tolerant": "soft_landmarks"}
@@ -259,7 +260,13 @@ def fit(setup: FitSetup) -> dict:
       progress.update(1)
       done = step + 1
       is_last = done == end_step
-      if done % setup.log_every_steps == 0 or is_last or done % setup.checkpoint_every_steps == 0:
+      validate = setup.validate_fn is not None and (
+          done == setup.num_train_steps
+          or (setup.eval_every_steps > 0 and done % setup.eval_every_steps == 0))
+      # Checked before anything reads the state (log, checkpoint, validation), so a NaN stops the run with
+      # NonFiniteLossError instead of surfacing later as a NaN prediction.
+      if (done % setup.log_every_steps == 0 or is_last or done % setup.checkpoint_every_steps == 0
+          or validate):
         summary = _check_finite(pending, setup.model_dir, last_saved)
         pending = []
         progress.set_postfix(loss=f"{summary['loss']:.5f}")
@@ -270,9 +277,6 @@ def fit(setup: FitSetup) -> dict:
       if done % setup.checkpoint_every_steps == 0 or is_last:
         checkpoint.save_state(state_manager, done, parallel.fetch_replicated(_state_tree(state)))
         last_saved = done
-      validate = setup.validate_fn is not None and (
-          done == setup.num_train_steps
-          or (setup.eval_every_steps > 0 and done % setup.eval_every_steps == 0))
       if validate:
         variables = _inference_variables(parallel.fetch_replicated(_state_tree(state)))
         val_nme = float(setup.validate_fn(variables))
@@ -365,16 +369,17 @@ def validate_config(config) -> None:
   from kd_landmarks.datasets import info
   if config.phase not in PHASES:
     raise ValueError(f"unknown phase {config.phase!r}; choose from {PHASES}")
-  if config.platform not in ("cpu", "gpu", "tpu"):
-    raise ValueError(f"unknown platform {config.platform!r}; choose from ('cpu', 'gpu', 'tpu')")
-  if config.loss_variant not in ("paper", "author_code"):
-    raise ValueError(f"unknown loss_variant {config.loss_variant!r}; choose from ('paper', 'author_code')")
+  if config.platform not in config_lib.PLATFORMS:
+    raise ValueError(f"unknown platform {config.platform!r}; choose from {config_lib.PLATFORMS}")
+  from kd_landmarks import losses
+  losses.get_variant(config.loss_variant)  # Names the variants on a typo.
   info.get_info(config.dataset)
   student_losses(config)
 
 
 def data_dir_of(config, workdir) -> str:
-  return config.data_dir or os.path.join(workdir, "data")
+  # Expanded here because `--config.data_dir=~/tfds` reaches us with the tilde unexpanded.
+  return os.path.expanduser(config.data_dir) if config.data_dir else os.path.join(workdir, "data")
 
 
 def load_split(config, workdir, split):
@@ -503,8 +508,9 @@ def cache_teachers(config, workdir):
   predictions = {}
   index = None
   for teacher in TEACHERS:
-    module, variables, _ = checkpoint.load_inference_variables(teacher_dirs[teacher])
-    result = evaluate.predict_source(module, variables, source, image_size=int(config.image_size),
+    module, variables, meta = checkpoint.load_inference_variables(teacher_dirs[teacher])
+    # The teacher's own input size (model.json), which the config may no longer match.
+    result = evaluate.predict_source(module, variables, source, image_size=int(meta["image_size"]),
                                      batch_size=int(config.eval_batch_size), mesh=mesh,
                                      desc=f"cache {teacher} teacher")
     predictions[teacher] = result["pred_crop"]
@@ -535,6 +541,7 @@ def train_student(config, workdir, loss_name: str):
         module, variables, _ = checkpoint.load_inference_variables(_require_teacher(workdir, teacher))
         teacher_modules[teacher], teacher_variables[teacher] = module, variables
     else:
+      from kd_landmarks.datasets import info
       from kd_landmarks.datasets import teacher_cache
       path = os.path.join(workdir, CACHE_FILE)
       if not os.path.exists(path):
@@ -542,7 +549,9 @@ def train_student(config, workdir, loss_name: str):
             f"the student loss {loss_name!r} needs the teacher cache {path}, which is missing: run "
             f"`python -m kd_landmarks.main --config <config>:phase=cache_teachers --workdir {workdir}` after "
             "both teachers (or phase=all), or set --config.teachers_online=True")
-      cache = teacher_cache.load_teacher_cache(path)
+      cache = teacher_cache.load_teacher_cache(
+          path, num_examples=len(load_split(config, workdir, "train")),
+          num_landmarks=info.get_info(config.dataset).num_landmarks)
   # Baselines (l2, l1, smooth_l1) take no teachers; the ground truth fills their slots.
   return _fit_model(config, workdir, model_dir_name=f"student_{loss_name}", model_name=config.student_model,
                     overrides=config.student_overrides.to_dict(), phase="student", target="student",

@@ -289,3 +289,22 @@ def test_photometric_jitters_do_what_their_names_say():
   # Colour gains: one factor per channel.
   gained = _photometric(augment.AugmentConfig(**{**none, "max_color_gain_delta": 0.1}), image) / image
   assert np.ptp(gained.reshape(-1, 3), axis=0).max() < 1e-5 and np.ptp(gained[0, 0]) > 1e-4
+
+
+def test_default_augmentation_never_reads_outside_the_stored_crop():
+  """The stored margin (datasets.images.STORED_CROP_SCALE) must hold every output pixel of the paper's
+  augmentation at its extremes (1.1x box, 45 degrees), so training images get no black corners."""
+  from kd_landmarks.datasets import images
+  size, out_size, batch = 96, 32, 256
+  # A landmark box of side size / STORED_CROP_SCALE centred in the crop, as the builder stores it.
+  side = size / images.STORED_CROP_SCALE
+  corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float32) * side / 2 + (size - 1) / 2
+  landmarks = np.broadcast_to(corners, (batch, 4, 2)).astype(np.float32)
+  config = augment.AugmentConfig(photometric=False, noise=False, flip=False)
+  _, _, out_to_input = jax.jit(functools.partial(
+      augment.augment, out_size=out_size, flip_permutation=None, config=config))(
+          jax.random.key(3), jnp.zeros((batch, size, size, 3), jnp.uint8), {"landmarks": jnp.asarray(landmarks)})
+  extent = np.array([[-0.5, -0.5], [out_size - 0.5, -0.5], [out_size - 0.5, out_size - 0.5],
+                     [-0.5, out_size - 0.5]])
+  reached = coords.apply_affine(np.asarray(out_to_input, np.float64), np.broadcast_to(extent, (batch, 4, 2)))
+  assert reached.min() >= -0.5 and reached.max() <= size - 0.5, (reached.min(), reached.max())

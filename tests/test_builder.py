@@ -62,19 +62,20 @@ def test_300w_splits_contract_and_geometry(built_300w):
     assert len(source) == size
     ids[split] = [e["image_id"] for e in examples]
     for position, example in enumerate(examples):
-      _check_contract(example, 68, 320)
+      _check_contract(example, 68, builder.STORED_CROP_SIZE)
       assert example["index"] == position
       np.testing.assert_allclose(example["landmarks_original"], written[example["image_id"]], atol=1e-4)
       # Landmark round trip crop -> original within 0.01 px, through the stored float32 affine.
       back = coords.apply_affine(example["crop_to_original"].astype(np.float64),
                                  example["landmarks"].astype(np.float64))
       assert np.abs(back - example["landmarks_original"]).max() < 0.01
-      # The landmark box is centred and fills 1 / 1.5 of the crop (Section 4.3 box, stored margin).
+      # The landmark box is centred and fills 1 / STORED_CROP_SCALE of the crop (Section 4.3 box, margin).
+      size = builder.STORED_CROP_SIZE
       lo, hi = example["landmarks"].min(0), example["landmarks"].max(0)
-      np.testing.assert_allclose((hi - lo).max(), 320 / builder.STORED_CROP_SCALE, rtol=1e-4)
-      np.testing.assert_allclose((hi + lo) / 2, [159.5, 159.5], atol=0.01)
+      np.testing.assert_allclose((hi - lo).max(), size / builder.STORED_CROP_SCALE, rtol=1e-4)
+      np.testing.assert_allclose((hi + lo) / 2, [(size - 1) / 2, (size - 1) / 2], atol=0.01)
   assert ids["test_full"] == ids["test_common"] + ids["test_challenging"]
-  assert source.metadata["stored_crop_size"] == 320 and source.metadata["allow_partial"] is True
+  assert source.metadata["stored_crop_size"] == builder.STORED_CROP_SIZE and source.metadata["allow_partial"] is True
 
 
 def test_300w_real_photo_crop_matches_bilinear_resampling(built_300w):
@@ -83,7 +84,8 @@ def test_300w_real_photo_crop_matches_bilinear_resampling(built_300w):
   source = load_split("300w", "test_challenging", data_dir)
   (takeo,) = [e for e in _all(source) if e["image_id"] == "ibug/takeo.ppm"]
   photo = np.asarray(Image.open(ff.TAKEO_DIR / "takeo.ppm").convert("RGB"), np.float64)
-  v, u = np.mgrid[0:320, 0:320]
+  size = takeo["image"].shape[0]
+  v, u = np.mgrid[0:size, 0:size]
   grid = np.stack([u, v], axis=-1).reshape(-1, 2).astype(np.float64)
   original = coords.apply_affine(takeo["crop_to_original"].astype(np.float64), grid)
   inside = ((original[:, 0] >= 0) & (original[:, 0] <= photo.shape[1] - 1) &
@@ -125,8 +127,8 @@ def test_stored_shape_model_reproduces_the_soft_landmarks(built_300w):
   data_dir, _, _ = built_300w
   model = builder.load_shape_model("300w", data_dir)
   for example in _all(load_split("300w", "test_common", data_dir)):
-    normalised = coords.to_normalized(example["landmarks"].astype(np.float64), 320)
-    soft = coords.to_pixels(shapes.soft_landmarks(normalised, model, keep=0.9), 320)
+    normalised = coords.to_normalized(example["landmarks"].astype(np.float64), builder.STORED_CROP_SIZE)
+    soft = coords.to_pixels(shapes.soft_landmarks(normalised, model, keep=0.9), builder.STORED_CROP_SIZE)
     np.testing.assert_allclose(example["soft_landmarks"], soft, atol=1e-3)
 
 
@@ -164,7 +166,7 @@ def test_cofw_build_keeps_occlusion_flags_and_greyscale_photos(tmp_path):
     examples = _all(load_split("cofw", split, tmp_path / "data"))
     assert len(examples) == len(written[split])
     for example, (_, landmarks, flags) in zip(examples, written[split]):
-      _check_contract(example, 29, 320)
+      _check_contract(example, 29, builder.STORED_CROP_SIZE)
       np.testing.assert_array_equal(example["occluded"], flags)
       np.testing.assert_allclose(example["landmarks_original"], landmarks, atol=1e-4)
   grey = _all(load_split("cofw", "train", tmp_path / "data"))[1]["image"].astype(int)
@@ -181,7 +183,7 @@ def test_wflw_build_has_attribute_subsets(tmp_path):
     assert [e["image_id"] for e in subset] == [t[0] for t in written["test"] if t[2][column]]
     assert [e["index"] for e in subset] == list(range(len(subset)))
     for example in subset:
-      _check_contract(example, 98, 320)
+      _check_contract(example, 98, builder.STORED_CROP_SIZE)
       assert example["attributes"][column] == 1
 
 
