@@ -83,3 +83,35 @@ def test_bad_arguments_are_named():
     depthwise.resolve_impl("fft")
   with pytest.raises(ValueError, match=r"\[kh, kw, 1, C=4\]"):
     depthwise.depthwise_conv(jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 1, 3)))
+
+
+@pytest.mark.parametrize("batch,stride", [(1, 1), (3, 2), (10, 1), (16, 2)])
+def test_shifted_vjp_weight_gradient_folds_any_batch(batch, stride):
+  # The hand-written weight gradient folds the batch in groups of up to 8 before reducing; every
+  # batch size (prime, larger than 8, a multiple of 8) must give lax.conv's gradients.
+  rng = np.random.default_rng(batch * 10 + stride)
+  x = jnp.asarray(rng.normal(size=(batch, 9, 8, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 5)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(batch, -(-9 // stride), -(-8 // stride), 5)), jnp.float32)
+
+  def loss(fn):
+    return lambda x, kernel: jnp.sum(fn(x, kernel) * cotangent)
+
+  ours = lambda x, kernel: depthwise.depthwise_conv(x, kernel, strides=stride, impl="shifted_vjp")
+  ref = lambda x, kernel: _reference(x, kernel, stride)
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel)
+  want = jax.grad(loss(ref), argnums=(0, 1))(x, kernel)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-4, err_msg="input gradient")
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4, err_msg="kernel gradient")
+
+
+def test_shifted_vjp_bfloat16_weight_gradient_accumulates_in_float32():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(4, 12, 12, 8)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 8)), jnp.float32)
+  want = jax.grad(lambda k: jnp.sum(_reference(x, k, 1)))(kernel)
+  got = jax.grad(lambda k: jnp.sum(depthwise.depthwise_conv(
+      x.astype(jnp.bfloat16), k, impl="shifted_vjp").astype(jnp.float32)))(kernel)
+  assert got.dtype == jnp.float32
+  # 576 products of bfloat16 inputs per tap: the sum is close when accumulated in float32.
+  np.testing.assert_allclose(got, want, rtol=0.02, atol=0.5)
