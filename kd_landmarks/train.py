@@ -372,7 +372,10 @@ def validate_config(config) -> None:
   if config.platform not in config_lib.PLATFORMS:
     raise ValueError(f"unknown platform {config.platform!r}; choose from {config_lib.PLATFORMS}")
   from kd_landmarks import losses
-  losses.get_variant(config.loss_variant)  # Names the variants on a typo.
+  try:
+    losses.get_variant(config.loss_variant)
+  except ValueError as error:  # Name the config field to fix, and the variants to choose from.
+    raise ValueError(f"config.loss_variant: {error}") from None
   info.get_info(config.dataset)
   student_losses(config)
 
