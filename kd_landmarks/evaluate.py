@@ -22,13 +22,11 @@ from jax.sharding import PartitionSpec as P
 from kd_landmarks import checkpoint
 from kd_landmarks import coords
 from kd_landmarks import parallel
+from kd_landmarks.datasets.info import INTER_PUPIL_DATASETS, WFLW_ATTRIBUTES
+from kd_landmarks.metrics import FAILURE_THRESHOLD
 
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
-FAILURE_THRESHOLD = 0.1  # FR and AUC at 0.1 (Section 4.2).
-# WFLW's attribute columns, in the order of the stored `attributes` field (contracts.md).
-WFLW_ATTRIBUTES = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
-INTER_PUPIL_DATASETS = ("300w", "synthetic")  # Table 3 reports 300W with inter-pupil normalisation too.
 
 
 def predict_crop_pixels(module, variables, images_uint8, landmarks_crop, *, image_size: int):

@@ -83,7 +83,11 @@ def _check_nmes(nmes, threshold, step):
   return nmes
 
 
-def ced_curve(nmes, *, threshold=0.1, step=1e-4):
+# A face fails when its NME exceeds this (Section 4.2: FR and AUC at 0.1).
+FAILURE_THRESHOLD = 0.1
+
+
+def ced_curve(nmes, *, threshold=FAILURE_THRESHOLD, step=1e-4):
   """Cumulative error distribution: ``x = 0, step, ..., threshold`` and ``y = mean(nmes <= x)``."""
   nmes = _check_nmes(nmes, threshold, step)
   num_steps = int(round(threshold / step))
@@ -93,7 +97,7 @@ def ced_curve(nmes, *, threshold=0.1, step=1e-4):
   return xs, ys
 
 
-def failure_rate_and_auc(nmes, *, threshold=0.1, step=1e-4):
+def failure_rate_and_auc(nmes, *, threshold=FAILURE_THRESHOLD, step=1e-4):
   """(FR, AUC): fraction of images with NME > threshold, and the CED area (Simpson) / threshold."""
   nmes = _check_nmes(nmes, threshold, step)
   xs, ys = ced_curve(nmes, threshold=threshold, step=step)

@@ -33,14 +33,12 @@ from kd_landmarks import coords
 from kd_landmarks.datasets.images import STORED_CROP_SCALE
 from kd_landmarks import paper_results
 from kd_landmarks.datasets import info as dataset_info
+from kd_landmarks.datasets.info import INTER_PUPIL_DATASETS
+from kd_landmarks.metrics import FAILURE_THRESHOLD
 
-# Section 4.2: a face (or, in Figs. 11/12/14, a landmark) whose normalised error exceeds 0.1 fails.
-FAILURE_THRESHOLD = 0.1
-# WFLW attribute columns (stored ``attributes`` order) and the test subsets they define (Table 4).
-WFLW_ATTRIBUTE_SUBSETS = ("test_pose", "test_expression", "test_illumination", "test_makeup",
-                          "test_occlusion", "test_blur")
+# The WFLW test subsets the stored ``attributes`` columns define (Table 4), in column order.
+WFLW_ATTRIBUTE_SUBSETS = tuple(f"test_{name}" for name in dataset_info.WFLW_ATTRIBUTES)
 
-INTER_PUPIL_DATASETS = ("300w", "synthetic")
 # Student loss (config name) -> the paper's name for the model it trains.
 _LOSS_TO_METHOD = {
     "l2": "mnv2",

@@ -44,6 +44,12 @@ DATASETS = {
 }
 
 
+# WFLW's six attribute flags, in the annotation files' order (and the stored ``attributes`` field's).
+WFLW_ATTRIBUTES = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
+# Datasets whose results are also reported with inter-pupil normalisation (300W's Table 3).
+INTER_PUPIL_DATASETS = ("300w", "synthetic")
+
+
 def get_info(name: str) -> DatasetInfo:
   """Looks up a dataset by name, with an error that lists the known ones."""
   try:

@@ -56,7 +56,7 @@ SOURCES_300W = {
 }
 FOLDER_COUNTS_300W = {"afw": 337, "helen/trainset": 2000, "lfpw/trainset": 811,
                       "helen/testset": 330, "lfpw/testset": 224, "ibug": 135}
-WFLW_ATTRIBUTES = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
+WFLW_ATTRIBUTES = info_lib.WFLW_ATTRIBUTES
 EXPECTED_COUNTS = {
     "300w": {"train": 3148, "test_common": 554, "test_challenging": 135, "test_full": 689},
     "cofw": {"train": 1345, "test": 507},
