@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from kd_landmarks import checkpoint
 from kd_landmarks import coords
 from kd_landmarks import parallel
-from kd_landmarks.datasets.info import INTER_PUPIL_DATASETS, WFLW_ATTRIBUTES
+from kd_landmarks.datasets.info import INTER_PUPIL_DATASETS, WFLW_ATTRIBUTE_SPLITS
 from kd_landmarks.metrics import FAILURE_THRESHOLD
 
 EVAL_DIR = "eval"
@@ -100,21 +100,31 @@ def predict_source(module, variables, source, *, image_size: int, batch_size: in
     image_ids = np.concatenate(local_ids)[mask]
   else:  # Strings do not all-gather: every process reads the ids of the whole split.
     image_ids = [source[position]["image_id"] for position in range(len(source))]
-  result["image_id"] = np.array([_as_str(image_id) for image_id in image_ids])
+  result["image_id"] = np.array([as_str(image_id) for image_id in image_ids])
   result["pred"] = coords.apply_affine(result["crop_to_original"].astype(np.float64),
                                        result["pred_crop"].astype(np.float64)).astype(np.float32)
   return result
 
 
-def _as_str(value) -> str:
+def as_str(value) -> str:
+  """An image id (str, bytes, or a numpy scalar or 0-d array of either) as str."""
   value = np.asarray(value).item() if not isinstance(value, (str, bytes)) else value
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def split_metrics(pred, gt, *, dataset: str) -> dict:
-  """NME (inter-ocular; plus inter-pupil for 300W-style data), FR@0.1 and AUC@0.1 of one split."""
+def image_nmes(pred, gt, *, dataset: str) -> np.ndarray:
+  """Per-image inter-ocular NME [N] (fractions): what every metric of a split summarises."""
   from kd_landmarks import metrics
-  nmes = np.asarray(metrics.nme(pred, gt, dataset=dataset, normalization="inter_ocular"))
+  return np.asarray(metrics.nme(pred, gt, dataset=dataset, normalization="inter_ocular"), dtype=np.float64)
+
+
+def split_metrics(pred, gt, *, dataset: str, nmes=None) -> dict:
+  """NME (inter-ocular; plus inter-pupil for 300W-style data), FR@0.1 and AUC@0.1 of one split.
+
+  ``nmes``: ``image_nmes(pred, gt, dataset=dataset)`` when the caller already has them.
+  """
+  from kd_landmarks import metrics
+  nmes = image_nmes(pred, gt, dataset=dataset) if nmes is None else np.asarray(nmes, dtype=np.float64)
   failure_rate, auc = metrics.failure_rate_and_auc(nmes, threshold=FAILURE_THRESHOLD)
   result = {"nme": float(np.mean(nmes)), "fr": float(failure_rate), "auc": float(auc), "count": int(len(nmes))}
   if dataset in INTER_PUPIL_DATASETS:
@@ -123,13 +133,29 @@ def split_metrics(pred, gt, *, dataset: str) -> dict:
   return result
 
 
+def attribute_subsets(attributes, *, dataset: str, split: str) -> dict[str, np.ndarray]:
+  """Rows of each WFLW attribute subset (Table 4) in the ``test`` split: {"test_<attribute>": rows}.
+
+  Empty for any other dataset or split, or without ``attributes`` [N, 6]. A face is in a subset when its
+  flag is set (non-zero, the reader's rule for the subsets it stores as their own splits); subsets
+  without a face are left out rather than reported as NaN.
+  """
+  if dataset != "wflw" or split != "test" or attributes is None:
+    return {}
+  attributes = np.asarray(attributes)
+  subsets = {}
+  for column, subset in enumerate(WFLW_ATTRIBUTE_SPLITS):
+    rows = np.flatnonzero(attributes[:, column] != 0)
+    if rows.size:
+      subsets[subset] = rows
+  return subsets
+
+
 def mean_nme(module, variables, *, source, dataset: str, image_size: int, batch_size: int, mesh=None) -> float:
   """Mean inter-ocular NME of ``variables`` on ``source`` (the validation score for the best checkpoint)."""
-  from kd_landmarks import metrics
   result = predict_source(module, variables, source, image_size=image_size, batch_size=batch_size,
                           mesh=mesh, desc="validate")
-  return float(np.mean(metrics.nme(result["pred"], result["gt"], dataset=dataset,
-                                   normalization="inter_ocular")))
+  return float(np.mean(image_nmes(result["pred"], result["gt"], dataset=dataset)))
 
 
 def eval_splits(config) -> list[str]:
@@ -157,15 +183,10 @@ def evaluate_model(model_dir: str, *, splits, load_split_fn: Callable[[str], Any
     if is_chief:
       np.savez(os.path.join(out_dir, f"{split}.npz"), pred=result["pred"], gt=result["gt"],
                image_id=result["image_id"], attributes=result["attributes"], occluded=result["occluded"])
-    if dataset == "wflw" and split == "test":
-      # Subsets by attribute flag (Table 4), unless the builder stored them as their own splits.
-      for column, name in enumerate(WFLW_ATTRIBUTES):
-        subset = f"test_{name}"
-        if subset in splits:
-          continue
-        mask = result["attributes"][:, column] > 0
-        if mask.any():
-          all_metrics[subset] = split_metrics(result["pred"][mask], result["gt"][mask], dataset=dataset)
+    # Subsets by attribute flag (Table 4), unless the builder stored them as their own splits.
+    for subset, rows in attribute_subsets(result["attributes"], dataset=dataset, split=split).items():
+      if subset not in splits:
+        all_metrics[subset] = split_metrics(result["pred"][rows], result["gt"][rows], dataset=dataset)
   all_metrics = dict(all_metrics)
   if is_chief:
     with open(os.path.join(out_dir, METRICS_FILE), "w") as f:

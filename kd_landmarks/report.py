@@ -33,11 +33,8 @@ from kd_landmarks import coords
 from kd_landmarks.datasets.images import STORED_CROP_SCALE
 from kd_landmarks import paper_results
 from kd_landmarks.datasets import info as dataset_info
-from kd_landmarks.datasets.info import INTER_PUPIL_DATASETS
+from kd_landmarks.datasets.info import WFLW_ATTRIBUTE_SPLITS
 from kd_landmarks.metrics import FAILURE_THRESHOLD
-
-# The WFLW test subsets the stored ``attributes`` columns define (Table 4), in column order.
-WFLW_ATTRIBUTE_SUBSETS = tuple(f"test_{name}" for name in dataset_info.WFLW_ATTRIBUTES)
 
 # Student loss (config name) -> the paper's name for the model it trains.
 _LOSS_TO_METHOD = {
@@ -220,19 +217,20 @@ def _metrics_module():
   return metrics
 
 
+def _evaluate_module():
+  # Imported lazily (it needs jax) so that reading paper tables does not.
+  from kd_landmarks import evaluate
+  return evaluate
+
+
 def _evaluate_arrays(arrays, *, dataset, split, image_split, image_rows, source):
-  """Per-image NMEs and FR / AUC of one split from prediction arrays (kd_landmarks.metrics)."""
-  metrics = _metrics_module()
-  nmes = np.asarray(metrics.nme(arrays["pred"], arrays["gt"], dataset=dataset), dtype=np.float64)
-  fr, auc = metrics.failure_rate_and_auc(nmes, threshold=FAILURE_THRESHOLD)
-  nme_ip = None
-  # Table 3 reports inter-pupil NME for 300W; the synthetic faces share its 68-point layout.
-  if dataset in INTER_PUPIL_DATASETS:
-    nme_ip = float(np.mean(metrics.nme(arrays["pred"], arrays["gt"], dataset=dataset,
-                                       normalization="inter_pupil")))
+  """Per-image NMEs and the split's metrics from prediction arrays, as the evaluate step computes them."""
+  evaluate = _evaluate_module()
+  nmes = evaluate.image_nmes(arrays["pred"], arrays["gt"], dataset=dataset)
+  values = evaluate.split_metrics(arrays["pred"], arrays["gt"], dataset=dataset, nmes=nmes)
   return SplitEval(
-      split=split, count=int(nmes.shape[0]), nme=float(np.mean(nmes)), fr=float(fr), auc=float(auc),
-      nme_inter_pupil=nme_ip, nmes=nmes, pred=arrays["pred"], gt=arrays["gt"],
+      split=split, count=values["count"], nme=values["nme"], fr=values["fr"], auc=values["auc"],
+      nme_inter_pupil=values.get("nme_inter_pupil"), nmes=nmes, pred=arrays["pred"], gt=arrays["gt"],
       image_id=arrays["image_id"], image_split=image_split, image_rows=image_rows, source=source)
 
 
@@ -260,17 +258,16 @@ def load_model_results(model: ModelEntry, *, dataset: str, warnings: list[str]) 
     results[split] = _evaluate_arrays(
         arrays, dataset=dataset, split=split, image_split=split,
         image_rows=np.arange(arrays["gt"].shape[0]), source=str(path.relative_to(model.path.parent)))
-    if dataset == "wflw" and split == "test" and "attributes" in arrays:
-      for column, subset in enumerate(WFLW_ATTRIBUTE_SUBSETS):
-        if subset in npz_paths:
-          continue
-        rows = np.flatnonzero(arrays["attributes"][:, column] != 0)
-        if rows.size == 0:
-          continue
-        subset_arrays = {k: v[rows] for k, v in arrays.items()}
-        results[subset] = _evaluate_arrays(
-            subset_arrays, dataset=dataset, split=subset, image_split="test", image_rows=rows,
-            source=f"{path.relative_to(model.path.parent)} (attribute {column})")
+    # The WFLW subsets by attribute flag, as the evaluate step derives them, unless stored separately.
+    subsets = _evaluate_module().attribute_subsets(arrays.get("attributes"), dataset=dataset, split=split)
+    for subset, rows in subsets.items():
+      if subset in npz_paths:
+        continue
+      subset_arrays = {k: v[rows] for k, v in arrays.items()}
+      column = WFLW_ATTRIBUTE_SPLITS.index(subset)
+      results[subset] = _evaluate_arrays(
+          subset_arrays, dataset=dataset, split=subset, image_split=split, image_rows=rows,
+          source=f"{path.relative_to(model.path.parent)} (attribute {column})")
   for split, values in stored.items():
     if not isinstance(values, dict):
       raise ValueError(f"{metrics_path}: entry {split!r} should be an object {{nme, fr, auc, count}}")
@@ -448,7 +445,7 @@ def _paper_tables(tables: _Tables, splits: Sequence[str]) -> list[str]:
   elif ds == "wflw":
     lines += tables.metric_rows(
         "Table 4: WFLW, 98 points, NME (%), FR (%) and AUC per subset", _MAIN_METHODS,
-        ["test", *WFLW_ATTRIBUTE_SUBSETS], [nme, fr, auc])
+        ["test", *WFLW_ATTRIBUTE_SPLITS], [nme, fr, auc])
   # Tables 7 and 8 are 300W experiments in the paper; elsewhere their layout is kept for the full test set.
   if ds == "300w":
     ablation_splits = ["test_challenging", "test_common", "test_full"]
@@ -571,11 +568,6 @@ def _select_rows(nmes: np.ndarray, per_group: int) -> list[tuple[str, int]]:
   return picks
 
 
-def _as_str(value) -> str:
-  value = np.asarray(value).item() if not isinstance(value, (str, bytes)) else value
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def _as_image(example) -> tuple[np.ndarray, np.ndarray]:
   """(image, crop -> original affine) from a stored example, a (image, affine) pair or a bare image."""
   if isinstance(example, Mapping):
@@ -620,9 +612,10 @@ def plot_qualitative(rows_of_models: Sequence[tuple[str, SplitEval]], path: Path
     try:
       example = get_image(reference.image_split, int(reference.image_rows[ref_row]))
       stored_id = example.get("image_id") if isinstance(example, Mapping) else None
-      if stored_id is not None and _as_str(stored_id) != str(reference.image_id[ref_row]):
+      as_str = _evaluate_module().as_str
+      if stored_id is not None and as_str(stored_id) != str(reference.image_id[ref_row]):
         # Rows of the npz follow the split's order; a different id means the data changed since eval.
-        raise ValueError(f"stored image_id {_as_str(stored_id)!r} differs from the evaluation's "
+        raise ValueError(f"stored image_id {as_str(stored_id)!r} differs from the evaluation's "
                          f"{reference.image_id[ref_row]!r}; re-run the eval phase")
       images[column] = _as_image(example)
     except Exception as e:  # pylint: disable=broad-except

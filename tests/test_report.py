@@ -513,8 +513,8 @@ def test_agrees_with_what_the_evaluate_step_writes(tmp_path):
   pred = gt + rng.normal(scale=6.0, size=gt.shape)
   attributes = (rng.uniform(size=(10, 6)) < 0.4).astype(np.int32)
   stored = {"test": evaluate.split_metrics(pred, gt, dataset="wflw")}
-  for column, name in enumerate(evaluate.WFLW_ATTRIBUTES):
-    mask = attributes[:, column] > 0
+  for column, name in enumerate(dataset_info.WFLW_ATTRIBUTES):
+    mask = attributes[:, column] != 0
     if mask.any():
       stored[f"test_{name}"] = evaluate.split_metrics(pred[mask], gt[mask], dataset="wflw")
   write_model(tmp_path, "student_kd", dataset="wflw", role="student", loss="kd",
@@ -525,6 +525,50 @@ def test_agrees_with_what_the_evaluate_step_writes(tmp_path):
   nme = row_of(rows, Metric="NME (%)", Method="mnv2_KD")
   for split, values in stored.items():
     assert nme[report._SPLIT_TITLES[split]] == f"{100 * values['nme']:.2f}"
+
+
+def test_wflw_subsets_of_the_report_are_those_of_the_evaluate_step(tmp_path, monkeypatch):
+  """Each WFLW attribute subset: the report's recompute from the npz alone, the evaluate step's metrics.json
+  and numpy by hand name the same faces and give the same NME, FR and count."""
+  evaluate = pytest.importorskip("kd_landmarks.evaluate")
+  from kd_landmarks import checkpoint
+  rng = np.random.default_rng(5)
+  n = 16
+  gt = make_faces("wflw", n).astype(np.float32)
+  # About 0.1 inter-ocular off on average, so that each subset has faces on both sides of the threshold.
+  pred = (gt + rng.normal(scale=8.0, size=gt.shape)).astype(np.float32)
+  attributes = (rng.uniform(size=(n, 6)) < 0.4).astype(np.int32)
+  attributes[:, 1] = 0  # no expression face: neither side may report that subset
+  fake_eval = {"pred": pred, "gt": gt, "image_id": np.array([f"img_{i:03d}.jpg" for i in range(n)]),
+               "attributes": attributes, "occluded": np.zeros(gt.shape[:2], np.int32)}
+  monkeypatch.setattr(checkpoint, "load_inference_variables",
+                      lambda model_dir: (None, {}, {"dataset": "wflw", "image_size": 64,
+                                                    "checkpoint": ("best", 1)}))
+  monkeypatch.setattr(evaluate, "predict_source", lambda *args, **kwargs: fake_eval)
+  model_dir = write_model(tmp_path, "student_kd", dataset="wflw", role="student", loss="kd", splits={})
+  written = evaluate.evaluate_model(str(model_dir), splits=["test"], load_split_fn=lambda split: None,
+                                    batch_size=4)
+  (model_dir / "eval" / "metrics.json").unlink()  # the report must recompute from test.npz alone
+
+  right, left = dataset_info.get_info("wflw").outer_eye_corners
+  inter_ocular = np.linalg.norm(gt[:, right].astype(np.float64) - gt[:, left], axis=-1)
+  by_hand = np.linalg.norm(pred.astype(np.float64) - gt, axis=-1).mean(axis=-1) / inter_ocular
+  expected = {f"test_{name}": by_hand[attributes[:, column] == 1]
+              for column, name in enumerate(dataset_info.WFLW_ATTRIBUTES) if attributes[:, column].any()}
+  assert "test_expression" not in expected and len(expected) >= 4
+  assert set(written) == {"test", *expected}
+  recomputed = report.load_model_results(report.find_models(tmp_path)[0], dataset="wflw", warnings=[])
+  assert set(recomputed) == {"test", *expected}
+  nme_row = row_of(parse_table(report.build_report(tmp_path).read_text(), "### Table 4"),
+                   Metric="NME (%)", Method="mnv2_KD")
+  for subset, nmes in expected.items():
+    assert 0 < np.mean(nmes > 0.1) < 1 or len(nmes) < 3, subset
+    assert written[subset]["count"] == recomputed[subset].count == len(nmes)
+    assert written[subset]["nme"] == pytest.approx(np.mean(nmes), rel=1e-6)
+    assert recomputed[subset].nme == pytest.approx(np.mean(nmes), rel=1e-6)
+    assert written[subset]["fr"] == recomputed[subset].fr == pytest.approx(np.mean(nmes > 0.1))
+    assert written[subset]["auc"] == pytest.approx(recomputed[subset].auc, rel=1e-6)
+    assert nme_row[report._SPLIT_TITLES[subset]] == f"{100 * np.mean(nmes):.2f}"
 
 
 def test_model_json_as_training_writes_it(tmp_path):

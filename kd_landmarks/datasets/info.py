@@ -46,6 +46,8 @@ DATASETS = {
 
 # WFLW's six attribute flags, in the annotation files' order (and the stored ``attributes`` field's).
 WFLW_ATTRIBUTES = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
+# The test subset of each flag (Table 4), as a split name, in the same order.
+WFLW_ATTRIBUTE_SPLITS = tuple(f"test_{name}" for name in WFLW_ATTRIBUTES)
 # Datasets whose results are also reported with inter-pupil normalisation (300W's Table 3).
 INTER_PUPIL_DATASETS = ("300w", "synthetic")
 
