@@ -52,6 +52,64 @@ def test_onnx_interface_is_documented_one(exported):
   # Every ReLU6 became a Clip (which ONNX Runtime fuses into the preceding Conv); no Max/Min pair is left.
   op_types = [node.op_type for node in model.graph.node]
   assert op_types.count("Clip") > 0 and "Max" not in op_types and "Min" not in op_types
+  # Every convolution of the model (stem, 1x1, depthwise) is one native Conv: no Einsum or Slice
+  # (the CPU training implementations), which ONNX Runtime cannot fuse.
+  module, variables, _, _ = exported
+  kernels = [leaf for leaf in jax.tree_util.tree_leaves(variables["params"]) if leaf.ndim == 4]
+  assert op_types.count("Conv") == len(kernels)
+  assert not {"Einsum", "Slice", "Pad", "MatMul"} & set(op_types)
+  # The input normalisation runs in NCHW, right after the layout transpose.
+  assert op_types[:3] == ["Cast", "Transpose", "BatchNormalization"]
+
+
+def _affine_chain_model(ops):
+  """uint8 NHWC [1, 4, 5, 3] -> Cast -> ops (constant right-hand sides) -> Transpose(0, 3, 1, 2) -> Relu."""
+  from onnx import TensorProto, helper, numpy_helper
+
+  nodes = [helper.make_node("Cast", ["image"], ["v0"], to=TensorProto.FLOAT)]
+  initializers = []
+  for index, (op, constant) in enumerate(ops):
+    name = f"c{index}"
+    initializers.append(numpy_helper.from_array(np.asarray(constant, np.float32), name))
+    nodes.append(helper.make_node(op, [f"v{index}", name], [f"v{index + 1}"]))
+  nodes.append(helper.make_node("Transpose", [f"v{len(ops)}"], ["nchw"], perm=[0, 3, 1, 2]))
+  nodes.append(helper.make_node("Relu", ["nchw"], ["out"]))
+  graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("image", TensorProto.UINT8,
+                                                                           [1, 4, 5, 3])],
+                            [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4, 5])],
+                            initializers)
+  return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_input_normalization_pass_keeps_the_function(tmp_path):
+  # Every op kind, scalar and per-channel constants, in an order where composition order matters.
+  ops = [("Div", 255.0), ("Sub", [[[[0.4, 0.5, 0.6]]]]), ("Mul", [2.0, -1.0, 0.5]), ("Add", 0.25),
+         ("Div", [0.2, 0.3, 0.4])]
+  model = _affine_chain_model(ops)
+  image = np.random.default_rng(0).integers(0, 256, (1, 4, 5, 3)).astype(np.uint8)
+  x = image.astype(np.float64)
+  for op, constant in ops:  # The chain by hand, in float64.
+    constant = np.asarray(constant, np.float64)
+    x = {"Div": np.divide, "Sub": np.subtract, "Mul": np.multiply, "Add": np.add}[op](x, constant)
+  expected = np.maximum(x.transpose(0, 3, 1, 2), 0)
+  assert export.input_normalization_to_nchw(model)
+  assert [n.op_type for n in model.graph.node] == ["Cast", "Transpose", "BatchNormalization", "Relu"]
+  assert {t.name for t in model.graph.initializer} == {f"input_normalization_{p}"
+                                                        for p in ("scale", "bias", "mean", "var")}
+  path = str(tmp_path / "chain.onnx")
+  onnx.save(model, path)
+  got = export.ort_session(path).run(None, {"image": image})[0]
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_input_normalization_pass_leaves_other_graphs_alone():
+  # A chain whose intermediate value is used twice cannot be folded away.
+  model = _affine_chain_model([("Div", 255.0), ("Sub", [0.4, 0.5, 0.6])])
+  from onnx import helper
+  model.graph.node.append(helper.make_node("Identity", ["v1"], ["side"]))
+  before = [n.op_type for n in model.graph.node]
+  assert not export.input_normalization_to_nchw(model)
+  assert [n.op_type for n in model.graph.node] == before
 
 
 def test_int8_model_stores_int8_weights_and_stays_close(exported):

@@ -129,6 +129,26 @@ def test_depthwise_impls_agree_inside_the_model():
     np.testing.assert_allclose(got_flat, want_flat, rtol=1e-3, atol=1e-3 * np.max(np.abs(want_flat)))
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2_tiny", "efficientnet_b0_tiny"])
+def test_pointwise_impls_agree(name):
+  # 'dot' (the CPU training default) and 'conv' (what accelerators and exporters get) must be the same
+  # function of the same parameters, with and without bias (EfficientNet's squeeze-excite).
+  images = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3))
+  conv = create_model(name, num_landmarks=3, pointwise_impl="conv", **FAST_COMPILE)
+  dot = create_model(name, num_landmarks=3, pointwise_impl="dot", **FAST_COMPILE)
+  variables = _init(conv, images)
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(_init(dot, images))
+
+  def loss(model):
+    return lambda params: jnp.sum(model.apply({**variables, "params": params}, images) ** 2)
+
+  want, want_grads = jax.value_and_grad(loss(conv))(variables["params"])
+  got, got_grads = jax.value_and_grad(loss(dot))(variables["params"])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.max(np.abs(w)) + 1e-7)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_output():
   model = create_model("mobilenet_v2_tiny", num_landmarks=3, dtype=jnp.bfloat16, **FAST_COMPILE)
   images = jax.random.uniform(jax.random.key(1), (1, 32, 32, 3))
@@ -176,6 +196,8 @@ def test_errors_name_the_choices():
     create_model("mobilenet_v2", num_landmarks=68, widht_multiplier=0.5)
   with pytest.raises(ValueError, match="depthwise_impl"):
     create_model("mobilenet_v2", num_landmarks=68, depthwise_impl="fft")
+  with pytest.raises(ValueError, match="pointwise_impl.*'conv'"):
+    create_model("mobilenet_v2", num_landmarks=68, pointwise_impl="gemm")
   with pytest.raises(ValueError, match="num_landmarks"):
     create_model("mobilenet_v2", num_landmarks=0)
   model = create_model("mobilenet_v2_tiny", num_landmarks=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from kd_landmarks.models import depthwise
+from kd_landmarks.models import layers
 from kd_landmarks.models.depthwise import DEPTHWISE_IMPLS, depthwise_conv
 from kd_landmarks.models.efficientnet import VARIANTS as _EFFICIENTNET_VARIANTS
 from kd_landmarks.models.efficientnet import EfficientNet
@@ -54,6 +55,8 @@ def create_model(name: str, *, num_landmarks: int, **overrides):
     raise ValueError(f"unknown override(s) {unknown} for model {name!r}; its fields are {sorted(fields)}")
   if "depthwise_impl" in overrides:
     depthwise.resolve_impl(overrides["depthwise_impl"])  # Fails early with the list of choices.
+  if "pointwise_impl" in overrides:
+    layers.resolve_pointwise_impl(overrides["pointwise_impl"])
   return module_class(num_landmarks=num_landmarks, **{**defaults, **overrides})
 
 

@@ -68,13 +68,15 @@ class MBConv(nn.Module):
   se_ratio: float
   drop_rate: float
   depthwise_impl: str
+  pointwise_impl: str
   norm: Any
   dtype: Any
   param_dtype: Any
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    conv = functools.partial(layers.PointwiseConv, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(layers.PointwiseConv, impl=self.pointwise_impl, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
     in_channels = x.shape[-1]
     y = x
     if self.expansion != 1:
@@ -114,7 +116,7 @@ class EfficientNet(nn.Module):
     dropout_rate: dropout before the head.
     stochastic_depth_rate: drop probability of the last block's residual branch, linearly growing
       from 0 over the blocks (Keras' ``drop_connect_rate``).
-    depthwise_impl, dtype, param_dtype, bn_momentum, bn_epsilon: as in MobileNetV2.
+    depthwise_impl, pointwise_impl, dtype, param_dtype, bn_momentum, bn_epsilon: as in MobileNetV2.
   """
   num_landmarks: int
   width_coefficient: float = 1.0
@@ -125,6 +127,7 @@ class EfficientNet(nn.Module):
   dropout_rate: float = 0.2
   stochastic_depth_rate: float = 0.2
   depthwise_impl: str = "auto"
+  pointwise_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   bn_momentum: float = 0.99
@@ -148,10 +151,11 @@ class EfficientNet(nn.Module):
       for repeat in range(max(1, round_repeats(stage.repeats, depth))):
         x = MBConv(out_channels, stage.kernel_size, stage.strides if repeat == 0 else 1, stage.expansion,
                    stage.se_ratio, self.stochastic_depth_rate * block / total_blocks, self.depthwise_impl,
-                   norm, self.dtype, self.param_dtype, name=f"block{block}")(x, train=train)
+                   self.pointwise_impl, norm, self.dtype, self.param_dtype,
+                   name=f"block{block}")(x, train=train)
         block += 1
-    x = layers.PointwiseConv(round_filters(self.top_channels, width), dtype=self.dtype,
-                             param_dtype=self.param_dtype, name="top")(x)
+    x = layers.PointwiseConv(round_filters(self.top_channels, width), impl=self.pointwise_impl,
+                             dtype=self.dtype, param_dtype=self.param_dtype, name="top")(x)
     x = nn.swish(norm(name="top_bn")(x))
     return layers.RegressionHead(self.num_landmarks, self.dropout_rate, self.param_dtype,
                                  name="head")(x, train=train)

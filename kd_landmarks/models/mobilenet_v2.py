@@ -33,14 +33,15 @@ class InvertedResidual(nn.Module):
   expansion: int
   strides: int
   depthwise_impl: str
+  pointwise_impl: str
   norm: Any
   dtype: Any
   param_dtype: Any
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(layers.PointwiseConv, use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+    conv = functools.partial(layers.PointwiseConv, use_bias=False, impl=self.pointwise_impl,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
     in_channels = x.shape[-1]
     y = x
     if self.expansion != 1:
@@ -67,6 +68,7 @@ class MobileNetV2(nn.Module):
     last_channels: channels of the final 1x1 conv (None: 1280, scaled when alpha > 1 as Keras does).
     dropout_rate: dropout before the head.
     depthwise_impl: see :mod:`kd_landmarks.models.depthwise`.
+    pointwise_impl: 1x1 convolutions as 'conv', 'dot' or 'auto' (:class:`layers.PointwiseConv`).
     dtype: compute dtype (e.g. bfloat16); parameters stay ``param_dtype``.
     bn_momentum, bn_epsilon: BatchNorm moving-average momentum and epsilon (Keras: epsilon 1e-3).
   """
@@ -76,6 +78,7 @@ class MobileNetV2(nn.Module):
   last_channels: int | None = None
   dropout_rate: float = 0.0
   depthwise_impl: str = "auto"
+  pointwise_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   bn_momentum: float = 0.99
@@ -95,7 +98,7 @@ class MobileNetV2(nn.Module):
       out_channels = layers.make_divisible(channels * self.width_multiplier)
       for repeat in range(max(1, math.ceil(repeats * self.depth_multiplier))):
         x = InvertedResidual(out_channels, expansion, first_stride if repeat == 0 else 1,
-                             self.depthwise_impl, norm, self.dtype, self.param_dtype,
+                             self.depthwise_impl, self.pointwise_impl, norm, self.dtype, self.param_dtype,
                              name=f"block{block}")(x)
         block += 1
     if self.last_channels is not None:
@@ -104,7 +107,7 @@ class MobileNetV2(nn.Module):
       last_channels = layers.make_divisible(1280 * self.width_multiplier)
     else:
       last_channels = 1280
-    x = layers.PointwiseConv(last_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="top")(x)
+    x = layers.PointwiseConv(last_channels, impl=self.pointwise_impl, dtype=self.dtype, param_dtype=self.param_dtype, name="top")(x)
     x = nn.relu6(norm(name="top_bn")(x))
     return layers.RegressionHead(self.num_landmarks, self.dropout_rate, self.param_dtype,
                                  name="head")(x, train=train)
