@@ -5,7 +5,8 @@ A model directory (``DIR/teacher_tough``, ``DIR/student_kd``, ...) holds:
 * ``model.json``: what rebuilds the module without the config (model name, num_landmarks, image_size,
   dataset, overrides, dtype) plus the phase and loss it was trained with;
 * ``checkpoints/``: orbax ``CheckpointManager`` of the full train state (step, params, batch_stats,
-  optimiser state), saved periodically, the newest few kept; training resumes from the newest;
+  optimiser state), saved periodically, the newest few kept; training resumes from the newest, unless
+  model.json says it is another model (``check_resumable``);
 * ``best/``: orbax ``CheckpointManager`` of the inference variables (params, batch_stats) only, keeping the
   one with the lowest validation NME.
 
@@ -25,6 +26,11 @@ STATE_DIR = "checkpoints"
 BEST_DIR = "best"
 # model.json keys that rebuild the module; the loader refuses a file missing any of them.
 REQUIRED_MODEL_KEYS = ("model", "num_landmarks", "image_size", "dataset", "overrides", "dtype")
+# The keys a checkpoint belongs to: another value is another model (parameter tree, input or data), which
+# training must not resume. Not 'dtype': it is the compute precision --platform sets, the parameters stay
+# float32, and moving a run to platform=cpu is the advice for a bfloat16 overflow. Steps, learning rate,
+# logging and the rest of 'config' may change across a resume.
+RESUME_KEYS = ("model", "overrides", "num_landmarks", "image_size", "dataset")
 
 
 def write_model_json(model_dir: str, meta: Mapping[str, Any]) -> str:
@@ -55,6 +61,39 @@ def read_model_json(model_dir: str) -> dict:
   if missing:
     raise ValueError(f"{path} lacks the keys {missing}; retrain or add them by hand")
   return meta
+
+
+def check_resumable(model_dir: str, meta: Mapping[str, Any]) -> None:
+  """Raises ValueError when ``model_dir`` holds a checkpoint of another model than ``meta`` describes.
+
+  Compares the stored model.json with ``meta`` (what this run would write) on ``RESUME_KEYS``; a
+  directory without model.json or without a saved step has nothing to resume and passes.
+  """
+  path = os.path.join(model_dir, MODEL_JSON)
+  if not os.path.exists(path) or not has_checkpoint(model_dir):
+    return
+  with open(path) as f:
+    stored = json.load(f)
+  # Through JSON, as model.json was written, so that a tuple in the overrides equals its stored list.
+  configured = json.loads(json.dumps(_jsonable(dict(meta))))
+  absent = "(absent)"
+  differences = [f"  {key}: stored {stored.get(key, absent)!r}, configured {configured.get(key, absent)!r}"
+                 for key in RESUME_KEYS if stored.get(key, absent) != configured.get(key, absent)]
+  if differences:
+    raise ValueError(
+        f"{model_dir} holds a checkpoint of another model than this run trains, so training will not "
+        "resume from it:\n" + "\n".join(differences) +
+        f"\nUse a new --workdir, or delete {model_dir} to start over.")
+
+
+def has_checkpoint(model_dir: str) -> bool:
+  """Whether ``model_dir`` holds a saved train state or best model (what a new run would build on)."""
+  for directory, make_manager in ((STATE_DIR, state_manager), (BEST_DIR, best_manager)):
+    if os.path.isdir(os.path.join(model_dir, directory)):
+      with make_manager(model_dir, create=False) as manager:
+        if manager.latest_step() is not None:
+          return True
+  return False
 
 
 def state_manager(model_dir: str, *, max_to_keep: int = 2, create: bool = True) -> ocp.CheckpointManager:

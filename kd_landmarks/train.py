@@ -209,6 +209,8 @@ def fit(setup: FitSetup) -> dict:
   mesh = setup.mesh or parallel.make_mesh()
   parallel.check_batch_size(setup.global_batch_size, mesh)
   is_chief = jax.process_index() == 0
+  # Before model.json is rewritten: a reused workdir must not silently resume another dataset or network.
+  checkpoint.check_resumable(setup.model_dir, setup.meta)
   if is_chief:  # One writer: the processes of a multi-host run share the workdir.
     checkpoint.write_model_json(setup.model_dir, setup.meta)
   base_rng = jax.random.PRNGKey(setup.seed)

@@ -113,6 +113,26 @@ def test_restore_state_keeps_structure_and_step(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, restored["params"], tree["params"])
 
 
+def test_resume_check_compares_only_what_makes_another_model(tmp_path):
+  model_dir = str(tmp_path / "student_kd")
+  stored = dict(_meta(config={"student": {"num_train_steps": 4}}), overrides={"width": (1, 2)})
+  checkpoint.write_model_json(model_dir, stored)
+  # model.json alone (a run killed before its first save) holds nothing to resume.
+  checkpoint.check_resumable(model_dir, dict(stored, dataset="wflw"))
+  checkpoint.save_best(checkpoint.best_manager(model_dir), 2, _variables(0), val_nme=0.1)
+  assert checkpoint.has_checkpoint(model_dir)
+  # The tuple is the list model.json holds; steps, dtype and the rest of the config may change.
+  checkpoint.check_resumable(model_dir, dict(stored, dtype="bfloat16",
+                                             config={"student": {"num_train_steps": 8}}))
+  with pytest.raises(ValueError) as error:
+    checkpoint.check_resumable(model_dir, dict(stored, image_size=16, overrides={"width": (1, 3)}))
+  message = str(error.value)
+  assert model_dir in message and "delete " + model_dir in message
+  assert "image_size: stored 8, configured 16" in message
+  assert "overrides: stored {'width': [1, 2]}, configured {'width': [1, 3]}" in message
+  assert "dataset" not in message
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_restart_ends_like_an_uninterrupted_run(tmp_path):
   """A run killed with SIGKILL resumes from its last checkpoint and ends with the uninterrupted params."""

@@ -157,6 +157,41 @@ def test_interrupted_fit_resumes_to_the_same_params(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed, whole)
 
 
+@pytest.mark.parametrize("key, value", [("dataset", "wflw"), ("model", "mobilenet_v2")])
+def test_a_reused_workdir_does_not_resume_another_model(tmp_path, key, value):
+  model_dir = str(tmp_path / "teacher_tough")
+  train.fit(fx.fit_setup(model_dir, num_train_steps=4, checkpoint_every=2, stop_after_steps=2))
+  setup = fx.fit_setup(model_dir, num_train_steps=4, checkpoint_every=2)
+  setup.meta = dict(setup.meta, **{key: value})
+  stored = checkpoint.read_model_json(model_dir)[key]
+  with pytest.raises(ValueError, match=r"(?s)teacher_tough holds a checkpoint of another model.*"
+                     rf"{key}: stored '{stored}', configured '{value}'.*"
+                     r"Use a new --workdir, or delete .*teacher_tough to start over"):
+    train.fit(setup)
+  assert checkpoint.read_model_json(model_dir)[key] == stored  # Left as it was.
+  assert checkpoint.state_manager(model_dir).all_steps() == [2]
+
+
+def test_a_resume_may_change_the_step_count_and_the_rest_of_the_config(tmp_path):
+  model_dir = str(tmp_path / "teacher_tough")
+
+  def setup(num_train_steps, **kwargs):
+    fit_setup = fx.fit_setup(model_dir, num_train_steps=num_train_steps, checkpoint_every=2, **kwargs)
+    fit_setup.meta = dict(fit_setup.meta, config={"teacher": {"num_train_steps": num_train_steps}})
+    return fit_setup
+
+  trained = train.fit(setup(2))
+  # The same config finds the run finished ...
+  jax.tree.map(np.testing.assert_array_equal, train.fit(setup(2)), trained)
+  # ... and more steps, another learning rate and logging resume from the step-2 checkpoint.
+  longer = setup(6, stop_after_steps=1)
+  longer.meta["config"].update(log_every_steps=1, optimizer={"learning_rate": 1e-4})
+  longer.tx = fx.make_tx(learning_rate=1e-4)
+  train.fit(longer)
+  assert checkpoint.state_manager(model_dir).all_steps() == [2, 3]
+  assert checkpoint.read_model_json(model_dir)["config"]["teacher"]["num_train_steps"] == 6
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   model_dir = str(tmp_path / "m")
