@@ -102,14 +102,15 @@ def annotated_photos(folders, data_dir=None, max_faces=None, dataset="300w", spl
   return photos[:max_faces] if max_faces else photos
 
 
-def untrained_student(model_name: str, image_size: int, num_landmarks: int = 68, seed: int = 0):
+def untrained_student(model_name: str, image_size: int, num_landmarks: int = 68, seed: int = 0,
+                      **overrides):
   """A randomly initialised student (He-normal kernels, unit batch statistics) without compiling
   ``module.init``: for latency only."""
   import jax
   import jax.numpy as jnp
   from kd_landmarks import models
 
-  module = models.create_model(model_name, num_landmarks=num_landmarks)
+  module = models.create_model(model_name, num_landmarks=num_landmarks, **overrides)
   shapes = jax.eval_shape(lambda rng: module.init(rng, jnp.zeros((1, image_size, image_size, 3)),
                                                   train=False), jax.random.PRNGKey(0))
   rng = np.random.default_rng(seed)
@@ -126,7 +127,7 @@ def untrained_student(model_name: str, image_size: int, num_landmarks: int = 68,
 
   variables = jax.tree_util.tree_map_with_path(fill, shapes)
   meta = {"model": model_name, "num_landmarks": num_landmarks, "image_size": image_size,
-          "dataset": "300w", "overrides": {}, "dtype": "float32", "checkpoint": None}
+          "dataset": "300w", "overrides": dict(overrides), "dtype": "float32", "checkpoint": None}
   return module, variables, meta
 
 
@@ -152,6 +153,10 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=50)
   parser.add_argument("--detector", default=detect.DEFAULT_DETECTOR, choices=sorted(detect.DETECTORS))
   parser.add_argument("--quick", action="store_true", help="tiny student at 64 px, 3 repeats: a smoke run")
+  parser.add_argument("--untrained_image_size", type=int, default=224,
+                      help="without a trained student: the input size of the untrained one timed")
+  parser.add_argument("--untrained_width_multiplier", type=float, default=1.0,
+                      help="without a trained student: its MobileNetV2 width (the paper's: 1.0)")
   parser.add_argument("--no_int8", action="store_true", help="skip the int8 ONNX model")
   parser.add_argument("--fetch_mediapipe", action="store_true", help="download + cache MediaPipe's model")
   parser.add_argument("--all_threads", action="store_true", help="let every runtime use all cores")
@@ -172,13 +177,16 @@ def main(argv=None) -> int:
     trained = True
   else:
     module, variables, meta = (untrained_student("mobilenet_v2_tiny", 64) if args.quick
-                               else untrained_student("mobilenet_v2", 224))
+                               else untrained_student("mobilenet_v2", args.untrained_image_size,
+                                                      width_multiplier=args.untrained_width_multiplier))
     trained = False
   detector = detect.get_detector(args.detector)
   box_map = detect.load_box_map(model_dir, args.detector)
   predictor = predict.LandmarkPredictor(module, variables, meta, detector=detector, box_map=box_map)
   size = predictor.image_size
-  student_name = f"{meta['model']} @{size}px" + ("" if trained else " (untrained)")
+  width = (meta.get("overrides") or {}).get("width_multiplier")
+  student_name = (f"{meta['model']}{f' x{width:g}' if width not in (None, 1.0) else ''} @{size}px" +
+                  ("" if trained else " (untrained)"))
 
   split = args.split or ("test_full" if args.dataset == "300w" else "test")
   photos = annotated_photos(args.photos, args.data_dir, 2 if args.quick and args.max_faces is None

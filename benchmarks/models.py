@@ -2,7 +2,8 @@
 
 Measures, at 224 px by default:
   * forward latency at batch 1 (jitted JAX; PyTorch eager, channels-last; ONNX Runtime on the
-    PyTorch model exported with torch.onnx), median milliseconds;
+    PyTorch model exported with torch.onnx and on ours exported by ``kd_landmarks.export``), median
+    milliseconds;
   * train-step throughput (forward + backward + Adam, MSE on the coordinates, BatchNorm in training
     mode), batch 8 on CPU, median images/second;
 and prints ratios JAX / peer. The PyTorch models are written here (no torchvision) to match the Flax
@@ -258,6 +259,29 @@ def onnxruntime_benchmark(model, one, args):
   return seconds * 1e3
 
 
+def our_onnx_benchmark(role, args):
+  """Forward ms at batch 1 of the same architecture exported by ``kd_landmarks.export`` (uint8 NHWC in)."""
+  import tempfile
+  import jax
+  import jax.numpy as jnp
+  from kd_landmarks import export
+  from kd_landmarks import models
+
+  model = models.create_model(MODEL_NAMES[role], num_landmarks=NUM_LANDMARKS, depthwise_impl="lax")
+  size = args.image_size
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(
+      jnp.zeros((1, size, size, 3), jnp.float32))
+  image = np.random.default_rng(0).integers(0, 256, (1, size, size, 3)).astype(np.uint8)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "model.onnx")
+    with open(path, "wb") as f:
+      f.write(export.to_onnx_model(model, variables, size).SerializeToString())
+    session = export.ort_session(path, threads=args.threads)
+    seconds = timing.median_seconds(lambda: export.run_onnx(session, image), warmup=args.warmup,
+                                    iterations=args.iterations)
+  return seconds * 1e3
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -312,6 +336,9 @@ def main(argv=None):
             f"train b{args.batch} {t_train:8.1f} img/s", flush=True)
       if onnx_ms is not None:
         print(f"ONNX Runtime (PyTorch export): forward b1 {onnx_ms:8.2f} ms", flush=True)
+        ours_ms = our_onnx_benchmark(role, args)
+        print(f"ONNX Runtime (our export):     forward b1 {ours_ms:8.2f} ms   "
+              f"({ours_ms / onnx_ms:.2f}x the PyTorch export's time)", flush=True)
       for impl, (forward_ms, train_ips) in jax_results.items():
         line = (f"ratios JAX[{impl}]: forward time JAX/PyTorch {forward_ms / t_forward:.2f}x, "
                 f"train throughput JAX/PyTorch {train_ips / t_train:.2f}x")

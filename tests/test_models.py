@@ -57,6 +57,12 @@ def test_width_multiplier_matches_keras_totals(alpha, keras_total_with_imagenet_
   assert params - backbone == last_channels * 136 + 136
 
 
+def test_named_width_variant_is_keras_alpha():
+  # mobilenet_v2_050 is Keras' MobileNetV2(alpha=0.5): 1,987,224 params with the ImageNet top.
+  params, backbone, batch_stats = _counts("mobilenet_v2_050")
+  assert backbone + batch_stats == 1_987_224 - (1280 * 1000 + 1000)
+
+
 def test_batch_stats_are_two_per_batchnorm_channel():
   variables = _variables(create_model("mobilenet_v2", num_landmarks=68), 224)
   scales = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
