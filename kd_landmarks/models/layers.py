@@ -78,7 +78,11 @@ class PointwiseConv(nn.Module):
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     if resolve_pointwise_impl(self.impl) == "dot":
-      y = lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+      # As a 2-D [B*H*W, Cin] x [Cin, Cout] product: the weight gradient is then a 2-D dot contracting
+      # dimension 0 of both operands, which XLA's CPU backend runs in place. Contracting (B, H, W) of
+      # 4-D operands instead, it recomputes the BatchNorm backward into a transposed [Cout, B*H*W] copy
+      # (block1's expand layer: 123 ms of a 1.3 s train step at batch 8).
+      y = lax.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0]).reshape(x.shape[:-1] + (self.features,))
     else:
       y = lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:
