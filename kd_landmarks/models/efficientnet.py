@@ -81,10 +81,10 @@ class MBConv(nn.Module):
     y = x
     if self.expansion != 1:
       y = conv(in_channels * self.expansion, use_bias=False, name="expand")(y)
-      y = nn.swish(self.norm(name="expand_bn")(y))
+      y = self.norm(activation="swish", name="expand_bn")(y)
     y = layers.DepthwiseConv(self.kernel_size, self.strides, self.depthwise_impl, self.dtype,
                              self.param_dtype, name="depthwise")(y)
-    y = nn.swish(self.norm(name="depthwise_bn")(y))
+    y = self.norm(activation="swish", name="depthwise_bn")(y)
     if self.se_ratio:
       # Squeeze-excite width is a fraction of the block's *input* channels (as in Keras).
       squeezed = max(1, int(in_channels * self.se_ratio))
@@ -137,13 +137,13 @@ class EfficientNet(nn.Module):
   def __call__(self, images, *, train: bool = False):
     width = self.width_coefficient * self.width_multiplier
     depth = self.depth_coefficient * self.depth_multiplier
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = layers.batch_norm(train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
     x = layers.normalize_images(images, self.dtype)
     x = nn.Conv(round_filters(32, width), (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
                 dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=layers.conv_init,
                 name="stem")(x)
-    x = nn.swish(norm(name="stem_bn")(x))
+    x = norm(activation="swish", name="stem_bn")(x)
     total_blocks = sum(max(1, round_repeats(stage.repeats, depth)) for stage in BASE_STAGES)
     block = 0
     for stage in BASE_STAGES:
@@ -156,6 +156,6 @@ class EfficientNet(nn.Module):
         block += 1
     x = layers.PointwiseConv(round_filters(self.top_channels, width), impl=self.pointwise_impl,
                              dtype=self.dtype, param_dtype=self.param_dtype, name="top")(x)
-    x = nn.swish(norm(name="top_bn")(x))
+    x = norm(activation="swish", name="top_bn")(x)
     return layers.RegressionHead(self.num_landmarks, self.dropout_rate, self.param_dtype,
                                  name="head")(x, train=train)

@@ -46,10 +46,10 @@ class InvertedResidual(nn.Module):
     y = x
     if self.expansion != 1:
       y = conv(in_channels * self.expansion, name="expand")(y)
-      y = nn.relu6(self.norm(name="expand_bn")(y))
+      y = self.norm(activation="relu6", name="expand_bn")(y)
     y = layers.DepthwiseConv(3, self.strides, self.depthwise_impl, self.dtype, self.param_dtype,
                              name="depthwise")(y)
-    y = nn.relu6(self.norm(name="depthwise_bn")(y))
+    y = self.norm(activation="relu6", name="depthwise_bn")(y)
     y = conv(self.out_channels, name="project")(y)
     y = self.norm(name="project_bn")(y)
     if self.strides == 1 and in_channels == self.out_channels:
@@ -86,13 +86,13 @@ class MobileNetV2(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = layers.batch_norm(train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
     x = layers.normalize_images(images, self.dtype)
     x = nn.Conv(layers.make_divisible(32 * self.width_multiplier), (3, 3), strides=(2, 2), padding="SAME",
                 use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                 kernel_init=layers.conv_init, name="stem")(x)
-    x = nn.relu6(norm(name="stem_bn")(x))
+    x = norm(activation="relu6", name="stem_bn")(x)
     block = 0
     for expansion, channels, repeats, first_stride in INVERTED_RESIDUAL_SETTINGS:
       out_channels = layers.make_divisible(channels * self.width_multiplier)
@@ -108,6 +108,6 @@ class MobileNetV2(nn.Module):
     else:
       last_channels = 1280
     x = layers.PointwiseConv(last_channels, impl=self.pointwise_impl, dtype=self.dtype, param_dtype=self.param_dtype, name="top")(x)
-    x = nn.relu6(norm(name="top_bn")(x))
+    x = norm(activation="relu6", name="top_bn")(x)
     return layers.RegressionHead(self.num_landmarks, self.dropout_rate, self.param_dtype,
                                  name="head")(x, train=train)
