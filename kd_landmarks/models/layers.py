@@ -165,13 +165,13 @@ batch_norm_act_train.defvjp(lambda x, scale, bias, epsilon, activation: _batch_n
 
 
 class BatchNormAct(nn.Module):
-  """``flax.linen.BatchNorm`` followed by an activation (None, 'relu6', 'swish'), in one module.
+  """Training-mode ``flax.linen.BatchNorm`` followed by an activation (None, 'relu6', 'swish').
 
   The same variables (params ``scale``, ``bias``; batch_stats ``mean``, ``var``, float32), the same
-  running-average update and the same values as ``act(nn.BatchNorm(...)(x))``; in training the
-  gradient comes from :func:`batch_norm_act_train`'s closed form. Output in ``dtype``.
+  running-average update and the same values as ``act(nn.BatchNorm(use_running_average=False)(x))``;
+  the gradient comes from :func:`batch_norm_act_train`'s closed form. Output in ``dtype``.
+  Evaluation uses flax's own BatchNorm (see :func:`batch_norm`).
   """
-  use_running_average: bool = False
   activation: str | None = None
   momentum: float = 0.99
   epsilon: float = 1e-3
@@ -187,22 +187,31 @@ class BatchNormAct(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype)
     running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
     running_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
-    if self.use_running_average:
-      inv = lax.rsqrt(running_var.value + self.epsilon) * scale.astype(jnp.float32)
-      z = (x.astype(jnp.float32) - running_mean.value) * inv + bias.astype(jnp.float32)
-      y = _activation(z, self.activation)
-    else:
-      y, mean, var = batch_norm_act_train(x, scale, bias, self.epsilon, self.activation)
-      if not self.is_initializing():
-        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+    y, mean, var = batch_norm_act_train(x, scale, bias, self.epsilon, self.activation)
+    if not self.is_initializing():
+      running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+      running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
     return y.astype(self.dtype)
 
 
 def batch_norm(*, train: bool, momentum: float, epsilon: float, dtype, param_dtype):
-  """The models' BatchNorm(+activation) factory: ``norm(activation=..., name=...)``."""
-  return functools.partial(BatchNormAct, use_running_average=not train, momentum=momentum,
-                           epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
+  """The models' BatchNorm + activation: ``norm(activation=..., name=...)(x)``.
+
+  Training: :class:`BatchNormAct` (closed-form backward). Evaluation: ``flax.linen.BatchNorm`` with the
+  running statistics, then the activation; the same variables under the same name, and the module
+  exporters recognise (jax2onnx emits an ONNX BatchNormalization, which ONNX Runtime folds into the
+  preceding Conv).
+  """
+  def norm(activation=None, name=None):
+    if train:
+      return BatchNormAct(activation, momentum, epsilon, dtype, param_dtype, name=name)
+    if activation not in ACTIVATIONS:
+      raise ValueError(f"unknown activation {activation!r}; choose from {ACTIVATIONS}")
+    module = nn.BatchNorm(use_running_average=True, momentum=momentum, epsilon=epsilon, dtype=dtype,
+                          param_dtype=param_dtype, name=name)
+    return lambda x: _activation(module(x), activation)
+
+  return norm
 
 
 class DepthwiseConv(nn.Module):
