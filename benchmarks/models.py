@@ -34,8 +34,8 @@ NUM_LANDMARKS = 68
 
 # ----------------------------------------------------------------------------------------------- JAX
 
-def jax_benchmark(role, args, depthwise_impl):
-  """Returns (forward ms at batch 1, train img/s at args.batch, compile seconds)."""
+def jax_callables(role, args, depthwise_impl):
+  """(forward at batch 1, train step at args.batch, compile seconds): compiled and run once."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -53,7 +53,6 @@ def jax_benchmark(role, args, depthwise_impl):
     variables = jax.jit(lambda x: model.init(rng, x, train=False))(images[:1])
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(variables["params"])
-
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
     def train_step(params, batch_stats, opt_state, images, targets, key):
@@ -66,27 +65,25 @@ def jax_benchmark(role, args, depthwise_impl):
       return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
     step = jax.jit(train_step, donate_argnums=(0, 1, 2))
-    start = time.perf_counter()
     one = images[:1]
-    forward(variables, one).block_until_ready()
-    compile_s = time.perf_counter() - start
-    forward_s = timing.median_seconds(lambda: forward(variables, one).block_until_ready(),
-                                warmup=args.warmup, iterations=args.iterations)
-
-    # The train step donates its state, so it runs after the forward timing.
     start = time.perf_counter()
-    state = [variables["params"], variables["batch_stats"], opt_state]
+    forward(variables, one).block_until_ready()
+    # The train step donates the state it is given: it trains a copy, so the forward keeps its variables.
+    state = jax.tree_util.tree_map(jnp.copy, [variables["params"], variables["batch_stats"], opt_state])
     key = jax.random.key(1)
-    state = list(step(*state, images, targets, key))
+    state[:] = step(*state, images, targets, key)[:3]
     jax.block_until_ready(state)
-    compile_s += time.perf_counter() - start
+    compile_s = time.perf_counter() - start
 
-    def run_step():
-      state[:] = step(state[0], state[1], state[2], images, targets, key)
-      jax.block_until_ready(state[3])
-    step_s = timing.median_seconds(run_step, warmup=args.warmup,
-                             iterations=args.train_iterations)
-  return forward_s * 1e3, args.batch / step_s, compile_s
+  def run_forward():
+    forward(variables, one).block_until_ready()
+
+  def run_step():
+    outputs = step(state[0], state[1], state[2], images, targets, key)
+    state[:] = outputs[:3]
+    jax.block_until_ready(outputs[3])
+
+  return run_forward, run_step, compile_s
 
 
 # ------------------------------------------------------------------------------------------- PyTorch
@@ -206,8 +203,8 @@ def torch_models():
   return {"student": TorchMobileNetV2, "teacher": TorchEfficientNet}
 
 
-def torch_benchmark(role, args, onnx_too):
-  """Returns (params, forward ms, train img/s, onnxruntime forward ms or None)."""
+def torch_callables(role, args):
+  """(params, forward at batch 1 in eval mode, train step at args.batch in train mode, model, one)."""
   import torch
   torch.set_num_threads(args.threads)
   model = torch_models()[role]().to(memory_format=torch.channels_last)
@@ -216,52 +213,46 @@ def torch_benchmark(role, args, onnx_too):
   one = torch.rand(1, 3, size, size).contiguous(memory_format=torch.channels_last)
   images = torch.rand(args.batch, 3, size, size).contiguous(memory_format=torch.channels_last)
   targets = torch.rand(args.batch, NUM_LANDMARKS, 2) - 0.5
-
-  model.eval()
-  with torch.inference_mode():
-    forward_s = timing.median_seconds(lambda: model(one), warmup=args.warmup, iterations=args.iterations)
-  model.train()
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
+  def run_forward():
+    model.eval()
+    with torch.inference_mode():
+      model(one)
+
   def run_step():
+    model.train()
     optimizer.zero_grad(set_to_none=True)
     loss = torch.mean((model(images) - targets) ** 2)
     loss.backward()
     optimizer.step()
-  step_s = timing.median_seconds(run_step, warmup=args.warmup,
-                           iterations=args.train_iterations)
 
-  onnx_ms = None
-  if onnx_too:
-    onnx_ms = onnxruntime_benchmark(model, one, args)
-  return params, forward_s * 1e3, args.batch / step_s, onnx_ms
+  return params, run_forward, run_step, model, one
 
 
-def onnxruntime_benchmark(model, one, args):
-  import tempfile
+def onnxruntime_callable(model, one, args, tmp):
+  """Forward at batch 1 in ONNX Runtime of the PyTorch model exported with torch.onnx (file in ``tmp``)."""
   import onnxruntime as ort
   import torch
   model.eval()
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "model.onnx")
-    try:
-      torch.onnx.export(model, (one.contiguous(),), path, input_names=["images"], output_names=["landmarks"],
-                        opset_version=17, dynamo=False)
-    except TypeError:  # Older torch without the dynamo flag.
-      torch.onnx.export(model, (one.contiguous(),), path, input_names=["images"], output_names=["landmarks"],
-                        opset_version=17)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {"images": one.contiguous().numpy()}
-    seconds = timing.median_seconds(lambda: session.run(None, feed), warmup=args.warmup, iterations=args.iterations)
-  return seconds * 1e3
+  path = os.path.join(tmp, "torch_model.onnx")
+  try:
+    torch.onnx.export(model, (one.contiguous(),), path, input_names=["images"], output_names=["landmarks"],
+                      opset_version=17, dynamo=False)
+  except TypeError:  # Older torch without the dynamo flag.
+    torch.onnx.export(model, (one.contiguous(),), path, input_names=["images"], output_names=["landmarks"],
+                      opset_version=17)
+  options = ort.SessionOptions()
+  options.intra_op_num_threads = args.threads
+  options.inter_op_num_threads = 1
+  session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+  feed = {"images": one.contiguous().numpy()}
+  return lambda: session.run(None, feed)
 
 
-def our_onnx_benchmark(role, args):
-  """Forward ms at batch 1 of the same architecture exported by ``kd_landmarks.export`` (uint8 NHWC in)."""
-  import tempfile
+def our_onnx_callable(role, args, tmp):
+  """Forward at batch 1 in ONNX Runtime of the same architecture exported by ``kd_landmarks.export``
+  (uint8 NHWC in; file in ``tmp``)."""
   import jax
   import jax.numpy as jnp
   from kd_landmarks import export
@@ -272,14 +263,11 @@ def our_onnx_benchmark(role, args):
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(
       jnp.zeros((1, size, size, 3), jnp.float32))
   image = np.random.default_rng(0).integers(0, 256, (1, size, size, 3)).astype(np.uint8)
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "model.onnx")
-    with open(path, "wb") as f:
-      f.write(export.to_onnx_model(model, variables, size).SerializeToString())
-    session = export.ort_session(path, threads=args.threads)
-    seconds = timing.median_seconds(lambda: export.run_onnx(session, image), warmup=args.warmup,
-                                    iterations=args.iterations)
-  return seconds * 1e3
+  path = os.path.join(tmp, "our_model.onnx")
+  with open(path, "wb") as f:
+    f.write(export.to_onnx_model(model, variables, size).SerializeToString())
+  session = export.ort_session(path, threads=args.threads)
+  return lambda: export.run_onnx(session, image)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -322,29 +310,44 @@ def main(argv=None):
         f"{len(os.sched_getaffinity(0))}; image {args.image_size}px; train batch {args.batch}; "
         f"dtype {args.dtype}; 'auto' depthwise = {depthwise.resolve_impl('auto')}", flush=True)
 
+  import tempfile
   for role in [r.strip() for r in args.models.split(",") if r.strip()]:
     print(f"\n== {role} ({MODEL_NAMES[role]}) ==", flush=True)
-    jax_results = {}
+    forwards, steps = {}, {}
     for impl in impls:
-      forward_ms, train_ips, compile_s = jax_benchmark(role, args, impl)
-      jax_results[impl] = (forward_ms, train_ips)
-      print(f"JAX depthwise={impl:12s} forward b1 {forward_ms:8.2f} ms   train b{args.batch} "
-            f"{train_ips:8.1f} img/s   (compile+first {compile_s:.1f} s)", flush=True)
-    if "torch" in peers:
-      params, t_forward, t_train, onnx_ms = torch_benchmark(role, args, "onnxruntime" in peers)
-      print(f"PyTorch {params:,} params, channels-last: forward b1 {t_forward:8.2f} ms   "
-            f"train b{args.batch} {t_train:8.1f} img/s", flush=True)
-      if onnx_ms is not None:
-        print(f"ONNX Runtime (PyTorch export): forward b1 {onnx_ms:8.2f} ms", flush=True)
-        ours_ms = our_onnx_benchmark(role, args)
-        print(f"ONNX Runtime (our export):     forward b1 {ours_ms:8.2f} ms   "
-              f"({ours_ms / onnx_ms:.2f}x the PyTorch export's time)", flush=True)
-      for impl, (forward_ms, train_ips) in jax_results.items():
-        line = (f"ratios JAX[{impl}]: forward time JAX/PyTorch {forward_ms / t_forward:.2f}x, "
-                f"train throughput JAX/PyTorch {train_ips / t_train:.2f}x")
-        if onnx_ms is not None:
-          line += f", forward time JAX/ONNX Runtime {forward_ms / onnx_ms:.2f}x"
-        print(line, flush=True)
+      forwards[f"JAX[{impl}]"], steps[f"JAX[{impl}]"], compile_s = jax_callables(role, args, impl)
+      print(f"JAX depthwise={impl}: compiled and ran once in {compile_s:.1f} s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+      if "torch" in peers or "onnxruntime" in peers:
+        params, forwards["PyTorch"], steps["PyTorch"], torch_model, one = torch_callables(role, args)
+        print(f"PyTorch: {params:,} params, channels-last", flush=True)
+        if "torch" not in peers:
+          del forwards["PyTorch"], steps["PyTorch"]
+        if "onnxruntime" in peers:
+          forwards["ONNX Runtime (PyTorch export)"] = onnxruntime_callable(torch_model, one, args, tmp)
+          forwards["ONNX Runtime (our export)"] = our_onnx_callable(role, args, tmp)
+      # Every contestant in turn, so that the ratios are taken under the same conditions.
+      forward_s = timing.interleaved_median_seconds(forwards, warmup=args.warmup, iterations=args.iterations)
+    step_s = timing.interleaved_median_seconds(steps, warmup=args.warmup, iterations=args.train_iterations)
+    for name in forwards:
+      line = f"{name:32s} forward b1 {forward_s[name] * 1e3:8.2f} ms"
+      if name in step_s:
+        line += f"   train b{args.batch} {args.batch / step_s[name]:8.1f} img/s"
+      print(line, flush=True)
+    for impl in impls:
+      name = f"JAX[{impl}]"
+      ratios = []
+      if "PyTorch" in forwards:
+        ratios += [f"forward time JAX/PyTorch {forward_s[name] / forward_s['PyTorch']:.2f}x",
+                   f"train throughput JAX/PyTorch {step_s['PyTorch'] / step_s[name]:.2f}x"]
+      if "ONNX Runtime (PyTorch export)" in forwards:
+        ratios.append(f"forward time JAX/ONNX Runtime {forward_s[name] / forward_s['ONNX Runtime (PyTorch export)']:.2f}x")
+      if ratios:
+        print(f"ratios {name}: " + ", ".join(ratios), flush=True)
+    if "ONNX Runtime (our export)" in forwards:
+      print(f"our ONNX export / PyTorch's ONNX export, forward time: "
+            f"{forward_s['ONNX Runtime (our export)'] / forward_s['ONNX Runtime (PyTorch export)']:.2f}x",
+            flush=True)
 
 
 if __name__ == "__main__":
