@@ -308,7 +308,9 @@ def main(argv=None):
   import jax
   print(f"jax {jax.__version__} on {jax.devices(args.platform)[0].device_kind}; cores usable: "
         f"{len(os.sched_getaffinity(0))}; image {args.image_size}px; train batch {args.batch}; "
-        f"dtype {args.dtype}; 'auto' depthwise = {depthwise.resolve_impl('auto')}", flush=True)
+        f"dtype {args.dtype}; 'auto' depthwise = {depthwise.resolve_impl('auto')}; malloc: "
+        f"{'tcmalloc' if 'tcmalloc' in os.environ.get('LD_PRELOAD', '') else 'default (see README)'}",
+        flush=True)
 
   import tempfile
   for role in [r.strip() for r in args.models.split(",") if r.strip()]:
