@@ -380,6 +380,14 @@ def validate_config(config) -> None:
     raise ValueError(f"config.loss_variant: {error}") from None
   info.get_info(config.dataset)
   student_losses(config)
+  student_size = int(config.student_image_size)
+  if student_size < 0 or (0 < student_size < 16):
+    raise ValueError(f"config.student_image_size must be 0 (= image_size) or at least 16, got {student_size}")
+  if config.teachers_online and student_size > 0 and student_size != int(config.image_size):
+    raise ValueError(
+        f"config.teachers_online runs the teachers on the student's {student_size} px batch, but they were "
+        f"trained at config.image_size={config.image_size}: use the teacher cache (teachers_online=False, the "
+        "default) for a student of another size")
 
 
 def data_dir_of(config, workdir) -> str:
@@ -413,10 +421,17 @@ def _prepare_synthetic(config, data_dir):
     multihost_utils.sync_global_devices("synthetic dataset prepared")
 
 
+def phase_image_size(config, phase: str) -> int:
+  """The input size of the model a phase trains: ``student_image_size`` for the student when set."""
+  if phase == "student" and int(config.student_image_size) > 0:
+    return int(config.student_image_size)
+  return int(config.image_size)
+
+
 def model_meta(config, *, model_name, overrides, phase, loss=None) -> dict:
   from kd_landmarks.datasets import info
   return dict(model=model_name, num_landmarks=info.get_info(config.dataset).num_landmarks,
-              image_size=int(config.image_size), dataset=config.dataset, overrides=dict(overrides),
+              image_size=phase_image_size(config, phase), dataset=config.dataset, overrides=dict(overrides),
               dtype=config.dtype, phase=phase, loss=loss, loss_variant=config.loss_variant,
               teachers_online=bool(config.teachers_online),
               config=json.loads(config.to_json_best_effort()))
@@ -455,12 +470,12 @@ def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase,
   steps = num_train_steps(phase_config, len(train_source), batch_size)
   learning_rate_fn = create_learning_rate_fn(config)
   spec = StepSpec(target=target, loss_fn=losses.get_student_loss(loss_name), loss_variant=config.loss_variant,
-                  image_size=int(config.image_size), flip_permutation=flips.flip_permutation(config.dataset),
+                  image_size=int(meta["image_size"]), flip_permutation=flips.flip_permutation(config.dataset),
                   augment_config=augment_config(config),
                   learning_rate_fn=learning_rate_fn, teacher_modules=teacher_modules)
   val_source = load_split(config, workdir, val_split(config))
   validate_fn = functools.partial(
-      evaluate.mean_nme, model, source=val_source, dataset=config.dataset, image_size=int(config.image_size),
+      evaluate.mean_nme, model, source=val_source, dataset=config.dataset, image_size=int(meta["image_size"]),
       batch_size=int(config.eval_batch_size), mesh=mesh)
   setup = FitSetup(
       model_dir=model_dir, model=model, spec=spec, train_source=train_source,

@@ -78,13 +78,25 @@ def test_eval_without_trained_models_says_to_train(tmp_path):
 
 
 @pytest.mark.slow
+def test_student_image_size_is_checked_before_any_work():
+  config = _config(student_image_size=8)
+  with pytest.raises(ValueError, match="config.student_image_size"):
+    train.validate_config(config)
+  config = _config(student_image_size=160, teachers_online=True)
+  with pytest.raises(ValueError, match="teacher cache"):
+    train.validate_config(config)
+  train.validate_config(_config(student_image_size=160))
+  assert train.phase_image_size(_config(student_image_size=160), "student") == 160
+  assert train.phase_image_size(_config(student_image_size=160), "teacher_tough") == _config().image_size
+
+
 def test_all_phases_end_to_end_on_a_tiny_synthetic_set(tmp_path):
   """phase=all through main: prepare, teachers, cache, L2 and KD students, eval files, report; then a
   re-run skips every finished phase."""
   workdir = tmp_path / "run"
   overrides = [
       "--config.synthetic.num_train=24", "--config.synthetic.num_test=8", "--config.synthetic.image_size=32",
-      "--config.image_size=32", "--config.teacher_model=mobilenet_v2_tiny",
+      "--config.image_size=32", "--config.student_image_size=24", "--config.teacher_model=mobilenet_v2_tiny",
       "--config.teacher.batch_size=8", "--config.teacher.num_train_steps=3",
       "--config.student.batch_size=8", "--config.student.num_train_steps=3",
       "--config.checkpoint_every_steps=2", "--config.log_every_steps=1", "--config.eval_batch_size=8"]
@@ -95,7 +107,8 @@ def test_all_phases_end_to_end_on_a_tiny_synthetic_set(tmp_path):
     assert set(metrics) == {"test"} and metrics["test"]["count"] == 8
     assert {"nme", "nme_inter_pupil", "fr", "auc"} <= set(metrics["test"])
     meta = json.load(open(workdir / model / "model.json"))
-    assert meta["image_size"] == 32 and meta["num_landmarks"] == 68
+    # The students train at their own size; the teacher cache (made at 32 px) serves them.
+    assert meta["image_size"] == (24 if model.startswith("student") else 32) and meta["num_landmarks"] == 68
     import numpy as np
     arrays = np.load(workdir / model / "eval" / "test.npz")
     assert arrays["pred"].shape == arrays["gt"].shape == (8, 68, 2)
