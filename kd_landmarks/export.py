@@ -132,7 +132,8 @@ def input_normalization_to_nchw(model) -> bool:
       bias = bias - constant
     else:
       bias = bias + constant
-  consumers = [n for n in graph.node for name in n.input if name in {c.output[0] for c in chain}]
+  chain_outputs = {node.output[0] for node in chain}
+  consumers = [n for n in graph.node for name in n.input if name in chain_outputs]
   if not chain or channels is None or len(consumers) != len(chain):  # Used elsewhere: leave it.
     return False
   scale = np.broadcast_to(scale, (channels,)).astype(np.float32)

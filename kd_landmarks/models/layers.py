@@ -95,6 +95,11 @@ class PointwiseConv(nn.Module):
 ACTIVATIONS = (None, "relu6", "swish")
 
 
+def _check_activation(activation):
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {activation!r}; choose from {ACTIVATIONS}")
+
+
 def _activation(z, activation):
   if activation == "relu6":
     return jnp.minimum(jnp.maximum(z, 0.0), 6.0)
@@ -180,8 +185,7 @@ class BatchNormAct(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f"unknown activation {self.activation!r}; choose from {ACTIVATIONS}")
+    _check_activation(self.activation)
     features = (x.shape[-1],)
     scale = self.param("scale", nn.initializers.ones, features, self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype)
@@ -205,8 +209,7 @@ def batch_norm(*, train: bool, momentum: float, epsilon: float, dtype, param_dty
   def norm(activation=None, name=None):
     if train:
       return BatchNormAct(activation, momentum, epsilon, dtype, param_dtype, name=name)
-    if activation not in ACTIVATIONS:
-      raise ValueError(f"unknown activation {activation!r}; choose from {ACTIVATIONS}")
+    _check_activation(activation)
     module = nn.BatchNorm(use_running_average=True, momentum=momentum, epsilon=epsilon, dtype=dtype,
                           param_dtype=param_dtype, name=name)
     return lambda x: _activation(module(x), activation)
