@@ -43,7 +43,8 @@ setup(
     version="0.1.0",
     description=__doc__,
     packages=find_packages(include=["kd_landmarks", "kd_landmarks.*"]),
-    package_data={"kd_landmarks": ["data/*", "datasets/data/*"]},
+    # The native CPU kernel ships as source: it is compiled on first use (kd_landmarks/models/native).
+    package_data={"kd_landmarks": ["data/*", "datasets/data/*", "models/native/*.cc"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,

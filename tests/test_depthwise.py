@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kd_landmarks.models import depthwise
+from kd_landmarks.models import native
 
 CONCRETE_IMPLS = [impl for impl in depthwise.DEPTHWISE_IMPLS if impl != "auto"]
 
@@ -74,7 +75,10 @@ def test_bfloat16_runs_and_is_close():
 
 
 def test_auto_resolves_per_backend():
-  expected = depthwise.CPU_DEFAULT_IMPL if jax.default_backend() == "cpu" else "lax"
+  if jax.default_backend() != "cpu":
+    expected = "lax"
+  else:
+    expected = depthwise.CPU_DEFAULT_IMPL if native.available() else depthwise.CPU_FALLBACK_IMPL
   assert depthwise.resolve_impl("auto") == expected
 
 
@@ -115,3 +119,68 @@ def test_shifted_vjp_bfloat16_weight_gradient_accumulates_in_float32():
   assert got.dtype == jnp.float32
   # 576 products of bfloat16 inputs per tap: the sum is close when accumulated in float32.
   np.testing.assert_allclose(got, want, rtol=0.02, atol=0.5)
+
+
+# The native kernel vectorises 8 channels at a time and unrolls output columns by 4: 21 channels
+# (16 + 5) and widths with every remainder modulo 4 exercise the vector, unrolled and scalar paths;
+# 5x5 kernels are EfficientNet's; batches 1 and 3 check the batch loop.
+NATIVE_CASES = [(1, 7, 9, 21, 3, 1), (3, 12, 11, 21, 3, 2), (2, 9, 10, 16, 5, 1), (2, 10, 13, 8, 5, 2),
+                (1, 4, 5, 3, 3, 1), (2, 2, 3, 9, 5, 2)]
+
+
+@pytest.mark.parametrize("batch,height,width,channels,k,stride", NATIVE_CASES)
+def test_native_weight_gradient_matches_lax(batch, height, width, channels, k, stride):
+  if not native.available():
+    pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+  rng = np.random.default_rng(batch + height + width + channels + k + stride)
+  x = jnp.asarray(rng.normal(size=(batch, height, width, channels)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, 1, channels)), jnp.float32)
+  out_shape = (batch, -(-height // stride), -(-width // stride), channels)
+  cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  want = jax.grad(lambda k_: jnp.sum(_reference(x, k_, stride) * cotangent))(kernel)
+  pads = (depthwise.same_padding(height, k, stride)[0], depthwise.same_padding(width, k, stride)[0])
+  direct = jax.jit(lambda x, g: native.depthwise_weight_gradient(x, g, (k, k), stride, pads))(x, cotangent)
+  np.testing.assert_allclose(direct, want, rtol=1e-5, atol=1e-4)
+  through_model = jax.grad(lambda k_: jnp.sum(depthwise.depthwise_conv(
+      x, k_, strides=stride, impl="shifted_native") * cotangent))(kernel)
+  np.testing.assert_allclose(through_model, want, rtol=1e-5, atol=1e-4)
+
+
+def test_native_weight_gradient_hand_worked():
+  # x = 1 everywhere on a 3x3 image, g = 1 on the 3x3 output, stride 1, SAME pads (1, 1): tap (i, j)
+  # sees the input wherever the shifted window stays inside, i.e. (3 - |i - 1|) * (3 - |j - 1|) times.
+  if not native.available():
+    pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+  x = jnp.ones((1, 3, 3, 1), jnp.float32)
+  got = np.asarray(native.depthwise_weight_gradient(x, jnp.ones((1, 3, 3, 1)), (3, 3), 1, (1, 1)))
+  assert got[:, :, 0, 0].tolist() == [[4, 6, 4], [6, 9, 6], [4, 6, 4]]
+
+
+def test_native_disabled_falls_back_and_names_the_fix(monkeypatch):
+  monkeypatch.setenv("KD_LANDMARKS_NATIVE", "0")
+  native._load.cache_clear()
+  try:
+    assert not native.available()
+    assert "KD_LANDMARKS_NATIVE=0" in native.unavailable_reason()
+    if jax.default_backend() == "cpu":
+      assert depthwise.resolve_impl("auto") == depthwise.CPU_FALLBACK_IMPL
+    with pytest.raises(native.NativeUnavailableError, match="shifted_vjp"):
+      depthwise.depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), impl="shifted_native")
+  finally:
+    monkeypatch.delenv("KD_LANDMARKS_NATIVE")
+    native._load.cache_clear()
+
+
+def test_native_build_failure_is_reported(monkeypatch, tmp_path):
+  # A "compiler" that always fails, and an empty cache: the reason carries the command that failed.
+  monkeypatch.setenv("CXX", "false")
+  monkeypatch.setenv("KD_LANDMARKS_NATIVE_CACHE", str(tmp_path))
+  native._load.cache_clear()
+  try:
+    assert not native.available()
+    assert "compiling" in native.unavailable_reason() and "depthwise_cpu.cc" in native.unavailable_reason()
+    assert not list(tmp_path.iterdir())  # no half-written library left behind
+  finally:
+    monkeypatch.delenv("CXX")
+    monkeypatch.delenv("KD_LANDMARKS_NATIVE_CACHE")
+    native._load.cache_clear()

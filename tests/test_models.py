@@ -6,6 +6,7 @@ import pytest
 
 from kd_landmarks import model_stats
 from kd_landmarks.models import MODEL_NAMES, create_model
+from kd_landmarks.models import native
 
 
 def _init(model, images):
@@ -106,7 +107,7 @@ def test_tiny_train_and_eval_modes():
   np.testing.assert_array_equal(evaluate(variables, images, 1), evaluate(variables, images, 2))
 
 
-@pytest.mark.slow  # Three compiles of a train step (about 25 s of CPU on a quiet machine).
+@pytest.mark.slow  # Four compiles of a train step (about 35 s of CPU on a quiet machine).
 def test_depthwise_impls_agree_inside_the_model():
   images = jax.random.uniform(jax.random.key(1), (2, 33, 33, 3))
   base = create_model("mobilenet_v2_tiny", num_landmarks=4, depthwise_impl="lax")
@@ -123,7 +124,8 @@ def test_depthwise_impls_agree_inside_the_model():
       variables["params"])
   # 'shifted' (plain autodiff) is checked layer by layer in test_depthwise.py; here the custom VJP
   # is exercised through BatchNorm, residuals and stride-2 blocks.
-  for impl in ("shifted_vjp",):
+  impls = ["shifted_vjp"] + (["shifted_native"] if native.available() else [])
+  for impl in impls:
     model = create_model("mobilenet_v2_tiny", num_landmarks=4, depthwise_impl=impl)
     (got_loss, got_out), got_grads = jax.jit(jax.value_and_grad(loss(model), has_aux=True))(
         variables["params"])

@@ -1,0 +1,142 @@
+"""Native CPU kernels for what XLA's CPU backend does slowly, called through the XLA FFI.
+
+One kernel today: the depthwise-convolution weight gradient (``depthwise_cpu.cc``), which XLA computes
+as k*k separate passes over the activations (see :mod:`kd_landmarks.models.depthwise`) and this kernel
+in one. The C++ source ships with the package and is compiled on first use with the machine's C++
+compiler (``$CXX``, else ``c++``/``g++``) against the XLA FFI headers that jaxlib ships
+(``jax.ffi.include_dir()``), then cached: nothing is downloaded. The cache key covers the source, the
+jaxlib version, the flags and the CPU's instruction-set flags (``-march=native``).
+
+Environment:
+  KD_LANDMARKS_NATIVE=0           never build or use the kernels (the XLA implementations are used).
+  KD_LANDMARKS_NATIVE_CACHE=DIR   where compiled libraries go (default ~/.cache/kd_landmarks/native).
+
+Where no compiler works, :func:`available` is False, :func:`unavailable_reason` says why, and
+``depthwise_impl='auto'`` falls back to the XLA implementation.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "depthwise_cpu.cc")
+CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+WEIGHT_GRADIENT_TARGET = "kd_landmarks_depthwise_weight_gradient"
+_SYMBOLS = {WEIGHT_GRADIENT_TARGET: "KdDepthwiseWeightGradient"}
+
+
+class NativeUnavailableError(RuntimeError):
+  """The native kernels were asked for explicitly but cannot be built or loaded here."""
+
+
+def _cpu_flags() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith(("flags", "Features")):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def _compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _cache_dir() -> str:
+  return os.path.expanduser(os.environ.get("KD_LANDMARKS_NATIVE_CACHE", "~/.cache/kd_landmarks/native"))
+
+
+def _build(compiler: str) -> str:
+  """Compiles the source (once per cache key) and returns the shared library's path."""
+  with open(SOURCE, "rb") as f:
+    source = f.read()
+  key = hashlib.sha256(b"\0".join([
+      source, jax.__version__.encode(), " ".join(CXX_FLAGS).encode(), compiler.encode(),
+      _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
+  directory = _cache_dir()
+  library = os.path.join(directory, f"depthwise_cpu_{key}.so")
+  if os.path.exists(library):
+    return library
+  os.makedirs(directory, exist_ok=True)
+  # Build into a temporary name and rename: concurrent processes never load a half-written library.
+  handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+  os.close(handle)
+  command = [compiler, *CXX_FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", partial]
+  try:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+      raise NativeUnavailableError(
+          f"compiling {SOURCE} failed ({' '.join(command)}):\n{result.stderr.strip()[-2000:]}")
+    os.replace(partial, library)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+  return library
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[bool, str]:
+  """Builds, loads and registers the kernels once per process: (available, reason if not)."""
+  if os.environ.get("KD_LANDMARKS_NATIVE", "1") == "0":
+    return False, "disabled by KD_LANDMARKS_NATIVE=0"
+  compiler = _compiler()
+  if compiler is None:
+    return False, "no C++ compiler found (set $CXX or install g++)"
+  try:
+    library = ctypes.CDLL(_build(compiler))
+    for target, symbol in _SYMBOLS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  except (NativeUnavailableError, OSError, subprocess.SubprocessError, AttributeError) as error:
+    logging.warning("kd_landmarks native CPU kernels unavailable, using XLA's: %s", error)
+    return False, str(error)
+  return True, ""
+
+
+def available() -> bool:
+  """Whether the native CPU kernels are built and registered (builds them on the first call)."""
+  return _load()[0]
+
+
+def unavailable_reason() -> str:
+  """Why :func:`available` is False ('' when it is True)."""
+  return _load()[1]
+
+
+def require() -> None:
+  """Raises :class:`NativeUnavailableError` with the reason when the kernels cannot be used."""
+  ok, reason = _load()
+  if not ok:
+    raise NativeUnavailableError(
+        f"native CPU kernels unavailable: {reason}. Use depthwise_impl='shifted_vjp' (pure XLA) instead.")
+
+
+def depthwise_weight_gradient(x, grad_out, kernel_size: tuple[int, int], stride: int,
+                              pads: tuple[int, int]):
+  """``[kh, kw, 1, C]`` float32: ``sum_{b,oh,ow} grad_out[b,oh,ow,c] * x[b, s*oh+i-pt, s*ow+j-pl, c]``.
+
+  The weight gradient of :func:`kd_landmarks.models.depthwise.depthwise_conv` (padding ``pads`` =
+  (top, left) of TensorFlow's SAME; padded positions contribute zero). ``x`` ``[B, H, W, C]`` and
+  ``grad_out`` ``[B, ceil(H/s), ceil(W/s), C]``, both float32, on the CPU.
+  """
+  require()
+  kh, kw = kernel_size
+  call = jax.ffi.ffi_call(WEIGHT_GRADIENT_TARGET,
+                          jax.ShapeDtypeStruct((kh, kw, 1, x.shape[-1]), np.float32),
+                          vmap_method="sequential")
+  return call(x, grad_out, stride=np.int64(stride), kh=np.int64(kh), kw=np.int64(kw),
+              pad_top=np.int64(pads[0]), pad_left=np.int64(pads[1]))
