@@ -10,7 +10,8 @@ and prints ratios JAX / peer. The PyTorch models are written here (no torchvisio
 ones layer for layer, including the Dense(2K) head; their parameter counts are printed as a check.
 
 CPU (pin the cores so every framework gets the same ones; the figures are medians):
-  taskset -c 0,1 python benchmarks/models.py                # full run, all depthwise implementations
+  taskset -c 0,1 python benchmarks/models.py                # full run
+  python benchmarks/models.py --malloc default              # glibc's malloc as it comes (see allocator.py)
   python benchmarks/models.py --quick                       # a few iterations at 64 px: checks it runs
 GPU (JAX only; peers need a CUDA PyTorch, use --peers torch to try):
   python benchmarks/models.py --platform gpu --dtype bfloat16 --batch 256 --models student
@@ -290,7 +291,17 @@ def main(argv=None):
                       help="comma-separated: torch, onnxruntime (default both on CPU, none elsewhere)")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="threads for PyTorch / ONNX Runtime (default: the cores this process may use)")
+  parser.add_argument("--malloc", default="retain", choices=["retain", "default"],
+                      help="'retain': glibc keeps freed memory for reuse, as kd_landmarks.main does on CPU "
+                           "(kd_landmarks/allocator.py); process-wide, so every framework timed here gets "
+                           "it. 'default': glibc as it comes. A preloaded tcmalloc overrides both.")
   args = parser.parse_args(argv)
+  # Before any framework allocates: only memory allocated afterwards is retained.
+  if args.malloc == "retain":
+    from kd_landmarks import allocator
+    malloc = allocator.retain_freed_memory()
+  else:
+    malloc = "tcmalloc (LD_PRELOAD)" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc default"
   args.image_size = args.image_size or (64 if args.quick else 224)
   args.iterations = args.iterations or (3 if args.quick else 50)
   args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
@@ -308,8 +319,7 @@ def main(argv=None):
   import jax
   print(f"jax {jax.__version__} on {jax.devices(args.platform)[0].device_kind}; cores usable: "
         f"{len(os.sched_getaffinity(0))}; image {args.image_size}px; train batch {args.batch}; "
-        f"dtype {args.dtype}; 'auto' depthwise = {depthwise.resolve_impl('auto')}; malloc: "
-        f"{'tcmalloc' if 'tcmalloc' in os.environ.get('LD_PRELOAD', '') else 'default (see README)'}",
+        f"dtype {args.dtype}; 'auto' depthwise = {depthwise.resolve_impl('auto')}; malloc: {malloc}",
         flush=True)
 
   import tempfile

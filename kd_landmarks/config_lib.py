@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Platform: mesh over all devices; bfloat16 compute on accelerators.
   config.platform = "cpu"
   config.dtype = "float32"
+  # CPU only: glibc's malloc keeps freed memory (kd_landmarks/allocator.py), so that XLA's per-step
+  # temporaries reuse mapped pages instead of faulting in new ones (~0.2 s of a 0.7 s student step).
+  config.retain_freed_memory = True
 
   # Augmentation on device (passed to kd_landmarks.augment.augment as `config`).
   config.augment = default_augment_config()

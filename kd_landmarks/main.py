@@ -29,6 +29,10 @@ def main(argv):
   # progress bars and metrics; keep their warnings and errors, and our own INFO lines (root logger).
   for noisy in ("absl", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if FLAGS.config.platform == "cpu" and FLAGS.config.retain_freed_memory:
+    # Before JAX allocates anything: only memory allocated afterwards is retained.
+    from kd_landmarks import allocator
+    logging.info("%s", allocator.retain_freed_memory())
   from kd_landmarks import parallel
   # Before anything touches a device: joins the other hosts when there are any.
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
