@@ -92,7 +92,11 @@ def depthwise_conv(x, kernel, *, strides: int = 1, impl: str = "auto"):
   if impl == "shifted":
     return _depthwise_shifted(x, kernel, strides)
   if impl == "shifted_native":
-    native.require()  # Asked for by name: say why not here rather than fail inside the backward pass.
+    # Asked for by name: say why not here rather than fail inside the backward pass.
+    if jax.default_backend() != "cpu":
+      raise ValueError(f"depthwise_impl='shifted_native' is CPU-only (its kernel is a CPU custom call); "
+                       f"use 'auto' or 'lax' on {jax.default_backend()}")
+    native.require()
     return _depthwise_shifted_native(x, kernel, strides)
   return _depthwise_shifted_vjp(x, kernel, strides)
 
