@@ -9,9 +9,13 @@
 // TensorFlow SAME padding given as (pad_top, pad_left); the padded zeros are skipped, never read.
 // float32 only; channels are processed 8 at a time with GCC/Clang vector extensions (the compiler maps
 // them to SSE/AVX), the remainder lane by lane.
+// Channels are split into disjoint ranges run on XLA's intra-op thread pool (one range per thread).
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -55,11 +59,15 @@ ffi::Error CheckShapes(const Geometry& geo) {
   return ffi::Error::Success();
 }
 
-// grad_kernel[i, j, c] = sum_{b, oh, ow} grad_out[b, oh, ow, c] * x[b, s*oh + i - pt, s*ow + j - pl, c].
-void WeightGradient(const Geometry& geo, const float* x, const float* grad_out, float* grad_kernel) {
+// grad_kernel[i, j, c] = sum_{b, oh, ow} grad_out[b, oh, ow, c] * x[b, s*oh + i - pt, s*ow + j - pl, c],
+// for the channels c in [c_begin, c_end) (disjoint ranges can run on different threads).
+void WeightGradient(const Geometry& geo, const float* x, const float* grad_out, float* grad_kernel,
+                    int64_t c_begin, int64_t c_end) {
   const int64_t C = geo.channels;
-  const int64_t vec_end = C - C % kLanes;
-  std::fill(grad_kernel, grad_kernel + geo.kh * geo.kw * C, 0.0f);
+  const int64_t vec_end = c_end - (c_end - c_begin) % kLanes;
+  for (int64_t t = 0; t < geo.kh * geo.kw; ++t) {
+    std::fill(grad_kernel + t * C + c_begin, grad_kernel + t * C + c_end, 0.0f);
+  }
   for (int64_t b = 0; b < geo.batch; ++b) {
     for (int64_t oh = 0; oh < geo.out_height; ++oh) {
       const float* g_row = grad_out + ((b * geo.out_height + oh) * geo.out_width) * C;
@@ -78,7 +86,7 @@ void WeightGradient(const Geometry& geo, const float* x, const float* grad_out, 
           // Four independent accumulators: a single chain would wait on each add's latency.
           const int64_t count = hi - lo;
           const int64_t unrolled = count - count % 4;
-          for (int64_t c = 0; c < vec_end; c += kLanes) {
+          for (int64_t c = c_begin; c < vec_end; c += kLanes) {
             v8 acc0 = {0, 0, 0, 0, 0, 0, 0, 0}, acc1 = acc0, acc2 = acc0, acc3 = acc0;
             const float* gp = g_row + lo * C + c;
             const float* xp = x_first + c;
@@ -92,7 +100,7 @@ void WeightGradient(const Geometry& geo, const float* x, const float* grad_out, 
             for (; n < count; ++n, gp += C, xp += x_step) acc0 += Load(gp) * Load(xp);
             Store(out + c, Load(out + c) + ((acc0 + acc1) + (acc2 + acc3)));
           }
-          for (int64_t c = vec_end; c < C; ++c) {
+          for (int64_t c = vec_end; c < c_end; ++c) {
             float acc = 0.0f;
             for (int64_t ow = lo; ow < hi; ++ow) acc += g_row[ow * C + c] * x_first[(ow - lo) * x_step + c];
             out[c] += acc;
@@ -103,13 +111,36 @@ void WeightGradient(const Geometry& geo, const float* x, const float* grad_out, 
   }
 }
 
+// Runs fn(0) ... fn(count - 1) on the calling thread and XLA's intra-op thread pool. Work is claimed
+// from a shared counter, so the caller never waits for a task that has not started: if the pool is
+// busy (or is this very thread), the caller does every chunk itself. Late tasks find nothing to claim.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, F fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  // A helper that starts after the caller returned only reads the counter: it never calls fn.
+  auto worker = [state, count, fn_ptr = &fn]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
+      (*fn_ptr)(i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(worker)(worker));  // each task owns a copy
+  worker();
+  while (state->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
 Geometry MakeGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> g_dims, int64_t stride,
                       int64_t kh, int64_t kw, int64_t pad_top, int64_t pad_left) {
   return Geometry{x_dims[0], x_dims[1], x_dims[2], x_dims[3], g_dims[1], g_dims[2],
                   kh, kw, stride, pad_top, pad_left};
 }
 
-ffi::Error WeightGradientImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> grad_out,
+ffi::Error WeightGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> grad_out,
                               ffi::ResultBuffer<ffi::F32> grad_kernel, int64_t stride, int64_t kh,
                               int64_t kw, int64_t pad_top, int64_t pad_left) {
   if (x.dimensions().size() != 4 || grad_out.dimensions().size() != 4) {
@@ -117,7 +148,17 @@ ffi::Error WeightGradientImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gra
   }
   Geometry geo = MakeGeometry(x.dimensions(), grad_out.dimensions(), stride, kh, kw, pad_top, pad_left);
   if (ffi::Error error = CheckShapes(geo); error.failure()) return error;
-  WeightGradient(geo, x.typed_data(), grad_out.typed_data(), grad_kernel->typed_data());
+  // Disjoint channel ranges, whole groups of 8 lanes, one per thread (the last takes the remainder).
+  const int64_t groups = (geo.channels + kLanes - 1) / kLanes;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(groups, pool.num_threads()));
+  const float* xd = x.typed_data();
+  const float* gd = grad_out.typed_data();
+  float* out = grad_kernel->typed_data();
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    const int64_t c_begin = std::min(geo.channels, groups * chunk / chunks * kLanes);
+    const int64_t c_end = std::min(geo.channels, groups * (chunk + 1) / chunks * kLanes);
+    if (c_begin < c_end) WeightGradient(geo, xd, gd, out, c_begin, c_end);
+  });
   return ffi::Error::Success();
 }
 
@@ -125,6 +166,7 @@ ffi::Error WeightGradientImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gra
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdDepthwiseWeightGradient, WeightGradientImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
