@@ -40,7 +40,9 @@ def test_retained_memory_is_reused_without_page_faults():
   retained_faults, message = _second_round_faults("retain")
   assert "freed memory retained" in message
   pages = 200e6 / 4096
-  assert default_faults > 0.5 * pages, default_faults   # the premise: glibc maps fresh pages again
+  if default_faults < 0.5 * pages:  # The premise: glibc maps fresh 4 KiB pages again.
+    pytest.skip(f"glibc's default faulted only {default_faults} times for {pages:.0f} pages here "
+                "(transparent huge pages set to 'always'?): nothing to compare against")
   assert retained_faults < 0.02 * pages, retained_faults
 
 
