@@ -314,8 +314,10 @@ def main(argv=None):
   peers = {p for p in args.peers.split(",") if p}
 
   from kd_landmarks.models import depthwise
-  impls = ([i for i in depthwise.DEPTHWISE_IMPLS if i != "auto"] if args.depthwise_impls == "all"
-           else args.depthwise_impls.split(","))
+  # 'all': every concrete implementation this platform runs ('shifted_native' is a CPU custom call).
+  impls = ([i for i in depthwise.DEPTHWISE_IMPLS
+            if i != "auto" and (args.platform == "cpu" or i != "shifted_native")]
+           if args.depthwise_impls == "all" else args.depthwise_impls.split(","))
   import jax
   print(f"jax {jax.__version__} on {jax.devices(args.platform)[0].device_kind}; cores usable: "
         f"{len(os.sched_getaffinity(0))}; image {args.image_size}px; train batch {args.batch}; "
