@@ -297,11 +297,12 @@ def main(argv=None):
                            "it. 'default': glibc as it comes. A preloaded tcmalloc overrides both.")
   args = parser.parse_args(argv)
   # Before any framework allocates: only memory allocated afterwards is retained.
+  from kd_landmarks import allocator
   if args.malloc == "retain":
-    from kd_landmarks import allocator
     malloc = allocator.retain_freed_memory()
   else:
-    malloc = "tcmalloc (LD_PRELOAD)" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc default"
+    preloaded = allocator.preloaded_allocator()
+    malloc = f"{preloaded} (LD_PRELOAD)" if preloaded else "glibc default"
   args.image_size = args.image_size or (64 if args.quick else 224)
   args.iterations = args.iterations or (3 if args.quick else 50)
   args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
