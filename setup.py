@@ -44,7 +44,7 @@ setup(
     description=__doc__,
     packages=find_packages(include=["kd_landmarks", "kd_landmarks.*"]),
     # The native CPU kernel ships as source: it is compiled on first use (kd_landmarks/models/native).
-    package_data={"kd_landmarks": ["data/*", "datasets/data/*", "models/native/*.cc"]},
+    package_data={"kd_landmarks": ["data/*", "datasets/data/*", "models/native/*.cc", "models/native/*.h"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,

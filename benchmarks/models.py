@@ -35,7 +35,7 @@ NUM_LANDMARKS = 68
 
 # ----------------------------------------------------------------------------------------------- JAX
 
-def jax_callables(role, args, depthwise_impl):
+def jax_callables(role, args, depthwise_impl, norm_impl):
   """(forward at batch 1, train step at args.batch, compile seconds): compiled and run once."""
   import jax
   import jax.numpy as jnp
@@ -45,7 +45,7 @@ def jax_callables(role, args, depthwise_impl):
   device = jax.devices(args.platform)[0]
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
   model = models.create_model(MODEL_NAMES[role], num_landmarks=NUM_LANDMARKS, dtype=dtype,
-                              depthwise_impl=depthwise_impl)
+                              depthwise_impl=depthwise_impl, norm_impl=norm_impl)
   size = args.image_size
   with jax.default_device(device):
     rng = jax.random.key(0)
@@ -287,6 +287,9 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=None)
   parser.add_argument("--depthwise_impls", default="auto",
                       help="comma-separated depthwise_impl values to time for JAX, or 'all'")
+  parser.add_argument("--norm_impls", default="auto",
+                      help="comma-separated norm_impl values (training BatchNorm) to time for JAX, or "
+                           "'all'; JAX is timed for every pair with --depthwise_impls")
   parser.add_argument("--peers", default=None,
                       help="comma-separated: torch, onnxruntime (default both on CPU, none elsewhere)")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
@@ -315,23 +318,28 @@ def main(argv=None):
   peers = {p for p in args.peers.split(",") if p}
 
   from kd_landmarks.models import depthwise
-  # 'all': every concrete implementation this platform runs ('shifted_native' is a CPU custom call).
-  impls = ([i for i in depthwise.DEPTHWISE_IMPLS
-            if i != "auto" and (args.platform == "cpu" or i != "shifted_native")]
-           if args.depthwise_impls == "all" else args.depthwise_impls.split(","))
+  from kd_landmarks.models import layers
+  # 'all': every concrete implementation this platform runs (the native ones are CPU custom calls).
+  depthwise_impls = ([i for i in depthwise.DEPTHWISE_IMPLS
+                      if i != "auto" and (args.platform == "cpu" or i != "shifted_native")]
+                     if args.depthwise_impls == "all" else args.depthwise_impls.split(","))
+  norm_impls = ([i for i in layers.NORM_IMPLS if i != "auto" and (args.platform == "cpu" or i != "native")]
+                if args.norm_impls == "all" else args.norm_impls.split(","))
+  impls = [(d, n) for d in depthwise_impls for n in norm_impls]
   import jax
+  auto = f"'auto' depthwise = {depthwise.resolve_impl('auto')}, norm = {layers.resolve_norm_impl('auto')}"
   print(f"jax {jax.__version__} on {jax.devices(args.platform)[0].device_kind}; cores usable: "
         f"{len(os.sched_getaffinity(0))}; image {args.image_size}px; train batch {args.batch}; "
-        f"dtype {args.dtype}; 'auto' depthwise = {depthwise.resolve_impl('auto')}; malloc: {malloc}",
-        flush=True)
+        f"dtype {args.dtype}; {auto}; malloc: {malloc}", flush=True)
 
   import tempfile
   for role in [r.strip() for r in args.models.split(",") if r.strip()]:
     print(f"\n== {role} ({MODEL_NAMES[role]}) ==", flush=True)
     forwards, steps = {}, {}
-    for impl in impls:
-      forwards[f"JAX[{impl}]"], steps[f"JAX[{impl}]"], compile_s = jax_callables(role, args, impl)
-      print(f"JAX depthwise={impl}: compiled and ran once in {compile_s:.1f} s", flush=True)
+    for depthwise_impl, norm_impl in impls:
+      name = f"JAX[{depthwise_impl}, norm {norm_impl}]"
+      forwards[name], steps[name], compile_s = jax_callables(role, args, depthwise_impl, norm_impl)
+      print(f"{name}: compiled and ran once in {compile_s:.1f} s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
       if "torch" in peers or "onnxruntime" in peers:
         params, forwards["PyTorch"], steps["PyTorch"], torch_model, one = torch_callables(role, args)
@@ -345,12 +353,12 @@ def main(argv=None):
       forward_s = timing.interleaved_median_seconds(forwards, warmup=args.warmup, iterations=args.iterations)
     step_s = timing.interleaved_median_seconds(steps, warmup=args.warmup, iterations=args.train_iterations)
     for name in forwards:
-      line = f"{name:32s} forward b1 {forward_s[name] * 1e3:8.2f} ms"
+      line = f"{name:36s} forward b1 {forward_s[name] * 1e3:8.2f} ms"
       if name in step_s:
         line += f"   train b{args.batch} {args.batch / step_s[name]:8.1f} img/s"
       print(line, flush=True)
-    for impl in impls:
-      name = f"JAX[{impl}]"
+    for depthwise_impl, norm_impl in impls:
+      name = f"JAX[{depthwise_impl}, norm {norm_impl}]"
       ratios = []
       if "PyTorch" in forwards:
         ratios += [f"forward time JAX/PyTorch {forward_s[name] / forward_s['PyTorch']:.2f}x",

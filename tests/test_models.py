@@ -137,6 +137,41 @@ def test_depthwise_impls_agree_inside_the_model():
     np.testing.assert_allclose(got_flat, want_flat, rtol=1e-3, atol=1e-3 * np.max(np.abs(want_flat)))
 
 
+@pytest.mark.parametrize("name,overrides", [
+    ("mobilenet_v2_tiny", {}),
+    # No dropout or stochastic depth: their random masks differ between float32 and float64 runs.
+    ("efficientnet_b0_tiny", dict(dropout_rate=0.0, stochastic_depth_rate=0.0))])
+def test_native_norm_inside_the_model_matches_float64(name, overrides):
+  # A whole train-mode forward and gradient with the native BatchNorm reductions against the same model
+  # run in float64 (XLA's reductions, which the kernels do not take): relu6 and identity go through
+  # both kernels, swish (EfficientNet) through the moments kernel and XLA's backward reductions.
+  # Train-mode BatchNorm over few values per channel amplifies rounding: here XLA's float32
+  # reductions are 2.5 (1% of the largest gradient) away from float64, the kernels' float64 totals 0.003.
+  if not native.available():
+    pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+  images = jax.random.uniform(jax.random.key(3), (4, 64, 64, 3))
+
+  def run(model, variables, images):
+    def fn(params):
+      out, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
+                                 train=True, mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(3.0 * out)), (out, updates["batch_stats"])
+    (_, (out, stats)), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(variables["params"])
+    flat = lambda tree: np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree_util.tree_leaves(tree)])
+    return flat(out), flat(stats), flat(grads)
+
+  model = create_model(name, num_landmarks=3, norm_impl="native", **FAST_COMPILE, **overrides)
+  variables = _init(model, images)
+  got = run(model, variables, images)
+  with jax.enable_x64(True):
+    model64 = create_model(name, num_landmarks=3, norm_impl="xla", dtype=jnp.float64, param_dtype=jnp.float64,
+                           **FAST_COMPILE, **overrides)
+    want = run(model64, jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables),
+               images.astype(jnp.float64))
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-4 * np.max(np.abs(w)))
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2_tiny", "efficientnet_b0_tiny"])
 def test_pointwise_impls_agree(name):
   # 'dot' (the CPU training default) and 'conv' (what accelerators and exporters get) must be the same
@@ -206,6 +241,8 @@ def test_errors_name_the_choices():
     create_model("mobilenet_v2", num_landmarks=68, depthwise_impl="fft")
   with pytest.raises(ValueError, match="pointwise_impl.*'conv'"):
     create_model("mobilenet_v2", num_landmarks=68, pointwise_impl="gemm")
+  with pytest.raises(ValueError, match="norm_impl.*'native'"):
+    create_model("mobilenet_v2", num_landmarks=68, norm_impl="cudnn")
   with pytest.raises(ValueError, match="num_landmarks"):
     create_model("mobilenet_v2", num_landmarks=0)
   model = create_model("mobilenet_v2_tiny", num_landmarks=2)
@@ -238,18 +275,24 @@ def test_pointwise_conv_equals_a_1x1_convolution():
   jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5), got, want)
 
 
+def _norm_impls():
+  return ["xla"] + (["native"] if native.available() else [])
+
+
+@pytest.mark.parametrize("impl", _norm_impls())
 @pytest.mark.parametrize("activation,reference_act", [
     (None, lambda z: z), ("relu6", jax.nn.relu6), ("swish", jax.nn.swish)])
-def test_batch_norm_act_equals_flax_batch_norm_then_activation(activation, reference_act):
+def test_batch_norm_act_equals_flax_batch_norm_then_activation(activation, reference_act, impl):
   # The fused module against flax's BatchNorm + the activation: same variables, same outputs and
   # running-average updates, and the closed-form backward equal to autodiff of flax's forward, for the
-  # input and both parameters, with a random cotangent.
+  # input and both parameters, with a random cotangent. 12 channels: the native kernels' vector (8)
+  # and scalar lanes.
   import flax.linen as nn
   from kd_landmarks.models import layers
 
-  x = 2.0 * jax.random.normal(jax.random.key(0), (3, 5, 4, 6)) + 1.0
+  x = 2.0 * jax.random.normal(jax.random.key(0), (3, 5, 4, 12)) + 1.0
   reference = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3)
-  fused = layers.BatchNormAct(activation=activation, momentum=0.9, epsilon=1e-3)
+  fused = layers.BatchNormAct(activation=activation, momentum=0.9, epsilon=1e-3, impl=impl)
   variables = reference.init(jax.random.key(1), x)
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
       fused.init(jax.random.key(1), x))
@@ -290,7 +333,8 @@ def test_train_and_eval_norms_share_variables(name):
           jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes[True]))
 
 
-def test_batch_norm_act_gradient_numerically():
+@pytest.mark.parametrize("impl", _norm_impls())
+def test_batch_norm_act_gradient_numerically(impl):
   # Finite differences on every output (y, mean, var): the closed form includes the paths through
   # the batch mean and variance, and a cotangent on the returned statistics.
   from jax.test_util import check_grads
@@ -300,7 +344,7 @@ def test_batch_norm_act_gradient_numerically():
   scale = jnp.linspace(0.5, 1.5, 4)
   bias = jnp.linspace(-0.2, 0.3, 4)
   for activation in layers.ACTIVATIONS:
-    check_grads(lambda x, s, b: layers.batch_norm_act_train(x, s, b, 1e-3, activation),
+    check_grads(lambda x, s, b: layers.batch_norm_act_train(x, s, b, 1e-3, activation, impl),
                 (x, scale, bias), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
 
 

@@ -61,6 +61,8 @@ def create_model(name: str, *, num_landmarks: int, **overrides):
     depthwise.resolve_impl(overrides["depthwise_impl"])  # Fails early with the list of choices.
   if "pointwise_impl" in overrides:
     layers.resolve_pointwise_impl(overrides["pointwise_impl"])
+  if "norm_impl" in overrides:
+    layers.resolve_norm_impl(overrides["norm_impl"])
   return module_class(num_landmarks=num_landmarks, **{**defaults, **overrides})
 
 

@@ -116,7 +116,7 @@ class EfficientNet(nn.Module):
     dropout_rate: dropout before the head.
     stochastic_depth_rate: drop probability of the last block's residual branch, linearly growing
       from 0 over the blocks (Keras' ``drop_connect_rate``).
-    depthwise_impl, pointwise_impl, dtype, param_dtype, bn_momentum, bn_epsilon: as in MobileNetV2.
+    depthwise_impl, pointwise_impl, norm_impl, dtype, param_dtype, bn_momentum, bn_epsilon: as in MobileNetV2.
   """
   num_landmarks: int
   width_coefficient: float = 1.0
@@ -128,6 +128,7 @@ class EfficientNet(nn.Module):
   stochastic_depth_rate: float = 0.2
   depthwise_impl: str = "auto"
   pointwise_impl: str = "auto"
+  norm_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   bn_momentum: float = 0.99
@@ -138,7 +139,7 @@ class EfficientNet(nn.Module):
     width = self.width_coefficient * self.width_multiplier
     depth = self.depth_coefficient * self.depth_multiplier
     norm = layers.batch_norm(train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
+                             dtype=self.dtype, param_dtype=self.param_dtype, impl=self.norm_impl)
     x = layers.normalize_images(images, self.dtype)
     x = nn.Conv(round_filters(32, width), (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
                 dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=layers.conv_init,

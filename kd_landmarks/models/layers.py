@@ -15,6 +15,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from kd_landmarks.models import depthwise
+from kd_landmarks.models import native
 
 # ImageNet statistics of RGB in [0, 1]: the model normalises inside so that an exported model
 # takes plain RGB (docs/contracts.md).
@@ -117,8 +118,28 @@ def _activation_derivative(z, activation):
   return jnp.ones_like(z)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_act_train(x, scale, bias, epsilon: float, activation):
+NORM_IMPLS = ("auto", "xla", "native")
+# benchmarks/models.py, student train step at batch 8 on one core (tcmalloc, A/B in one process):
+# 'native' 0.477 -> 0.420 s. XLA's CPU backend materialises dz and xhat and reduces each in its own pass;
+# the native kernels make one pass per reduction (kd_landmarks/models/native/batch_norm_cpu.cc).
+CPU_DEFAULT_NORM_IMPL = "native"
+
+
+def resolve_norm_impl(impl: str) -> str:
+  """Maps ``'auto'`` to ``'native'`` on CPU where the native kernels build, else ``'xla'``."""
+  if impl not in NORM_IMPLS:
+    raise ValueError(f"unknown norm_impl: {impl!r}; choose from {list(NORM_IMPLS)}")
+  if impl == "native" and jax.default_backend() != "cpu":
+    raise ValueError(f"norm_impl='native' is CPU-only (its kernels are CPU custom calls); use 'auto' or "
+                     f"'xla' on {jax.default_backend()}")
+  if impl != "auto":
+    return impl
+  if jax.default_backend() != "cpu":
+    return "xla"
+  return CPU_DEFAULT_NORM_IMPL if native.available() else "xla"
+
+
+def batch_norm_act_train(x, scale, bias, epsilon: float, activation, impl: str = "auto"):
   """Training-mode BatchNorm then ``activation``, over all axes but the last (NHWC).
 
   Returns ``(y, mean, var)``: ``y = act(scale * (x - mean) / sqrt(var + epsilon) + bias)`` in float32 with
@@ -128,23 +149,43 @@ def batch_norm_act_train(x, scale, bias, epsilon: float, activation):
   ``dx = scale / sqrt(var + eps) * (dz - mean(dz) - xhat * mean(dz * xhat))``: two reductions and one
   elementwise pass. JAX's autodiff of the same forward keeps more intermediates and, on XLA's CPU
   backend, makes several more passes over each activation.
+
+  ``impl`` (:data:`NORM_IMPLS`): ``'native'`` computes the moments, and for identity or relu6 the two
+  backward reductions, with the C++ kernels of :mod:`kd_landmarks.models.native` (float32 ``x`` only;
+  other dtypes keep XLA's reductions), in float64; ``'xla'`` with XLA's reductions.
   """
-  return _batch_norm_act_forward(x, scale, bias, epsilon, activation)[0]
+  _check_activation(activation)
+  return _batch_norm_act_train(x, scale, bias, epsilon, activation, resolve_norm_impl(impl))
 
 
-def _batch_norm_act_forward(x, scale, bias, epsilon, activation):
+def _uses_native(x, impl):
+  if impl != "native" or x.dtype != jnp.float32:
+    return False
+  native.require("norm_impl='xla'")
+  return True
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _batch_norm_act_train(x, scale, bias, epsilon, activation, impl):
+  return _batch_norm_act_forward(x, scale, bias, epsilon, activation, impl)[0]
+
+
+def _batch_norm_act_forward(x, scale, bias, epsilon, activation, impl):
   axes = tuple(range(x.ndim - 1))
   x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axes)
-  mean_sq = jnp.mean(jnp.square(x32), axes)
-  raw_var = mean_sq - jnp.square(mean)
+  if _uses_native(x, impl):
+    mean, raw_var = native.batch_norm_moments(x32)
+  else:
+    mean = jnp.mean(x32, axes)
+    mean_sq = jnp.mean(jnp.square(x32), axes)
+    raw_var = mean_sq - jnp.square(mean)
   var = jnp.maximum(0.0, raw_var)
   inv = lax.rsqrt(var + epsilon)
   z = (x32 - mean) * (inv * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
   return (_activation(z, activation), mean, var), (x, mean, inv, raw_var > 0.0, scale, bias)
 
 
-def _batch_norm_act_bwd(epsilon, activation, residuals, cotangents):
+def _batch_norm_act_bwd(epsilon, activation, impl, residuals, cotangents):
   del epsilon
   x, mean, inv, var_positive, scale, bias = residuals
   grad_y, grad_mean, grad_var = cotangents
@@ -155,8 +196,13 @@ def _batch_norm_act_bwd(epsilon, activation, residuals, cotangents):
   xhat = centred * inv
   z = xhat * scale32 + bias.astype(jnp.float32)
   grad_z = grad_y.astype(jnp.float32) * _activation_derivative(z, activation)
-  sum_grad_z = jnp.sum(grad_z, axes)
-  sum_grad_z_xhat = jnp.sum(grad_z * xhat, axes)
+  if (_uses_native(x, impl) and grad_y.dtype == jnp.float32
+      and activation in native.GRAD_SUMS_ACTIVATIONS):
+    sum_grad_z, sum_grad_z_xhat = native.batch_norm_grad_sums(
+        grad_y, x, mean=mean, inv=inv, scale=scale32, bias=bias.astype(jnp.float32), activation=activation)
+  else:
+    sum_grad_z = jnp.sum(grad_z, axes)
+    sum_grad_z_xhat = jnp.sum(grad_z * xhat, axes)
   # Through the variance (E[x^2] - E[x]^2, zero where it was clipped) and through the mean.
   # sum(dxhat * (x - mean)) * d(inv)/d(var), with dxhat = dz * scale and (x - mean) = xhat / inv.
   grad_var_total = jnp.where(var_positive, -0.5 * inv ** 2 * scale32 * sum_grad_z_xhat + grad_var, 0.0)
@@ -165,8 +211,7 @@ def _batch_norm_act_bwd(epsilon, activation, residuals, cotangents):
   return (grad_x.astype(x.dtype), sum_grad_z_xhat.astype(scale.dtype), sum_grad_z.astype(bias.dtype))
 
 
-batch_norm_act_train.defvjp(lambda x, scale, bias, epsilon, activation: _batch_norm_act_forward(
-    x, scale, bias, epsilon, activation), _batch_norm_act_bwd)
+_batch_norm_act_train.defvjp(_batch_norm_act_forward, _batch_norm_act_bwd)
 
 
 class BatchNormAct(nn.Module):
@@ -175,13 +220,14 @@ class BatchNormAct(nn.Module):
   The same variables (params ``scale``, ``bias``; batch_stats ``mean``, ``var``, float32), the same
   running-average update and the same values as ``act(nn.BatchNorm(use_running_average=False)(x))``;
   the gradient comes from :func:`batch_norm_act_train`'s closed form. Output in ``dtype``.
-  Evaluation uses flax's own BatchNorm (see :func:`batch_norm`).
+  Evaluation uses flax's own BatchNorm (see :func:`batch_norm`). ``impl``: see :data:`NORM_IMPLS`.
   """
   activation: str | None = None
   momentum: float = 0.99
   epsilon: float = 1e-3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -191,24 +237,24 @@ class BatchNormAct(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype)
     running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
     running_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
-    y, mean, var = batch_norm_act_train(x, scale, bias, self.epsilon, self.activation)
+    y, mean, var = batch_norm_act_train(x, scale, bias, self.epsilon, self.activation, self.impl)
     if not self.is_initializing():
       running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
       running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
     return y.astype(self.dtype)
 
 
-def batch_norm(*, train: bool, momentum: float, epsilon: float, dtype, param_dtype):
+def batch_norm(*, train: bool, momentum: float, epsilon: float, dtype, param_dtype, impl: str = "auto"):
   """The models' BatchNorm + activation: ``norm(activation=..., name=...)(x)``.
 
-  Training: :class:`BatchNormAct` (closed-form backward). Evaluation: ``flax.linen.BatchNorm`` with the
+  Training: :class:`BatchNormAct` (closed-form backward; ``impl`` as there). Evaluation: ``flax.linen.BatchNorm`` with the
   running statistics, then the activation; the same variables under the same name, and the module
   exporters recognise (jax2onnx emits an ONNX BatchNormalization, which ONNX Runtime folds into the
   preceding Conv).
   """
   def norm(activation=None, name=None):
     if train:
-      return BatchNormAct(activation, momentum, epsilon, dtype, param_dtype, name=name)
+      return BatchNormAct(activation, momentum, epsilon, dtype, param_dtype, impl, name=name)
     _check_activation(activation)
     module = nn.BatchNorm(use_running_average=True, momentum=momentum, epsilon=epsilon, dtype=dtype,
                           param_dtype=param_dtype, name=name)

@@ -69,6 +69,7 @@ class MobileNetV2(nn.Module):
     dropout_rate: dropout before the head.
     depthwise_impl: see :mod:`kd_landmarks.models.depthwise`.
     pointwise_impl: 1x1 convolutions as 'conv', 'dot' or 'auto' (:class:`layers.PointwiseConv`).
+    norm_impl: training BatchNorm's reductions as 'xla', 'native' or 'auto' (:func:`layers.batch_norm_act_train`).
     dtype: compute dtype (e.g. bfloat16); parameters stay ``param_dtype``.
     bn_momentum, bn_epsilon: BatchNorm moving-average momentum and epsilon (Keras: epsilon 1e-3).
   """
@@ -79,6 +80,7 @@ class MobileNetV2(nn.Module):
   dropout_rate: float = 0.0
   depthwise_impl: str = "auto"
   pointwise_impl: str = "auto"
+  norm_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   bn_momentum: float = 0.99
@@ -87,7 +89,7 @@ class MobileNetV2(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     norm = layers.batch_norm(train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
+                             dtype=self.dtype, param_dtype=self.param_dtype, impl=self.norm_impl)
     x = layers.normalize_images(images, self.dtype)
     x = nn.Conv(layers.make_divisible(32 * self.width_multiplier), (3, 3), strides=(2, 2), padding="SAME",
                 use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -1,8 +1,12 @@
 """Native CPU kernels for what XLA's CPU backend does slowly, called through the XLA FFI.
 
-One kernel today: the depthwise-convolution weight gradient (``depthwise_cpu.cc``), which XLA computes
-as k*k separate passes over the activations (see :mod:`kd_landmarks.models.depthwise`) and this kernel
-in one. The C++ source ships with the package and is compiled on first use with the machine's C++
+* ``depthwise_cpu.cc``: the depthwise-convolution weight gradient, which XLA computes as k*k separate
+  passes over the activations (see :mod:`kd_landmarks.models.depthwise`) and this kernel in one.
+* ``batch_norm_cpu.cc``: training BatchNorm's reductions, the batch moments (forward) and
+  ``sum(dz)``, ``sum(dz * xhat)`` (backward) in one pass each, accumulated in float64
+  (see :func:`kd_landmarks.models.layers.batch_norm_act_train`).
+
+The C++ sources ship with the package and are compiled on first use into one library with the machine's C++
 compiler (``$CXX``, else ``c++``/``g++``) against the XLA FFI headers that jaxlib ships
 (``jax.ffi.include_dir()``), then cached: nothing is downloaded. The cache key covers the source, the
 jaxlib version, the flags and the CPU's instruction-set flags (``-march=native``).
@@ -12,7 +16,7 @@ Environment:
   KD_LANDMARKS_NATIVE_CACHE=DIR   where compiled libraries go (default ~/.cache/kd_landmarks/native).
 
 Where no compiler works, :func:`available` is False, :func:`unavailable_reason` says why, and
-``depthwise_impl='auto'`` falls back to the XLA implementation.
+``depthwise_impl='auto'`` and ``norm_impl='auto'`` fall back to the XLA implementations.
 """
 from __future__ import annotations
 
@@ -27,12 +31,20 @@ import subprocess
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "depthwise_cpu.cc")
+_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(_DIRECTORY, name) for name in ("depthwise_cpu.cc", "batch_norm_cpu.cc"))
+HEADERS = (os.path.join(_DIRECTORY, "common.h"),)
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 WEIGHT_GRADIENT_TARGET = "kd_landmarks_depthwise_weight_gradient"
-_SYMBOLS = {WEIGHT_GRADIENT_TARGET: "KdDepthwiseWeightGradient"}
+MOMENTS_TARGET = "kd_landmarks_batch_norm_moments"
+GRAD_SUMS_TARGET = "kd_landmarks_batch_norm_grad_sums"
+_SYMBOLS = {WEIGHT_GRADIENT_TARGET: "KdDepthwiseWeightGradient", MOMENTS_TARGET: "KdBatchNormMoments",
+            GRAD_SUMS_TARGET: "KdBatchNormGradSums"}
+# Activations whose derivative the BatchNorm backward kernel recomputes (codes of batch_norm_cpu.cc).
+GRAD_SUMS_ACTIVATIONS = {None: 0, "relu6": 1}
 
 
 class NativeUnavailableError(RuntimeError):
@@ -62,26 +74,28 @@ def _cache_dir() -> str:
 
 
 def _build(compiler: str) -> str:
-  """Compiles the source (once per cache key) and returns the shared library's path."""
-  with open(SOURCE, "rb") as f:
-    source = f.read()
+  """Compiles the sources (once per cache key) into one shared library and returns its path."""
+  texts = []
+  for path in SOURCES + HEADERS:
+    with open(path, "rb") as f:
+      texts.append(f.read())
   key = hashlib.sha256(b"\0".join([
-      source, jax.__version__.encode(), " ".join(CXX_FLAGS).encode(), compiler.encode(),
+      *texts, jax.__version__.encode(), " ".join(CXX_FLAGS).encode(), compiler.encode(),
       _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
   directory = _cache_dir()
-  library = os.path.join(directory, f"depthwise_cpu_{key}.so")
+  library = os.path.join(directory, f"kd_landmarks_cpu_{key}.so")
   if os.path.exists(library):
     return library
   os.makedirs(directory, exist_ok=True)
   # Build into a temporary name and rename: concurrent processes never load a half-written library.
   handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
   os.close(handle)
-  command = [compiler, *CXX_FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", partial]
+  command = [compiler, *CXX_FLAGS, "-I", jax.ffi.include_dir(), *SOURCES, "-o", partial]
   try:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
       raise NativeUnavailableError(
-          f"compiling {SOURCE} failed ({' '.join(command)}):\n{result.stderr.strip()[-2000:]}")
+          f"compiling {' and '.join(SOURCES)} failed ({' '.join(command)}):\n{result.stderr.strip()[-2000:]}")
     os.replace(partial, library)
   finally:
     if os.path.exists(partial):
@@ -117,12 +131,12 @@ def unavailable_reason() -> str:
   return _load()[1]
 
 
-def require() -> None:
-  """Raises :class:`NativeUnavailableError` with the reason when the kernels cannot be used."""
+def require(alternative: str = "depthwise_impl='shifted_vjp' or norm_impl='xla'") -> None:
+  """Raises :class:`NativeUnavailableError` with the reason and ``alternative`` when the kernels cannot be used."""
   ok, reason = _load()
   if not ok:
     raise NativeUnavailableError(
-        f"native CPU kernels unavailable: {reason}. Use depthwise_impl='shifted_vjp' (pure XLA) instead.")
+        f"native CPU kernels unavailable: {reason}. Use {alternative} (pure XLA) instead.")
 
 
 def depthwise_weight_gradient(x, grad_out, kernel_size: tuple[int, int], stride: int,
@@ -133,10 +147,45 @@ def depthwise_weight_gradient(x, grad_out, kernel_size: tuple[int, int], stride:
   (top, left) of TensorFlow's SAME; padded positions contribute zero). ``x`` ``[B, H, W, C]`` and
   ``grad_out`` ``[B, ceil(H/s), ceil(W/s), C]``, both float32, on the CPU.
   """
-  require()
+  require("depthwise_impl='shifted_vjp'")
   kh, kw = kernel_size
   call = jax.ffi.ffi_call(WEIGHT_GRADIENT_TARGET,
                           jax.ShapeDtypeStruct((kh, kw, 1, x.shape[-1]), np.float32),
                           vmap_method="sequential")
   return call(x, grad_out, stride=np.int64(stride), kh=np.int64(kh), kw=np.int64(kw),
               pad_top=np.int64(pads[0]), pad_left=np.int64(pads[1]))
+
+
+def batch_norm_moments(x):
+  """``(mean, variance)`` over all axes but the last of float32 ``x``, each ``[C]`` float32.
+
+  Computed in one pass with float64 totals; the variance is ``E[x^2] - E[x]^2`` (as flax's BatchNorm
+  computes it) and may be slightly negative for a constant channel: clip it before use.
+  """
+  require("norm_impl='xla'")
+  channels = x.shape[-1]
+  call = jax.ffi.ffi_call(MOMENTS_TARGET, jax.ShapeDtypeStruct((2, channels), np.float32),
+                          vmap_method="sequential")
+  moments = call(x.reshape(-1, channels))
+  return moments[0], moments[1]
+
+
+def batch_norm_grad_sums(grad_y, x, *, mean, inv, scale, bias, activation):
+  """``(sum(dz), sum(dz * xhat))`` over all axes but the last, each ``[C]`` float32, in one pass.
+
+  ``xhat = (x - mean) * inv``, ``z = xhat * scale + bias`` and ``dz = grad_y * act'(z)`` for
+  ``activation`` in :data:`GRAD_SUMS_ACTIVATIONS` (relu6's derivative is 0 at the kinks, as
+  ``jax.nn.relu6``'s). ``grad_y`` and ``x`` float32 of one shape; the rest ``[C]``.
+  """
+  require("norm_impl='xla'")
+  if activation not in GRAD_SUMS_ACTIVATIONS:
+    raise ValueError(f"batch_norm_grad_sums supports activations {list(GRAD_SUMS_ACTIVATIONS)}, "
+                     f"got {activation!r}")
+  channels = x.shape[-1]
+  a = inv * scale
+  stats = jnp.stack([a, bias - mean * a, mean, inv]).astype(jnp.float32)
+  call = jax.ffi.ffi_call(GRAD_SUMS_TARGET, jax.ShapeDtypeStruct((2, channels), np.float32),
+                          vmap_method="sequential")
+  sums = call(grad_y.reshape(-1, channels), x.reshape(-1, channels), stats,
+              activation=np.int64(GRAD_SUMS_ACTIVATIONS[activation]))
+  return sums[0], sums[1]

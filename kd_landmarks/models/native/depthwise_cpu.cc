@@ -7,27 +7,17 @@
 //
 // Layouts are the ones of kd_landmarks.models.depthwise: NHWC activations, kernel [kh, kw, 1, C],
 // TensorFlow SAME padding given as (pad_top, pad_left); the padded zeros are skipped, never read.
-// float32 only; channels are processed 8 at a time with GCC/Clang vector extensions (the compiler maps
-// them to SSE/AVX), the remainder lane by lane.
+// float32 only; channels are processed 8 at a time with vector extensions (common.h), the remainder
+// lane by lane.
 // Channels are split into disjoint ranges run on XLA's intra-op thread pool (one range per thread).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "common.h"
 
 namespace {
 
-typedef float v8 __attribute__((vector_size(32), aligned(4)));  // unaligned loads/stores are fine.
-constexpr int64_t kLanes = 8;
-
-inline v8 Load(const float* p) { v8 v; std::memcpy(&v, p, sizeof(v)); return v; }
-inline void Store(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+using namespace kd_landmarks;  // v8, Load, Store, ParallelFor, ffi
 
 struct Geometry {
   int64_t batch, height, width, channels;  // input x
@@ -109,29 +99,6 @@ void WeightGradient(const Geometry& geo, const float* x, const float* grad_out, 
       }
     }
   }
-}
-
-// Runs fn(0) ... fn(count - 1) on the calling thread and XLA's intra-op thread pool. Work is claimed
-// from a shared counter, so the caller never waits for a task that has not started: if the pool is
-// busy (or is this very thread), the caller does every chunk itself. Late tasks find nothing to claim.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, F fn) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  // A helper that starts after the caller returned only reads the counter: it never calls fn.
-  auto worker = [state, count, fn_ptr = &fn]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
-      (*fn_ptr)(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(worker)(worker));  // each task owns a copy
-  worker();
-  while (state->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
 }
 
 Geometry MakeGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> g_dims, int64_t stride,

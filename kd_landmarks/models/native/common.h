@@ -1,0 +1,52 @@
+// Helpers shared by the native CPU kernels (depthwise_cpu.cc, batch_norm_cpu.cc).
+#ifndef KD_LANDMARKS_NATIVE_COMMON_H_
+#define KD_LANDMARKS_NATIVE_COMMON_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace kd_landmarks {
+
+namespace ffi = xla::ffi;
+
+// 8 float32 lanes with GCC/Clang vector extensions (the compiler maps them to SSE/AVX); unaligned
+// loads and stores go through memcpy, which compiles to a single unaligned vector move.
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+constexpr int64_t kLanes = 8;
+
+inline v8 Load(const float* p) { v8 v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void Store(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Runs fn(0) ... fn(count - 1) on the calling thread and XLA's intra-op thread pool. Work is claimed
+// from a shared counter, so the caller never waits for a task that has not started: if the pool is
+// busy (or is this very thread), the caller does every chunk itself. Late tasks find nothing to claim.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, F fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  // A helper that starts after the caller returned only reads the counter: it never calls fn.
+  auto worker = [state, count, fn_ptr = &fn]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
+      (*fn_ptr)(i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(worker)(worker));  // each task owns a copy
+  worker();
+  while (state->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+}  // namespace kd_landmarks
+
+#endif  // KD_LANDMARKS_NATIVE_COMMON_H_

@@ -1,0 +1,126 @@
+"""The native BatchNorm reductions (kd_landmarks/models/native/batch_norm_cpu.cc) by value."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_landmarks.models import layers
+from kd_landmarks.models import native
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable here")
+
+
+def _reference_grad_sums(grad_y, x, mean, inv, scale, bias, activation):
+  """float64 numpy: (sum dz, sum dz * xhat) over all axes but the last."""
+  grad_y, x = np.float64(grad_y), np.float64(x)
+  xhat = (x - mean) * inv
+  z = xhat * scale + bias
+  mask = ((z > 0) & (z < 6)) if activation == "relu6" else np.ones_like(z, bool)
+  dz = np.where(mask, grad_y, 0.0).reshape(-1, x.shape[-1])
+  return dz.sum(0), (dz * xhat.reshape(dz.shape)).sum(0)
+
+
+@needs_native
+def test_grad_sums_hand_worked():
+  # One channel, mean 0, inv 1, scale 1, bias 0, so z = xhat = x. x = (-1, 0, 0.5, 3, 6, 7), dy = 1..6.
+  # relu6 passes only 0.5 and 3 (0 and 6 are kinks: derivative 0): sum dz = 3 + 4 = 7,
+  # sum dz * xhat = 3 * 0.5 + 4 * 3 = 13.5. Identity: sum dz = 21, sum dz * x = -1 + 0 + 1.5 + 12 + 30 + 42.
+  x = jnp.asarray([-1.0, 0.0, 0.5, 3.0, 6.0, 7.0]).reshape(6, 1)
+  dy = jnp.arange(1.0, 7.0).reshape(6, 1)
+  one, zero = jnp.ones(1), jnp.zeros(1)
+  sums = lambda act: native.batch_norm_grad_sums(dy, x, mean=zero, inv=one, scale=one, bias=zero, activation=act)
+  assert [float(s[0]) for s in sums("relu6")] == [7.0, 13.5]
+  assert [float(s[0]) for s in sums(None)] == [21.0, 84.5]
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(3, 1, 1, 21), (2, 9, 7, 21), (4, 30, 20, 19), (1, 50, 50, 8)])
+@pytest.mark.parametrize("activation", [None, "relu6"])
+def test_grad_sums_match_float64(shape, activation):
+  # 19/21 channels: vector lanes plus a scalar remainder; 2,400-2,500 rows: several flush blocks and,
+  # with two or more intra-op threads, several row ranges.
+  rng = np.random.default_rng(sum(shape))
+  x = rng.normal(2.0, 2.0, size=shape).astype(np.float32)
+  grad_y = rng.normal(size=shape).astype(np.float32)
+  channels = shape[-1]
+  mean = rng.normal(2.0, 0.1, channels).astype(np.float32)
+  inv = rng.uniform(1.0, 2.0, channels).astype(np.float32)
+  scale = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+  bias = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+  got = jax.jit(lambda g, x: native.batch_norm_grad_sums(
+      g, x, mean=mean, inv=inv, scale=scale, bias=bias, activation=activation))(grad_y, x)
+  want = _reference_grad_sums(grad_y, x, mean, inv, scale, bias, activation)
+  if activation == "relu6":  # the mask cuts through the data: both sides of 0 and 6 occur
+    z = (x - mean) * inv * scale + bias
+    assert (z <= 0).any() and (z >= 6).any() and ((z > 0) & (z < 6)).any()
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(5, 3), (2, 40, 30, 21), (3000, 4)])
+def test_moments_match_float64(shape):
+  rng = np.random.default_rng(len(shape))
+  x = rng.normal(1.0, 3.0, size=shape).astype(np.float32)
+  mean, var = jax.jit(native.batch_norm_moments)(x)
+  x64 = np.float64(x).reshape(-1, shape[-1])
+  np.testing.assert_allclose(mean, x64.mean(0), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(var, x64.var(0), rtol=1e-5)
+
+
+@needs_native
+def test_moments_keep_precision_over_many_rows():
+  # 400,000 rows with a mean of 3.5 (sum 1.4e6, where a float32 ulp is 0.125): accumulating every row
+  # into one float32 total drifts by about 1e-5 relative; the kernel's float64 totals stay at float32
+  # rounding of the result.
+  rng = np.random.default_rng(0)
+  x = (3.0 + rng.uniform(size=(400_000, 8))).astype(np.float32)
+  mean, var = native.batch_norm_moments(jnp.asarray(x))
+  x64 = np.float64(x)
+  np.testing.assert_allclose(mean, x64.mean(0), rtol=3e-7)
+  np.testing.assert_allclose(var, x64.var(0), rtol=1e-4)
+
+
+@needs_native
+def test_constant_channel_has_zero_variance_and_finite_gradient():
+  # var = E[x^2] - E[x]^2 is 0 up to rounding for a constant channel; it is clipped at 0 and the
+  # gradient through it is zero, not NaN.
+  x = jnp.concatenate([jnp.full((4, 3, 3, 1), 0.7), jnp.linspace(-1, 1, 36).reshape(4, 3, 3, 1)], -1)
+  y, _, var = layers.batch_norm_act_train(x, jnp.ones(2), jnp.zeros(2), 1e-3, "relu6", "native")
+  assert float(var[0]) == pytest.approx(0.0, abs=1e-6) and float(var[0]) >= 0.0
+  grad = jax.grad(lambda x: jnp.sum(layers.batch_norm_act_train(
+      x, jnp.ones(2), jnp.zeros(2), 1e-3, "relu6", "native")[0] ** 2))(x)
+  assert np.all(np.isfinite(grad))
+
+
+@needs_native
+def test_kernel_rejects_mismatched_operands():
+  x = jnp.ones((4, 3))
+  with pytest.raises(Exception, match="dy must have x's shape"):
+    native.batch_norm_grad_sums(jnp.ones((5, 3)), x, mean=jnp.zeros(3), inv=jnp.ones(3), scale=jnp.ones(3),
+                                bias=jnp.zeros(3), activation=None).__array__()
+  with pytest.raises(ValueError, match="relu6"):
+    native.batch_norm_grad_sums(x, x, mean=jnp.zeros(3), inv=jnp.ones(3), scale=jnp.ones(3),
+                                bias=jnp.zeros(3), activation="swish")
+
+
+def test_norm_impl_resolution_and_errors(monkeypatch):
+  with pytest.raises(ValueError, match="norm_impl.*'xla'"):
+    layers.resolve_norm_impl("fused")
+  if jax.default_backend() == "cpu":
+    assert layers.resolve_norm_impl("auto") == ("native" if native.available() else "xla")
+  else:
+    assert layers.resolve_norm_impl("auto") == "xla"
+    with pytest.raises(ValueError, match="CPU-only"):
+      layers.resolve_norm_impl("native")
+  # Kernels turned off: 'auto' falls back to XLA, and asking for 'native' by name says what to use.
+  monkeypatch.setenv("KD_LANDMARKS_NATIVE", "0")
+  native._load.cache_clear()
+  try:
+    assert layers.resolve_norm_impl("auto") == "xla"
+    if jax.default_backend() == "cpu":
+      with pytest.raises(native.NativeUnavailableError, match="norm_impl='xla'"):
+        layers.batch_norm_act_train(jnp.ones((2, 2, 2, 3)), jnp.ones(3), jnp.zeros(3), 1e-3, None, "native")
+  finally:
+    monkeypatch.delenv("KD_LANDMARKS_NATIVE")
+    native._load.cache_clear()
