@@ -143,8 +143,8 @@ def test_depthwise_impls_agree_inside_the_model():
     ("efficientnet_b0_tiny", dict(dropout_rate=0.0, stochastic_depth_rate=0.0))])
 def test_native_norm_inside_the_model_matches_float64(name, overrides):
   # A whole train-mode forward and gradient with the native BatchNorm reductions against the same model
-  # run in float64 (XLA's reductions, which the kernels do not take): relu6 and identity go through
-  # both kernels, swish (EfficientNet) through the moments kernel and XLA's backward reductions.
+  # run in float64 (XLA's reductions, which the kernels do not take): relu6, identity (MobileNetV2) and
+  # swish (EfficientNet) through both kernels.
   # Train-mode BatchNorm over few values per channel amplifies rounding: here XLA's float32
   # reductions are 2.5 (1% of the largest gradient) away from float64, the kernels' float64 totals 0.003.
   if not native.available():

@@ -10,13 +10,23 @@ from kd_landmarks.models import native
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable here")
 
 
+def _swish_derivative(z):
+  s = 1.0 / (1.0 + np.exp(-np.float64(z)))
+  return s * (1.0 + z * (1.0 - s))
+
+
 def _reference_grad_sums(grad_y, x, mean, inv, scale, bias, activation):
   """float64 numpy: (sum dz, sum dz * xhat) over all axes but the last."""
   grad_y, x = np.float64(grad_y), np.float64(x)
   xhat = (x - mean) * inv
   z = xhat * scale + bias
-  mask = ((z > 0) & (z < 6)) if activation == "relu6" else np.ones_like(z, bool)
-  dz = np.where(mask, grad_y, 0.0).reshape(-1, x.shape[-1])
+  if activation == "relu6":
+    derivative = ((z > 0) & (z < 6)).astype(np.float64)
+  elif activation == "swish":
+    derivative = _swish_derivative(z)
+  else:
+    derivative = np.ones_like(z)
+  dz = (grad_y * derivative).reshape(-1, x.shape[-1])
   return dz.sum(0), (dz * xhat.reshape(dz.shape)).sum(0)
 
 
@@ -35,7 +45,7 @@ def test_grad_sums_hand_worked():
 
 @needs_native
 @pytest.mark.parametrize("shape", [(3, 1, 1, 21), (2, 9, 7, 21), (4, 30, 20, 19), (1, 50, 50, 8)])
-@pytest.mark.parametrize("activation", [None, "relu6"])
+@pytest.mark.parametrize("activation", [None, "relu6", "swish"])
 def test_grad_sums_match_float64(shape, activation):
   # 19/21 channels: vector lanes plus a scalar remainder; 2,400-2,500 rows: several flush blocks and,
   # with two or more intra-op threads, several row ranges.
@@ -55,6 +65,22 @@ def test_grad_sums_match_float64(shape, activation):
     assert (z <= 0).any() and (z >= 6).any() and ((z > 0) & (z < 6)).any()
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+def test_swish_derivative_per_element():
+  # One row, z = x (mean 0, inv 1, scale 1, bias 0), dy = 1: each channel's sum(dz) is swish'(z) of one
+  # value. z from -100 to 100 covers the exp clamps and both saturated ends; 2,001 channels also run the
+  # scalar path (std::exp) on the last one.
+  z = np.concatenate([np.linspace(-100.0, 100.0, 1995), [-88.0, -87.0, 0.0, 1e-8, 87.0, 89.0]])
+  x = jnp.asarray(z, jnp.float32).reshape(1, -1)
+  ones, zeros = jnp.ones(x.shape[1]), jnp.zeros(x.shape[1])
+  got, _ = native.batch_norm_grad_sums(jnp.ones_like(x), x, mean=zeros, inv=ones, scale=ones, bias=zeros,
+                                       activation="swish")
+  np.testing.assert_allclose(got, _swish_derivative(np.float32(z)), rtol=2e-6, atol=1e-7)
+  # The same values as JAX's autodiff of swish, to float32 rounding.
+  want = jax.vmap(jax.grad(jax.nn.swish))(x[0])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @needs_native
@@ -101,7 +127,7 @@ def test_kernel_rejects_mismatched_operands():
                                 bias=jnp.zeros(3), activation=None).__array__()
   with pytest.raises(ValueError, match="relu6"):
     native.batch_norm_grad_sums(x, x, mean=jnp.zeros(3), inv=jnp.ones(3), scale=jnp.ones(3),
-                                bias=jnp.zeros(3), activation="swish")
+                                bias=jnp.zeros(3), activation="gelu")
 
 
 def test_norm_impl_resolution_and_errors(monkeypatch):

@@ -150,9 +150,9 @@ def batch_norm_act_train(x, scale, bias, epsilon: float, activation, impl: str =
   elementwise pass. JAX's autodiff of the same forward keeps more intermediates and, on XLA's CPU
   backend, makes several more passes over each activation.
 
-  ``impl`` (:data:`NORM_IMPLS`): ``'native'`` computes the moments, and for identity or relu6 the two
-  backward reductions, with the C++ kernels of :mod:`kd_landmarks.models.native` (float32 ``x`` only;
-  other dtypes keep XLA's reductions), in float64; ``'xla'`` with XLA's reductions.
+  ``impl`` (:data:`NORM_IMPLS`): ``'native'`` computes the moments and the two backward reductions
+  with the C++ kernels of :mod:`kd_landmarks.models.native`, one pass each with float64 totals
+  (float32 ``x`` only; other dtypes keep XLA's reductions); ``'xla'`` with XLA's reductions.
   """
   _check_activation(activation)
   return _batch_norm_act_train(x, scale, bias, epsilon, activation, resolve_norm_impl(impl))

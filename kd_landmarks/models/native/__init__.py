@@ -44,7 +44,7 @@ GRAD_SUMS_TARGET = "kd_landmarks_batch_norm_grad_sums"
 _SYMBOLS = {WEIGHT_GRADIENT_TARGET: "KdDepthwiseWeightGradient", MOMENTS_TARGET: "KdBatchNormMoments",
             GRAD_SUMS_TARGET: "KdBatchNormGradSums"}
 # Activations whose derivative the BatchNorm backward kernel recomputes (codes of batch_norm_cpu.cc).
-GRAD_SUMS_ACTIVATIONS = {None: 0, "relu6": 1}
+GRAD_SUMS_ACTIVATIONS = {None: 0, "relu6": 1, "swish": 2}
 
 
 class NativeUnavailableError(RuntimeError):
@@ -175,7 +175,7 @@ def batch_norm_grad_sums(grad_y, x, *, mean, inv, scale, bias, activation):
 
   ``xhat = (x - mean) * inv``, ``z = xhat * scale + bias`` and ``dz = grad_y * act'(z)`` for
   ``activation`` in :data:`GRAD_SUMS_ACTIVATIONS` (relu6's derivative is 0 at the kinks, as
-  ``jax.nn.relu6``'s). ``grad_y`` and ``x`` float32 of one shape; the rest ``[C]``.
+  ``jax.nn.relu6``'s; swish's from a vectorised exp with about float32 rounding). ``grad_y`` and ``x`` float32 of one shape; the rest ``[C]``.
   """
   require("norm_impl='xla'")
   if activation not in GRAD_SUMS_ACTIVATIONS:

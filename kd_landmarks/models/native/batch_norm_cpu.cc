@@ -13,6 +13,7 @@
 // Rows are split into contiguous ranges on XLA's intra-op thread pool; the partial totals are summed
 // in a fixed order, so results do not depend on scheduling.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -27,7 +28,41 @@ constexpr int64_t kFlushRows = 64;
 constexpr int64_t kMinRowsPerThread = 1024;
 
 // Activations whose derivative the backward kernel recomputes; codes match native/__init__.py.
-enum Activation : int64_t { kIdentity = 0, kRelu6 = 1 };
+enum Activation : int64_t { kIdentity = 0, kRelu6 = 1, kSwish = 2 };
+
+// exp(x) for 8 lanes: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, then Cephes' degree-7
+// polynomial for e^r (relative error about 1e-7, as expf), scaled by 2^n through the exponent bits.
+// Inputs are clamped to [-87.3, 88.7], where 2^n stays a normal float.
+inline v8 Exp(v8 x) {
+  const v8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+  x = x < zero + 88.7f ? x : zero + 88.7f;
+  x = x > zero - 87.3f ? x : zero - 87.3f;
+  const v8 scaled = x * 1.44269504088896341f + 0.5f;
+  v8i n = __builtin_convertvector(scaled, v8i);              // truncates toward zero ...
+  n -= (v8i)(__builtin_convertvector(n, v8) > scaled) & 1;   // ... so step down where that rounded up
+  const v8 fn = __builtin_convertvector(n, v8);
+  const v8 r = x - fn * 0.693359375f - fn * -2.12194440e-4f;  // ln2 split in two for exactness
+  v8 p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const v8i two_n = (n + 127) << 23;
+  return p * (v8)two_n;
+}
+
+// swish'(z) = s * (1 + z * (1 - s)) with s = sigmoid(z) = 1 / (1 + exp(-z)).
+inline v8 SwishDerivative(v8 z) {
+  const v8 s = 1.0f / (1.0f + Exp(-z));
+  return s * (1.0f + z * (1.0f - s));
+}
+
+inline float SwishDerivative(float z) {
+  const float s = 1.0f / (1.0f + std::exp(-z));
+  return s * (1.0f + z * (1.0f - s));
+}
 
 // Adds the float32 accumulators into the float64 totals and clears them.
 inline void Flush(float* acc, double* total, int64_t n) {
@@ -60,7 +95,8 @@ void MomentsRows(const float* x, int64_t C, int64_t r0, int64_t r1, double* tota
 
 // With z = x * a + b (a = scale / sqrt(var + eps), b = bias - mean * a), xhat = (x - mean) * inv and
 // dz = dy * act'(z): total[0:C] += sum_r dz, total[C:2C] += sum_r dz * xhat, over rows [r0, r1).
-// act'(z) of relu6 is 1 on (0, 6) and 0 elsewhere, the kinks included (as jax.nn.relu6).
+// act'(z) of relu6 is 1 on (0, 6) and 0 elsewhere, the kinks included (as jax.nn.relu6); swish's is
+// computed from the sigmoid (SwishDerivative).
 void GradSumsRows(const float* dy, const float* x, const float* a, const float* b, const float* mean,
                   const float* inv, int64_t C, int64_t activation, int64_t r0, int64_t r1, double* total) {
   std::vector<float> acc(2 * C, 0.0f);
@@ -78,6 +114,8 @@ void GradSumsRows(const float* dy, const float* x, const float* a, const float* 
       if (activation == kRelu6) {
         const v8 z = xv * Load(a + c) + Load(b + c);
         dz = (v8)((v8i)dz & ((z > zero) & (z < six)));
+      } else if (activation == kSwish) {
+        dz *= SwishDerivative(xv * Load(a + c) + Load(b + c));
       }
       const v8 xhat = (xv - Load(mean + c)) * Load(inv + c);
       Store(sum_dz + c, Load(sum_dz + c) + dz);
@@ -88,6 +126,8 @@ void GradSumsRows(const float* dy, const float* x, const float* a, const float* 
       if (activation == kRelu6) {
         const float z = x_row[c] * a[c] + b[c];
         if (!(z > 0.0f && z < 6.0f)) dz = 0.0f;
+      } else if (activation == kSwish) {
+        dz *= SwishDerivative(x_row[c] * a[c] + b[c]);
       }
       sum_dz[c] += dz;
       sum_dz_xhat[c] += dz * ((x_row[c] - mean[c]) * inv[c]);
@@ -145,8 +185,8 @@ ffi::Error GradSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buf
   if (stats.dimensions().size() != 2 || stats.dimensions()[0] != 4 || stats.dimensions()[1] != C) {
     return InvalidArgument("stats must be [4, C] (a, b, mean, inv)");
   }
-  if (activation != kIdentity && activation != kRelu6) {
-    return InvalidArgument("activation code must be 0 (identity) or 1 (relu6)");
+  if (activation != kIdentity && activation != kRelu6 && activation != kSwish) {
+    return InvalidArgument("activation code must be 0 (identity), 1 (relu6) or 2 (swish)");
   }
   const float* xd = x.typed_data();
   const float* dyd = dy.typed_data();
