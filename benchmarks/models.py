@@ -317,6 +317,11 @@ def main(argv=None):
     args.peers = "torch,onnxruntime" if args.platform == "cpu" else ""
   peers = {p for p in args.peers.split(",") if p}
 
+  import jax
+  if args.platform == "cpu":
+    # 'auto' implementations follow jax.default_backend(): on a GPU host they would otherwise pick the
+    # GPU's choices for a CPU benchmark.
+    jax.config.update("jax_platforms", "cpu")
   from kd_landmarks.models import depthwise
   from kd_landmarks.models import layers
   # 'all': every concrete implementation this platform runs (the native ones are CPU custom calls).
@@ -326,7 +331,6 @@ def main(argv=None):
   norm_impls = ([i for i in layers.NORM_IMPLS if i != "auto" and (args.platform == "cpu" or i != "native")]
                 if args.norm_impls == "all" else args.norm_impls.split(","))
   impls = [(d, n) for d in depthwise_impls for n in norm_impls]
-  import jax
   auto = f"'auto' depthwise = {depthwise.resolve_impl('auto')}, norm = {layers.resolve_norm_impl('auto')}"
   print(f"jax {jax.__version__} on {jax.devices(args.platform)[0].device_kind}; cores usable: "
         f"{len(os.sched_getaffinity(0))}; image {args.image_size}px; train batch {args.batch}; "
