@@ -78,6 +78,7 @@ def test_swish_derivative_per_element():
   got, _ = native.batch_norm_grad_sums(jnp.ones_like(x), x, mean=zeros, inv=ones, scale=ones, bias=zeros,
                                        activation="swish")
   np.testing.assert_allclose(got, _swish_derivative(np.float32(z)), rtol=2e-6, atol=1e-7)
+  assert np.all(np.isfinite(got))
   # The same values as JAX's autodiff of swish, to float32 rounding.
   want = jax.vmap(jax.grad(jax.nn.swish))(x[0])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -32,10 +32,11 @@ enum Activation : int64_t { kIdentity = 0, kRelu6 = 1, kSwish = 2 };
 
 // exp(x) for 8 lanes: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, then Cephes' degree-7
 // polynomial for e^r (relative error about 1e-7, as expf), scaled by 2^n through the exponent bits.
-// Inputs are clamped to [-87.3, 88.7], where 2^n stays a normal float.
+// Inputs are clamped to [-87.3, 88], where n stays in [-126, 127] and 2^n a normal float (at 88.7, n
+// would be 128: the exponent field of infinity).
 inline v8 Exp(v8 x) {
   const v8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
-  x = x < zero + 88.7f ? x : zero + 88.7f;
+  x = x < zero + 88.0f ? x : zero + 88.0f;
   x = x > zero - 87.3f ? x : zero - 87.3f;
   const v8 scaled = x * 1.44269504088896341f + 0.5f;
   v8i n = __builtin_convertvector(scaled, v8i);              // truncates toward zero ...
