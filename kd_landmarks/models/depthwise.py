@@ -93,10 +93,8 @@ def depthwise_conv(x, kernel, *, strides: int = 1, impl: str = "auto"):
     return _depthwise_shifted(x, kernel, strides)
   if impl == "shifted_native":
     # Asked for by name: say why not here rather than fail inside the backward pass.
-    if jax.default_backend() != "cpu":
-      raise ValueError(f"depthwise_impl='shifted_native' is CPU-only (its kernel is a CPU custom call); "
-                       f"use 'auto' or 'lax' on {jax.default_backend()}")
-    native.require()
+    native.require_requested("depthwise_impl='shifted_native'", off_cpu="'auto' or 'lax'",
+                             fallback="depthwise_impl='shifted_vjp'")
     return _depthwise_shifted_native(x, kernel, strides)
   return _depthwise_shifted_vjp(x, kernel, strides)
 

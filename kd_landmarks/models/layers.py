@@ -129,9 +129,8 @@ def resolve_norm_impl(impl: str) -> str:
   """Maps ``'auto'`` to ``'native'`` on CPU where the native kernels build, else ``'xla'``."""
   if impl not in NORM_IMPLS:
     raise ValueError(f"unknown norm_impl: {impl!r}; choose from {list(NORM_IMPLS)}")
-  if impl == "native" and jax.default_backend() != "cpu":
-    raise ValueError(f"norm_impl='native' is CPU-only (its kernels are CPU custom calls); use 'auto' or "
-                     f"'xla' on {jax.default_backend()}")
+  if impl == "native":
+    native.require_requested("norm_impl='native'", off_cpu="'auto' or 'xla'", fallback="norm_impl='xla'")
   if impl != "auto":
     return impl
   if jax.default_backend() != "cpu":
@@ -159,10 +158,8 @@ def batch_norm_act_train(x, scale, bias, epsilon: float, activation, impl: str =
 
 
 def _uses_native(x, impl):
-  if impl != "native" or x.dtype != jnp.float32:
-    return False
-  native.require("norm_impl='xla'")
-  return True
+  # impl comes from resolve_norm_impl, which checked that the kernels are usable.
+  return impl == "native" and x.dtype == jnp.float32
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

@@ -131,12 +131,24 @@ def unavailable_reason() -> str:
   return _load()[1]
 
 
-def require(alternative: str = "depthwise_impl='shifted_vjp' or norm_impl='xla'") -> None:
+def require(alternative: str) -> None:
   """Raises :class:`NativeUnavailableError` with the reason and ``alternative`` when the kernels cannot be used."""
   ok, reason = _load()
   if not ok:
     raise NativeUnavailableError(
         f"native CPU kernels unavailable: {reason}. Use {alternative} (pure XLA) instead.")
+
+
+def require_requested(setting: str, *, off_cpu: str, fallback: str) -> None:
+  """Checks a native implementation asked for by name (``setting``, e.g. ``"norm_impl='native'"``).
+
+  Raises ValueError naming ``off_cpu`` on a non-CPU backend (the kernels are CPU custom calls), and
+  :class:`NativeUnavailableError` naming ``fallback`` where the kernels cannot be built.
+  """
+  backend = jax.default_backend()
+  if backend != "cpu":
+    raise ValueError(f"{setting} is CPU-only (its kernels are CPU custom calls); use {off_cpu} on {backend}")
+  require(fallback)
 
 
 def depthwise_weight_gradient(x, grad_out, kernel_size: tuple[int, int], stride: int,
