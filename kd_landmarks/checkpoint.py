@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 MODEL_JSON = "model.json"
 STATE_DIR = "checkpoints"
 BEST_DIR = "best"
+# Written when training finished; its mtime tells the teacher cache and the evaluation whether they are
+# older than the model.
+DONE_FILE = "train_done.json"
 # model.json keys that rebuild the module; the loader refuses a file missing any of them.
 REQUIRED_MODEL_KEYS = ("model", "num_landmarks", "image_size", "dataset", "overrides", "dtype")
 # The keys a checkpoint belongs to: another value is another model (parameter tree, input or data), which
@@ -199,3 +204,17 @@ def _jsonable(value):
   if isinstance(value, np.generic):
     return value.item()
   return value
+
+
+def write_done(model_dir: str, step: int) -> None:
+  """Marks training finished. Rewritten only when the step changes: its mtime tells the teacher cache
+  and the evaluation whether they are older than the model."""
+  path = os.path.join(model_dir, DONE_FILE)
+  if jax.process_index() != 0:
+    return
+  if os.path.exists(path):
+    with open(path) as f:
+      if json.load(f).get("step") == int(step):
+        return
+  with open(path, "w") as f:
+    json.dump({"step": int(step), "time": time.time()}, f)

@@ -197,9 +197,8 @@ def evaluate_model(model_dir: str, *, splits, load_split_fn: Callable[[str], Any
 
 def is_current(model_dir: str) -> bool:
   """metrics.json exists and was written after training finished (so phase=all may skip it)."""
-  from kd_landmarks import train
   metrics_path = os.path.join(model_dir, EVAL_DIR, METRICS_FILE)
-  done_path = os.path.join(model_dir, train.DONE_FILE)
+  done_path = os.path.join(model_dir, checkpoint.DONE_FILE)
   return (os.path.exists(metrics_path) and os.path.exists(done_path)
           and os.path.getmtime(metrics_path) >= os.path.getmtime(done_path))
 

@@ -1,6 +1,6 @@
 """Entry point: ``python -m kd_landmarks.main --config configs/demo.py[:phase=...,platform=...] --workdir DIR``.
 
-Flags only; the work is ``train.run(config, workdir)``. Overrides: ``--config.student_loss=kd_tough_only``.
+Flags only; the work is ``pipeline.run(config, workdir)``. Overrides: ``--config.student_loss=kd_tough_only``.
 Configs are locked, so a misspelt key stops at once. Multi-host: pass --coordinator_address/--num_processes/
 --process_id (or the KD_* variables, or run under SLURM / on a TPU VM slice, which JAX detects).
 """
@@ -37,10 +37,10 @@ def main(argv):
   # Before anything touches a device: joins the other hosts when there are any.
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax
-  from kd_landmarks import train
+  from kd_landmarks import pipeline
   logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
-  train.run(FLAGS.config, FLAGS.workdir)
+  pipeline.run(FLAGS.config, FLAGS.workdir)
 
 
 def entry_point():

@@ -61,10 +61,10 @@ def test_configs_are_locked_against_key_typos(name):
 def test_demo_names_existing_models_and_losses_and_augment_fields():
   from kd_landmarks import augment
   from kd_landmarks import models
-  from kd_landmarks import train
+  from kd_landmarks import pipeline
   config = _load("demo").get_config()
   assert config.teacher_model in models.MODEL_NAMES and config.student_model in models.MODEL_NAMES
-  assert train.student_losses(config) == ["l2", "kd"]
-  train.validate_config(config)
-  train.augment_config(config)  # Every augment key is a field of AugmentConfig.
-  assert isinstance(train.augment_config(config), augment.AugmentConfig)
+  assert pipeline.student_losses(config) == ["l2", "kd"]
+  pipeline.validate_config(config)
+  pipeline.augment_config(config)  # Every augment key is a field of AugmentConfig.
+  assert isinstance(pipeline.augment_config(config), augment.AugmentConfig)

@@ -1,4 +1,4 @@
-"""Tests of kd_landmarks.main / train.run: bad input stops at once with what to run or set; the pipeline."""
+"""Tests of kd_landmarks.main / pipeline.run: bad input stops at once with what to run or set; the pipeline."""
 import importlib.util
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kd_landmarks import train
+from kd_landmarks import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,48 +46,48 @@ def test_unknown_phase_in_the_config_arg_fails(tmp_path):
 
 def test_unknown_phase_or_loss_override_fails_before_any_work(tmp_path):
   with pytest.raises(ValueError, match="unknown phase 'trian'"):
-    train.run(_config(phase="trian"), str(tmp_path / "a"))
+    pipeline.run(_config(phase="trian"), str(tmp_path / "a"))
   with pytest.raises(ValueError, match=r"unknown loss: 'kd2'; choose from \["):
-    train.run(_config(student_loss="l2,kd2"), str(tmp_path / "b"))
+    pipeline.run(_config(student_loss="l2,kd2"), str(tmp_path / "b"))
   with pytest.raises(ValueError, match="loss_variant"):
-    train.run(_config(loss_variant="authors"), str(tmp_path / "c"))
+    pipeline.run(_config(loss_variant="authors"), str(tmp_path / "c"))
   assert not os.path.exists(tmp_path / "a")
 
 
 def test_kd_student_without_teacher_cache_says_what_to_run(tmp_path):
   with pytest.raises(FileNotFoundError, match="phase=cache_teachers"):
-    train.run(_config(phase="student", student_loss="kd"), str(tmp_path))
+    pipeline.run(_config(phase="student", student_loss="kd"), str(tmp_path))
 
 
 def test_online_teachers_without_teacher_checkpoints_say_what_to_run(tmp_path):
   with pytest.raises(FileNotFoundError, match="phase=teacher_tough"):
-    train.run(_config(phase="student", student_loss="kd_tough_only", teachers_online=True), str(tmp_path))
+    pipeline.run(_config(phase="student", student_loss="kd_tough_only", teachers_online=True), str(tmp_path))
   with pytest.raises(FileNotFoundError, match="phase=teacher_tough"):
-    train.run(_config(phase="cache_teachers"), str(tmp_path))
+    pipeline.run(_config(phase="cache_teachers"), str(tmp_path))
 
 
 def test_unprepared_real_dataset_names_the_prepare_command(tmp_path):
   config = _config("cofw", "phase=teacher_tough", data_dir=str(tmp_path / "nodata"))
   with pytest.raises(FileNotFoundError, match="kd_landmarks.datasets prepare"):
-    train.run(config, str(tmp_path / "w"))
+    pipeline.run(config, str(tmp_path / "w"))
 
 
 def test_eval_without_trained_models_says_to_train(tmp_path):
   with pytest.raises(FileNotFoundError, match="phase=all"):
-    train.run(_config(phase="eval"), str(tmp_path))
+    pipeline.run(_config(phase="eval"), str(tmp_path))
 
 
 @pytest.mark.slow
 def test_student_image_size_is_checked_before_any_work():
   config = _config(student_image_size=8)
   with pytest.raises(ValueError, match="config.student_image_size"):
-    train.validate_config(config)
+    pipeline.validate_config(config)
   config = _config(student_image_size=160, teachers_online=True)
   with pytest.raises(ValueError, match="teacher cache"):
-    train.validate_config(config)
-  train.validate_config(_config(student_image_size=160))
-  assert train.phase_image_size(_config(student_image_size=160), "student") == 160
-  assert train.phase_image_size(_config(student_image_size=160), "teacher_tough") == _config().image_size
+    pipeline.validate_config(config)
+  pipeline.validate_config(_config(student_image_size=160))
+  assert pipeline.phase_image_size(_config(student_image_size=160), "student") == 160
+  assert pipeline.phase_image_size(_config(student_image_size=160), "teacher_tough") == _config().image_size
 
 
 def test_all_phases_end_to_end_on_a_tiny_synthetic_set(tmp_path):

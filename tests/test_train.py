@@ -9,6 +9,7 @@ import pytest
 from kd_landmarks import checkpoint
 from kd_landmarks import input_pipeline
 from kd_landmarks import parallel
+from kd_landmarks import pipeline
 from kd_landmarks import train
 import train_fixtures as fx
 
@@ -115,7 +116,7 @@ def test_student_step_reads_teachers_and_keeps_them_frozen():
   batch = fx.make_batch(source, range(4))
   teacher = fx.TinyModel()
   teacher_variables = {name: teacher.init(jax.random.PRNGKey(i), jnp.zeros((1, 8, 8, 3)))
-                       for i, name in enumerate(train.TEACHERS)}
+                       for i, name in enumerate(pipeline.TEACHERS)}
   state = _state()
   spec_online = fx.make_spec("student", "kd", teacher_modules={"tough": teacher, "tolerant": teacher})
   new_state, metrics = _single_device_step(spec_online, state, batch, jax.random.PRNGKey(1), teacher_variables)
@@ -138,7 +139,7 @@ def test_fit_trains_saves_and_reports_best(tmp_path):
   setup = fx.fit_setup(model_dir, num_train_steps=4, checkpoint_every=2, validate=True)
   variables = train.fit(setup)
   assert checkpoint.state_manager(model_dir).all_steps() == [2, 4]
-  assert os.path.exists(os.path.join(model_dir, train.DONE_FILE))
+  assert os.path.exists(os.path.join(model_dir, checkpoint.DONE_FILE))
   assert checkpoint.read_model_json(model_dir)["phase"] == "teacher_tough"
   assert checkpoint.best_manager(model_dir).best_step() == 4
   assert os.listdir(os.path.join(model_dir, "events"))
