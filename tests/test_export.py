@@ -1,6 +1,10 @@
 """export.py: the ONNX student matches JAX, takes uint8 crops with a dynamic batch, and quantises to int8."""
 import json
 import os
+import platform
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -120,6 +124,11 @@ def test_int8_model_stores_int8_weights_and_stays_close(exported):
   int8_initializers = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
   # Every convolution's weights are stored as int8 (per-channel QDQ), none left in float.
   assert len(int8_initializers) >= len(conv_weights) > 0
+  # 7-bit weights: a pair of uint8 x int8 products fits the int16 that x86 CPUs without VNNI add it into
+  # (vpmaddubsw saturates at 32,767), so the file computes the same on every CPU.
+  largest = max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max()) for t in int8_initializers)
+  assert 2 * 255 * largest <= 32767 and largest == 64  # Symmetric per-channel: each channel's max maps to 64.
+  assert report["int8"]["weight_bits"] == 7
   assert report["int8"]["size_mb"] < report["float32"]["size_mb"]
   # Quantisation error, in crop pixels, small against the spread of the predictions themselves.
   images = export.fixture_crops(meta["image_size"], count=4)
@@ -137,6 +146,53 @@ def test_export_json_records_what_was_made(exported):
   assert written["int8"]["paper_table6_size_mb"] == export.PAPER_MODEL_SIZE_MB
   assert written["float32"]["size_mb"] == pytest.approx(
       os.path.getsize(report["float32"]["path"]) / 1e6, abs=1e-3)
+
+
+def test_export_json_names_the_cpu_that_quantised(exported):
+  _, _, _, report = exported
+  cpu = report["int8"]["quantized_on"]
+  assert cpu["machine"] == platform.machine()
+  if not os.path.exists("/proc/cpuinfo"):
+    return
+  # Independently of export.cpu_description: grep's reading of the same file.
+  def grep(pattern):
+    return subprocess.run(["grep", "-m1", "-o", "-w", pattern, "/proc/cpuinfo"], capture_output=True,
+                          text=True).stdout.strip() == pattern
+  assert cpu["avx512_vnni"] == grep("avx512_vnni") and cpu["avx_vnni"] == grep("avx_vnni")
+  assert cpu["vnni"] == (grep("avx512_vnni") or grep("avx_vnni")) and cpu["avx2"] == grep("avx2")
+  model_name = subprocess.run(["grep", "-m1", "model name", "/proc/cpuinfo"], capture_output=True,
+                              text=True).stdout
+  if model_name:
+    assert cpu["name"] == model_name.split(":", 1)[1].strip()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("qemu-x86_64") is None,
+                    reason="needs an x86_64 host and qemu-x86_64 (Debian qemu-user; .ci/run installs it) to "
+                           "run ONNX Runtime on an emulated AVX2 CPU without VNNI")
+def test_int8_model_computes_the_same_on_an_avx2_cpu_without_vnni(exported, tmp_path):
+  # The user's CPU may lack VNNI (AMD EPYC with AVX2 only): ONNX Runtime then picks other integer kernels.
+  # qemu's Haswell model reports AVX2 and no AVX-512/VNNI to ONNX Runtime's CPUID dispatch.
+  _, _, meta, report = exported
+  images = export.fixture_crops(meta["image_size"], count=4)
+  np.save(tmp_path / "images.npy", images)
+  full_range = export.quantize_static_int8(report["float32"]["path"], str(tmp_path / "int8_8bit.onnx"),
+                                           export.fixture_crops(meta["image_size"]), weight_bits=8)
+  models = [f"float32={report['float32']['path']}", f"int8={report['int8']['path']}", f"int8_8bit={full_range}"]
+  worker = os.path.join(os.path.dirname(__file__), "ort_worker.py")
+  outputs = {}
+  for cpu, prefix in (("host", []), ("avx2", ["qemu-x86_64", "-cpu", "Haswell"])):
+    subprocess.run(prefix + [sys.executable, worker, str(tmp_path / "images.npy"),
+                             str(tmp_path / f"{cpu}.npz"), *models], check=True, capture_output=True,
+                   timeout=600)
+    outputs[cpu] = np.load(tmp_path / f"{cpu}.npz")
+  host, avx2 = outputs["host"], outputs["avx2"]
+  spread = np.abs(host["float32"] - host["float32"].mean(axis=1, keepdims=True)).mean()
+  # The exported (7-bit) file: the same landmarks on both CPUs, within the bound of the accuracy test.
+  np.testing.assert_allclose(avx2["int8"], host["int8"], atol=1e-4, rtol=0)
+  assert np.abs(avx2["int8"] - avx2["float32"]).mean() < 0.25 * spread
+  # Control: the emulated CPU really lacks VNNI, since the full-range file computes differently there
+  # (its int16 pair sums saturate); otherwise this test would prove nothing.
+  assert np.abs(avx2["int8_8bit"] - host["int8_8bit"]).max() > 1e-2
 
 
 def test_tflite_is_refused_with_the_reason():
