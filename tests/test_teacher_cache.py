@@ -218,3 +218,44 @@ def test_missing_cache_mentions_the_old_npz(tmp_path, data_dir):
   (workdir / "teacher_cache" / "train.npz").write_bytes(b"old")
   with pytest.raises(FileNotFoundError, match=r"train.npz is the .npz cache of earlier versions.*phase=cache_teachers"):
     pipeline.run(_config(data_dir=data_dir, phase="student", student_loss="kd"), str(workdir))
+
+
+def _readme_snippet() -> str:
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  after = text.split("<!-- snippet: read-with-tfds -->", 1)[1]
+  return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_snippet_reads_faces_and_teacher_outputs(tmp_path, data_dir):
+  """The README's tfds + grain snippet, run as written (its two paths swapped for ours) in a process that
+  never imports kd_landmarks: the batch's teacher rows are those written for each face's index."""
+  source = pipeline.load_split(_config(data_dir=data_dir), "unused", "train")
+  tough, tolerant = _predictions(len(source))
+  order = np.array([4, 2, 0, 5, 1, 3])
+  ids = [source[int(i)]["image_id"] for i in order]
+  tc.write_teacher_outputs(tmp_path / "teacher_cache", dataset="synthetic", index=order, image_id=ids,
+                           tough=tough, tolerant=tolerant, metadata={"teachers": {"tough": {"model": "m"}}})
+  snippet = _readme_snippet()
+  paths = 'DATA_DIR, WORKDIR = "runs/demo/data", "runs/demo"'
+  assert paths in snippet
+  snippet = snippet.replace(paths, f"DATA_DIR, WORKDIR = {data_dir!r}, {str(tmp_path)!r}")
+  snippet += """
+import json, sys
+assert not [m for m in sys.modules if m.startswith("kd_landmarks")], "kd_landmarks was imported"
+print(json.dumps({k: batch[k].tolist() for k in ("index", "tough", "tolerant", "landmarks")}
+                 | {"image_shape": list(batch["image"].shape)}))
+"""
+  env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+  result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert "'model': 'm'" in lines[0]  # the metadata print
+  batch = json.loads(lines[-1])
+  assert batch["image_shape"] == [4, 32, 32, 3] and len(set(batch["index"])) == 4
+  for row, index in enumerate(batch["index"]):
+    position = int(np.flatnonzero(order == index)[0])  # where that face's predictions were given
+    np.testing.assert_array_equal(np.float32(batch["tough"][row]), tough[position])
+    np.testing.assert_array_equal(np.float32(batch["tolerant"][row]), tolerant[position])
+    np.testing.assert_array_equal(np.float32(batch["landmarks"][row]), source[index]["landmarks"])
