@@ -208,8 +208,7 @@ def _require_teacher(workdir, teacher):
 
 
 def _rebuild_command(config, workdir) -> str:
-  own = (f"python -m kd_landmarks.main --config <config>:phase=cache_teachers --workdir {workdir}"
-         f" --config.dataset={config.dataset}")
+  own = f"python -m kd_landmarks.main --config <config>:phase=cache_teachers --workdir {workdir}"
   if config.teacher_cache_dir:
     return (f"ask for teacher outputs made on this training split, or write your own with `{own}` (it needs both "
             "teachers trained in that workdir) and leave --config.teacher_cache_dir unset")
