@@ -254,6 +254,9 @@ def cache_teachers(config, workdir):
   if jax.process_index() == 0:
     path = teacher_cache.write_teacher_outputs(cache_dir, dataset=config.dataset, index=index, image_id=image_id,
                                                metadata=_cache_metadata(config, source, metas), **predictions)
+  if jax.process_count() > 1:  # The other processes read it next (student phase): wait until it is written.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("teacher outputs written")
   return str(path)
 
 
