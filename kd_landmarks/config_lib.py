@@ -40,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
   # True: run the frozen teachers inside the student's step on the augmented batch instead of reading
   # the teacher cache (slower, but the teachers then see exactly the student's augmented image).
   config.teachers_online = False
+  # Non-empty: the student reads these teacher outputs (a tfds data dir or dataset folder written by
+  # phase=cache_teachers, e.g. a colleague's) instead of WORKDIR/teacher_cache; phase=all then trains no
+  # teachers. Checked against the training split before training (teacher_cache.check_matches).
+  config.teacher_cache_dir = ""
 
   # Optimiser (Section 4.4): Adam(lr 1e-3, b1 0.9, b2 0.999) with Keras' time-based decay
   # lr_t = lr / (1 + decay * step), decay 1e-6. eps 1e-7 is Keras' default, which the authors used.

@@ -40,7 +40,8 @@ TEACHERS = ("tough", "tolerant")
 # Teacher name -> the landmark set it learns: ground truth (Tough) or ASM soft landmarks (Tolerant).
 TEACHER_TARGETS = {"tough": "landmarks", "tolerant": "soft_landmarks"}
 TEACHER_LOSS = "l2"  # Section 4.4: both teachers are trained with the L2 loss.
-CACHE_FILE = os.path.join("teacher_cache", "train.npz")
+# tfds data dir of the workdir's teacher outputs (kd_landmarks_teachers/<dataset>/<version> inside).
+CACHE_DIR = "teacher_cache"
 # Each role starts from its own initialisation and batch order; every student loss shares one, so that
 # the students of Tables 7-8 differ only by their loss.
 ROLE_SEED_OFFSETS = {"landmarks": 0, "soft_landmarks": 1, "student": 2}
@@ -77,6 +78,9 @@ def validate_config(config) -> None:
   student_size = int(config.student_image_size)
   if student_size < 0 or (0 < student_size < 16):
     raise ValueError(f"config.student_image_size must be 0 (= image_size) or at least 16, got {student_size}")
+  if config.teachers_online and config.teacher_cache_dir:
+    raise ValueError("config.teacher_cache_dir gives cached teacher outputs, config.teachers_online=True runs the "
+                     "teachers instead: set one of them")
   if config.teachers_online and student_size > 0 and student_size != int(config.image_size):
     raise ValueError(
         f"config.teachers_online runs the teachers on the student's {student_size} px batch, but they were "
@@ -203,13 +207,39 @@ def _require_teacher(workdir, teacher):
   return model_dir
 
 
+def _rebuild_command(config, workdir) -> str:
+  own = f"python -m kd_landmarks.main --config <config>:phase=cache_teachers --workdir {workdir}"
+  if config.teacher_cache_dir:
+    return (f"ask for teacher outputs made on this training split, or write your own with `{own}` (it needs both "
+            "teachers trained in that workdir) and leave --config.teacher_cache_dir unset")
+  return f"`{own}` (after both teachers, or phase=all)"
+
+
+def _cache_metadata(config, source, teacher_metas: dict) -> dict:
+  """What the teacher outputs were made on and by (checked by teacher_cache.check_matches)."""
+  preparation = dict(source.metadata)
+  return {
+      "dataset": info.get_info(config.dataset).name, "dataset_version": str(builder.KdLandmarks.VERSION),
+      "split": teacher_cache.SPLIT, "num_examples": len(source),
+      "num_landmarks": info.get_info(config.dataset).num_landmarks, "frame": "stored-crop pixels",
+      "preparation": preparation, "soft_landmarks": preparation.get("soft_landmarks"),
+      "teachers": {teacher: {"model": meta["model"], "overrides": dict(meta.get("overrides") or {}),
+                             "checkpoint": {"kind": meta["checkpoint"][0], "step": int(meta["checkpoint"][1])},
+                             "image_size": int(meta["image_size"]), "dtype": meta.get("dtype"),
+                             "target": TEACHER_TARGETS[teacher], "loss": TEACHER_LOSS,
+                             "model_dir": os.path.abspath(meta["model_dir"])}
+                   for teacher, meta in teacher_metas.items()},
+  }
+
+
 def cache_teachers(config, workdir):
-  """Phase cache_teachers: both teachers' predictions on the train split, in stored-crop pixels."""
+  """Phase cache_teachers: both teachers' predictions on the whole train split, in stored-crop pixels, written
+  as the tfds dataset kd_landmarks_teachers/<dataset> in WORKDIR/teacher_cache (teacher_cache module)."""
   teacher_dirs = {teacher: _require_teacher(workdir, teacher) for teacher in TEACHERS}  # Fail before work.
   mesh = parallel.make_mesh()
   source = load_split(config, workdir, "train")
-  predictions = {}
-  index = None
+  predictions, metas = {}, {}
+  index = image_id = None
   for teacher in TEACHERS:
     module, variables, meta = checkpoint.load_inference_variables(teacher_dirs[teacher])
     # The teacher's own input size (model.json), which the config may no longer match.
@@ -217,21 +247,53 @@ def cache_teachers(config, workdir):
                                      batch_size=int(config.eval_batch_size), mesh=mesh,
                                      desc=f"cache {teacher} teacher")
     predictions[teacher] = result["pred_crop"]
-    index = result["index"]
-  path = os.path.join(workdir, CACHE_FILE)
+    metas[teacher] = dict(meta, model_dir=teacher_dirs[teacher])
+    index, image_id = result["index"], result["image_id"]
+  cache_dir = os.path.join(workdir, CACHE_DIR)
+  path = teacher_cache.dataset_dir(cache_dir, config.dataset)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    teacher_cache.write_teacher_cache(path, index=index, **predictions)
-  return path
+    path = teacher_cache.write_teacher_outputs(cache_dir, dataset=config.dataset, index=index, image_id=image_id,
+                                               metadata=_cache_metadata(config, source, metas), **predictions)
+  if jax.process_count() > 1:  # The other processes read it next (student phase): wait until it is written.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("teacher outputs written")
+  return str(path)
 
 
-def _cache_is_current(workdir) -> bool:
-  """The cache exists and is newer than both teachers' final checkpoints."""
-  path = os.path.join(workdir, CACHE_FILE)
-  if not os.path.exists(path):
+def _cache_is_current(workdir, config) -> bool:
+  """The workdir's teacher outputs exist, are newer than both teachers' final checkpoints and were made on
+  the current train split (same dataset, version, size, preparation)."""
+  path = teacher_cache.dataset_dir(os.path.join(workdir, CACHE_DIR), config.dataset)
+  info_file = path / "dataset_info.json"
+  if not info_file.exists():
     return False
   done = [os.path.join(workdir, f"teacher_{t}", DONE_FILE) for t in TEACHERS]
-  return all(os.path.exists(d) and os.path.getmtime(d) <= os.path.getmtime(path) for d in done)
+  if not all(os.path.exists(d) and os.path.getmtime(d) <= os.path.getmtime(info_file) for d in done):
+    return False
+  try:
+    _load_checked_cache(config, workdir, path)
+  except (teacher_cache.TeacherCacheError, FileNotFoundError):
+    return False
+  return True
+
+
+def _load_checked_cache(config, workdir, path) -> teacher_cache.TeacherOutputs:
+  """Reads the teacher outputs at ``path`` and checks them against the train split (before any training)."""
+  train_source = load_split(config, workdir, "train")
+  rebuild = _rebuild_command(config, workdir)
+  outputs = teacher_cache.load_teacher_outputs(path, dataset=config.dataset, rebuild=rebuild)
+  teacher_cache.check_matches(
+      outputs, dataset=config.dataset, dataset_version=str(builder.KdLandmarks.VERSION),
+      num_examples=len(train_source), num_landmarks=info.get_info(config.dataset).num_landmarks,
+      preparation=train_source.metadata, rebuild=rebuild)
+  return outputs
+
+
+def teacher_outputs_path(config, workdir):
+  """``config.teacher_cache_dir`` (someone else's teachers) when set, else the workdir's own cache."""
+  if config.teacher_cache_dir:
+    return teacher_cache.resolve(config.teacher_cache_dir, config.dataset)
+  return teacher_cache.dataset_dir(os.path.join(workdir, CACHE_DIR), config.dataset)
 
 
 def train_student(config, workdir, loss_name: str):
@@ -244,15 +306,18 @@ def train_student(config, workdir, loss_name: str):
         module, variables, _ = checkpoint.load_inference_variables(_require_teacher(workdir, teacher))
         teacher_modules[teacher], teacher_variables[teacher] = module, variables
     else:
-      path = os.path.join(workdir, CACHE_FILE)
-      if not os.path.exists(path):
+      path = teacher_outputs_path(config, workdir)
+      if not (path / "dataset_info.json").exists():
+        legacy = os.path.join(workdir, teacher_cache.LEGACY_NPZ)
+        old = (f" ({legacy} is the .npz cache of earlier versions, which is no longer read)"
+               if not config.teacher_cache_dir and os.path.exists(legacy) else "")
         raise FileNotFoundError(
-            f"the student loss {loss_name!r} needs the teacher cache {path}, which is missing: run "
+            f"the student loss {loss_name!r} needs the teachers' outputs {path}, which are missing{old}: run "
             f"`python -m kd_landmarks.main --config <config>:phase=cache_teachers --workdir {workdir}` after "
-            "both teachers (or phase=all), or set --config.teachers_online=True")
-      cache = teacher_cache.load_teacher_cache(
-          path, num_examples=len(load_split(config, workdir, "train")),
-          num_landmarks=info.get_info(config.dataset).num_landmarks)
+            "both teachers (or phase=all), give another's with --config.teacher_cache_dir=DIR, or set "
+            "--config.teachers_online=True")
+      # Checked against the training split here, before any model is built or step compiled.
+      cache = _load_checked_cache(config, workdir, path).as_cache()
   # Baselines (l2, l1, smooth_l1) take no teachers; the ground truth fills their slots.
   return _fit_model(config, workdir, model_dir_name=f"student_{loss_name}", model_name=config.student_model,
                     overrides=config.student_overrides.to_dict(), phase="student", target="student",
@@ -300,11 +365,11 @@ def run(config, workdir: str):
   for phase in phases:
     logging.info("phase %s", phase)
     if phase in ("teacher_tough", "teacher_tolerant"):
-      if run_all and not any(needs_teachers(n) for n in student_losses(config)):
-        continue  # Nothing downstream reads the teachers.
+      if run_all and (config.teacher_cache_dir or not any(needs_teachers(n) for n in student_losses(config))):
+        continue  # Nothing downstream reads these teachers.
       train_teacher(config, workdir, phase.split("_", 1)[1])
     elif phase == "cache_teachers":
-      if run_all and (config.teachers_online or _cache_is_current(workdir)
+      if run_all and (config.teachers_online or config.teacher_cache_dir or _cache_is_current(workdir, config)
                       or not any(needs_teachers(n) for n in student_losses(config))):
         continue
       cache_teachers(config, workdir)

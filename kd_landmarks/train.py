@@ -173,7 +173,8 @@ class FitSetup:
   seed: int
   tx: Any
   meta: Mapping[str, Any]
-  teacher_cache: Mapping[str, np.ndarray] | None = None   # load_teacher_cache(...): joined by 'index'.
+  # teacher_cache.load_teacher_outputs(...).as_cache(): joined by 'index'.
+  teacher_cache: Mapping[str, np.ndarray] | None = None
   teacher_variables: Mapping[str, Any] | None = None
   validate_fn: Callable | None = None      # (variables) -> mean validation NME.
   log_every_steps: int = 100

@@ -1,5 +1,9 @@
 """The tfds builder ``kd_landmarks``: every config built from tiny official-format fixtures and read back
 through ``as_data_source()`` (no TensorFlow), checked against the contract and independent computations."""
+import json
+import os
+import pathlib
+import subprocess
 import sys
 import types
 
@@ -12,10 +16,12 @@ import fixtures_formats as ff
 from kd_landmarks import coords
 from kd_landmarks import shapes
 from kd_landmarks.datasets import builder
+from kd_landmarks.datasets import info
 from kd_landmarks.datasets import load_split
 from kd_landmarks.datasets import readers
 from kd_landmarks.datasets.__main__ import main as cli_main
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNTS_300W = {"afw": 3, "helen/trainset": 3, "lfpw/trainset": 2, "helen/testset": 2, "lfpw/testset": 1,
                "ibug": 1}
 WFLW_TEST_FLAGS = [[1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 1]]
@@ -237,3 +243,59 @@ def test_command_line_prepare(tmp_path, capsys, built_300w):
   err = capsys.readouterr().err
   assert str(tmp_path / "none") in err and "WFLW_annotations" in err
   assert cli_main(["prepare", "--dataset", "cofw", "--data_dir", str(tmp_path), "--num_train", "3"]) == 2
+
+
+def _tfds_build(*args, timeout=300):
+  """tfds's own `build` command (kd_landmarks.datasets.tfds_build: the tfds CLI minus its TensorFlow-only
+  start-up), in a fresh process, registering the builder the third-party way (--imports)."""
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  result = subprocess.run([sys.executable, "-m", "kd_landmarks.datasets.tfds_build", *args,
+                           "--imports", "kd_landmarks.datasets.builder"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _assert_same_build(built, prepared, dataset):
+  """Every split holds the same examples (decoded images included), and the same metadata and shape model."""
+  for split in info.get_info(dataset).splits:
+    ours, theirs = _all(load_split(dataset, split, built)), _all(load_split(dataset, split, prepared))
+    assert len(ours) == len(theirs) > 0
+    for mine, other in zip(ours, theirs):
+      assert set(mine) == set(other)
+      for key in mine:
+        np.testing.assert_array_equal(mine[key], other[key], err_msg=f"{split} {key}")
+  folder = pathlib.Path("kd_landmarks") / dataset / str(builder.KdLandmarks.VERSION)
+  assert (json.loads((pathlib.Path(built) / folder / "metadata.json").read_text())
+          == json.loads((pathlib.Path(prepared) / folder / "metadata.json").read_text()))
+  assert ((pathlib.Path(built) / folder / builder.SHAPE_MODEL_FILE).read_bytes()
+          == (pathlib.Path(prepared) / folder / builder.SHAPE_MODEL_FILE).read_bytes())
+
+
+def test_tfds_build_of_synthetic_with_config_options_equals_prepare(tmp_path):
+  options = {"num_train": 5, "num_test": 2, "image_size": 32, "seed": 4}
+  _tfds_build("kd_landmarks", "--data_dir", str(tmp_path / "built"),
+              "--config", json.dumps({"name": "synthetic", **options}))
+  _prepare("synthetic", tmp_path / "prepared", synthetic_options=options, allow_partial=False)
+  _assert_same_build(tmp_path / "built", tmp_path / "prepared", "synthetic")
+  assert load_split("synthetic", "train", tmp_path / "built").metadata["synthetic"] == options
+  # prepare sees the tfds build as its own (same options: reused, not refused).
+  _prepare("synthetic", tmp_path / "built", synthetic_options=options, allow_partial=False)
+
+
+def test_tfds_build_of_a_300w_fixture_with_allow_partial_equals_prepare(tmp_path, built_300w):
+  prepared, manual_dir, _ = built_300w
+  _tfds_build("kd_landmarks", "--config", '{"name": "300w", "allow_partial": true}', "--manual_dir",
+              str(manual_dir), "--data_dir", str(tmp_path))
+  _assert_same_build(tmp_path, prepared, "300w")
+
+
+def test_custom_configs_are_checked():
+  with pytest.raises(ValueError, match=r"\['num_train'\] only apply to the synthetic config"):
+    builder.KdLandmarks(config=builder.LandmarksConfig(name="300w", num_train=3), data_dir="/unused")
+  with pytest.raises(ValueError, match="name one of"):
+    builder.KdLandmarks(config=builder.LandmarksConfig(name="aflw"), data_dir="/unused")
+  ours = builder.KdLandmarks(config=builder.LandmarksConfig(name="synthetic", num_test=9, allow_partial=True),
+                             data_dir="/unused")
+  assert ours.builder_config.name == "synthetic" and ours.builder_config is builder.KdLandmarks.BUILDER_CONFIGS[3]
+  assert ours.preparation_options()["synthetic"] == {**builder.SYNTHETIC_DEFAULTS, "num_test": 9}
+  assert ours.preparation_options()["allow_partial"] is True

@@ -114,7 +114,7 @@ def test_all_phases_end_to_end_on_a_tiny_synthetic_set(tmp_path):
     assert arrays["pred"].shape == arrays["gt"].shape == (8, 68, 2)
     assert os.listdir(workdir / model / "events")
   assert json.load(open(workdir / "student_kd" / "model.json"))["loss"] == "kd"
-  assert (workdir / "teacher_cache" / "train.npz").exists()
+  assert (workdir / "teacher_cache" / "kd_landmarks_teachers" / "synthetic" / "1.0.0" / "dataset_info.json").exists()
   assert (workdir / "report.md").exists()
   # The student's checkpoint holds only the student: no teacher subtree.
   from kd_landmarks import checkpoint

@@ -48,9 +48,19 @@ _CHUNK = 32  # examples handed to the worker threads at a time (bounds memory wh
 
 @dataclasses.dataclass(eq=False)
 class LandmarksConfig(tfds.core.BuilderConfig):
-  """A dataset of :mod:`kd_landmarks.datasets.info` and how its images are stored."""
+  """A dataset of :mod:`kd_landmarks.datasets.info` and how its images are stored.
+
+  ``allow_partial`` and the synthetic sizes (0: :data:`SYNTHETIC_DEFAULTS`) are preparation options that
+  ``tfds build`` reaches as a JSON config, e.g. ``--config '{"name": "synthetic", "num_train": 64}'``; the
+  data lands in the folder of the named config, where ``prepare`` writes it (see ``KdLandmarks.__init__``).
+  """
   dataset: str = ""
   image_encoding: str = "jpeg"
+  allow_partial: bool = False
+  num_train: int = 0
+  num_test: int = 0
+  image_size: int = 0
+  seed: int = 0
 
 
 class KdLandmarks(tfds.core.GeneratorBasedBuilder):
@@ -89,6 +99,7 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
         to ``array_record``).
     """
     kwargs.setdefault("file_format", "array_record")
+    allow_partial, synthetic_options = self._options_of_custom_config(kwargs, allow_partial, synthetic_options)
     self._allow_partial = bool(allow_partial)
     unknown = set(synthetic_options or {}) - set(SYNTHETIC_DEFAULTS)
     if unknown:
@@ -97,6 +108,32 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     self._num_workers = num_workers or min(4, os.cpu_count() or 1)
     self._show_progress = show_progress
     super().__init__(**kwargs)
+
+  @classmethod
+  def _options_of_custom_config(cls, kwargs, allow_partial, synthetic_options):
+    """Moves the options of a ``LandmarksConfig`` that is not one of ours (``tfds build --config JSON``) into
+    the builder's options, and names our config of that name in its place.
+
+    tfds refuses a custom config named like a registered one and would otherwise store it under its own
+    name; this way ``tfds build`` and ``prepare`` write the same folder, and the options are recorded in
+    its metadata (``preparation_options``), which ``prepare`` compares before reusing a build.
+    """
+    config = kwargs.get("config")
+    if not isinstance(config, LandmarksConfig) or any(config is known for known in cls.BUILDER_CONFIGS):
+      return allow_partial, synthetic_options
+    names = [known.name for known in cls.BUILDER_CONFIGS]
+    if config.name not in names:
+      raise ValueError(f"kd_landmarks config {config.name!r}: name one of {names} (the options go beside it, "
+                       f"e.g. {{\"name\": \"synthetic\", \"num_train\": 64}})")
+    if config.dataset not in ("", config.name):
+      raise ValueError(f"kd_landmarks config {config.name!r}: dataset {config.dataset!r} differs from the name; "
+                       "leave `dataset` out")
+    sizes = {key: int(getattr(config, key)) for key in SYNTHETIC_DEFAULTS if getattr(config, key)}
+    if sizes and config.name != "synthetic":
+      raise ValueError(f"kd_landmarks config {config.name!r}: {sorted(sizes)} only apply to the synthetic config "
+                       f"(the official datasets have fixed splits and stored size {STORED_CROP_SIZE})")
+    kwargs["config"] = config.name
+    return allow_partial or config.allow_partial, {**sizes, **(synthetic_options or {})} or None
 
   # ------------------------------------------------------------------------------------------- info
 
