@@ -7,7 +7,7 @@ Per face, batch 1, one CPU thread each (paper Section 4.6, Fig. 13: 3.95 ms on a
   (d) MediaPipe's face landmark model (``face_landmark.tflite`` from the ``mediapipe==0.10.21`` wheel) in
       ai-edge-litert,
 plus the face detector's time per photo, and the NME (inter-ocular, %) of (a), (b) and (c) against the
-ground truth on every annotated photo given: the real fixture (tests/data/takeo), ``--photos`` folders of
+ground truth on every annotated photo given: the real fixture (kd_landmarks/data/takeo), ``--photos`` folders of
 images with 300W ``.pts`` files, and with ``--data_dir`` a prepared 300W test split. MediaPipe predicts a
 468-point mesh, not the 68 iBUG points, so it has no NME here. Every method gets the same detector box.
 
@@ -54,8 +54,7 @@ CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "kd_landmarks", "med
 MEDIAPIPE_PATH = os.path.join(CACHE_DIR, "face_landmark.tflite")
 # MediaPipe crops its landmark model's input as the detection box enlarged 1.5x (face_landmark_front).
 MEDIAPIPE_ROI_SCALE = 1.5
-DEFAULT_PHOTOS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
-                              "takeo")
+DEFAULT_PHOTOS = export.FIXTURE_DIR
 
 
 def fetch_mediapipe_model() -> str:
@@ -182,7 +181,7 @@ def main(argv=None) -> int:
     trained = False
   detector = detect.get_detector(args.detector)
   box_map = detect.load_box_map(model_dir, args.detector)
-  predictor = predict.LandmarkPredictor(module, variables, meta, detector=detector, box_map=box_map)
+  predictor = predict.Predictor.from_module(module, variables, meta, detector=detector, box_map=box_map)
   size = predictor.image_size
   width = (meta.get("overrides") or {}).get("width_multiplier")
   student_name = (f"{meta['model']}{f' x{width:g}' if width not in (None, 1.0) else ''} @{size}px" +
@@ -228,7 +227,7 @@ def main(argv=None) -> int:
     mp_input = mediapipe.get_input_details()[0]
     mp_size = int(mp_input["shape"][1])
 
-  jax_apply = predictor._apply  # pylint: disable=protected-access  (the same compiled call predict uses)
+  jax_apply = predictor.runner._apply  # pylint: disable=protected-access  (the compiled call predict uses)
   times = {name: [] for name in ["jax", *sessions, "dlib", "mediapipe"]}
   model_times = {name: [] for name in times}
   nmes = {name: [] for name in ["jax", *sessions, "dlib"]}
@@ -263,7 +262,8 @@ def main(argv=None) -> int:
     times["jax"].append(median_ms(run_jax, repeats))
     crop, _ = predict.crop_for_landmark_box(image, landmark_box, image_size=size,
                                             box_scale=predictor.box_scale)
-    model_times["jax"].append(median_ms(lambda: jax_apply(variables, crop[None]).block_until_ready(),
+    crop_bytes = np.round(crop * 255.0).astype(np.uint8)[None]
+    model_times["jax"].append(median_ms(lambda: jax_apply(variables, crop_bytes).block_until_ready(),
                                         repeats))
     for session_name, session in sessions.items():
       outputs[session_name] = run_onnx(session)
