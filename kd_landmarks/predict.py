@@ -2,8 +2,9 @@
 
 Usage::
 
-  python -m kd_landmarks.predict --workdir RUN [--model student_kd] [--checkpoint MODEL_DIR] \
-      IMAGE_OR_DIR ... [--out DIR] [--detector dlib_hog]
+  python -m kd_landmarks.predict --workdir RUN [--model student_kd] [--checkpoint MODEL_DIR_OR_FILE] \
+      IMAGE_OR_DIR ... [--out DIR] [--detector dlib_hog] [--threads N]
+  kd-landmarks-predict ...      (the same, as the installed console script)
   python -m kd_landmarks.predict fit-box-map --workdir RUN [--model student_kd] --data_dir DATA \
       [--detector dlib_hog] [--split train] [--max_images N]
 
@@ -14,6 +15,10 @@ its status (``ok``, ``no_face``, ``error`` with the reason, or ``skipped`` for n
 The crop reproduces evaluation (paper Section 4.3, ``augment.preprocess_eval``): the square landmark box
 scaled by ``EVAL_BOX_SCALE``. A photo has no landmarks, so the landmark box is predicted from the detector's
 box by the :class:`kd_landmarks.detect.BoxMap` learned on the training set (``fit-box-map``).
+
+The Python API is :class:`Predictor` (``from kd_landmarks import Predictor``); the CLI runs it. A model
+directory runs in JAX; ``--checkpoint`` may also name an exported ``.onnx`` (ONNX Runtime) or ``.tflite``
+(LiteRT) file.
 """
 from __future__ import annotations
 
