@@ -95,3 +95,51 @@ def test_wheel_exports_and_predicts_outside_the_checkout(tmp_path):
   _run([str(site / "bin" / "kd-landmarks-predict"), "--checkpoint", model_dir,
         str(site / "kd_landmarks" / "data" / "takeo" / "takeo.ppm"), "--out", str(out)], elsewhere, env)
   assert json.loads((out / "summary.json").read_text())["counts"]["ok"] == 1
+
+
+def _setup_keywords() -> dict:
+  """The literal keyword arguments of setup.py's setup() call (read with ast: nothing is run)."""
+  import ast
+
+  tree = ast.parse((ROOT / "setup.py").read_text())
+  (call,) = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and getattr(node.func, "id", None) == "setup"]
+  return {k.arg: ast.literal_eval(k.value) for k in call.keywords
+          if isinstance(k.value, (ast.Dict, ast.List, ast.Constant))}
+
+
+def test_package_data_and_license_files_name_only_what_exists():
+  keywords = _setup_keywords()
+  for package, patterns in keywords["package_data"].items():
+    for pattern in patterns:
+      matches = [p for p in (ROOT / package.replace(".", "/")).glob(pattern) if p.is_file()]
+      assert matches, f"setup.py package_data {package}: {pattern!r} matches no file"
+  for name in keywords["license_files"]:
+    assert (ROOT / name).is_file(), name
+
+
+def test_console_scripts_name_callable_mains():
+  import importlib
+
+  scripts = _setup_keywords()["entry_points"]["console_scripts"]
+  assert {s.split("=")[0].strip() for s in scripts} == {
+      "kd-landmarks", "kd-landmarks-predict", "kd-landmarks-export", "kd-landmarks-datasets"}
+  for script in scripts:
+    module, function = script.split("=")[1].strip().split(":")
+    assert callable(getattr(importlib.import_module(module), function)), script
+
+
+def test_one_version_and_a_citation_for_paper_and_code():
+  import re
+
+  import kd_landmarks
+
+  setup_text = (ROOT / "setup.py").read_text()
+  assert not re.search(r'version="\d', setup_text)  # read from kd_landmarks/__init__.py, not written twice
+  assert re.fullmatch(r"\d+\.\d+\.\d+", kd_landmarks.__version__)
+  yaml = pytest.importorskip("yaml", reason="parsing CITATION.cff needs PyYAML")
+  citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+  assert citation["cff-version"] == "1.2.0" and citation["type"] == "software"
+  paper = citation["preferred-citation"]
+  assert paper["doi"] == "10.1016/j.cviu.2021.103316" and paper["year"] == 2022
+  assert [a["family-names"] for a in paper["authors"]] == ["Pourramezan Fard", "Mahoor"]
