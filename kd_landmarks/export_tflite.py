@@ -4,13 +4,18 @@ Route: the serving function of :mod:`kd_landmarks.export` (uint8 crop -> normali
 function the ONNX export traces) -> ``jax2tf.convert`` -> ``tf.lite.TFLiteConverter``. TensorFlow is needed
 only here (extra ``tflite``: ``pip install 'kd_landmarks[tflite]'``); nothing else in kd_landmarks imports it.
 
-* ``<name>.tflite``: float32, input uint8 ``[B, S, S, 3]`` with a dynamic batch (``shape_signature`` -1),
-  output float32 ``[B, K, 2]``: the ONNX contract. Refused unless LiteRT's interpreter matches JAX within
-  ``export.FP32_TOLERANCE`` on the check crops.
+* ``<name>.tflite``: float32, input uint8 ``[1, S, S, 3]``, output float32 ``[1, K, 2]``: the ONNX contract
+  at batch 1. Refused unless LiteRT's interpreter matches JAX within ``export.FP32_TOLERANCE`` on the check
+  crops.
 * ``<name>.int8.tflite``: full-integer post-training quantisation (int8 weights per channel and int8
   activations, ranges from representative face crops), batch 1. Its input is uint8 quantised with scale 1
   and zero point 0, so the camera's bytes go in unchanged; its output stays float32 (dequantised inside).
   Its error against JAX is measured and written to ``export.json``.
+
+Batch 1, not a dynamic batch: a batch-polymorphic graph keeps SHAPE/GATHER/BROADCAST_TO ops and an
+unfused ReLU6 (MAXIMUM/MINIMUM), which LiteRT's XNNPACK delegate does not take, and ran 30x slower (full
+MobileNetV2 at 224 px, one thread of the 2-core dev VM under load: 1067 ms against 36 ms per face). A phone
+runs one face per invoke; :class:`kd_landmarks.runtimes.LiteRtRunner` loops over the faces of a call.
 """
 from __future__ import annotations
 
@@ -21,8 +26,8 @@ import numpy as np
 
 from kd_landmarks import export
 
-# Batch of the int8 file: what a phone runs (one face per invoke), and what the quantiser wants static.
-INT8_BATCH = 1
+# Batch of both files: what a phone runs (one face per invoke); static shapes let XNNPACK take every op.
+BATCH = 1
 
 
 def _tf():
@@ -35,7 +40,7 @@ def _tf():
   return tf, jax2tf
 
 
-def _converter(module, variables, image_size: int, *, batch: int | None, dtype):
+def _converter(module, variables, image_size: int, *, batch: int | None = BATCH, dtype):
   tf, jax2tf = _tf()
   # Variables are closed over: jax2tf embeds them as constants, which the converter folds into the graph.
   serve = export.serving_function(module, variables)
@@ -46,8 +51,8 @@ def _converter(module, variables, image_size: int, *, batch: int | None, dtype):
 
 
 def to_tflite_float32(module, variables, image_size: int) -> bytes:
-  """The float32 TFLite flatbuffer: uint8 ``[B, S, S, 3]`` in (dynamic B), float32 ``[B, K, 2]`` out."""
-  tf, converter = _converter(module, variables, image_size, batch=None, dtype=np.uint8)
+  """The float32 TFLite flatbuffer: uint8 ``[1, S, S, 3]`` in, float32 ``[1, K, 2]`` out."""
+  tf, converter = _converter(module, variables, image_size, dtype=np.uint8)
   converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
   return converter.convert()
 
@@ -60,7 +65,7 @@ def to_tflite_int8(module, variables, image_size: int, representative_crops: np.
   range. The range is pinned to exactly [0, 255] (one calibration crop has a 0 and a 255 pixel), which
   gives scale 1 and zero point 0: uint8 bytes in, as in the float file.
   """
-  tf, converter = _converter(module, variables, image_size, batch=INT8_BATCH, dtype=np.float32)
+  tf, converter = _converter(module, variables, image_size, dtype=np.float32)
   crops = np.asarray(representative_crops, dtype=np.float32).copy()
   crops[0, 0, 0, :] = 0.0
   crops[0, 0, 1, :] = 255.0
@@ -106,7 +111,7 @@ def export_tflite(module, variables, meta: dict, out_dir: str, *, quantize: bool
   error = float(np.abs(run_litert(float_path, check_images) - expected).max())
   report["tflite_float32"] = {"path": float_path, "size_mb": round(os.path.getsize(float_path) / 1e6, 3),
                               "max_abs_error_vs_jax": error, "runtime": "ai-edge-litert interpreter",
-                              "batch": "dynamic"}
+                              "batch": BATCH}
   if not error <= export.FP32_TOLERANCE:
     raise RuntimeError(f"{float_path}: LiteRT differs from JAX by {error:.3g} > {export.FP32_TOLERANCE} "
                        "(normalised units); the export is wrong, do not ship it")
@@ -119,7 +124,7 @@ def export_tflite(module, variables, meta: dict, out_dir: str, *, quantize: bool
     int8_error = np.abs(run_litert(int8_path, check_images) - expected)
     report["tflite_int8"] = {"path": int8_path, "size_mb": round(os.path.getsize(int8_path) / 1e6, 3),
                              "paper_table6_size_mb": export.PAPER_MODEL_SIZE_MB,
-                             "calibration_images": int(len(calibration_images)), "batch": INT8_BATCH,
+                             "calibration_images": int(len(calibration_images)), "batch": BATCH,
                              "max_abs_error_vs_jax": float(int8_error.max()),
                              "mean_px_error_vs_jax": float(
                                  np.linalg.norm(int8_error * image_size, axis=-1).mean())}

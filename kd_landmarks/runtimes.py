@@ -77,8 +77,8 @@ class OnnxRunner:
 class LiteRtRunner:
   """An exported ``.tflite`` file in ai-edge-litert's interpreter.
 
-  A file with a dynamic batch (the float32 export) runs a batch in one invoke; a file with a fixed batch
-  of 1 (the int8 export) runs face by face. The uint8 input of an int8 file is quantised with scale 1 and
+  A file with a dynamic batch runs a batch in one invoke; a file with a fixed batch of 1 (what
+  ``export --format tflite`` writes) runs face by face. The uint8 input of an int8 file is quantised with scale 1 and
   zero point 0, so the camera's bytes are fed as they are (checked here).
   """
 

@@ -33,9 +33,9 @@ def exported(tmp_path_factory):
   return module, variables, meta, report
 
 
-def test_float32_tflite_matches_the_model_with_a_dynamic_batch(exported):
+def test_float32_tflite_matches_the_model(exported):
   # Independent of the serving function: the module with its default (CPU) layer implementations on
-  # uint8 / 255, against LiteRT's interpreter on a batch other than any traced one.
+  # uint8 / 255, against LiteRT's interpreter (batch 1, five crops one by one through the runner).
   module, variables, meta, report = exported
   rng = np.random.default_rng(0)
   images = np.concatenate([export.fixture_crops(64, count=2), rng.integers(0, 256, (3, 64, 64, 3))]
@@ -44,6 +44,11 @@ def test_float32_tflite_matches_the_model_with_a_dynamic_batch(exported):
       images.astype(np.float32) / 255.0))
   got = export_tflite.run_litert(report["tflite_float32"]["path"], images)
   assert got.shape == (5, 68, 2)
+  # Batch 1 and fully static: every op is a builtin that XNNPACK takes (ReLU6 fused into the Conv).
+  interpreter = litert.Interpreter(model_path=report["tflite_float32"]["path"])
+  assert list(interpreter.get_input_details()[0]["shape_signature"]) == [1, 64, 64, 3]
+  ops = {op["op_name"] for op in interpreter._get_ops_details()}  # pylint: disable=protected-access
+  assert {"CONV_2D", "DEPTHWISE_CONV_2D"} <= ops and not {"MAXIMUM", "MINIMUM", "SHAPE", "GATHER"} & ops
   np.testing.assert_allclose(got, expected, atol=export.FP32_TOLERANCE, rtol=0)
   assert report["tflite_float32"]["max_abs_error_vs_jax"] <= export.FP32_TOLERANCE
 
@@ -90,5 +95,5 @@ def test_litert_predictor_equals_the_jax_predictor(exported):
   expected = Predictor.load(model_dir).predict(image, boxes=boxes)
   tolerance = export.FP32_TOLERANCE * 1.05 * 1.04 * 105  # 1e-4 of the largest crop, in photo pixels
   np.testing.assert_allclose(predictor.predict(image, boxes=boxes), expected, atol=tolerance, rtol=0)
-  # The int8 file (batch 1) runs face by face inside the same call.
+  # The int8 file runs face by face inside the same call too.
   assert Predictor.load(report["tflite_int8"]["path"]).predict(image, boxes=boxes).shape == (2, 68, 2)
