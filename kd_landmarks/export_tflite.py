@@ -107,7 +107,8 @@ def export_tflite(module, variables, meta: dict, out_dir: str, *, quantize: bool
   float_path = os.path.join(out_dir, f"{name}.tflite")
   with open(float_path, "wb") as f:
     f.write(to_tflite_float32(module, variables, image_size))
-  report = {"tflite_export_seconds": round(time.perf_counter() - start, 1)}
+  report = {"tflite_export_seconds": round(time.perf_counter() - start, 1),
+            "check_images": int(len(check_images))}
   error = float(np.abs(run_litert(float_path, check_images) - expected).max())
   report["tflite_float32"] = {"path": float_path, "size_mb": round(os.path.getsize(float_path) / 1e6, 3),
                               "max_abs_error_vs_jax": error, "runtime": "ai-edge-litert interpreter",
