@@ -89,6 +89,8 @@ def render(meta: dict, report: dict, *, metrics: dict | None, box_map=None, dete
     lines += ["From the run's `eval/metrics.json` (inter-ocular NME; FR and AUC at NME 0.1):", "",
               "| split | faces | NME % | FR % | AUC |", "|---|---|---|---|---|"]
     for split, values in sorted(metrics.items()):
+      if not isinstance(values, dict) or "nme" not in values:
+        continue  # not a split's metrics (e.g. how the checkpoint was selected)
       lines.append(f"| {split} | {values.get('count', '?')} | {100 * values['nme']:.2f} | "
                    f"{100 * values['fr']:.2f} | {values['auc']:.4f} |")
   else:

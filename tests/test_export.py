@@ -24,7 +24,8 @@ def exported(tmp_path_factory):
                                                            num_faces=3))
   os.makedirs(os.path.join(model_dir, "eval"))
   with open(os.path.join(model_dir, "eval", "metrics.json"), "w") as f:
-    json.dump({"test_full": {"nme": 0.0345, "fr": 0.00725, "auc": 0.51234, "count": 689}}, f)
+    json.dump({"test_full": {"nme": 0.0345, "fr": 0.00725, "auc": 0.51234, "count": 689},
+               "selection": {"checkpoint": "best", "split": "train_holdout"}}, f)
   assert export.main(["--checkpoint", model_dir, "--format", "onnx", "--quantize"]) == 0
   with open(os.path.join(model_dir, "export", "export.json")) as f:
     report = json.load(f)
