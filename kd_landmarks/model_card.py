@@ -42,6 +42,12 @@ def _lookup(config: dict, dotted: str):
   return value
 
 
+def _checkpoint_text(checkpoint) -> str:
+  if isinstance(checkpoint, (list, tuple)) and len(checkpoint) == 2:
+    return f"{checkpoint[0]}, step {checkpoint[1]}"  # (kind, step) from load_inference_variables
+  return "unknown" if checkpoint is None else str(checkpoint)
+
+
 def read_metrics(model_dir: str | None) -> dict | None:
   """The run's evaluation (``MODEL_DIR/eval/metrics.json``), or None when the model was never evaluated."""
   from kd_landmarks import evaluate
@@ -63,8 +69,8 @@ def render(meta: dict, report: dict, *, metrics: dict | None, box_map=None, dete
            "A facial landmark student trained with kd_landmarks, a JAX/Flax implementation of KD-Loss "
            "(Fard & Mahoor, *Facial Landmark Points Detection Using Knowledge Distillation-Based Neural "
            "Networks*, CVIU 2022). Written by `kd-landmarks-export` from the run's own files.", "",
-           f"Checkpoint: {meta.get('checkpoint')}; phase {meta.get('phase', 'unknown')}, loss "
-           f"{meta.get('loss', 'unknown')}.", "", "## Files", "",
+           f"Checkpoint: {_checkpoint_text(meta.get('checkpoint'))}; phase {meta.get('phase', 'unknown')}, "
+           f"loss {meta.get('loss', 'unknown')}.", "", "## Files", "",
            "| file | format | size MB | max abs error vs JAX (normalised) |", "|---|---|---|---|"]
   for key, label in (("float32", "ONNX float32"), ("int8", "ONNX int8 (static QDQ)"),
                      ("tflite_float32", "TFLite float32"), ("tflite_int8", "TFLite int8 (full integer)")):
@@ -74,7 +80,8 @@ def render(meta: dict, report: dict, *, metrics: dict | None, box_map=None, dete
                    f"{entry['max_abs_error_vs_jax']:.2e} |")
   lines += ["", "## Input contract", "",
             f"* Input `{report.get('input', {}).get('name', 'image')}`: RGB **uint8** `[B, {size}, {size}, 3]` "
-            "(NHWC), the camera's bytes; the division by 255 and the normalisation are inside the model.",
+            "(NHWC), the camera's bytes; the division by 255 and the normalisation are inside the model. "
+            "ONNX files take any batch B; TFLite files take B = 1 (one face per invoke).",
             f"* The crop: a face box (x0, y0, x1, y1) from the detector `{detector}` -> the landmark box "
             f"(cx, cy, side) by the box map -> that square scaled by {box_scale} -> resized to {size} px "
             "(`kd_landmarks.predict.crop_for_landmark_box`; what evaluation feeds the model).",

@@ -157,6 +157,7 @@ def test_model_card_states_the_run_s_values(exported):
   assert "| test_full | 689 | 3.45 | 0.73 | 0.5123 |" in card  # 0.0345 NME, 0.00725 FR (rounds to 0.73)
   assert "RGB **uint8** `[B, 64, 64, 3]`" in card and "float32 `[B, 68, 2]`" in card
   assert "(n + 0.5) * 64 - 0.5" in card and "scaled by 1.05" in card
+  assert "Checkpoint: best, step 1; phase student, loss kd." in card
   assert "offset (0.0000, 0.1250) x width, side 1.2500 x width; fitted on 300w/train" in card
   assert "research and non-commercial use only" in card  # 300W's terms
   assert "| student_loss | \"l2,kd\" |" in card and "| optimizer.learning_rate | 0.001 |" in card
