@@ -56,15 +56,18 @@ def test_jax_landmarks_equal_the_model_on_the_crop_by_hand(run):
   assert predictor.backend == "jax" and predictor.box_map.fitted
   got = predictor.predict(image, boxes=boxes)
   assert got.shape == (2, 68, 2)
-  for box, points in zip(boxes, got):
-    x0, y0, x1, y1 = box
+  cuts = []
+  for x0, y0, x1, y1 in boxes:
     w = x1 - x0
     landmark_box = ((x0 + x1) / 2 + 0.02 * w, (y0 + y1) / 2 + 0.1 * w, 1.1 * w)  # the fitted box map
-    crop, crop_to_image = predict.crop_for_landmark_box(image, landmark_box, image_size=64, box_scale=1.05)
-    normalized = np.asarray(module.apply(variables, crop[None], train=False))[0]
-    pixels = (normalized + 0.5) * 64 - 0.5
+    cuts.append(predict.crop_for_landmark_box(image, landmark_box, image_size=64, box_scale=1.05))
+  # One batch of both crops, as the predictor runs them (batch size changes float32 summation order).
+  normalized = np.asarray(module.apply(variables, np.stack([crop for crop, _ in cuts]), train=False))
+  for points, out, (_, crop_to_image) in zip(got, normalized, cuts):
+    pixels = (out + 0.5) * 64 - 0.5
     expected = pixels @ crop_to_image[:2, :2].T + crop_to_image[:2, 2]
-    np.testing.assert_allclose(points, expected, atol=1e-3)
+    # float32 rounding of jit against eager (this untrained model's points reach 500 px): 1e-5 relative.
+    np.testing.assert_allclose(points, expected, rtol=1e-5, atol=1e-3)
 
 
 def test_jax_and_onnx_backends_agree_in_photo_pixels(run):
