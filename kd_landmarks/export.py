@@ -28,6 +28,7 @@ also receives ``MODEL_CARD.md`` (:mod:`kd_landmarks.model_card`) and the model's
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -347,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--data_dir", help="calibrate int8 on the model's training split from here")
   parser.add_argument("--calibration_images", type=int, default=64)
   args = parser.parse_args(argv)
+  if args.format == "tflite" and importlib.util.find_spec("tensorflow") is None:
+    parser.error("--format tflite needs TensorFlow and ai-edge-litert: pip install 'kd_landmarks[tflite]'")
   from kd_landmarks import checkpoint
   from kd_landmarks import detect
   from kd_landmarks import model_card

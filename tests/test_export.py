@@ -175,3 +175,13 @@ def test_model_card_of_a_demo_run_says_synthetic_and_missing_evaluation():
   limits = card.split("## Limits")[1]
   assert "**Trained on synthetic faces** (the demo run)" in limits
   assert "No evaluation found" in card and "holds no training config" in card
+
+
+def test_tflite_without_tensorflow_says_what_to_install(capsys):
+  import importlib.util
+
+  if importlib.util.find_spec("tensorflow") is not None:
+    pytest.skip("TensorFlow is installed here: tests/test_tflite.py runs the export")
+  with pytest.raises(SystemExit):
+    export.main(["--checkpoint", "unused", "--format", "tflite"])
+  assert "pip install 'kd_landmarks[tflite]'" in capsys.readouterr().err
