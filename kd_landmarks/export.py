@@ -40,6 +40,9 @@ from typing import Sequence
 import numpy as np
 
 from kd_landmarks import coords
+# The ONNX Runtime session lives with the other runtimes (below export and predict); export.ort_session
+# stays its name here for the tests and benchmarks.
+from kd_landmarks.runtimes import ort_session  # noqa: F401
 
 # Max |ONNX - JAX| in normalised coordinates (1e-4 = 0.02 px of a 224 px crop).
 FP32_TOLERANCE = 1e-4
@@ -207,17 +210,6 @@ def relu6_as_clip(model) -> int:
   del graph.node[:]
   graph.node.extend(nodes)
   return rewritten
-
-
-def ort_session(path: str, *, threads: int = 1):
-  """An ONNX Runtime CPU session (``threads`` intra-op threads; errors only in the log)."""
-  import onnxruntime as ort
-
-  options = ort.SessionOptions()
-  options.intra_op_num_threads = threads
-  options.inter_op_num_threads = 1
-  options.log_severity_level = 3
-  return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(session, images_uint8) -> np.ndarray:

@@ -19,6 +19,17 @@ BACKENDS = ("jax", "onnx", "litert")
 EXPORT_JSON = "export.json"
 
 
+def ort_session(path: str, *, threads: int = 1):
+  """An ONNX Runtime CPU session (``threads`` intra-op threads; errors only in the log)."""
+  import onnxruntime as ort  # Optional: extra 'export'.
+
+  options = ort.SessionOptions()
+  options.intra_op_num_threads = threads
+  options.inter_op_num_threads = 1
+  options.log_severity_level = 3
+  return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
 class JaxRunner:
   """The student in JAX. Batches are padded to a power of two so that at most log2(B) shapes compile."""
 
@@ -57,10 +68,8 @@ class OnnxRunner:
   backend = "onnx"
 
   def __init__(self, path: str, *, threads: int = 1):
-    from kd_landmarks import export
-
     try:
-      self.session = export.ort_session(path, threads=threads)
+      self.session = ort_session(path, threads=threads)
     except ImportError as error:
       raise ImportError(f"{path}: the onnx backend needs onnxruntime: pip install 'kd_landmarks[export]'"
                         ) from error
