@@ -97,3 +97,14 @@ def test_litert_predictor_equals_the_jax_predictor(exported):
   np.testing.assert_allclose(predictor.predict(image, boxes=boxes), expected, atol=tolerance, rtol=0)
   # The int8 file runs face by face inside the same call too.
   assert Predictor.load(report["tflite_int8"]["path"]).predict(image, boxes=boxes).shape == (2, 68, 2)
+
+
+def test_int8_input_is_raw_bytes_even_when_calibration_crops_lack_the_extremes(exported, tmp_path):
+  # Calibration crops clipped to 40..210: without pinning the input range, the converter would quantise the
+  # input with scale 170/255 and a non-zero zero point, and raw camera bytes would be misread.
+  module, variables, meta, _ = exported
+  crops = np.clip(export.fixture_crops(64, count=4), 40, 210).astype(np.uint8)
+  path = tmp_path / "narrow.int8.tflite"
+  path.write_bytes(export_tflite.to_tflite_int8(module, variables, 64, crops))
+  (detail,) = litert.Interpreter(model_path=str(path)).get_input_details()
+  assert detail["quantization"] == (1.0, 0)
