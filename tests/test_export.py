@@ -20,7 +20,16 @@ def exported(tmp_path_factory):
   # Through the command line, from a model directory saved the way training saves it.
   from kd_landmarks import checkpoint
 
-  model_dir = predict_fixtures.write_model_dir(tmp_path_factory.mktemp("run") / "student_kd")
+  from kd_landmarks import detect
+
+  model_dir = predict_fixtures.write_model_dir(tmp_path_factory.mktemp("run") / "student_kd", config={
+      "student_loss": "l2,kd", "optimizer": {"learning_rate": 0.001}, "dataset": "300w"})
+  detect.save_box_map(model_dir, "dlib_hog", detect.BoxMap(0.0, 0.125, 1.25, source="fitted on 300w/train",
+                                                           num_faces=3))
+  os.makedirs(os.path.join(model_dir, "eval"))
+  with open(os.path.join(model_dir, "eval", "metrics.json"), "w") as f:
+    json.dump({"test_full": {"nme": 0.0345, "fr": 0.00725, "auc": 0.51234, "count": 689},
+               "selection": {"checkpoint": "best", "split": "train_holdout"}}, f)
   assert export.main(["--checkpoint", model_dir, "--format", "onnx", "--quantize"]) == 0
   with open(os.path.join(model_dir, "export", "export.json")) as f:
     report = json.load(f)
@@ -195,6 +204,40 @@ def test_int8_model_computes_the_same_on_an_avx2_cpu_without_vnni(exported, tmp_
   assert np.abs(avx2["int8_8bit"] - host["int8_8bit"]).max() > 1e-2
 
 
-def test_tflite_is_refused_with_the_reason():
+def test_model_card_states_the_run_s_values(exported):
+  # The fixture's model dir has a fitted box map and an evaluation (written before the export): the card
+  # carries their numbers, the input contract of this model, the dataset's terms and the limits.
+  _, _, meta, report = exported
+  out_dir = os.path.dirname(report["float32"]["path"])
+  card = open(os.path.join(out_dir, "MODEL_CARD.md")).read()
+  assert "| test_full | 689 | 3.45 | 0.73 | 0.5123 |" in card  # 0.0345 NME, 0.00725 FR (rounds to 0.73)
+  assert "RGB **uint8** `[B, 64, 64, 3]`" in card and "float32 `[B, 68, 2]`" in card
+  assert "(n + 0.5) * 64 - 0.5" in card and "scaled by 1.05" in card
+  assert "Checkpoint: best, step 1; phase student, loss kd." in card
+  assert "offset (0.0000, 0.1250) x width, side 1.2500 x width; fitted on 300w/train" in card
+  assert "research and non-commercial use only" in card  # 300W's terms
+  assert "| student_loss | \"l2,kd\" |" in card and "| optimizer.learning_rate | 0.001 |" in card
+  assert "frontal faces" in card and "synthetic" not in card.split("## Limits")[1]
+  assert f"| `student_kd.int8.onnx` | ONNX int8 (static QDQ) | {report['int8']['size_mb']:.3f} |" in card
+  # The box map travels with the files.
+  assert json.load(open(os.path.join(out_dir, "box_map.json")))["dlib_hog"]["side_scale"] == 1.25
+
+
+def test_model_card_of_a_demo_run_says_synthetic_and_missing_evaluation():
+  from kd_landmarks import model_card
+
+  meta = {"model": "mobilenet_v2_tiny", "dataset": "synthetic", "image_size": 24, "num_landmarks": 68}
+  card = model_card.render(meta, {}, metrics=None)
+  limits = card.split("## Limits")[1]
+  assert "**Trained on synthetic faces** (the demo run)" in limits
+  assert "No evaluation found" in card and "holds no training config" in card
+
+
+def test_tflite_without_tensorflow_says_what_to_install(capsys):
+  import importlib.util
+
+  if importlib.util.find_spec("tensorflow") is not None:
+    pytest.skip("TensorFlow is installed here: tests/test_tflite.py runs the export")
   with pytest.raises(SystemExit):
     export.main(["--checkpoint", "unused", "--format", "tflite"])
+  assert "pip install 'kd_landmarks[tflite]'" in capsys.readouterr().err
