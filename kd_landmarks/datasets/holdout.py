@@ -54,6 +54,8 @@ class SubsetSource:
     self.positions = np.asarray(positions, dtype=np.int64)
     self.name = name
     self.metadata = getattr(source, "metadata", {})
+    # Rows of the whole split: the range of the stored `index` (what a teacher cache must cover).
+    self.num_indexed = getattr(source, "num_indexed", len(source))
 
   def __len__(self) -> int:
     return int(self.positions.size)
