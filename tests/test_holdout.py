@@ -121,3 +121,24 @@ def test_student_seeds_have_their_own_directories_and_seeds():
     config.student_seeds = 0
   with pytest.raises(ValueError, match="config.student_seeds"):
     pipeline.student_seeds(config)
+
+
+def test_the_training_subset_joins_a_whole_split_teacher_cache_by_index():
+  """The cache has a row per example of the whole split; the subset's batches get the rows of their own
+  stored index (row i of the cache = example i), and never a held-out example's row."""
+  import train_fixtures as fx
+  source = fx.InMemorySource(12)
+  train_source, val_source = holdout.split_train_holdout(source, 0.25, seed=0)
+  assert (len(train_source), len(val_source), train_source.num_indexed) == (9, 3, 12)
+  cache = {"tough": np.arange(12, dtype=np.float32)[:, None, None] * np.ones((1, fx.NUM_LANDMARKS, 2), np.float32)}
+  cache["tolerant"] = -cache["tough"]
+  batches = input_pipeline.make_train_iterator(train_source, global_batch_size=3, seed=1, num_steps=6,
+                                               keys=("index",), teacher_cache=cache, prefetch_batches=1)
+  seen = set()
+  for _ in range(6):
+    batch = next(batches)
+    np.testing.assert_array_equal(batch["tough"][:, 0, 0], batch["index"])
+    np.testing.assert_array_equal(batch["tolerant"][:, 0, 0], -batch["index"])
+    seen |= set(batch["index"].tolist())
+  batches.close()
+  assert seen == set(train_source.positions.tolist()) and not seen & set(val_source.positions.tolist())
