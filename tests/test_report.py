@@ -230,6 +230,10 @@ def test_300w_tables_2_3_7_8(tmp_path):
   auc_full = row_of(table7, Metric="AUC", Split="Full")
   assert float(auc_full["mnv2_KD"]) == pytest.approx(0.7, abs=2e-3)
   assert auc_full["mnv2_KD (paper)"] == "0.7900"
+  assert "not AUC@0.1 of its own NME and FR" in text.split("### Table 7")[1].split("###")[0]
+  # Every other student loss is compared with L2 and KD with every other loss, on each split.
+  paired = [l for l in text.splitlines() if l.startswith("- `test_full`:")]
+  assert len(paired) == 4 + 3  # KD vs L2, Tou, Tol, L1; then Tou, Tol, L1 vs L2
 
   table8 = parse_table(text, "### Table 8")
   l1 = row_of(table8, Method="mnv2 (L1)")
