@@ -6,8 +6,9 @@ Renders the synthetic dataset into runs/demo/data on first use (no download), tr
 teachers, caches their predictions, trains the student (tiny MobileNetV2) with L2 and with KD-Loss, three
 seeds each against the same teachers, evaluates all eight models and writes runs/demo/report.md (mean ± std
 over seeds and the paired 95% interval of KD against L2). Checkpoints are chosen on 5% of the training faces
-held out from all training (config.val_holdout), never on the test split. Same code path as the paper configs; the sizes, step counts and the
-few settings below (each with the measurement that chose it) differ from the paper's.
+held out from all training (config.val_holdout), never on the test split. Same code path as the paper
+configs; the sizes, step counts and the few settings below (each with the measurement that chose it) differ
+from the paper's.
 """
 import ml_collections
 

@@ -126,7 +126,8 @@ def phase_image_size(config, phase: str) -> int:
 
 
 def model_meta(config, *, model_name, overrides, phase, loss=None, seed=None, seed_index=0) -> dict:
-  return dict(model=model_name, seed=seed, seed_index=int(seed_index), num_landmarks=info.get_info(config.dataset).num_landmarks,
+  return dict(model=model_name, seed=seed, seed_index=int(seed_index),
+              num_landmarks=info.get_info(config.dataset).num_landmarks,
               image_size=phase_image_size(config, phase), dataset=config.dataset, overrides=dict(overrides),
               dtype=config.dtype, phase=phase, loss=loss, loss_variant=config.loss_variant,
               teachers_online=bool(config.teachers_online), selection=selection(config),

@@ -98,8 +98,9 @@ def test_300w_real_photo_crop_matches_bilinear_resampling(built_300w):
 
 def test_soft_landmarks_match_an_independent_pca_of_the_train_split(built_300w):
   """Section 3.1 (Eqs. 1-3) recomputed with an SVD: fitted on train crop landmarks, the components explaining
-  90% of the variance kept (the default since builder 1.1.0), b clipped at 3 sqrt(lambda). Projection and clipping commute with the crop's
-  uniform scale and shift, so crop pixels give the same answer as the normalised frame."""
+  90% of the variance kept (the default since builder 1.1.0), b clipped at 3 sqrt(lambda). Projection and
+  clipping commute with the crop's uniform scale and shift, so crop pixels give the same answer as the
+  normalised frame."""
   data_dir, _, _ = built_300w
   train = _all(load_split("300w", "train", data_dir))
   shapes = np.stack([e["landmarks"] for e in train]).astype(np.float64).reshape(len(train), -1)

@@ -3,7 +3,8 @@
 Each example is a face crop cut from the ground-truth landmark box (paper Section 4.3) with a margin of
 :data:`STORED_CROP_SCALE`, its landmarks in crop pixels and in original-image pixels, the affine between the
 two (NME is reported in original-image pixels), and the ASM soft landmarks of Section 3.1 (Eqs. 1-3,
-``keep=0.9`` of the variance, since version 1.1.0) from a shape model fitted on the train split. The keys are those of docs/contracts.md.
+``keep=0.9`` of the variance, since version 1.1.0) from a shape model fitted on the train split. The keys
+are those of docs/contracts.md.
 
 The shape model is fitted in the *normalised stored-crop frame* (:func:`kd_landmarks.coords.to_normalized`
 of the crop-pixel landmarks). Because the crop is the landmark box scaled by a constant, this frame is each
