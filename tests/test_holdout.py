@@ -1,5 +1,7 @@
 """Checkpoint selection off the test splits: the held-out slice of the training split (datasets/holdout.py)
 and its wiring into the training phases (pipeline.train_and_val_sources, model.json, metrics.json)."""
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,8 @@ COUNTS_300W = {"afw": 3, "helen/trainset": 3, "lfpw/trainset": 2, "helen/testset
 
 def _config(dataset, data_dir, **overrides):
   import importlib.util
-  spec = importlib.util.spec_from_file_location("demo_config", "configs/demo.py")
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+  spec = importlib.util.spec_from_file_location("demo_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
