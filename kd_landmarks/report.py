@@ -898,8 +898,15 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
     figure_lines += [f"![CED {split}]({ced.relative_to(workdir).as_posix()})", ""]
     # The paper's qualitative figures compare mnv2_KD with mnv2; the teacher is added when present.
     label_to_method = {m.label: m.method for m in models}
-    featured = sorted(with_arrays, key=lambda pair: {"mnv2_kd": 0, "mnv2": 1, "efn": 2}.get(
-        label_to_method[pair[0]], 3))[:3]
+    ranked = sorted(with_arrays, key=lambda pair: {"mnv2_kd": 0, "mnv2": 1, "efn": 2}.get(
+        label_to_method[pair[0]], 3))
+    # One row per method (its first seed), so that several seeds of KD do not crowd out L2 and the teacher.
+    featured, shown = [], set()
+    for label, result in ranked:
+      if label_to_method[label] not in shown:
+        shown.add(label_to_method[label])
+        featured.append((label, result))
+    featured = featured[:3]
     qualitative = plot_qualitative(
         featured, figures_dir / f"qualitative_{split}.png", dataset=dataset,
         title=f"{dataset} {split}: best / median / worst by {featured[0][0]} NME "

@@ -612,7 +612,7 @@ def _set_seed(model_dir, seed_index):
   (model_dir / "model.json").write_text(json.dumps(meta))
 
 
-def test_seeds_give_mean_std_and_a_paired_interval_by_hand(tmp_path):
+def test_seeds_give_mean_std_and_a_paired_interval_by_hand(tmp_path, monkeypatch):
   """Three seeds: KD faces off by 2, 3, 4 % of the inter-ocular distance, L2 by 5, 6, 7 %. NME mean +- std
   (ddof 1): KD 3.00 +- 1.00, L2 6.00 +- 1.00; every paired difference is -3 points, so the interval is
   [-3, -3] and KD is lower. Seeds are labelled, not told apart by directory."""
@@ -636,6 +636,12 @@ def test_seeds_give_mean_std_and_a_paired_interval_by_hand(tmp_path):
   assert "95% CI [-3.00, -3.00]" in line and "3 seeds × 10 faces" in line and "**mnv2_KD lower**" in line
   models = parse_table(text, "## Models")
   assert row_of(models, Directory="student_kd_seed2")["Method"] == "mnv2_KD (seed 2)"
+  # The overlay compares KD with L2 (first seeds), not three seeds of KD.
+  drawn = []
+  monkeypatch.setattr(report, "plot_qualitative",
+                      lambda rows, path, **kwargs: drawn.append([label for label, _ in rows]) or path)
+  report.build_report(tmp_path)
+  assert drawn == [["mnv2_KD (seed 0)", "mnv2 (L2) (seed 0)"]]
   assert "Single-seed run" not in text
 
 
