@@ -652,8 +652,7 @@ def _paired_lines(tables: _Tables, splits) -> list[str]:
         continue
       nmes_a, nmes_b, seeds = paired
       result = stats.paired_comparison(nmes_a, nmes_b)
-      short = label_a.split(" ")[0]
-      verdict = {"lower": f"{short} lower", "higher": f"{short} higher",
+      verdict = {"lower": f"{label_a} lower", "higher": f"{label_a} higher",
                  "not distinguishable": "not distinguishable"}[result["verdict"]]
       scope = (f"{len(seeds)} seeds × {result['num_images']} faces" if len(seeds) > 1 else
                f"single seed × {result['num_images']} faces: the interval covers the test faces only, "

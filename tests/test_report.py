@@ -234,6 +234,8 @@ def test_300w_tables_2_3_7_8(tmp_path):
   # Every other student loss is compared with L2 and KD with every other loss, on each split.
   paired = [l for l in text.splitlines() if l.startswith("- `test_full`:")]
   assert len(paired) == 4 + 3  # KD vs L2, Tou, Tol, L1; then Tou, Tol, L1 vs L2
+  # L1 5.5% vs L2 6%, on every face: the verdict names the whole label.
+  assert any("mnv2 (L1) 5.50% vs mnv2 (L2) 6.00%" in l and "**mnv2 (L1) lower**" in l for l in paired)
 
   table8 = parse_table(text, "### Table 8")
   l1 = row_of(table8, Method="mnv2 (L1)")
