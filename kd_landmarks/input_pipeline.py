@@ -78,7 +78,9 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, start_step
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
-  join = _ExampleTransform(keys, teacher_cache, num_examples)
+  # The cache has a row per example of the whole split (joined on the stored `index`); a subset of the split
+  # (the training split without its held-out validation slice, datasets/holdout.py) says how large that is.
+  join = _ExampleTransform(keys, teacher_cache, getattr(source, "num_indexed", num_examples))
   order = _epoch_order(num_examples, seed)
 
   def load_batch(step: int) -> dict:

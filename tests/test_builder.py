@@ -103,9 +103,10 @@ def test_300w_real_photo_crop_matches_bilinear_resampling(built_300w):
 
 
 def test_soft_landmarks_match_an_independent_pca_of_the_train_split(built_300w):
-  """Section 3.1 (Eqs. 1-3) recomputed with an SVD: fitted on train crop landmarks, 90% of the 136
-  eigenvectors kept, b clipped at 3 sqrt(lambda). Projection and clipping commute with the crop's
-  uniform scale and shift, so crop pixels give the same answer as the normalised frame."""
+  """Section 3.1 (Eqs. 1-3) recomputed with an SVD: fitted on train crop landmarks, the components explaining
+  90% of the variance kept (the default since builder 1.1.0), b clipped at 3 sqrt(lambda). Projection and
+  clipping commute with the crop's uniform scale and shift, so crop pixels give the same answer as the
+  normalised frame."""
   data_dir, _, _ = built_300w
   train = _all(load_split("300w", "train", data_dir))
   shapes = np.stack([e["landmarks"] for e in train]).astype(np.float64).reshape(len(train), -1)
@@ -113,7 +114,9 @@ def test_soft_landmarks_match_an_independent_pca_of_the_train_split(built_300w):
   _, singular, basis_t = np.linalg.svd(shapes - mean, full_matrices=True)
   variances = np.zeros(136)
   variances[:len(singular)] = singular ** 2 / (len(train) - 1)
-  kept = int(0.9 * 136)  # 122
+  ratio = np.cumsum(variances) / variances.sum()
+  kept = int(np.argmax(ratio > 0.9)) + 1  # sklearn's PCA(n_components=0.9): first ratio strictly above 0.9
+  assert 1 <= kept < 7  # fewer than the 7 non-zero components of 8 shapes: the reading matters here
   basis = basis_t[:kept].T
   limit = 3 * np.sqrt(variances[:kept])
   for split in ("train", "test_full"):
@@ -134,7 +137,8 @@ def test_stored_shape_model_reproduces_the_soft_landmarks(built_300w):
   model = builder.load_shape_model("300w", data_dir)
   for example in _all(load_split("300w", "test_common", data_dir)):
     normalised = coords.to_normalized(example["landmarks"].astype(np.float64), builder.STORED_CROP_SIZE)
-    soft = coords.to_pixels(shapes.soft_landmarks(normalised, model, keep=0.9), builder.STORED_CROP_SIZE)
+    soft = coords.to_pixels(shapes.soft_landmarks(normalised, model, keep=0.9, keep_mode="variance"),
+                            builder.STORED_CROP_SIZE)
     np.testing.assert_allclose(example["soft_landmarks"], soft, atol=1e-3)
 
 
@@ -299,3 +303,16 @@ def test_custom_configs_are_checked():
   assert ours.builder_config.name == "synthetic" and ours.builder_config is builder.KdLandmarks.BUILDER_CONFIGS[3]
   assert ours.preparation_options()["synthetic"] == {**builder.SYNTHETIC_DEFAULTS, "num_test": 9}
   assert ours.preparation_options()["allow_partial"] is True
+
+
+def test_data_of_an_older_builder_version_is_refused_with_the_command(tmp_path, built_300w):
+  """Data prepared by builder 1.0.0 (soft landmarks from 90% of the eigenvectors) is never read silently."""
+  import shutil
+  data_dir = tmp_path / "old"
+  current = built_300w[0] / "kd_landmarks" / "300w" / str(builder.KdLandmarks.VERSION)
+  shutil.copytree(current, data_dir / "kd_landmarks" / "300w" / "1.0.0")
+  assert str(builder.KdLandmarks.VERSION) == "1.1.0" and "1.1.0" in builder.KdLandmarks.RELEASE_NOTES
+  with pytest.raises(FileNotFoundError, match=r"prepared by kd_landmarks builder version 1.0.0, not 1.1.0 .*"
+                     r"python -m kd_landmarks.datasets prepare --dataset 300w"):
+    load_split("300w", "train", data_dir)
+  assert load_split("300w", "train", built_300w[0]).metadata["soft_landmarks"]["keep_mode"] == "variance"
