@@ -172,7 +172,7 @@ def _forge(cache_dir, config, data_dir, *, dataset="synthetic", num_rows=6, inde
     ("other dataset", dict(dataset="cofw"), "dataset 'cofw' (the training split: 'synthetic')"),
     ("other split size", dict(num_rows=5), "num_examples 5 (the training split: 6)"),
     ("missing index", dict(index=[0, 1, 2, 3, 4, 4]), "missing [5], duplicates [4]"),
-    ("older dataset version", dict(dataset_version="0.9.0"), "dataset_version '0.9.0' (the training split: '1.0.0')"),
+    ("older dataset version", dict(dataset_version="0.9.0"), f"dataset_version '0.9.0' (the training split: '{builder.KdLandmarks.VERSION}')"),
     ("other preparation", dict(preparation={"stored_crop_size": 64}), "preparation option stored_crop_size 64"),
 ])
 def test_mismatched_cache_fails_before_training(tmp_path, data_dir, case, forge, fragment):
