@@ -44,11 +44,15 @@ def main(argv):
   from kd_landmarks import pipeline
   logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
+  from kd_landmarks import checkpoint
+  from kd_landmarks import train
   from kd_landmarks import workdir_lock
   try:
     pipeline.run(FLAGS.config, FLAGS.workdir, break_lock=FLAGS.break_lock)
-  except workdir_lock.WorkdirLockedError as error:
-    sys.exit(f"error: {error}")  # One line: the other run's pid, host and start time, and the way out.
+  except (workdir_lock.WorkdirLockedError, checkpoint.CheckpointError, train.DivergedError) as error:
+    # Their messages say it all (the other run's pid, host and start time; the unreadable files and what to
+    # delete; the step, the value and the last good checkpoint): one line, no traceback.
+    sys.exit(f"error: {error}")
 
 
 def parse_flags(argv):
