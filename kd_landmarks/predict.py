@@ -143,7 +143,9 @@ def read_photo(path: str) -> np.ndarray:
 
   try:
     with Image.open(path) as photo:
-      return np.asarray(ImageOps.exif_transpose(photo).convert("RGB"), dtype=np.uint8)
+      return image_io.to_rgb8(ImageOps.exif_transpose(photo), source=path)
+  except image_io.ImageReadError:
+    raise
   except FileNotFoundError:
     raise image_io.ImageReadError(f"{path}: image file not found") from None
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -196,12 +198,25 @@ def _output_stem(path: str, used: dict) -> str:
   return stem if count == 0 else f"{stem}_{count}"  # Two inputs named alike must not overwrite each other.
 
 
+def check_out_dir(out_dir: str, inputs: Sequence[str]) -> None:
+  """Raises ValueError when ``out_dir`` holds an input photo: the overlays (``<name>.png``), JSON files and
+  ``summary.json`` written there could overwrite it, and a later run on the folder would read them back."""
+  files, _ = expand_inputs(inputs)
+  out_real = os.path.realpath(out_dir)
+  for path in files:
+    if os.path.dirname(os.path.realpath(path)) == out_real:
+      raise ValueError(f"--out {out_dir} is the folder of the input {path}: predict writes <name>.png overlays "
+                       "and <name>.json there, which would overwrite photos; choose another --out")
+
+
 def predict_files(predictor: LandmarkPredictor, inputs: Sequence[str], out_dir: str, *,
                   progress: bool = True) -> dict:
   """Runs :class:`LandmarkPredictor` on files and folders; writes per-image JSON + PNG and
-  ``summary.json`` into ``out_dir``. Never raises for a bad image: it is reported in the summary."""
+  ``summary.json`` into ``out_dir``. Never raises for a bad image: it is reported in the summary.
+  Raises ValueError before any work when ``out_dir`` holds an input (:func:`check_out_dir`)."""
   from tqdm import tqdm
 
+  check_out_dir(out_dir, inputs)
   os.makedirs(out_dir, exist_ok=True)
   files, records = expand_inputs(inputs)
   box_map_note = {"detector": predictor.detector.name, **predictor.box_map.to_json(),
@@ -325,6 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--detector", default=detect.DEFAULT_DETECTOR, choices=sorted(detect.DETECTORS))
   args = parser.parse_args(argv)
   model_dir = resolve_model_dir(args.workdir, args.model, args.checkpoint)
+  try:
+    check_out_dir(args.out, args.inputs)  # Before loading the model: a refused --out costs nothing.
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
   predictor = load_predictor(model_dir, args.detector)
   if not predictor.box_map.fitted:
     print(f"note: no box map fitted for {args.detector} in {model_dir}; using the {predictor.box_map.source}."
@@ -337,6 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if record["status"] in ("error", "no_face"):
       # An error's reason already names the file.
       print(f"  {record['status']}: {record.get('reason', record['image'])}")
+  failed = counts["error"] + counts["skipped"]
+  if counts["ok"] + counts["no_face"] == 0:  # Nothing was processed: a script must see the failure.
+    print(f"error: all {failed} input(s) failed (none could be read as an image)", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -291,3 +291,38 @@ def _square(box):
 
 def _reject_constant(name):
   raise AssertionError(f"{name} is not valid JSON")
+
+
+# ------------------------------------------------------------------------ bad use (issue 17, item 5)
+
+
+def test_out_folder_holding_the_inputs_is_refused_and_nothing_is_written(model_dir, tmp_path, capsys):
+  # Probe: `predict --out <the input folder>` overwrote input images with overlays.
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  Image.fromarray(np.full((40, 30, 3), 7, np.uint8)).save(folder / "face.png")
+  before = (folder / "face.png").read_bytes()
+  assert predict.main(["--checkpoint", model_dir, str(folder), "--out", str(folder)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == (f"error: --out {folder} is the folder of the input {folder}/face.png: predict writes <name>.png "
+                 "overlays and <name>.json there, which would overwrite photos; choose another --out")
+  assert sorted(os.listdir(folder)) == ["face.png"] and (folder / "face.png").read_bytes() == before
+  # The library call refuses too, through another spelling of the same folder.
+  with pytest.raises(ValueError, match="is the folder of the input"):
+    predict.predict_files(None, [str(folder / "face.png")], str(folder / "." / ".." / "photos"))
+
+
+def test_exit_status_is_non_zero_only_when_every_input_failed(model_dir, tmp_path, capsys):
+  pytest.importorskip("dlib")
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+  (folder / "notes.txt").write_text("not an image")
+  assert predict.main(["--checkpoint", model_dir, str(folder), str(tmp_path / "missing.jpg"),
+                       "--out", str(tmp_path / "out")]) == 1
+  captured = capsys.readouterr()
+  assert captured.out.startswith("0 image(s) with faces, 0 without a face, 2 unreadable, 1 skipped")
+  assert captured.err.strip().splitlines()[-1] == "error: all 3 input(s) failed (none could be read as an image)"
+  # One readable photo (faceless) among the failures: exit 0.
+  Image.fromarray(np.full((120, 90, 3), 128, np.uint8)).save(folder / "blank.png")
+  assert predict.main(["--checkpoint", model_dir, str(folder), "--out", str(tmp_path / "out2")]) == 0

@@ -101,6 +101,10 @@ def check_manual_dir(manual_dir, dataset: str) -> pathlib.Path:
   manual_dir = pathlib.Path(manual_dir)
   if not manual_dir.is_dir():
     raise _missing(manual_dir, dataset)
+  if not any(manual_dir.iterdir()):  # tfds would stop with a bare AssertionError.
+    raise DatasetFormatError(
+        f"{dataset}: --manual_dir {manual_dir} is empty; extract the official {dataset} archives into it "
+        "(where to get them and the layout: `python -m kd_landmarks.datasets layout`)")
   return manual_dir
 
 
