@@ -39,6 +39,30 @@ def test_optimizer_first_step_is_adam():
   np.testing.assert_allclose(updates["w"], -0.1 * np.sign(grads["w"]), rtol=1e-3)
 
 
+def test_optimizer_second_step_reads_b1_b2_eps_and_decay_from_the_config():
+  # The first step is blind to b1/b2 (it is -lr * sign(g)); the second is not. Adam by hand (Kingma & Ba,
+  # Algorithm 1) with non-default b1, b2, eps and the time-based decay at step 1.
+  lr, b1, b2, eps, decay = 0.1, 0.5, 0.75, 1e-3, 0.5
+  config = _config(learning_rate=lr, b1=b1, b2=b2, eps=eps, decay=decay)
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  g1, g2 = np.array([0.5, -4.0, 0.25]), np.array([-1.0, 2.0, 0.5])
+  state = tx.init(params)
+  _, state = tx.update({"w": jnp.asarray(g1)}, state, params)
+  updates, _ = tx.update({"w": jnp.asarray(g2)}, state, params)
+  m1, v1 = (1 - b1) * g1, (1 - b2) * g1 ** 2
+  m2, v2 = b1 * m1 + (1 - b1) * g2, b2 * v1 + (1 - b2) * g2 ** 2
+  m_hat, v_hat = m2 / (1 - b1 ** 2), v2 / (1 - b2 ** 2)
+  expected = -(lr / (1 + decay * 1)) * m_hat / (np.sqrt(v_hat) + eps)
+  np.testing.assert_allclose(updates["w"], expected, rtol=1e-5)
+  # The paper's b1, b2 give another step: the config's values reach optax.
+  default = _config(learning_rate=lr, eps=eps, decay=decay)
+  tx_default = train.create_optimizer(default, train.create_learning_rate_fn(default))
+  _, state = tx_default.update({"w": jnp.asarray(g1)}, tx_default.init(params), params)
+  other, _ = tx_default.update({"w": jnp.asarray(g2)}, state, params)
+  assert np.abs(np.asarray(other["w"]) - expected).max() > 1e-3
+
+
 def test_train_batches_from_a_resume_step_join_the_teacher_cache_by_index():
   source = fx.InMemorySource(12)
   table = np.arange(12, dtype=np.float32)[:, None, None] * np.ones((1, fx.NUM_LANDMARKS, 2), np.float32)
