@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from kd_landmarks.models import native
+
 MODEL_JSON = "model.json"
 STATE_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -232,6 +234,7 @@ def load_inference_variables(model_dir: str):
   return module, variables, meta
 
 
+@native.no_build()  # Tracing the model for its shapes must not compile the training-only kernels.
 def _check_variables_match(module, variables, meta, model_dir: str) -> None:
   """Raises ValueError naming model.json's field when the checkpoint holds another network's parameters
   (instead of flax's ScopeParamShapeError deep inside the first forward pass). Shapes only: eval_shape."""

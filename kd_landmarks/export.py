@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from kd_landmarks import coords
+from kd_landmarks.models import native
 
 # Max |ONNX - JAX| in normalised coordinates (1e-4 = 0.02 px of a 224 px crop).
 FP32_TOLERANCE = 1e-4
@@ -286,6 +287,7 @@ def dataset_crops(dataset: str, split: str, data_dir: str, image_size: int, *, c
   return np.stack(crops)
 
 
+@native.no_build()  # Inference: the native CPU kernels only serve training; never compile them here.
 def export_onnx(module, variables, meta: dict, out_dir: str, *, quantize: bool = False,
                 check_images: np.ndarray | None = None, calibration_images: np.ndarray | None = None,
                 name: str = "student") -> dict:

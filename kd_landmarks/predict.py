@@ -29,6 +29,7 @@ import numpy as np
 from kd_landmarks import coords
 from kd_landmarks import detect
 from kd_landmarks.datasets import images as image_io
+from kd_landmarks.models import native
 
 DEFAULT_MODEL = "student_kd"
 # Photos with a longer side are shrunk for detection only (landmarks use the full-resolution photo).
@@ -97,6 +98,7 @@ class LandmarkPredictor:
     # Variables are an argument, not closed-over constants, so XLA does not fold megabytes into the program.
     self._apply = jax.jit(lambda variables, images: module.apply(variables, images, train=False))
 
+  @native.no_build()  # Inference: the native CPU kernels only serve training; never compile them here.
   def landmarks_for_box(self, image: np.ndarray, landmark_box) -> np.ndarray:
     """Runs the student on the crop around a landmark box (cx, cy, side); returns ``[K, 2]`` image pixels."""
     crop, crop_to_image = crop_for_landmark_box(image, landmark_box, image_size=self.image_size,
