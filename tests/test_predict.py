@@ -263,7 +263,16 @@ def test_cli_on_a_folder_reports_bad_and_faceless_files(model_dir, tmp_path):
   assert status["broken.jpg"]["status"] == "error" and "cannot decode" in status["broken.jpg"]["reason"]
   assert status["blank.png"]["status"] == "no_face"
   assert json.loads((out / "blank.json").read_text())["faces"] == []
-  assert (out / "blank.png").exists() and (out / "takeo.png").exists()
+  # The overlays: the faceless photo unchanged (nothing to draw), the face's with its green landmarks.
+  np.testing.assert_array_equal(np.asarray(Image.open(out / "blank.png").convert("RGB")),
+                                np.full((120, 90, 3), 128, np.uint8))
+  overlay = np.asarray(Image.open(out / "takeo.png").convert("RGB"))
+  landmarks = np.asarray(json.loads((out / "takeo.json").read_text())["faces"][0]["landmarks"])
+  points = np.round(landmarks).astype(int)
+  inside = points[(points[:, 0] >= 0) & (points[:, 0] < 150) & (points[:, 1] >= 0) & (points[:, 1] < 225)]
+  assert len(inside) >= 5
+  for x, y in inside:
+    np.testing.assert_array_equal(overlay[y, x], [0, 255, 0])
 
 
 def test_cli_uses_a_fitted_box_map(model_dir, tmp_path):
