@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from kd_landmarks import models
 from kd_landmarks.models import native
 
 MODEL_JSON = "model.json"
@@ -223,8 +224,6 @@ def load_inference_variables(model_dir: str):
   ``variables`` = {'params', 'batch_stats'} from the best checkpoint by validation NME, else from the
   newest train-state checkpoint. ``meta`` is model.json plus ``checkpoint`` = (kind, step).
   """
-  from kd_landmarks import models  # Imported here: checkpoint I/O itself needs no model code.
-
   meta = read_model_json(model_dir)
   module = models.create_model(meta["model"], num_landmarks=int(meta["num_landmarks"]),
                                dtype=_dtype(meta["dtype"]), **dict(meta["overrides"]))

@@ -17,6 +17,7 @@ import logging
 import os
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from kd_landmarks import augment
@@ -110,7 +111,6 @@ def _prepare_synthetic(config, data_dir):
     options = {k: int(v) for k, v in config.synthetic.to_dict().items() if v}
     builder.prepare("synthetic", data_dir=data_dir, synthetic_options=options)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("synthetic dataset prepared")
 
 

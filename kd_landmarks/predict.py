@@ -24,11 +24,20 @@ import os
 import sys
 from typing import Any, Sequence
 
+import jax
 import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageOps
+from tqdm import tqdm
 
+from kd_landmarks import augment
+from kd_landmarks import checkpoint
 from kd_landmarks import coords
+from kd_landmarks import datasets
 from kd_landmarks import detect
 from kd_landmarks.datasets import images as image_io
+from kd_landmarks.datasets import info
 from kd_landmarks.models import native
 
 DEFAULT_MODEL = "student_kd"
@@ -39,7 +48,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".t
 
 def eval_box_scale() -> float:
   """The evaluation crop's margin around the landmark box (contract: ``augment.EVAL_BOX_SCALE``)."""
-  from kd_landmarks import augment  # Imported here: augment pulls in jax, which the detectors do not need.
   return float(augment.EVAL_BOX_SCALE)
 
 
@@ -84,8 +92,6 @@ class LandmarkPredictor:
 
   def __init__(self, module, variables, meta: dict, *, detector: detect.FaceDetector,
                box_map: detect.BoxMap, box_scale: float | None = None):
-    import jax
-
     self.module = module
     self.variables = variables
     self.meta = dict(meta)
@@ -116,8 +122,6 @@ class LandmarkPredictor:
     shrink = max(height, width) / MAX_DETECT_SIDE
     if shrink <= 1.0:
       return self.detector.detect(image)
-    from PIL import Image
-
     small_size = (max(1, round(width / shrink)), max(1, round(height / shrink)))
     small = np.asarray(Image.fromarray(image).resize(small_size, Image.Resampling.BILINEAR,
                                                      reducing_gap=2.0))
@@ -141,8 +145,6 @@ class LandmarkPredictor:
 def read_photo(path: str) -> np.ndarray:
   """Reads a photo as uint8 RGB, upright: the EXIF orientation that phones write is applied, so that
   detection sees an upright face and the landmarks are in the frame every viewer shows."""
-  from PIL import Image, ImageOps
-
   try:
     with Image.open(path) as photo:
       return image_io.to_rgb8(ImageOps.exif_transpose(photo), source=path)
@@ -156,8 +158,6 @@ def read_photo(path: str) -> np.ndarray:
 
 def draw_overlay(image: np.ndarray, faces: Sequence[FaceLandmarks]):
   """The photo with each detector box (red), crop box (blue) and landmarks (green); a PIL image."""
-  from PIL import Image, ImageDraw
-
   overlay = Image.fromarray(image)
   draw = ImageDraw.Draw(overlay)
   radius = max(1.0, min(image.shape[:2]) / 200.0)
@@ -216,8 +216,6 @@ def predict_files(predictor: LandmarkPredictor, inputs: Sequence[str], out_dir: 
   """Runs :class:`LandmarkPredictor` on files and folders; writes per-image JSON + PNG and
   ``summary.json`` into ``out_dir``. Never raises for a bad image: it is reported in the summary.
   Raises ValueError before any work when ``out_dir`` holds an input (:func:`check_out_dir`)."""
-  from tqdm import tqdm
-
   check_out_dir(out_dir, inputs)
   os.makedirs(out_dir, exist_ok=True)
   files, records = expand_inputs(inputs)
@@ -268,16 +266,12 @@ def resolve_model_dir(workdir: str | None, model: str, checkpoint: str | None) -
 
 def load_predictor(model_dir: str, detector_name: str = detect.DEFAULT_DETECTOR) -> LandmarkPredictor:
   """Loads a trained student from its model directory with the detector and its box map."""
-  from kd_landmarks import checkpoint
-
   module, variables, meta = checkpoint.load_inference_variables(model_dir)
   return LandmarkPredictor(module, variables, meta, detector=detect.get_detector(detector_name),
                            box_map=detect.load_box_map(model_dir, detector_name))
 
 
 def _training_examples(dataset: str, split: str, data_dir: str | None, max_images: int | None):
-  from kd_landmarks import datasets
-
   source = datasets.load_split(dataset, split, data_dir)
   count = len(source) if max_images is None else min(len(source), max_images)
   # Evenly spaced, so that a capped fit still sees the whole split rather than its first shard.
@@ -291,9 +285,6 @@ def fit_box_map_for_model(model_dir: str, *, detector_name: str = detect.DEFAULT
                           progress: bool = True) -> tuple[detect.BoxMap, dict]:
   """Learns the detector-box -> landmark-box map on the model's training split (the stored crops:
   image + ground-truth landmarks in crop pixels) and stores it in ``model_dir/box_map.json``."""
-  from kd_landmarks import checkpoint
-  from kd_landmarks.datasets import info
-
   meta = checkpoint.read_model_json(model_dir)
   dataset = dataset or meta["dataset"]
   split = split or info.get_info(dataset).train_split

@@ -20,7 +20,9 @@ import optax
 from flax.training import train_state as flax_train_state
 from jax import lax
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
+from kd_landmarks import augment
 from kd_landmarks import checkpoint
 from kd_landmarks import input_pipeline
 from kd_landmarks import parallel
@@ -117,7 +119,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   if cached_teachers:
     landmark_sets["tough"] = batch["tough"]
     landmark_sets["tolerant"] = batch["tolerant"]
-  augment_fn = spec.augment_fn or _default_augment_fn()
+  augment_fn = spec.augment_fn or augment.augment
   images, targets, _ = augment_fn(augment_rng, batch["image"], landmark_sets, reference="landmarks",
                                   out_size=spec.image_size, flip_permutation=spec.flip_permutation,
                                   config=spec.augment_config)
@@ -157,11 +159,6 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 def batch_keys(spec: StepSpec) -> tuple:
   """The example fields ``train_step`` reads (the teacher cache adds 'tough'/'tolerant' itself)."""
   return ("image", "landmarks", "soft_landmarks") if spec.target == "soft_landmarks" else ("image", "landmarks")
-
-
-def _default_augment_fn():
-  from kd_landmarks import augment  # Late import: tests may run the step with their own augmentation.
-  return augment.augment
 
 
 def compile_train_step(spec: StepSpec, mesh, *, with_teachers: bool = False):
@@ -254,7 +251,6 @@ def fit(setup: FitSetup) -> dict:
   pending = []  # Device metrics not yet checked for NaN (fetched in bulk to keep the device busy).
   last_saved = start_step if restored is not None else None
   first_loss = None  # The run's own early loss (first check window of this process): the blow-up yardstick.
-  from tqdm import tqdm
   progress = tqdm(total=setup.num_train_steps, initial=start_step, disable=not is_chief,
                   desc=os.path.basename(os.path.normpath(setup.model_dir)), unit="step", dynamic_ncols=True)
   started = time.time()
@@ -363,5 +359,5 @@ def _check_val_nme(val_nme: float, step: int, model_dir, last_saved) -> None:
 
 
 def _summary_writer(model_dir):
-  from tensorboardX import SummaryWriter
+  from tensorboardX import SummaryWriter  # Optional dependency (TensorBoard logs), only on the chief.
   return SummaryWriter(os.path.join(model_dir, "events"))

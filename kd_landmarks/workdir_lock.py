@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Callable
 
+from jax.experimental import multihost_utils
+
 LOCK_FILE = ".kd_landmarks.lock"
 
 
@@ -132,7 +134,6 @@ def acquire(workdir: str, *, break_lock: bool = False, process_index: int = 0, p
     lock, message = _acquire_local(workdir, break_lock)
   if process_count > 1:
     if broadcast is None:
-      from jax.experimental import multihost_utils  # Multi-host only; a single process never needs it.
       broadcast = lambda value: int(multihost_utils.broadcast_one_to_all(value))
     got = int(broadcast(1 if lock is not None else 0))
     if not got:

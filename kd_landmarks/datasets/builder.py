@@ -34,6 +34,7 @@ from kd_landmarks import shapes
 from kd_landmarks.datasets import images as images_lib
 from kd_landmarks.datasets import info as info_lib
 from kd_landmarks.datasets import readers
+from kd_landmarks.datasets import synthetic
 
 STORED_CROP_SCALE = images_lib.STORED_CROP_SCALE
 STORED_CROP_SIZE = images_lib.STORED_CROP_SIZE
@@ -155,7 +156,6 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
             for split in splits}
 
   def _read_synthetic(self, split: str) -> list[readers.RawExample]:
-    from kd_landmarks.datasets import synthetic  # pylint: disable=g-import-not-at-top
     options = self._synthetic_options
     num_examples = int(options[f"num_{split}"])
     if num_examples < 1:
