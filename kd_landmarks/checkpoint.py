@@ -14,6 +14,7 @@ Frozen teachers never enter a student's checkpoints: the student's train state h
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -162,10 +163,48 @@ def best_manager(model_dir: str, *, create: bool = True) -> ocp.CheckpointManage
   return ocp.CheckpointManager(os.path.abspath(os.path.join(model_dir, BEST_DIR)), options=options)
 
 
+# Beside each saved train state: a SHA-256 of its arrays. Orbax stores raw float data without a checksum,
+# so a flipped bit in a checkpoint file restores silently as a wrong value (measured: 2.7e14 instead of ~1).
+CHECKSUM_FILE = "kd_landmarks_checksum.json"
+
+
+def tree_checksum(tree) -> str:
+  """SHA-256 over every leaf's path, shape and bytes (host arrays). Integers are hashed as int64: orbax
+  restores the step counter in the target's integer width, which may differ from the one saved."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.asarray(leaf)
+    if np.issubdtype(array.dtype, np.integer):
+      array = array.astype(np.int64)
+    array = np.ascontiguousarray(array)
+    digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
 def save_state(manager: ocp.CheckpointManager, step: int, state_tree: Mapping[str, Any]) -> None:
-  """Saves a train-state pytree (a dict) at ``step`` and waits for it to be on disk."""
+  """Saves a train-state pytree (a dict) at ``step``, waits for it to be on disk, and writes the
+  checksum :func:`restore_state` verifies."""
   manager.save(int(step), args=ocp.args.StandardSave(dict(state_tree)), force=True)
   manager.wait_until_finished()
+  if jax.process_index() == 0:
+    path = os.path.join(str(manager.directory), str(int(step)), CHECKSUM_FILE)
+    with open(path + ".tmp", "w") as f:
+      json.dump({"sha256": tree_checksum(dict(state_tree))}, f)
+    os.replace(path + ".tmp", path)
+
+
+def _verify_checksum(step_dir: str, restored) -> None:
+  """Raises ValueError when the restored arrays differ from what was saved (steps saved before the
+  checksum existed are not checked)."""
+  path = os.path.join(step_dir, CHECKSUM_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    expected = json.load(f).get("sha256")
+  if tree_checksum(dict(restored)) != expected:
+    raise ValueError(f"checksum mismatch: the arrays read back differ from those saved ({path}); a file of "
+                     "this step was changed or damaged after it was written")
 
 
 def restore_state(manager: ocp.CheckpointManager, target: Mapping[str, Any], step: int | None = None):
@@ -184,6 +223,7 @@ def restore_state(manager: ocp.CheckpointManager, target: Mapping[str, Any], ste
     step_dir = os.path.join(directory, str(candidate))
     try:
       restored = manager.restore(candidate, args=ocp.args.StandardRestore(dict(target)))
+      _verify_checksum(step_dir, restored)
     except Exception as error:  # pylint: disable=broad-except  (orbax/tensorstore raise ValueError,
       # JSONDecodeError, OSError or their own types for a damaged step; each is reported, none swallowed)
       reason = _one_line(error) + _bad_metadata(step_dir)

@@ -281,3 +281,24 @@ def test_num_landmarks_disagreeing_with_the_checkpoint_names_the_field(tmp_path,
   checkpoint.write_model_json(model_dir, _meta())
   _, variables, _ = checkpoint.load_inference_variables(model_dir)  # Consistent again: loads.
   assert variables["params"]["Dense_0"]["kernel"].shape == (3, 6)
+
+
+def test_bit_flipped_newest_checkpoint_is_caught_by_its_checksum(tmp_path, caplog):
+  # Probe: a bit-flipped file; orbax restores raw float data without a checksum (2.7e14 instead of ~1).
+  import train_fixtures as fx
+  from kd_landmarks import train
+  from test_train import _host_tree
+  model_dir = str(tmp_path / "m")
+  train.fit(fx.fit_setup(model_dir, num_train_steps=6, checkpoint_every=2, stop_after_steps=4))
+  # A train state saved by fit passes its own checksum: the newest step restores without a warning.
+  intact = checkpoint.restore_state(checkpoint.state_manager(model_dir), _host_tree())
+  assert int(intact["step"]) == 4 and not [r for r in caplog.records if "cannot be read" in r.getMessage()]
+  step_two = checkpoint.restore_state(checkpoint.state_manager(model_dir), _host_tree(), step=2)
+  path = _largest_file(os.path.join(model_dir, "checkpoints", "4", "default"))
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x40
+  open(path, "wb").write(data)
+  restored = checkpoint.restore_state(checkpoint.state_manager(model_dir), _host_tree())
+  assert int(restored["step"]) == 2
+  jax.tree.map(np.testing.assert_array_equal, restored["params"], step_two["params"])
+  assert any("checksum mismatch" in r.getMessage() and "checkpoints/4" in r.getMessage() for r in caplog.records)
