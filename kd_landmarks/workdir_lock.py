@@ -25,6 +25,7 @@ import time
 from typing import Callable
 
 from jax.experimental import multihost_utils
+import numpy as np
 
 LOCK_FILE = ".kd_landmarks.lock"
 
@@ -121,24 +122,34 @@ def _acquire_local(workdir: str, break_lock: bool) -> tuple[WorkdirLock | None, 
   return None, f"could not take the lock {path} (it keeps reappearing); another run is starting there"
 
 
+_MESSAGE_BYTES = 2048  # The broadcast carries process 0's error text (UTF-8, zero-padded).
+
+
+def _encode(message: str) -> np.ndarray:
+  data = message.encode("utf-8")[:_MESSAGE_BYTES]
+  return np.frombuffer(data.ljust(_MESSAGE_BYTES, b"\0"), dtype=np.uint8).copy()
+
+
+def _decode(payload) -> str:
+  return bytes(np.asarray(payload, dtype=np.uint8)).rstrip(b"\0").decode("utf-8", errors="replace")
+
+
 def acquire(workdir: str, *, break_lock: bool = False, process_index: int = 0, process_count: int = 1,
-            broadcast: Callable[[int], int] | None = None) -> WorkdirLock:
+            broadcast: Callable[[np.ndarray], np.ndarray] | None = None) -> WorkdirLock:
   """Takes the workdir's lock for this run, or raises :class:`WorkdirLockedError` naming the holder.
 
   With several processes, only ``process_index`` 0 touches the file; ``broadcast`` (default:
-  ``jax.experimental.multihost_utils.broadcast_one_to_all``) sends its outcome to the others, which get
-  a lock object that holds nothing and the same error when process 0 failed.
+  ``multihost_utils.broadcast_one_to_all``) sends its outcome, the error text or nothing, to the others:
+  they get a lock object that holds nothing, or the same error as process 0.
   """
   lock, message = (None, "")
   if process_index == 0:
     lock, message = _acquire_local(workdir, break_lock)
   if process_count > 1:
-    if broadcast is None:
-      broadcast = lambda value: int(multihost_utils.broadcast_one_to_all(value))
-    got = int(broadcast(1 if lock is not None else 0))
-    if not got:
-      raise WorkdirLockedError(message or f"{workdir} is in use by another run (process 0 could not take "
-                               f"{os.path.join(workdir, LOCK_FILE)}; see its log)")
+    broadcast = broadcast or multihost_utils.broadcast_one_to_all
+    message = _decode(broadcast(_encode(message if lock is None else "")))
+    if message:
+      raise WorkdirLockedError(message)
     return lock if lock is not None else WorkdirLock(None, None)
   if lock is None:
     raise WorkdirLockedError(message)

@@ -80,3 +80,28 @@ def test_evaluation_with_two_processes_gives_the_metrics_of_one(tmp_path):
     else:
       np.testing.assert_allclose(p0[name], one[name], rtol=1e-5, atol=1e-6)
   assert 0 < float(one["metric_nme"]) < 10
+
+
+@pytest.mark.slow
+def test_two_processes_share_process_zeros_workdir_lock(tmp_path):
+  import json
+  coordinator = f"127.0.0.1:{_free_port()}"
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  workers = [subprocess.Popen(
+      [sys.executable, WORKER, "lock", str(tmp_path / f"p{i}.json"), str(workdir), "--process_id", str(i),
+       "--num_processes", "2", "--coordinator", coordinator],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
+  for worker in workers:
+    try:
+      output = worker.communicate(timeout=600)[0]
+    finally:
+      worker.kill()
+    assert worker.returncode == 0, output[-3000:]
+  p0, p1 = (json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2))
+  # One lock file for the run, held by process 0; process 1 proceeded on its word.
+  assert p0["first_holds_file"] and not p1["first_holds_file"] and p0["file_exists"] and p1["file_exists"]
+  # A foreign run holds the workdir: both processes stop, process 1 with process 0's message.
+  assert p0["second"].startswith(f"{workdir} is in use by pid 4242 on node-17")
+  assert p1["second"] == p0["second"]

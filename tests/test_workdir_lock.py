@@ -79,23 +79,26 @@ def test_release_never_removes_another_runs_lock(tmp_path):
 def test_multi_host_processes_share_process_zeros_lock(tmp_path):
   sent = []
 
-  def broadcast_from_zero(value):
-    sent.append(value)
-    return value
+  def broadcast_from_zero(payload):
+    sent.append(workdir_lock._decode(payload))  # pylint: disable=protected-access
+    return payload
 
   chief = workdir_lock.acquire(str(tmp_path), process_index=0, process_count=2, broadcast=broadcast_from_zero)
-  assert sent == [1] and chief.path is not None
+  assert sent == [""] and chief.path is not None  # Success travels as an empty message.
   # Process 1 never touches the file (it exists, held by process 0) and proceeds on process 0's word.
-  other = workdir_lock.acquire(str(tmp_path), process_index=1, process_count=2, broadcast=lambda value: 1)
+  other = workdir_lock.acquire(str(tmp_path), process_index=1, process_count=2,
+                               broadcast=lambda payload: workdir_lock._encode(""))  # pylint: disable=protected-access
   assert other.path is None
   other.release()
   assert os.path.exists(tmp_path / workdir_lock.LOCK_FILE)  # Only process 0 releases it.
-  # Process 0 could not take it: every process stops.
-  with pytest.raises(workdir_lock.WorkdirLockedError, match="process 0 could not take"):
-    workdir_lock.acquire(str(tmp_path), process_index=1, process_count=2, broadcast=lambda value: 0)
-  with pytest.raises(workdir_lock.WorkdirLockedError, match=rf"pid {os.getpid()}"):
+  # Process 0 could not take it: it raises, and sends its message, which process 1 raises as its own.
+  with pytest.raises(workdir_lock.WorkdirLockedError, match=rf"pid {os.getpid()}") as chief_error:
     workdir_lock.acquire(str(tmp_path), process_index=0, process_count=2, broadcast=broadcast_from_zero)
-  assert sent == [1, 0]
+  assert sent[-1] == str(chief_error.value)
+  with pytest.raises(workdir_lock.WorkdirLockedError) as other_error:
+    workdir_lock.acquire(str(tmp_path), process_index=1, process_count=2,
+                         broadcast=lambda payload: workdir_lock._encode(sent[-1]))  # pylint: disable=protected-access
+  assert str(other_error.value) == str(chief_error.value)
   chief.release()
 
 
