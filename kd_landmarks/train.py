@@ -48,11 +48,14 @@ class NonFiniteLossError(DivergedError):
 #   coordinates, the crop is [0, 1]^2 and augmented landmarks stay within about [-0.5, 1.5], so a point ten
 #   crop sides away is no face (an lr of 1e3 gives thousands at the first step);
 # * a check window's mean loss above LOSS_BLOWUP_FACTOR times the first window's of this process (the
-#   run's own early value: training lowers the loss, it never rises a hundredfold);
+#   run's own early value: training lowers the loss, it never rises a hundredfold) and above LOSS_FLOOR
+#   (every loss here is about 1 for predictions a whole crop side off; the floor keeps a resumed run whose
+#   first window happened to be tiny from stopping on noise);
 # * a validation NME (inter-ocular) above VAL_NME_BOUND: a model whose points all sit at one corner of the
 #   crop scores about 2; ten eye distances is a model that predicts nothing near the face.
 PREDICTION_BOUND = 10.0
 LOSS_BLOWUP_FACTOR = 100.0
+LOSS_FLOOR = 1.0
 VAL_NME_BOUND = 10.0
 _DIVERGED_ADVICE = ("Lower --config.optimizer.learning_rate, check the data (landmarks inside the crop?) or "
                     "use platform=cpu (float32) to rule out bfloat16 overflow.")
@@ -338,10 +341,11 @@ def _check_finite(pending, model_dir, last_saved, first_loss=None) -> dict:
           f"bound {PREDICTION_BOUND}), loss {float(metrics['loss']):.4g}; training stopped and "
           f"{_kept(model_dir, last_saved)}. {_DIVERGED_ADVICE}")
   window_loss = float(np.mean([m["loss"] for _, m in host]))
-  if first_loss is not None and window_loss > LOSS_BLOWUP_FACTOR * max(first_loss, 1e-12):
+  if first_loss is not None and window_loss > max(LOSS_BLOWUP_FACTOR * first_loss, LOSS_FLOOR):
     raise DivergedError(
         f"{model_dir}: training diverged at step {host[-1][0] + 1}: mean loss {window_loss:.4g} is over "
-        f"{LOSS_BLOWUP_FACTOR:g} times this run's first logged loss {first_loss:.4g}; training stopped and "
+        f"{LOSS_BLOWUP_FACTOR:g} times this run's first logged loss {first_loss:.4g} (and over {LOSS_FLOOR:g}); "
+        "training stopped and "
         f"{_kept(model_dir, last_saved)}. {_DIVERGED_ADVICE}")
   last = host[-1][1]
   return {"loss": window_loss, "grad_norm": float(last["grad_norm"]),
