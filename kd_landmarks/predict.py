@@ -338,7 +338,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
-  predictor = load_predictor(model_dir, args.detector)
+  try:
+    predictor = load_predictor(model_dir, args.detector)
+  except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as error:
+    # A missing or corrupt model.json, a num_landmarks the checkpoint disagrees with, an unreadable
+    # checkpoint: the message names the file and the fix.
+    print(f"error: {error}", file=sys.stderr)
+    return 2
   if not predictor.box_map.fitted:
     print(f"note: no box map fitted for {args.detector} in {model_dir}; using the {predictor.box_map.source}."
           " Run `python -m kd_landmarks.predict fit-box-map` for accurate crops.", file=sys.stderr)

@@ -335,3 +335,16 @@ def test_exit_status_is_non_zero_only_when_every_input_failed(model_dir, tmp_pat
   # One readable photo (faceless) among the failures: exit 0.
   Image.fromarray(np.full((120, 90, 3), 128, np.uint8)).save(folder / "blank.png")
   assert predict.main(["--checkpoint", model_dir, str(folder), "--out", str(tmp_path / "out2")]) == 0
+
+
+def test_cli_on_a_corrupt_model_json_is_one_line(model_dir, tmp_path, capsys):
+  # Probe: a corrupt model.json gave a JSONDecodeError naming no file.
+  local_dir = tmp_path / "model"
+  shutil.copytree(model_dir, local_dir)
+  (local_dir / "model.json").write_text('{"model": "mobilenet')
+  photo = tmp_path / "photo.png"
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(photo)
+  assert predict.main(["--checkpoint", str(local_dir), str(photo), "--out", str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and err.startswith(f"error: {local_dir}/model.json is not valid JSON (")
+  assert not (tmp_path / "out").exists()
