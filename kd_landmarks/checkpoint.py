@@ -51,6 +51,10 @@ class CheckpointError(RuntimeError):
   """No saved step of a model directory can be read; the message says which files and what to delete."""
 
 
+class ModelJsonError(ValueError):
+  """model.json is not valid JSON, or describes another network than the checkpoint holds."""
+
+
 def _one_line(error: BaseException) -> str:
   """An orbax / tensorstore error in one line (their messages run to dozens of lines)."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -107,11 +111,11 @@ def _load_model_json(path: str) -> dict:
     with open(path) as f:
       meta = json.load(f)
   except ValueError as error:
-    raise ValueError(
+    raise ModelJsonError(
         f"{path} is not valid JSON ({error}): delete it and re-run this model's training phase, which "
         "rewrites it from the config, or restore it from a copy") from None
   if not isinstance(meta, dict):
-    raise ValueError(f"{path} holds a {type(meta).__name__}, not a JSON object: delete it and re-run this "
+    raise ModelJsonError(f"{path} holds a {type(meta).__name__}, not a JSON object: delete it and re-run this "
                      "model's training phase, which rewrites it from the config")
   return meta
 
@@ -293,10 +297,10 @@ def _check_variables_match(module, variables, meta, model_dir: str) -> None:
     name = "/".join(map(str, key))
     if want and got and len(want) == len(got) and want[:-1] == got[:-1] and want[-1] == 2 * num_landmarks \
         and got[-1] % 2 == 0:
-      raise ValueError(
+      raise ModelJsonError(
           f"{path} says num_landmarks={num_landmarks} but the checkpoint's output layer ({name}, shape "
           f"{got}) predicts {got[-1] // 2} landmarks: set \"num_landmarks\": {got[-1] // 2} in {path}")
-    raise ValueError(
+    raise ModelJsonError(
         f"{path} does not describe the network in the checkpoint: {name} has shape {got} in the checkpoint "
         f"but {want} for model.json's model={meta['model']!r}, overrides={meta['overrides']}; restore "
         f"model.json from a copy or retrain {model_dir}")

@@ -52,7 +52,8 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
   try:
     pipeline.run(FLAGS.config, FLAGS.workdir, break_lock=FLAGS.break_lock)
-  except (workdir_lock.WorkdirLockedError, checkpoint.CheckpointError, train.DivergedError) as error:
+  except (workdir_lock.WorkdirLockedError, checkpoint.CheckpointError, checkpoint.ModelJsonError,
+          train.DivergedError) as error:
     # Their messages say it all (the other run's pid, host and start time; the unreadable files and what to
     # delete; the step, the value and the last good checkpoint): one line, no traceback.
     sys.exit(f"error: {error}")

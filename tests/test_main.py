@@ -150,3 +150,19 @@ def test_all_phases_end_to_end_on_a_tiny_synthetic_set(tmp_path):
   again = _main("--config", "configs/demo.py", "--workdir", str(workdir), *overrides, timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
   assert os.path.getmtime(workdir / "student_kd" / "eval" / "metrics.json") == before
+
+
+def test_corrupt_model_json_of_a_resumed_model_is_one_line(tmp_path):
+  # Probe: a corrupt model.json gave a JSONDecodeError naming no file (here through main, on resume).
+  from kd_landmarks import checkpoint
+  import numpy as np
+  model_dir = tmp_path / "teacher_tough"
+  model_dir.mkdir()
+  (model_dir / "model.json").write_text('{"model": ')
+  checkpoint.save_state(checkpoint.state_manager(str(model_dir)), 1, {"w": np.zeros(2, np.float32)})
+  result = _main("--config", "configs/demo.py:phase=teacher_tough", "--workdir", str(tmp_path),
+                 "--config.synthetic.num_train=8", "--config.synthetic.num_test=4",
+                 "--config.synthetic.image_size=32", "--config.image_size=32")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f"error: {model_dir}/model.json is not valid JSON (")
