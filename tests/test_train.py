@@ -1,4 +1,5 @@
 """Tests of kd_landmarks.train: learning rate, the train step, its batches, fit (resume, NaN)."""
+import json
 import os
 
 import jax
@@ -163,7 +164,7 @@ def test_fit_trains_saves_and_reports_best(tmp_path):
   setup = fx.fit_setup(model_dir, num_train_steps=4, checkpoint_every=2, validate=True)
   variables = train.fit(setup)
   assert checkpoint.state_manager(model_dir).all_steps() == [2, 4]
-  assert os.path.exists(os.path.join(model_dir, checkpoint.DONE_FILE))
+  assert json.load(open(os.path.join(model_dir, checkpoint.DONE_FILE)))["step"] == 4
   assert checkpoint.read_model_json(model_dir)["phase"] == "teacher_tough"
   assert checkpoint.best_manager(model_dir).best_step() == 4
   # TensorBoard: the train loss, the divergence metric and the validation NME series (tags stored verbatim).
