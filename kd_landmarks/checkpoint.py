@@ -191,10 +191,16 @@ def save_state(manager: ocp.CheckpointManager, step: int, state_tree: Mapping[st
   checksum :func:`restore_state` verifies."""
   manager.save(int(step), args=ocp.args.StandardSave(dict(state_tree)), force=True)
   manager.wait_until_finished()
-  if jax.process_index() == 0:
-    path = os.path.join(str(manager.directory), str(int(step)), CHECKSUM_FILE)
+  _write_checksum(manager, step, state_tree)
+
+
+def _write_checksum(manager: ocp.CheckpointManager, step: int, tree) -> None:
+  step_dir = os.path.join(str(manager.directory), str(int(step)))
+  # A best/ step that lost to a better one is gone already (max_to_keep=1).
+  if jax.process_index() == 0 and os.path.isdir(step_dir):
+    path = os.path.join(step_dir, CHECKSUM_FILE)
     with open(path + ".tmp", "w") as f:
-      json.dump({"sha256": tree_checksum(dict(state_tree))}, f)
+      json.dump({"sha256": tree_checksum(dict(tree))}, f)
     os.replace(path + ".tmp", path)
 
 
@@ -259,6 +265,8 @@ def save_best(manager: ocp.CheckpointManager, step: int, variables: Mapping[str,
   saved = manager.save(int(step), args=ocp.args.StandardSave(dict(variables)),
                        metrics={"val_nme": float(val_nme)}, force=True)
   manager.wait_until_finished()
+  if saved:
+    _write_checksum(manager, step, variables)
   return bool(saved)
 
 
@@ -332,7 +340,10 @@ def _restore_variables(model_dir: str):
 def _restore_for_inference(manager, step: int, directory: str):
   step_dir = os.path.join(directory, str(step))
   try:
-    return manager.restore(step, args=ocp.args.StandardRestore())
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    if os.path.basename(directory) == BEST_DIR:  # Plain dicts, as saved: the checksum's paths match.
+      _verify_checksum(step_dir, restored)
+    return restored
   except Exception as error:  # pylint: disable=broad-except  (see restore_state)
     raise CheckpointError(
         f"checkpoint {step_dir} cannot be read ({_one_line(error)}{_bad_metadata(step_dir)}); delete "

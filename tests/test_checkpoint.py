@@ -302,3 +302,22 @@ def test_bit_flipped_newest_checkpoint_is_caught_by_its_checksum(tmp_path, caplo
   assert int(restored["step"]) == 2
   jax.tree.map(np.testing.assert_array_equal, restored["params"], step_two["params"])
   assert any("checksum mismatch" in r.getMessage() and "checkpoints/4" in r.getMessage() for r in caplog.records)
+
+
+def test_bit_flipped_best_checkpoint_is_refused_for_inference(tmp_path, patched_models):
+  model_dir = str(tmp_path)
+  checkpoint.write_model_json(model_dir, _meta())
+  variables = _variables(0)
+  checkpoint.save_best(checkpoint.best_manager(model_dir), 3, variables, 0.1)
+  _, loaded, _ = checkpoint.load_inference_variables(model_dir)  # Intact: its own checksum passes.
+  jax.tree.map(np.testing.assert_array_equal, loaded["params"], dict(variables["params"]))
+  # Its array files replaced by another model's of the same shapes (valid files, other values): as a
+  # flipped bit in raw float data, orbax reads them back without complaint.
+  other_dir = tmp_path / "other"
+  checkpoint.save_best(checkpoint.best_manager(str(other_dir)), 3, _variables(1), 0.1)
+  import shutil
+  shutil.rmtree(tmp_path / "best" / "3" / "default")
+  shutil.copytree(other_dir / "best" / "3" / "default", tmp_path / "best" / "3" / "default")
+  with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint {tmp_path}/best/3 cannot be read "
+                     r"\(ValueError: checksum mismatch"):
+    checkpoint.load_inference_variables(model_dir)
