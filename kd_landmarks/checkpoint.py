@@ -14,14 +14,21 @@ Frozen teachers never enter a student's checkpoints: the student's train state h
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import time
 from typing import Any, Mapping
 
+from flax import traverse_util
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from kd_landmarks import models
+from kd_landmarks.models import native
 
 MODEL_JSON = "model.json"
 STATE_DIR = "checkpoints"
@@ -36,6 +43,37 @@ REQUIRED_MODEL_KEYS = ("model", "num_landmarks", "image_size", "dataset", "overr
 # float32, and moving a run to platform=cpu is the advice for a bfloat16 overflow. Steps, learning rate,
 # logging and the rest of 'config' may change across a resume.
 RESUME_KEYS = ("model", "overrides", "num_landmarks", "image_size", "dataset")
+# Where restore_state moves a train-state step it cannot read, so that training can save that step again.
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+class CheckpointError(RuntimeError):
+  """No saved step of a model directory can be read; the message says which files and what to delete."""
+
+
+class ModelJsonError(ValueError):
+  """model.json is not valid JSON, or describes another network than the checkpoint holds."""
+
+
+def _one_line(error: BaseException) -> str:
+  """An orbax / tensorstore error in one line (their messages run to dozens of lines)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  text = lines[0] if lines else ""
+  return f"{type(error).__name__}: {text[:300]}"
+
+
+def _bad_metadata(step_dir: str) -> str:
+  """Names an empty or non-JSON orbax metadata file in ``step_dir`` (orbax's JSONDecodeError names none)."""
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      if "METADATA" in name:
+        path = os.path.join(root, name)
+        try:
+          with open(path) as f:
+            json.load(f)
+        except (OSError, ValueError):
+          return f" ({path} is empty or not JSON)"
+  return ""
 
 
 def write_model_json(model_dir: str, meta: Mapping[str, Any]) -> str:
@@ -60,11 +98,25 @@ def read_model_json(model_dir: str) -> dict:
         f"{path} does not exist: {model_dir} is not a trained model directory. Train one with "
         "`python -m kd_landmarks.main --config configs/<dataset>.py --workdir DIR` and pass e.g. "
         "DIR/student_kd.")
-  with open(path) as f:
-    meta = json.load(f)
+  meta = _load_model_json(path)
   missing = [key for key in REQUIRED_MODEL_KEYS if key not in meta]
   if missing:
     raise ValueError(f"{path} lacks the keys {missing}; retrain or add them by hand")
+  return meta
+
+
+def _load_model_json(path: str) -> dict:
+  """json.load with an error naming the file and the fix (a bare JSONDecodeError names no file)."""
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except ValueError as error:
+    raise ModelJsonError(
+        f"{path} is not valid JSON ({error}): delete it and re-run this model's training phase, which "
+        "rewrites it from the config, or restore it from a copy") from None
+  if not isinstance(meta, dict):
+    raise ModelJsonError(f"{path} holds a {type(meta).__name__}, not a JSON object: delete it and re-run this "
+                     "model's training phase, which rewrites it from the config")
   return meta
 
 
@@ -77,8 +129,7 @@ def check_resumable(model_dir: str, meta: Mapping[str, Any]) -> None:
   path = os.path.join(model_dir, MODEL_JSON)
   if not os.path.exists(path) or not has_checkpoint(model_dir):
     return
-  with open(path) as f:
-    stored = json.load(f)
+  stored = _load_model_json(path)
   # Through JSON, as model.json was written, so that a tuple in the overrides equals its stored list.
   configured = json.loads(json.dumps(_jsonable(dict(meta))))
   absent = "(absent)"
@@ -116,18 +167,94 @@ def best_manager(model_dir: str, *, create: bool = True) -> ocp.CheckpointManage
   return ocp.CheckpointManager(os.path.abspath(os.path.join(model_dir, BEST_DIR)), options=options)
 
 
+# Beside each saved train state: a SHA-256 of its arrays. Orbax stores raw float data without a checksum,
+# so a flipped bit in a checkpoint file restores silently as a wrong value (measured: 2.7e14 instead of ~1).
+CHECKSUM_FILE = "kd_landmarks_checksum.json"
+
+
+def tree_checksum(tree) -> str:
+  """SHA-256 over every leaf's path, shape and bytes (host arrays). Integers are hashed as int64: orbax
+  restores the step counter in the target's integer width, which may differ from the one saved."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.asarray(leaf)
+    if np.issubdtype(array.dtype, np.integer):
+      array = array.astype(np.int64)
+    array = np.ascontiguousarray(array)
+    digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
 def save_state(manager: ocp.CheckpointManager, step: int, state_tree: Mapping[str, Any]) -> None:
-  """Saves a train-state pytree (a dict) at ``step`` and waits for it to be on disk."""
+  """Saves a train-state pytree (a dict) at ``step``, waits for it to be on disk, and writes the
+  checksum :func:`restore_state` verifies."""
   manager.save(int(step), args=ocp.args.StandardSave(dict(state_tree)), force=True)
   manager.wait_until_finished()
+  _write_checksum(manager, step, state_tree)
+
+
+def _write_checksum(manager: ocp.CheckpointManager, step: int, tree) -> None:
+  step_dir = os.path.join(str(manager.directory), str(int(step)))
+  # A best/ step that lost to a better one is gone already (max_to_keep=1).
+  if jax.process_index() == 0 and os.path.isdir(step_dir):
+    path = os.path.join(step_dir, CHECKSUM_FILE)
+    with open(path + ".tmp", "w") as f:
+      json.dump({"sha256": tree_checksum(dict(tree))}, f)
+    os.replace(path + ".tmp", path)
+
+
+def _verify_checksum(step_dir: str, restored) -> None:
+  """Raises ValueError when the restored arrays differ from what was saved (steps saved before the
+  checksum existed are not checked)."""
+  path = os.path.join(step_dir, CHECKSUM_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    expected = json.load(f).get("sha256")
+  if tree_checksum(dict(restored)) != expected:
+    raise ValueError(f"checksum mismatch: the arrays read back differ from those saved ({path}); a file of "
+                     "this step was changed or damaged after it was written")
 
 
 def restore_state(manager: ocp.CheckpointManager, target: Mapping[str, Any], step: int | None = None):
-  """Restores the newest (or ``step``) train state into the structure of ``target``; None if none saved."""
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    return None
-  return manager.restore(step, args=ocp.args.StandardRestore(dict(target)))
+  """Restores the newest (or ``step``) train state into the structure of ``target``; None if none saved.
+
+  Without ``step``: a newest step that cannot be read (truncated or corrupt file, empty ``_METADATA``) is
+  reported in one line (its path and orbax's reason), moved to ``UNREADABLE_DIR`` beside the checkpoints so
+  that training can save that step again, and the next older step is tried. When none can be read,
+  raises :class:`CheckpointError` naming each and the directory to delete.
+  """
+  if step is not None:
+    return manager.restore(step, args=ocp.args.StandardRestore(dict(target)))
+  directory = str(manager.directory)
+  failures = []
+  for candidate in sorted(manager.all_steps(), reverse=True):
+    step_dir = os.path.join(directory, str(candidate))
+    try:
+      restored = manager.restore(candidate, args=ocp.args.StandardRestore(dict(target)))
+      _verify_checksum(step_dir, restored)
+    except Exception as error:  # pylint: disable=broad-except  (orbax/tensorstore raise ValueError,
+      # JSONDecodeError, OSError or their own types for a damaged step; each is reported, none swallowed)
+      reason = _one_line(error) + _bad_metadata(step_dir)
+      logging.warning("checkpoint %s cannot be read (%s); trying the next older one", step_dir, reason)
+      failures.append((step_dir, reason))
+      continue
+    if failures:
+      aside = os.path.join(os.path.dirname(directory), UNREADABLE_DIR)
+      os.makedirs(aside, exist_ok=True)
+      for bad_dir, _ in failures:
+        os.replace(bad_dir, os.path.join(aside, f"{os.path.basename(bad_dir)}-{int(time.time())}"))
+      manager.reload()
+      logging.warning("resuming from step %d of %s; the unreadable newer step(s) were moved to %s",
+                      candidate, directory, aside)
+    return restored
+  if failures:
+    raise CheckpointError(
+        f"no checkpoint in {directory} can be read: "
+        + "; ".join(f"{path}: {reason}" for path, reason in failures)
+        + f". Delete {directory} to train this model from the start (or restore those files).")
+  return None
 
 
 def save_best(manager: ocp.CheckpointManager, step: int, variables: Mapping[str, Any],
@@ -138,6 +265,8 @@ def save_best(manager: ocp.CheckpointManager, step: int, variables: Mapping[str,
   saved = manager.save(int(step), args=ocp.args.StandardSave(dict(variables)),
                        metrics={"val_nme": float(val_nme)}, force=True)
   manager.wait_until_finished()
+  if saved:
+    _write_checksum(manager, step, variables)
   return bool(saved)
 
 
@@ -147,14 +276,42 @@ def load_inference_variables(model_dir: str):
   ``variables`` = {'params', 'batch_stats'} from the best checkpoint by validation NME, else from the
   newest train-state checkpoint. ``meta`` is model.json plus ``checkpoint`` = (kind, step).
   """
-  from kd_landmarks import models  # Imported here: checkpoint I/O itself needs no model code.
-
   meta = read_model_json(model_dir)
   module = models.create_model(meta["model"], num_landmarks=int(meta["num_landmarks"]),
                                dtype=_dtype(meta["dtype"]), **dict(meta["overrides"]))
   variables, source = _restore_variables(model_dir)
+  _check_variables_match(module, variables, meta, model_dir)
   meta = dict(meta, checkpoint=source)
   return module, variables, meta
+
+
+@native.no_build()  # Tracing the model for its shapes must not compile the training-only kernels.
+def _check_variables_match(module, variables, meta, model_dir: str) -> None:
+  """Raises ValueError naming model.json's field when the checkpoint holds another network's parameters
+  (instead of flax's ScopeParamShapeError deep inside the first forward pass). Shapes only: eval_shape."""
+  size = int(meta["image_size"])
+  rng = jax.random.PRNGKey(0)
+  expected = jax.eval_shape(lambda: module.init({"params": rng, "dropout": rng},
+                                                jnp.zeros((1, size, size, 3), jnp.float32), train=False))
+  expected = {k: v for k, v in traverse_util.flatten_dict(dict(expected)).items() if k[0] in variables}
+  stored = traverse_util.flatten_dict(dict(variables))
+  path = os.path.join(model_dir, MODEL_JSON)
+  num_landmarks = int(meta["num_landmarks"])
+  for key in sorted(set(expected) | set(stored)):
+    want = tuple(expected[key].shape) if key in expected else None
+    got = tuple(np.shape(stored[key])) if key in stored else None
+    if want == got:
+      continue
+    name = "/".join(map(str, key))
+    if want and got and len(want) == len(got) and want[:-1] == got[:-1] and want[-1] == 2 * num_landmarks \
+        and got[-1] % 2 == 0:
+      raise ModelJsonError(
+          f"{path} says num_landmarks={num_landmarks} but the checkpoint's output layer ({name}, shape "
+          f"{got}) predicts {got[-1] // 2} landmarks: set \"num_landmarks\": {got[-1] // 2} in {path}")
+    raise ModelJsonError(
+        f"{path} does not describe the network in the checkpoint: {name} has shape {got} in the checkpoint "
+        f"but {want} for model.json's model={meta['model']!r}, overrides={meta['overrides']}; restore "
+        f"model.json from a copy or retrain {model_dir}")
 
 
 def _restore_variables(model_dir: str):
@@ -166,18 +323,31 @@ def _restore_variables(model_dir: str):
     if step is None:
       step = manager.latest_step()
     if step is not None:
-      restored = manager.restore(step, args=ocp.args.StandardRestore())
+      restored = _restore_for_inference(manager, step, best_dir)
       return _variables_only(restored), ("best", int(step))
   state_dir = os.path.join(model_dir, STATE_DIR)
   if os.path.isdir(state_dir):
     manager = state_manager(model_dir, create=False)
     step = manager.latest_step()
     if step is not None:
-      restored = manager.restore(step, args=ocp.args.StandardRestore())
+      restored = _restore_for_inference(manager, step, state_dir)
       return _variables_only(restored), ("latest", int(step))
   raise FileNotFoundError(
       f"no checkpoint in {best_dir} or {state_dir}: the model in {model_dir} was never saved. Train it "
       "(phase teacher_tough / teacher_tolerant / student) before predicting or exporting.")
+
+
+def _restore_for_inference(manager, step: int, directory: str):
+  step_dir = os.path.join(directory, str(step))
+  try:
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    if os.path.basename(directory) == BEST_DIR:  # Plain dicts, as saved: the checksum's paths match.
+      _verify_checksum(step_dir, restored)
+    return restored
+  except Exception as error:  # pylint: disable=broad-except  (see restore_state)
+    raise CheckpointError(
+        f"checkpoint {step_dir} cannot be read ({_one_line(error)}{_bad_metadata(step_dir)}); delete "
+        f"{step_dir} to use the model's other checkpoint, or retrain it") from None
 
 
 def _variables_only(restored: Mapping[str, Any]) -> dict:
@@ -189,7 +359,6 @@ def _variables_only(restored: Mapping[str, Any]) -> dict:
 
 
 def _dtype(name: str):
-  import jax.numpy as jnp
   try:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
   except KeyError:

@@ -8,7 +8,11 @@ config files import it the same way wherever they are run from.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from kd_landmarks import augment
 
 PHASES = ("teacher_tough", "teacher_tolerant", "cache_teachers", "student", "eval", "report", "all")
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -105,8 +109,6 @@ def base_config() -> ml_collections.ConfigDict:
 def default_augment_config() -> ml_collections.ConfigDict:
   """Section 4.3: box expansion up to 10%, rotation +-45 deg, flips (p=0.5), brightness/contrast/colour,
   Gaussian noise. The fields and defaults are those of ``kd_landmarks.augment.AugmentConfig`` (one home)."""
-  import dataclasses
-  from kd_landmarks import augment
   return ml_collections.ConfigDict(dataclasses.asdict(augment.AugmentConfig()))
 
 

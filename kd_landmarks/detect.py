@@ -28,6 +28,7 @@ import time
 from typing import Protocol, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from kd_landmarks import coords
 
@@ -94,7 +95,7 @@ class DlibCnnDetector:
   name = "dlib_cnn"
 
   def __init__(self, upsample: int = 0):
-    import dlib
+    import dlib  # Optional dependency (the dlib detectors), as above.
     self._detector = dlib.cnn_face_detection_model_v1(dlib_model_path("mmod_human_face_detector.dat"))
     self.upsample = int(upsample)
 
@@ -256,7 +257,6 @@ def fit_box_map(detector: FaceDetector, examples, *, source: str, min_iou: float
   e.g. the stored training crops of :func:`kd_landmarks.datasets.load_split`. Returns the map and
   counts (images seen, faces matched, missed) so that a caller can report how much data the fit saw.
   """
-  from tqdm import tqdm
 
   det_boxes, landmark_boxes = [], []
   seen = missed = 0

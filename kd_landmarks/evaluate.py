@@ -19,11 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
+from kd_landmarks import augment
 from kd_landmarks import checkpoint
 from kd_landmarks import coords
+from kd_landmarks import input_pipeline
+from kd_landmarks import metrics
 from kd_landmarks import parallel
+from kd_landmarks.datasets import info
 from kd_landmarks.datasets.info import INTER_PUPIL_DATASETS, WFLW_ATTRIBUTE_SPLITS
+from kd_landmarks.models import native
 from kd_landmarks.metrics import FAILURE_THRESHOLD
 
 EVAL_DIR = "eval"
@@ -35,7 +41,6 @@ SELECTION_KEY = "selection"
 def predict_crop_pixels(module, variables, images_uint8, landmarks_crop, *, image_size: int):
   """Predictions in stored-crop pixels for a batch, using the deterministic eval crop around the
   ground-truth box (as the paper evaluates)."""
-  from kd_landmarks import augment
   images, _, out_to_input = augment.preprocess_eval(
       images_uint8, {"landmarks": landmarks_crop}, reference="landmarks", out_size=image_size)
   prediction = module.apply(variables, images, train=False).astype(jnp.float32)
@@ -61,12 +66,11 @@ _GATHERED_DTYPES = {"mask": bool, "landmarks_original": np.float32, "crop_to_ori
                     "attributes": np.int32, "occluded": np.int32, "index": np.int64}
 
 
+@native.no_build()  # Inference: the native CPU kernels only serve training; never compile them here.
 def predict_source(module, variables, source, *, image_size: int, batch_size: int, mesh=None,
                    desc: str = "predict") -> dict:
   """Runs the model over a whole data source; returns numpy arrays for every example in order:
   pred_crop, pred (original px), gt (original px), image_id, attributes, occluded, index."""
-  from tqdm import tqdm
-  from kd_landmarks import input_pipeline
   mesh = mesh or parallel.make_mesh()
   devices = mesh.devices.size
   # One fixed batch shape (a compile per shape costs seconds): round up to the device count; the
@@ -117,7 +121,6 @@ def as_str(value) -> str:
 
 def image_nmes(pred, gt, *, dataset: str) -> np.ndarray:
   """Per-image inter-ocular NME [N] (fractions): what every metric of a split summarises."""
-  from kd_landmarks import metrics
   return np.asarray(metrics.nme(pred, gt, dataset=dataset, normalization="inter_ocular"), dtype=np.float64)
 
 
@@ -126,7 +129,6 @@ def split_metrics(pred, gt, *, dataset: str, nmes=None) -> dict:
 
   ``nmes``: ``image_nmes(pred, gt, dataset=dataset)`` when the caller already has them.
   """
-  from kd_landmarks import metrics
   nmes = image_nmes(pred, gt, dataset=dataset) if nmes is None else np.asarray(nmes, dtype=np.float64)
   failure_rate, auc = metrics.failure_rate_and_auc(nmes, threshold=FAILURE_THRESHOLD)
   result = {"nme": float(np.mean(nmes)), "fr": float(failure_rate), "auc": float(auc), "count": int(len(nmes))}
@@ -162,7 +164,6 @@ def mean_nme(module, variables, *, source, dataset: str, image_size: int, batch_
 
 
 def eval_splits(config) -> list[str]:
-  from kd_landmarks.datasets import info
   if config.eval_splits:
     return [s.strip() for s in config.eval_splits.split(",") if s.strip()]
   dataset = info.get_info(config.dataset)
@@ -224,7 +225,7 @@ def is_current(model_dir: str) -> bool:
 
 
 def _write_tensorboard(model_dir, all_metrics, step):
-  from tensorboardX import SummaryWriter
+  from tensorboardX import SummaryWriter  # Optional dependency (TensorBoard logs).
   writer = SummaryWriter(os.path.join(model_dir, "events"))
   try:
     for split, values in all_metrics.items():

@@ -38,9 +38,20 @@ import time
 import types
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from kd_landmarks import checkpoint
 from kd_landmarks import coords
+from kd_landmarks import datasets
+from kd_landmarks import detect
+from kd_landmarks import model_card
+from kd_landmarks import predict
+from kd_landmarks.datasets import images as image_io
+from kd_landmarks.datasets import info
+from kd_landmarks.datasets import readers
+from kd_landmarks.models import native
 # The ONNX Runtime session lives with the other runtimes (below export and predict); export.ort_session
 # stays its name here for the tests and benchmarks.
 from kd_landmarks.runtimes import ort_session  # noqa: F401
@@ -68,8 +79,6 @@ FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "
 
 def serving_function(module, variables):
   """uint8 RGB crops ``[B, S, S, 3]`` -> normalised landmarks ``[B, K, 2]``: the function exported."""
-  import jax.numpy as jnp
-
   # The lax depthwise convolution maps to ONNX's native grouped Conv and a 1x1 'conv' to a Conv; the
   # CPU-training implementations (shifted slices, channel dots) would export as dozens of Slice/Mul
   # nodes and as Einsums between layout transposes, which ONNX Runtime cannot fuse (2.5x slower).
@@ -92,7 +101,7 @@ def serving_function(module, variables):
 
 def to_onnx_model(module, variables, image_size: int, *, model_name: str = "kd_landmarks_student"):
   """Traces the serving function with jax2onnx; returns an ``onnx.ModelProto`` with a dynamic batch."""
-  from jax2onnx import to_onnx
+  from jax2onnx import to_onnx  # Optional dependency (export only).
 
   # jax2onnx takes any object with .shape/.dtype; a string dimension makes the batch dynamic.
   spec = types.SimpleNamespace(shape=("B", int(image_size), int(image_size), 3), dtype=np.uint8)
@@ -118,8 +127,8 @@ def input_normalization_to_nchw(model) -> bool:
   variance 1, epsilon 0): the same affine map per channel, in the layout ONNX Runtime is fast in, and
   one op the quantiser leaves in float. Returns whether the pattern was found.
   """
-  from onnx import helper
-  from onnx import numpy_helper
+  from onnx import helper  # Optional dependency (export only).
+  from onnx import numpy_helper  # Optional dependency (export only).
 
   graph = model.graph
   constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -190,8 +199,8 @@ def relu6_as_clip(model) -> int:
   Max/Min pair: 1.6x faster for MobileNetV2 at batch 1 (24 ms vs 40 ms, untrained, one thread of the
   shared 2-core CPU), and the int8 quantiser then sees Conv+Clip, which it also fuses.
   """
-  from onnx import helper
-  from onnx import numpy_helper
+  from onnx import helper  # Optional dependency (export only).
+  from onnx import numpy_helper  # Optional dependency (export only).
 
   graph = model.graph
   constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -235,7 +244,7 @@ def quantize_static_int8(float_path: str, int8_path: str, calibration_images: np
   ``weight_bits=7`` (the default) quantises the weights to [-64, 64] (onnxruntime's ``reduce_range``), so
   that the file computes the same on every x86 CPU; 8 uses the full int8 range (see ``INT8_WEIGHT_BITS``).
   """
-  from onnxruntime import quantization as q
+  from onnxruntime import quantization as q  # Optional dependency (export only).
 
   if weight_bits not in INT8_WEIGHT_BITS:
     raise ValueError(f"weight_bits must be one of {sorted(INT8_WEIGHT_BITS)}, got {weight_bits!r}")
@@ -252,7 +261,7 @@ def quantize_static_int8(float_path: str, int8_path: str, calibration_images: np
   # each BatchNormalization gets its own quantise/dequantise pair, which costs accuracy and makes the
   # int8 model slower than the float one (untrained full MobileNetV2, 1 thread of the shared 2-core CPU:
   # 98 ms int8 vs 60 ms float; folded: 55 ms).
-  from onnxruntime.quantization import shape_inference
+  from onnxruntime.quantization import shape_inference  # Optional dependency (export only).
 
   prepared_path = int8_path + ".prepared.onnx"
   shape_inference.quant_pre_process(float_path, prepared_path, skip_symbolic_shape=True)
@@ -294,10 +303,6 @@ def cpu_description() -> dict:
 def fixture_crops(image_size: int, *, count: int = 16, seed: int = 0) -> np.ndarray:
   """Face crops of the real fixture photo (takeo) around its annotated landmark box, with the small
   shifts and scalings a detector box brings (so calibration sees more than one framing)."""
-  from kd_landmarks import predict
-  from kd_landmarks.datasets import images as image_io
-  from kd_landmarks.datasets import readers
-
   image = image_io.read_image(os.path.join(FIXTURE_DIR, "takeo.ppm"))
   landmarks = readers.read_pts(os.path.join(FIXTURE_DIR, "takeo.pts"))
   cx, cy, side = coords.square_box_from_landmarks(landmarks)
@@ -314,9 +319,6 @@ def fixture_crops(image_size: int, *, count: int = 16, seed: int = 0) -> np.ndar
 
 def dataset_crops(dataset: str, split: str, data_dir: str, image_size: int, *, count: int = 64):
   """Evaluation crops of ``count`` evenly spaced stored examples of a prepared split."""
-  from kd_landmarks import datasets
-  from kd_landmarks import predict
-
   source = datasets.load_split(dataset, split, data_dir)
   crops = []
   for index in np.unique(np.linspace(0, len(source) - 1, min(count, len(source))).round().astype(int)):
@@ -328,13 +330,12 @@ def dataset_crops(dataset: str, split: str, data_dir: str, image_size: int, *, c
   return np.stack(crops)
 
 
+@native.no_build()  # Inference: the native CPU kernels only serve training; never compile them here.
 def export_onnx(module, variables, meta: dict, out_dir: str, *, quantize: bool = False,
                 check_images: np.ndarray | None = None, calibration_images: np.ndarray | None = None,
                 name: str = "student", int8_weight_bits: int = DEFAULT_INT8_WEIGHT_BITS) -> dict:
   """Writes ``out_dir/<name>.onnx`` (and ``<name>.int8.onnx``), checks them against JAX, and returns
   (and merges into ``out_dir/export.json``) what was made: paths, sizes, max errors, export time."""
-  import jax
-
   image_size = int(meta["image_size"])
   os.makedirs(out_dir, exist_ok=True)
   if check_images is None:
@@ -394,12 +395,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.format == "tflite" and importlib.util.find_spec("tensorflow") is None:
     parser.error("--format tflite needs TensorFlow and ai-edge-litert: pip install 'kd_landmarks[tflite]'")
-  from kd_landmarks import checkpoint
-  from kd_landmarks import detect
-  from kd_landmarks import model_card
-  from kd_landmarks import predict
-  from kd_landmarks.datasets import info
-
   model_dir = predict.resolve_model_dir(args.workdir, args.model, args.checkpoint)
   module, variables, meta = checkpoint.load_inference_variables(model_dir)
   calibration = None

@@ -17,6 +17,7 @@ import logging
 import os
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from kd_landmarks import augment
@@ -29,6 +30,7 @@ from kd_landmarks import models
 from kd_landmarks import parallel
 from kd_landmarks import report
 from kd_landmarks import train
+from kd_landmarks import workdir_lock
 from kd_landmarks.datasets import builder
 from kd_landmarks.datasets import flips
 from kd_landmarks.datasets import holdout
@@ -118,7 +120,6 @@ def _prepare_synthetic(config, data_dir):
     options = {k: int(v) for k, v in config.synthetic.to_dict().items() if v}
     builder.prepare("synthetic", data_dir=data_dir, synthetic_options=options)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("synthetic dataset prepared")
 
 
@@ -417,10 +418,23 @@ def write_report(config, workdir):
     return report.build_report(workdir, dataset=config.dataset, data_dir=data_dir_of(config, workdir))
 
 
-def run(config, workdir: str):
-  """Runs ``config.phase`` (or, for 'all', every phase in order, skipping finished ones) in ``workdir``."""
+def run(config, workdir: str, *, break_lock: bool = False):
+  """Runs ``config.phase`` (or, for 'all', every phase in order, skipping finished ones) in ``workdir``.
+
+  Holds the workdir's lock (:mod:`kd_landmarks.workdir_lock`) throughout: a second run on the same workdir
+  stops at once naming this one; ``break_lock`` takes over a lock its holder left behind.
+  """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
+  lock = workdir_lock.acquire(workdir, break_lock=break_lock, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  try:
+    _run_phases(config, workdir)
+  finally:
+    lock.release()
+
+
+def _run_phases(config, workdir: str):
   if config.compilation_cache:
     # Teachers share shapes, so do the students: the persistent cache turns their recompiles into reads.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))

@@ -30,10 +30,18 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageOps
+from tqdm import tqdm
 
+from kd_landmarks import augment
+from kd_landmarks import checkpoint
 from kd_landmarks import coords
+from kd_landmarks import datasets
 from kd_landmarks import detect
 from kd_landmarks.datasets import images as image_io
+from kd_landmarks.datasets import info
 
 DEFAULT_MODEL = "student_kd"
 # Photos with a longer side are shrunk for detection only (landmarks use the full-resolution photo).
@@ -43,7 +51,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".t
 
 def eval_box_scale() -> float:
   """The evaluation crop's margin around the landmark box (contract: ``augment.EVAL_BOX_SCALE``)."""
-  from kd_landmarks import augment  # Imported here: augment pulls in jax, which the detectors do not need.
   return float(augment.EVAL_BOX_SCALE)
 
 
@@ -187,8 +194,6 @@ class Predictor:
     shrink = max(height, width) / MAX_DETECT_SIDE
     if shrink <= 1.0:
       return self.detector.detect(image)
-    from PIL import Image
-
     small_size = (max(1, round(width / shrink)), max(1, round(height / shrink)))
     small = np.asarray(Image.fromarray(image).resize(small_size, Image.Resampling.BILINEAR,
                                                      reducing_gap=2.0))
@@ -233,11 +238,11 @@ def _check_photo(image) -> np.ndarray:
 def read_photo(path: str) -> np.ndarray:
   """Reads a photo as uint8 RGB, upright: the EXIF orientation that phones write is applied, so that
   detection sees an upright face and the landmarks are in the frame every viewer shows."""
-  from PIL import Image, ImageOps
-
   try:
     with Image.open(path) as photo:
-      return np.asarray(ImageOps.exif_transpose(photo).convert("RGB"), dtype=np.uint8)
+      return image_io.to_rgb8(ImageOps.exif_transpose(photo), source=path)
+  except image_io.ImageReadError:
+    raise
   except FileNotFoundError:
     raise image_io.ImageReadError(f"{path}: image file not found") from None
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -246,8 +251,6 @@ def read_photo(path: str) -> np.ndarray:
 
 def draw_overlay(image: np.ndarray, faces: Sequence[FaceLandmarks]):
   """The photo with each detector box (red), crop box (blue) and landmarks (green); a PIL image."""
-  from PIL import Image, ImageDraw
-
   overlay = Image.fromarray(image)
   draw = ImageDraw.Draw(overlay)
   radius = max(1.0, min(image.shape[:2]) / 200.0)
@@ -290,12 +293,23 @@ def _output_stem(path: str, used: dict) -> str:
   return stem if count == 0 else f"{stem}_{count}"  # Two inputs named alike must not overwrite each other.
 
 
+def check_out_dir(out_dir: str, inputs: Sequence[str]) -> None:
+  """Raises ValueError when ``out_dir`` holds an input photo: the overlays (``<name>.png``), JSON files and
+  ``summary.json`` written there could overwrite it, and a later run on the folder would read them back."""
+  files, _ = expand_inputs(inputs)
+  out_real = os.path.realpath(out_dir)
+  for path in files:
+    if os.path.dirname(os.path.realpath(path)) == out_real:
+      raise ValueError(f"--out {out_dir} is the folder of the input {path}: predict writes <name>.png overlays "
+                       "and <name>.json there, which would overwrite photos; choose another --out")
+
+
 def predict_files(predictor: Predictor, inputs: Sequence[str], out_dir: str, *,
                   progress: bool = True) -> dict:
   """Runs :class:`Predictor` on files and folders; writes per-image JSON + PNG and
-  ``summary.json`` into ``out_dir``. Never raises for a bad image: it is reported in the summary."""
-  from tqdm import tqdm
-
+  ``summary.json`` into ``out_dir``. Never raises for a bad image: it is reported in the summary.
+  Raises ValueError before any work when ``out_dir`` holds an input (:func:`check_out_dir`)."""
+  check_out_dir(out_dir, inputs)
   os.makedirs(out_dir, exist_ok=True)
   files, records = expand_inputs(inputs)
   box_map_note = {"detector": predictor.detector_name, **predictor.box_map.to_json(),
@@ -344,8 +358,6 @@ def resolve_model_dir(workdir: str | None, model: str, checkpoint: str | None) -
 
 
 def _training_examples(dataset: str, split: str, data_dir: str | None, max_images: int | None):
-  from kd_landmarks import datasets
-
   source = datasets.load_split(dataset, split, data_dir)
   count = len(source) if max_images is None else min(len(source), max_images)
   # Evenly spaced, so that a capped fit still sees the whole split rather than its first shard.
@@ -359,9 +371,6 @@ def fit_box_map_for_model(model_dir: str, *, detector_name: str = detect.DEFAULT
                           progress: bool = True) -> tuple[detect.BoxMap, dict]:
   """Learns the detector-box -> landmark-box map on the model's training split (the stored crops:
   image + ground-truth landmarks in crop pixels) and stores it in ``model_dir/box_map.json``."""
-  from kd_landmarks import checkpoint
-  from kd_landmarks.datasets import info
-
   meta = checkpoint.read_model_json(model_dir)
   dataset = dataset or meta["dataset"]
   split = split or info.get_info(dataset).train_split
@@ -412,7 +421,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime / LiteRT threads")
   args = parser.parse_args(argv)
   model_dir = resolve_model_dir(args.workdir, args.model, args.checkpoint)
-  predictor = Predictor.load(model_dir, detector=args.detector, threads=args.threads)
+  try:
+    check_out_dir(args.out, args.inputs)  # Before loading the model: a refused --out costs nothing.
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  try:
+    predictor = Predictor.load(model_dir, detector=args.detector, threads=args.threads)
+  except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as error:
+    # A missing or corrupt model.json, a num_landmarks the checkpoint disagrees with, an unreadable
+    # checkpoint: the message names the file and the fix.
+    print(f"error: {error}", file=sys.stderr)
+    return 2
   if not predictor.box_map.fitted:
     print(f"note: no box map fitted for {args.detector} in {model_dir}; using the {predictor.box_map.source}."
           " Run `python -m kd_landmarks.predict fit-box-map` for accurate crops.", file=sys.stderr)
@@ -424,6 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if record["status"] in ("error", "no_face"):
       # An error's reason already names the file.
       print(f"  {record['status']}: {record.get('reason', record['image'])}")
+  failed = counts["error"] + counts["skipped"]
+  if counts["ok"] + counts["no_face"] == 0:  # Nothing was processed: a script must see the failure.
+    print(f"error: all {failed} input(s) failed (none could be read as an image)", file=sys.stderr)
+    return 1
   return 0
 
 

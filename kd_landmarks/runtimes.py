@@ -13,7 +13,11 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from kd_landmarks.models import native
 
 BACKENDS = ("jax", "onnx", "litert")
 EXPORT_JSON = "export.json"
@@ -36,9 +40,6 @@ class JaxRunner:
   backend = "jax"
 
   def __init__(self, module, variables, meta: dict):
-    import jax
-    import jax.numpy as jnp
-
     self.meta = dict(meta)
     self.image_size = int(meta["image_size"])
     self.num_landmarks = int(meta["num_landmarks"])
@@ -53,6 +54,7 @@ class JaxRunner:
     # Variables are an argument, not closed-over constants, so XLA does not fold megabytes into the program.
     self._apply = jax.jit(apply)
 
+  @native.no_build()  # Inference: the native CPU kernels only serve training; never compile them here.
   def __call__(self, crops_uint8: np.ndarray) -> np.ndarray:
     crops = np.asarray(crops_uint8, dtype=np.uint8)
     count = len(crops)

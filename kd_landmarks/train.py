@@ -20,7 +20,9 @@ import optax
 from flax.training import train_state as flax_train_state
 from jax import lax
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
+from kd_landmarks import augment
 from kd_landmarks import checkpoint
 from kd_landmarks import input_pipeline
 from kd_landmarks import parallel
@@ -32,8 +34,31 @@ class TrainState(flax_train_state.TrainState):
   batch_stats: Any = None
 
 
-class NonFiniteLossError(FloatingPointError):
+class DivergedError(FloatingPointError):
+  """Training blew up (see :data:`PREDICTION_BOUND`, :data:`LOSS_BLOWUP_FACTOR`, :data:`VAL_NME_BOUND`);
+  the last good checkpoint is left as it was, and the model is neither marked done nor saved as best."""
+
+
+class NonFiniteLossError(DivergedError):
   """The loss or gradients became NaN/inf; the last good checkpoint is left as it was."""
+
+
+# Divergence rule (besides NaN/inf), checked at every log, checkpoint and validation step:
+# * a prediction further than PREDICTION_BOUND from the crop: the models predict normalised crop
+#   coordinates, the crop is [0, 1]^2 and augmented landmarks stay within about [-0.5, 1.5], so a point ten
+#   crop sides away is no face (an lr of 1e3 gives thousands at the first step);
+# * a check window's mean loss above LOSS_BLOWUP_FACTOR times the first window's of this process (the
+#   run's own early value: training lowers the loss, it never rises a hundredfold) and above LOSS_FLOOR
+#   (every loss here is about 1 for predictions a whole crop side off; the floor keeps a resumed run whose
+#   first window happened to be tiny from stopping on noise);
+# * a validation NME (inter-ocular) above VAL_NME_BOUND: a model whose points all sit at one corner of the
+#   crop scores about 2; ten eye distances is a model that predicts nothing near the face.
+PREDICTION_BOUND = 10.0
+LOSS_BLOWUP_FACTOR = 100.0
+LOSS_FLOOR = 1.0
+VAL_NME_BOUND = 10.0
+_DIVERGED_ADVICE = ("Lower --config.optimizer.learning_rate, check the data (landmarks inside the crop?) or "
+                    "use platform=cpu (float32) to rule out bfloat16 overflow.")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -97,7 +122,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   if cached_teachers:
     landmark_sets["tough"] = batch["tough"]
     landmark_sets["tolerant"] = batch["tolerant"]
-  augment_fn = spec.augment_fn or _default_augment_fn()
+  augment_fn = spec.augment_fn or augment.augment
   images, targets, _ = augment_fn(augment_rng, batch["image"], landmark_sets, reference="landmarks",
                                   out_size=spec.image_size, flip_permutation=spec.flip_permutation,
                                   config=spec.augment_config)
@@ -116,17 +141,19 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     prediction, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-    loss = spec.loss_fn(prediction.astype(jnp.float32), gt, tough, tolerant,
-                        variant=spec.loss_variant, reduction="mean")
-    return loss, updates
+    prediction = prediction.astype(jnp.float32)
+    loss = spec.loss_fn(prediction, gt, tough, tolerant, variant=spec.loss_variant, reduction="mean")
+    return loss, (updates, prediction)
 
-  (loss, updates), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+  (loss, (updates, prediction)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
   grads = lax.pmean(grads, parallel.AXIS)
   batch_stats = lax.pmean(updates.get("batch_stats", state.batch_stats), parallel.AXIS)
   metrics = {
       "loss": lax.pmean(loss, parallel.AXIS),
       "grad_norm": optax.tree.norm(grads),
       "learning_rate": spec.learning_rate_fn(state.step),
+      # The divergence rule's bound on normalised coordinates (PREDICTION_BOUND).
+      "max_abs_prediction": lax.pmax(jnp.max(jnp.abs(prediction)), parallel.AXIS),
   }
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   return new_state, metrics
@@ -135,11 +162,6 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 def batch_keys(spec: StepSpec) -> tuple:
   """The example fields ``train_step`` reads (the teacher cache adds 'tough'/'tolerant' itself)."""
   return ("image", "landmarks", "soft_landmarks") if spec.target == "soft_landmarks" else ("image", "landmarks")
-
-
-def _default_augment_fn():
-  from kd_landmarks import augment  # Late import: tests may run the step with their own augmentation.
-  return augment.augment
 
 
 def compile_train_step(spec: StepSpec, mesh, *, with_teachers: bool = False):
@@ -232,7 +254,7 @@ def fit(setup: FitSetup) -> dict:
       keys=batch_keys(setup.spec), prefetch_batches=setup.prefetch)
   pending = []  # Device metrics not yet checked for NaN (fetched in bulk to keep the device busy).
   last_saved = start_step if restored is not None else None
-  from tqdm import tqdm
+  first_loss = None  # The run's own early loss (first check window of this process): the blow-up yardstick.
   progress = tqdm(total=setup.num_train_steps, initial=start_step, disable=not is_chief,
                   desc=os.path.basename(os.path.normpath(setup.model_dir)), unit="step", dynamic_ncols=True)
   started = time.time()
@@ -252,19 +274,23 @@ def fit(setup: FitSetup) -> dict:
       # NonFiniteLossError instead of surfacing later as a NaN prediction.
       if (done % setup.log_every_steps == 0 or is_last or done % setup.checkpoint_every_steps == 0
           or validate):
-        summary = _check_finite(pending, setup.model_dir, last_saved)
+        summary = _check_finite(pending, setup.model_dir, last_saved, first_loss)
+        first_loss = summary["loss"] if first_loss is None else first_loss
         pending = []
         progress.set_postfix(loss=f"{summary['loss']:.5f}")
         if writer is not None:
           for name, value in summary.items():
             writer.add_scalar(f"train/{name}", value, done)
           writer.add_scalar("train/steps_per_second", (done - start_step) / (time.time() - started), done)
+      val_nme = None
+      if validate:  # Before the state is saved: a diverged model must not become the newest checkpoint.
+        variables = _inference_variables(parallel.fetch_replicated(_state_tree(state)))
+        val_nme = float(setup.validate_fn(variables))
+        _check_val_nme(val_nme, done, setup.model_dir, last_saved)
       if done % setup.checkpoint_every_steps == 0 or is_last:
         checkpoint.save_state(state_manager, done, parallel.fetch_replicated(_state_tree(state)))
         last_saved = done
       if validate:
-        variables = _inference_variables(parallel.fetch_replicated(_state_tree(state)))
-        val_nme = float(setup.validate_fn(variables))
         checkpoint.save_best(best, done, variables, val_nme)
         progress.write(f"{setup.model_dir}: step {done} validation NME {val_nme:.5f}")
         if writer is not None:
@@ -294,22 +320,49 @@ def _inference_variables(tree) -> dict:
   return variables
 
 
-def _check_finite(pending, model_dir, last_saved) -> dict:
-  """Fetches pending metrics; raises NonFiniteLossError at the first NaN/inf loss or gradient."""
+def _kept(model_dir, last_saved) -> str:
+  return (f"the last good checkpoint (step {last_saved}) in {model_dir}/checkpoints is kept"
+          if last_saved is not None else "no checkpoint had been saved yet")
+
+
+def _check_finite(pending, model_dir, last_saved, first_loss=None) -> dict:
+  """Fetches pending metrics; raises NonFiniteLossError at the first NaN/inf loss or gradient, and
+  DivergedError at a prediction beyond PREDICTION_BOUND or a window loss above LOSS_BLOWUP_FACTOR times
+  ``first_loss``."""
   host = [(step, parallel.fetch_replicated(metrics)) for step, metrics in pending]
   for step, metrics in host:
     if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-      kept = (f"the last good checkpoint (step {last_saved}) in {model_dir}/checkpoints is kept"
-              if last_saved is not None else "no checkpoint had been saved yet")
       raise NonFiniteLossError(
           f"{model_dir}: loss {metrics['loss']} / gradient norm {metrics['grad_norm']} at step {step + 1} "
-          f"is not finite; training stopped and {kept}. Lower --config.optimizer.learning_rate, check the "
-          "data (landmarks inside the crop?) or use platform=cpu (float32) to rule out bfloat16 overflow.")
+          f"is not finite; training stopped and {_kept(model_dir, last_saved)}. {_DIVERGED_ADVICE}")
+    if not metrics["max_abs_prediction"] <= PREDICTION_BOUND:
+      raise DivergedError(
+          f"{model_dir}: training diverged at step {step + 1}: a prediction reached "
+          f"{float(metrics['max_abs_prediction']):.4g} in normalised crop coordinates (the crop is [0, 1]; "
+          f"bound {PREDICTION_BOUND}), loss {float(metrics['loss']):.4g}; training stopped and "
+          f"{_kept(model_dir, last_saved)}. {_DIVERGED_ADVICE}")
+  window_loss = float(np.mean([m["loss"] for _, m in host]))
+  if first_loss is not None and window_loss > max(LOSS_BLOWUP_FACTOR * first_loss, LOSS_FLOOR):
+    raise DivergedError(
+        f"{model_dir}: training diverged at step {host[-1][0] + 1}: mean loss {window_loss:.4g} is over "
+        f"{LOSS_BLOWUP_FACTOR:g} times this run's first logged loss {first_loss:.4g} (and over {LOSS_FLOOR:g}); "
+        "training stopped and "
+        f"{_kept(model_dir, last_saved)}. {_DIVERGED_ADVICE}")
   last = host[-1][1]
-  return {"loss": float(np.mean([m["loss"] for _, m in host])), "grad_norm": float(last["grad_norm"]),
-          "learning_rate": float(last["learning_rate"])}
+  return {"loss": window_loss, "grad_norm": float(last["grad_norm"]),
+          "learning_rate": float(last["learning_rate"]),
+          "max_abs_prediction": float(max(m["max_abs_prediction"] for _, m in host))}
+
+
+def _check_val_nme(val_nme: float, step: int, model_dir, last_saved) -> None:
+  """Raises DivergedError for a NaN or absurd (> VAL_NME_BOUND) validation NME: never saved as best."""
+  if not val_nme <= VAL_NME_BOUND:
+    raise DivergedError(
+        f"{model_dir}: training diverged at step {step}: validation NME {val_nme:.4g} "
+        f"({100 * val_nme:.4g}% of the eye distance; bound {VAL_NME_BOUND:g}); the model is not saved as "
+        f"best nor marked done, training stopped and {_kept(model_dir, last_saved)}. {_DIVERGED_ADVICE}")
 
 
 def _summary_writer(model_dir):
-  from tensorboardX import SummaryWriter
+  from tensorboardX import SummaryWriter  # Optional dependency (TensorBoard logs), only on the chief.
   return SummaryWriter(os.path.join(model_dir, "events"))

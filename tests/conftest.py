@@ -3,3 +3,17 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def require_native_kernels():
+  """Skips a test that needs the native CPU kernels where they cannot be built here, except in CI
+  (``CI=true``, which GitHub Actions and most CI services set): there the build must work, so the test
+  fails with the reason instead of being skipped silently."""
+  import pytest
+  from kd_landmarks.models import native
+  if native.available():
+    return
+  reason = f"native kernels unavailable: {native.unavailable_reason()}"
+  if os.environ.get("CI", "").lower() in ("true", "1"):
+    pytest.fail(f"CI=true: {reason}", pytrace=False)
+  pytest.skip(reason)

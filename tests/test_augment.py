@@ -277,12 +277,28 @@ def test_photometric_jitters_do_what_their_names_say():
   # Brightness: one offset for every pixel and channel.
   shifted = _photometric(augment.AugmentConfig(**{**none, "max_brightness_delta": 0.2}), image) - image
   assert np.ptp(shifted) < 1e-5 and abs(shifted.mean()) > 1e-4
-  # Contrast: scales deviations from the mean, keeping the mean.
-  contrasted = _photometric(augment.AugmentConfig(**{**none, "max_contrast_delta": 0.2}), image)
-  np.testing.assert_allclose(contrasted.mean(), image.mean(), atol=1e-5)
-  ratio = (contrasted - image.mean()) / (image - image.mean())
-  assert np.ptp(ratio[np.abs(image - image.mean()) > 0.05]) < 1e-3
-  # Saturation leaves a grey image grey and unchanged.
+  # Contrast: scales deviations from the mean by one factor in [0.8, 1.2], keeping the mean; over seeds
+  # the factor spreads over that range (a jitter that does nothing has factor 1 for every seed).
+  factors = []
+  for seed in range(12):
+    contrasted = _photometric(augment.AugmentConfig(**{**none, "max_contrast_delta": 0.2}), image, seed)
+    np.testing.assert_allclose(contrasted.mean(), image.mean(), atol=1e-5)
+    ratio = ((contrasted - image.mean()) / (image - image.mean()))[np.abs(image - image.mean()) > 0.05]
+    assert np.ptp(ratio) < 1e-3
+    factors.append(ratio.mean())
+  assert 0.8 - 1e-4 <= min(factors) < 0.93 and 1.07 < max(factors) <= 1.2 + 1e-4
+  # Saturation: scales each pixel's deviation from its luma (Rec. 601) by one factor in [0.7, 1.3]; the
+  # luma itself is kept, and a grey image stays grey and unchanged.
+  luma = lambda x: x @ np.array([0.299, 0.587, 0.114], np.float32)
+  factors = []
+  for seed in range(12):
+    saturated = _photometric(augment.AugmentConfig(**{**none, "max_saturation_delta": 0.3}), image, seed)
+    np.testing.assert_allclose(luma(saturated), luma(image), atol=1e-5)
+    deviation = image - luma(image)[..., None]
+    ratio = ((saturated - luma(saturated)[..., None]) / deviation)[np.abs(deviation) > 0.05]
+    assert np.ptp(ratio) < 2e-3
+    factors.append(ratio.mean())
+  assert 0.7 - 1e-4 <= min(factors) < 0.85 and 1.15 < max(factors) <= 1.3 + 1e-4
   grey = np.repeat(image[..., :1], 3, axis=-1)
   np.testing.assert_allclose(_photometric(augment.AugmentConfig(**{**none, "max_saturation_delta": 0.3}),
                                           grey), grey, atol=1e-6)

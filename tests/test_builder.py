@@ -5,7 +5,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -219,17 +218,13 @@ def test_synthetic_build_with_its_options(tmp_path):
 
 
 def test_synthetic_generator_with_wrong_landmark_count_is_refused(tmp_path, monkeypatch):
-  fake = types.ModuleType("kd_landmarks.datasets.synthetic")
-
   def generate(split, *, num_examples, image_size, seed):
     del split, seed
     for i in range(num_examples):
       yield {"image": np.zeros((image_size, image_size, 3), np.uint8),
              "landmarks": np.ones((67, 2), np.float32) * i, "image_id": str(i)}
 
-  fake.generate = generate
-  monkeypatch.setitem(sys.modules, "kd_landmarks.datasets.synthetic", fake)
-  monkeypatch.setattr(sys.modules["kd_landmarks.datasets"], "synthetic", fake, raising=False)
+  monkeypatch.setattr(builder.synthetic, "generate", generate)
   with pytest.raises(readers.DatasetFormatError, match=r"landmarks of shape \(67, 2\), expected \(68, 2\)"):
     _prepare("synthetic", tmp_path, synthetic_options={"num_train": 2, "num_test": 1, "image_size": 32})
 
@@ -316,3 +311,60 @@ def test_data_of_an_older_builder_version_is_refused_with_the_command(tmp_path, 
                      r"python -m kd_landmarks.datasets prepare --dataset 300w"):
     load_split("300w", "train", data_dir)
   assert load_split("300w", "train", built_300w[0]).metadata["soft_landmarks"]["keep_mode"] == "variance"
+
+
+# ------------------------------------------------------------------- bad input (issue 17, items 4, 6)
+
+
+def test_empty_manual_dir_is_one_line_not_a_tfds_assertion(tmp_path, capsys):
+  (tmp_path / "manual").mkdir()
+  code = cli_main(["prepare", "--dataset", "300w", "--manual_dir", str(tmp_path / "manual"),
+                   "--data_dir", str(tmp_path / "data")])
+  err = capsys.readouterr().err.strip()
+  assert code == 1 and "\n" not in err
+  assert err.startswith(f"error: 300w: --manual_dir {tmp_path}/manual is empty")
+
+
+def test_landmarks_outside_the_photo_fail_the_build_naming_file_and_box(tmp_path):
+  # Probe: landmarks outside the photo gave an all-black stored crop and exit 0.
+  manual_dir = tmp_path / "manual"
+  ff.write_300w(manual_dir, COUNTS_300W)
+  pts = manual_dir / "afw" / "afw_0001.pts"
+  moved = readers.read_pts(pts) + np.array([500.0, 0.0], np.float32)
+  pts.write_text(ff.pts_text(moved))
+  with pytest.raises(ValueError, match=rf"{manual_dir}/afw/afw_0001.jpg: the landmark box \(centre .* side .* "
+                     r"px\) lies mostly outside the 96x80 photo \(0% inside\)"):
+    _prepare("300w", tmp_path / "data", manual_dir)
+
+
+def test_sixteen_bit_photo_is_stored_as_its_scaled_eight_bit_version(tmp_path):
+  # Probe: a 16-bit PNG gave an all-white stored crop. Oracle: the same photo scaled to 8 bits by hand.
+  deep = np.random.default_rng(3).integers(0, 65536, (80, 96), dtype=np.uint16)
+  grey8 = np.round(deep.astype(np.float64) * 255 / 65535).astype(np.uint8)
+  crops = {}
+  for kind, photo in (("deep", deep), ("grey8", grey8)):
+    manual_dir = tmp_path / kind
+    written = ff.write_300w(manual_dir, COUNTS_300W)
+    target = [name for name in written if name.startswith("lfpw/testset")][0]  # The png test photo.
+    Image.fromarray(photo).save(manual_dir / target)
+    _prepare("300w", tmp_path / f"data_{kind}", manual_dir)
+    crops[kind] = [e["image"] for e in _all(load_split("300w", "test_common", tmp_path / f"data_{kind}"))
+                   if e["image_id"] == target][0]
+  np.testing.assert_array_equal(crops["deep"], crops["grey8"])
+  assert crops["deep"].max() < 255 and 100 < crops["deep"][crops["deep"] > 0].mean() < 155
+
+
+def test_prepare_on_a_build_from_another_manual_dir_says_how_to_rebuild(tmp_path):
+  # Probe: re-running prepare after adding images reused the old build ("train: 13 examples") silently.
+  manual_dir = tmp_path / "manual"
+  ff.write_300w(manual_dir, COUNTS_300W)
+  data_dir = tmp_path / "data"
+  assert _prepare("300w", data_dir, manual_dir).info.splits["train"].num_examples == 8
+  _prepare("300w", data_dir, manual_dir)  # Unchanged: reused.
+  ff.write_300w(manual_dir, {"afw": 5}, seed=7)  # Two more afw faces (and the first three rewritten).
+  with pytest.raises(FileExistsError, match=rf"was built from {manual_dir} \(\d+ files, \d+ bytes\), but "
+                     rf"{manual_dir} now holds \d+ files.*pass --overwrite \(overwrite=True\) to rebuild"):
+    _prepare("300w", data_dir, manual_dir)
+  rebuilt = _prepare("300w", data_dir, manual_dir, overwrite=True)
+  assert rebuilt.info.splits["train"].num_examples == 10
+  assert len(load_split("300w", "train", data_dir)) == 10

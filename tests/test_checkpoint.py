@@ -173,3 +173,151 @@ def test_sigkill_mid_run_then_restart_ends_like_an_uninterrupted_run(tmp_path):
   assert sorted(resumed) == sorted(whole)
   for name in whole:
     np.testing.assert_array_equal(resumed[name], whole[name])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Damaged files (issue 17, items 3 and 6).
+
+
+def _largest_file(directory):
+  files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+  return max(files, key=os.path.getsize)
+
+
+def _saved_steps(tmp_path, steps=(2, 4)):
+  rng = np.random.default_rng(0)
+  tree = {"step": np.asarray(0, np.int32), "params": {"w": rng.normal(size=4096).astype(np.float32)}}
+  manager = checkpoint.state_manager(str(tmp_path))
+  trees = {}
+  for step in steps:
+    tree = trees[step] = {"step": np.asarray(step, np.int32), "params": {"w": tree["params"]["w"] + 1}}
+    checkpoint.save_state(manager, step, tree)
+  return trees
+
+
+def test_truncated_newest_checkpoint_is_reported_and_the_older_one_restored(tmp_path, caplog):
+  trees = _saved_steps(tmp_path)
+  tree = trees[4]
+  with open(_largest_file(tmp_path / "checkpoints" / "4"), "r+b") as f:
+    f.truncate(100)
+  manager = checkpoint.state_manager(str(tmp_path))
+  restored = checkpoint.restore_state(manager, tree)
+  assert int(restored["step"]) == 2
+  np.testing.assert_array_equal(restored["params"]["w"], trees[2]["params"]["w"])
+  warning = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+  assert len(warning) == 1 and "\n" not in warning[0]
+  assert f"checkpoint {tmp_path}/checkpoints/4 cannot be read (ValueError: OUT_OF_RANGE" in warning[0]
+  # Moved aside, so that training can save step 4 again.
+  assert manager.all_steps() == [2]
+  assert [n.split("-")[0] for n in os.listdir(tmp_path / checkpoint.UNREADABLE_DIR)] == ["4"]
+  checkpoint.save_state(manager, 4, tree)
+  assert checkpoint.state_manager(str(tmp_path)).all_steps() == [2, 4]
+
+
+def test_empty_metadata_names_the_file_and_falls_back(tmp_path, caplog):
+  tree = _saved_steps(tmp_path)[4]
+  open(tmp_path / "checkpoints" / "4" / "default" / "_METADATA", "w").close()
+  restored = checkpoint.restore_state(checkpoint.state_manager(str(tmp_path)), tree)
+  assert int(restored["step"]) == 2
+  assert any("JSONDecodeError" in r.getMessage() and
+             f"({tmp_path}/checkpoints/4/default/_METADATA is empty or not JSON)" in r.getMessage()
+             for r in caplog.records)
+
+
+def test_no_readable_checkpoint_says_what_to_delete(tmp_path):
+  tree = _saved_steps(tmp_path)[4]
+  for step in (2, 4):
+    open(tmp_path / "checkpoints" / str(step) / "default" / "_METADATA", "w").close()
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf"no checkpoint in {tmp_path}/checkpoints can be read: .*/4: JSONDecodeError.*"
+                     rf"/2: JSONDecodeError.*Delete {tmp_path}/checkpoints to train this model from the start"):
+    checkpoint.restore_state(checkpoint.state_manager(str(tmp_path)), tree)
+
+
+def test_fit_resumes_from_the_older_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path):
+  import train_fixtures as fx
+  from kd_landmarks import train
+  whole = train.fit(fx.fit_setup(str(tmp_path / "a"), num_train_steps=6, checkpoint_every=2))
+  damaged = str(tmp_path / "b")
+  train.fit(fx.fit_setup(damaged, num_train_steps=6, checkpoint_every=2, stop_after_steps=4))
+  with open(_largest_file(os.path.join(damaged, "checkpoints", "4")), "r+b") as f:
+    f.truncate(64)
+  resumed = train.fit(fx.fit_setup(damaged, num_train_steps=6, checkpoint_every=2))
+  jax.tree.map(np.testing.assert_array_equal, resumed, whole)
+
+
+def test_inference_on_an_unreadable_checkpoint_is_one_line(tmp_path, patched_models):
+  model_dir = str(tmp_path)
+  checkpoint.write_model_json(model_dir, _meta())
+  checkpoint.save_best(checkpoint.best_manager(model_dir), 3, _variables(0), 0.1)
+  open(tmp_path / "best" / "3" / "default" / "_METADATA", "w").close()
+  with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint {tmp_path}/best/3 cannot be read "
+                     r"\(JSONDecodeError: .*_METADATA is empty or not JSON\)\); delete "):
+    checkpoint.load_inference_variables(model_dir)
+
+
+def test_corrupt_model_json_names_the_file(tmp_path):
+  # Probe: a JSONDecodeError naming no file.
+  checkpoint.write_model_json(str(tmp_path), _meta())
+  with open(tmp_path / "model.json", "w") as f:
+    f.write('{"model": "tiny", "num_la')
+  checkpoint.save_state(checkpoint.state_manager(str(tmp_path)), 1, {"w": np.zeros(2, np.float32)})
+  for call in (checkpoint.read_model_json, lambda d: checkpoint.check_resumable(d, _meta())):
+    with pytest.raises(ValueError, match=rf"{tmp_path}/model.json is not valid JSON \(.*line 1 column .*\): "
+                       "delete it and re-run this model's training phase"):
+      call(str(tmp_path))
+
+
+def test_num_landmarks_disagreeing_with_the_checkpoint_names_the_field(tmp_path, patched_models):
+  # Probe: flax's ScopeParamShapeError at the first forward pass.
+  model_dir = str(tmp_path)
+  checkpoint.write_model_json(model_dir, _meta())
+  checkpoint.save_best(checkpoint.best_manager(model_dir), 3, _variables(0), 0.1)
+  checkpoint.write_model_json(model_dir, dict(_meta(), num_landmarks=5))
+  with pytest.raises(ValueError, match=rf"{tmp_path}/model.json says num_landmarks=5 but the checkpoint's "
+                     r"output layer \(params/Dense_0/bias, shape \(6,\)\) predicts 3 landmarks: set "
+                     rf"\"num_landmarks\": 3 in {tmp_path}/model.json"):
+    checkpoint.load_inference_variables(model_dir)
+  checkpoint.write_model_json(model_dir, _meta())
+  _, variables, _ = checkpoint.load_inference_variables(model_dir)  # Consistent again: loads.
+  assert variables["params"]["Dense_0"]["kernel"].shape == (3, 6)
+
+
+def test_bit_flipped_newest_checkpoint_is_caught_by_its_checksum(tmp_path, caplog):
+  # Probe: a bit-flipped file; orbax restores raw float data without a checksum (2.7e14 instead of ~1).
+  import train_fixtures as fx
+  from kd_landmarks import train
+  from test_train import _host_tree
+  model_dir = str(tmp_path / "m")
+  train.fit(fx.fit_setup(model_dir, num_train_steps=6, checkpoint_every=2, stop_after_steps=4))
+  # A train state saved by fit passes its own checksum: the newest step restores without a warning.
+  intact = checkpoint.restore_state(checkpoint.state_manager(model_dir), _host_tree())
+  assert int(intact["step"]) == 4 and not [r for r in caplog.records if "cannot be read" in r.getMessage()]
+  step_two = checkpoint.restore_state(checkpoint.state_manager(model_dir), _host_tree(), step=2)
+  path = _largest_file(os.path.join(model_dir, "checkpoints", "4", "default"))
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x40
+  open(path, "wb").write(data)
+  restored = checkpoint.restore_state(checkpoint.state_manager(model_dir), _host_tree())
+  assert int(restored["step"]) == 2
+  jax.tree.map(np.testing.assert_array_equal, restored["params"], step_two["params"])
+  assert any("checksum mismatch" in r.getMessage() and "checkpoints/4" in r.getMessage() for r in caplog.records)
+
+
+def test_bit_flipped_best_checkpoint_is_refused_for_inference(tmp_path, patched_models):
+  model_dir = str(tmp_path)
+  checkpoint.write_model_json(model_dir, _meta())
+  variables = _variables(0)
+  checkpoint.save_best(checkpoint.best_manager(model_dir), 3, variables, 0.1)
+  _, loaded, _ = checkpoint.load_inference_variables(model_dir)  # Intact: its own checksum passes.
+  jax.tree.map(np.testing.assert_array_equal, loaded["params"], dict(variables["params"]))
+  # Its array files replaced by another model's of the same shapes (valid files, other values): as a
+  # flipped bit in raw float data, orbax reads them back without complaint.
+  other_dir = tmp_path / "other"
+  checkpoint.save_best(checkpoint.best_manager(str(other_dir)), 3, _variables(1), 0.1)
+  import shutil
+  shutil.rmtree(tmp_path / "best" / "3" / "default")
+  shutil.copytree(other_dir / "best" / "3" / "default", tmp_path / "best" / "3" / "default")
+  with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint {tmp_path}/best/3 cannot be read "
+                     r"\(ValueError: checksum mismatch"):
+    checkpoint.load_inference_variables(model_dir)

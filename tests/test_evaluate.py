@@ -103,4 +103,7 @@ def test_evaluate_model_writes_the_files_the_report_reads(tmp_path, monkeypatch)
   arrays = np.load(os.path.join(model_dir, "eval", "test.npz"))
   assert set(arrays) == {"pred", "gt", "image_id", "attributes", "occluded"}
   assert arrays["pred"].shape == arrays["gt"].shape == (4, fx.NUM_LANDMARKS, 2)
-  assert os.listdir(os.path.join(model_dir, "events"))
+  # The TensorBoard series of the split's metrics (tags are stored verbatim in the event file).
+  events = b"".join(open(os.path.join(model_dir, "events", name), "rb").read()
+                    for name in os.listdir(os.path.join(model_dir, "events")))
+  assert b"eval/test/nme" in events

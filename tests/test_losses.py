@@ -263,12 +263,6 @@ def test_gradients_finite_at_degenerate_points(variant):
   assert float(value) == 0.0 and all(np.all(np.isfinite(g)) for g in grads)
 
 
-def test_jit_compiles():
-  pred, gt, tough, tol = _away_from_boundaries(seed=5)
-  jitted = jax.jit(lambda *a: losses.kd_loss(*a))
-  np.testing.assert_allclose(jitted(pred, gt, tough, tol), losses.kd_loss(pred, gt, tough, tol), rtol=1e-6)
-
-
 # --- Properties --------------------------------------------------------------------------------------
 
 coordinate = st.floats(-0.5, 0.5, allow_nan=False, width=32)
@@ -316,12 +310,29 @@ def test_student_loss_table():
     assert list(params)[:4] == ["pred", "gt", "tough", "tolerant"], name
     assert params["variant"].kind == inspect.Parameter.KEYWORD_ONLY and params["variant"].default == "paper"
     assert params["reduction"].default == "mean"
-    assert losses.get_student_loss(name)(pred, gt, tough, tol, reduction="none").shape == pred.shape
-  np.testing.assert_allclose(losses.get_student_loss("l1")(pred, gt, tough, tol), losses.l1_loss(pred, gt))
-  np.testing.assert_allclose(losses.get_student_loss("kd_tough_only")(pred, gt, tough, tol),
-                             losses.kd_loss(pred, gt, tough, tol, use_tolerant=False))
-  np.testing.assert_allclose(losses.get_student_loss("kd")(pred, gt, tough, tol, variant="author_code"),
-                             losses.kd_loss(pred, gt, tough, tol, variant="author_code"))
+  # Every entry's values (per coordinate, and the mean) against the function it names; the baselines
+  # ignore the teachers, the KD entries read them.
+  p, g, t, o = (np.asarray(a, np.float64) for a in (pred, gt, tough, tol))
+  diff = p - g
+  beta = losses.SMOOTH_L1_BETA
+  baselines = {"l2": diff ** 2, "l1": np.abs(diff),
+               "smooth_l1": np.where(np.abs(diff) < beta, 0.5 * diff ** 2 / beta, np.abs(diff) - 0.5 * beta)}
+  kd_entries = {"kd": {}, "kd_tough_only": {"use_tolerant": False}, "kd_tolerant_only": {"use_tough": False}}
+  for variant in ("paper", "author_code"):
+    for name, fn in losses.STUDENT_LOSSES.items():
+      per_coordinate = np.asarray(fn(pred, gt, tough, tol, variant=variant, reduction="none"))
+      if name in baselines:
+        np.testing.assert_allclose(per_coordinate, baselines[name], rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(fn(pred, gt, gt * 0, gt * 0, variant=variant), baselines[name].mean(),
+                                   rtol=1e-5, err_msg=name)
+      else:
+        expected = losses.kd_loss(pred, gt, tough, tol, variant=variant, reduction="none", **kd_entries[name])
+        np.testing.assert_allclose(per_coordinate, expected, rtol=1e-6, err_msg=name)
+        assert float(fn(pred, gt, gt, gt, variant=variant)) != pytest.approx(float(fn(pred, gt, tough, tol,
+                                                                                       variant=variant)))
+      np.testing.assert_allclose(fn(pred, gt, tough, tol, variant=variant), per_coordinate.mean(), rtol=1e-5,
+                                 err_msg=name)
+  del t, o
 
 
 def test_errors_are_clear():

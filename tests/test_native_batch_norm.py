@@ -6,8 +6,15 @@ import pytest
 
 from kd_landmarks.models import layers
 from kd_landmarks.models import native
+from conftest import require_native_kernels
 
-needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable here")
+# Skipped where the kernels cannot be built, but failed in CI (conftest.require_native_kernels).
+needs_native = pytest.mark.usefixtures("native_kernels")
+
+
+@pytest.fixture
+def native_kernels():
+  require_native_kernels()
 
 
 def _swish_derivative(z):

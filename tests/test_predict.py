@@ -263,7 +263,16 @@ def test_cli_on_a_folder_reports_bad_and_faceless_files(model_dir, tmp_path):
   assert status["broken.jpg"]["status"] == "error" and "cannot decode" in status["broken.jpg"]["reason"]
   assert status["blank.png"]["status"] == "no_face"
   assert json.loads((out / "blank.json").read_text())["faces"] == []
-  assert (out / "blank.png").exists() and (out / "takeo.png").exists()
+  # The overlays: the faceless photo unchanged (nothing to draw), the face's with its green landmarks.
+  np.testing.assert_array_equal(np.asarray(Image.open(out / "blank.png").convert("RGB")),
+                                np.full((120, 90, 3), 128, np.uint8))
+  overlay = np.asarray(Image.open(out / "takeo.png").convert("RGB"))
+  landmarks = np.asarray(json.loads((out / "takeo.json").read_text())["faces"][0]["landmarks"])
+  points = np.round(landmarks).astype(int)
+  inside = points[(points[:, 0] >= 0) & (points[:, 0] < 150) & (points[:, 1] >= 0) & (points[:, 1] < 225)]
+  assert len(inside) >= 5
+  for x, y in inside:
+    np.testing.assert_array_equal(overlay[y, x], [0, 255, 0])
 
 
 def test_cli_uses_a_fitted_box_map(model_dir, tmp_path):
@@ -291,3 +300,51 @@ def _square(box):
 
 def _reject_constant(name):
   raise AssertionError(f"{name} is not valid JSON")
+
+
+# ------------------------------------------------------------------------ bad use (issue 17, item 5)
+
+
+def test_out_folder_holding_the_inputs_is_refused_and_nothing_is_written(model_dir, tmp_path, capsys):
+  # Probe: `predict --out <the input folder>` overwrote input images with overlays.
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  Image.fromarray(np.full((40, 30, 3), 7, np.uint8)).save(folder / "face.png")
+  before = (folder / "face.png").read_bytes()
+  assert predict.main(["--checkpoint", model_dir, str(folder), "--out", str(folder)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == (f"error: --out {folder} is the folder of the input {folder}/face.png: predict writes <name>.png "
+                 "overlays and <name>.json there, which would overwrite photos; choose another --out")
+  assert sorted(os.listdir(folder)) == ["face.png"] and (folder / "face.png").read_bytes() == before
+  # The library call refuses too, through another spelling of the same folder.
+  with pytest.raises(ValueError, match="is the folder of the input"):
+    predict.predict_files(None, [str(folder / "face.png")], str(folder / "." / ".." / "photos"))
+
+
+def test_exit_status_is_non_zero_only_when_every_input_failed(model_dir, tmp_path, capsys):
+  pytest.importorskip("dlib")
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+  (folder / "notes.txt").write_text("not an image")
+  assert predict.main(["--checkpoint", model_dir, str(folder), str(tmp_path / "missing.jpg"),
+                       "--out", str(tmp_path / "out")]) == 1
+  captured = capsys.readouterr()
+  assert captured.out.startswith("0 image(s) with faces, 0 without a face, 2 unreadable, 1 skipped")
+  assert captured.err.strip().splitlines()[-1] == "error: all 3 input(s) failed (none could be read as an image)"
+  # One readable photo (faceless) among the failures: exit 0.
+  Image.fromarray(np.full((120, 90, 3), 128, np.uint8)).save(folder / "blank.png")
+  assert predict.main(["--checkpoint", model_dir, str(folder), "--out", str(tmp_path / "out2")]) == 0
+
+
+def test_cli_on_a_corrupt_model_json_is_one_line(model_dir, tmp_path, capsys):
+  # Probe: a corrupt model.json gave a JSONDecodeError naming no file.
+  local_dir = tmp_path / "model"
+  shutil.copytree(model_dir, local_dir)
+  (local_dir / "model.json").write_text('{"model": "mobilenet')
+  photo = tmp_path / "photo.png"
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(photo)
+  assert predict.main(["--checkpoint", str(local_dir), str(photo), "--out", str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and err.startswith(f"error: {local_dir}/model.json is not valid JSON (")
+  assert not (tmp_path / "out").exists()

@@ -181,6 +181,11 @@ def test_cofw_older_mat_files_are_read_with_scipy(tmp_path):
 
 
 def test_cofw_bad_files(tmp_path):
+  # Probe: an empty manual dir gave tfds's bare AssertionError; now one line naming the dir and the fix.
+  with pytest.raises(readers.DatasetFormatError, match=rf"cofw: --manual_dir {tmp_path} is empty; extract the "
+                     r"official cofw archives into it .*python -m kd_landmarks.datasets layout"):
+    readers.read_cofw(tmp_path, "train", allow_partial=True)
+  (tmp_path / "README.txt").write_text("not the data")
   with pytest.raises(readers.DatasetFormatError, match="COFW_train_color.mat but it does not exist"):
     readers.read_cofw(tmp_path, "train", allow_partial=True)
   ff.write_matlab_v73(tmp_path / "COFW_train_color.mat", {"IsTr": [np.zeros((4, 4, 3), np.uint8)],
@@ -317,3 +322,44 @@ def test_read_image_converts_greyscale_to_rgb(tmp_path):
   rgb = images.read_image(pathlib.Path(tmp_path / "g.png"))
   assert rgb.shape == (3, 4, 3)
   np.testing.assert_array_equal(rgb[:, :, 2], grey)
+
+
+# ------------------------------------------------------------------------------ unusual image modes
+
+
+def test_sixteen_bit_png_is_scaled_not_saturated(tmp_path):
+  # Probe: Image.convert("RGB") clips I;16 at 255, storing an all-white crop.
+  values = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)  # 0 .. 64491
+  Image.fromarray(values).save(tmp_path / "deep.png")
+  assert Image.open(tmp_path / "deep.png").mode == "I;16"
+  rgb = images.read_image(tmp_path / "deep.png")
+  expected = np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+  assert rgb.dtype == np.uint8 and rgb.shape == (48, 64, 3)
+  np.testing.assert_array_equal(rgb[..., 0], expected)
+  np.testing.assert_array_equal(rgb[..., 1], rgb[..., 2])
+  assert rgb.min() == 0 and rgb.max() == 251
+
+
+def test_unusual_modes_convert_or_are_refused_naming_the_file(tmp_path):
+  cmyk = Image.new("CMYK", (4, 3), (0, 255, 255, 0))  # Pure red in CMYK.
+  cmyk.save(tmp_path / "cmyk.tif")
+  np.testing.assert_array_equal(images.read_image(tmp_path / "cmyk.tif")[0, 0], [255, 0, 0])
+  Image.fromarray(np.full((3, 4), 0.5, np.float32)).save(tmp_path / "float.tif")
+  with pytest.raises(images.ImageReadError, match=rf"{tmp_path}/float.tif: a floating-point image \(mode F\)"):
+    images.read_image(tmp_path / "float.tif")
+  Image.fromarray(np.full((3, 4), 70000, np.int32)).save(tmp_path / "wide.tif")
+  with pytest.raises(images.ImageReadError, match=rf"{tmp_path}/wide.tif: a 32-bit integer image .*70000"):
+    images.read_image(tmp_path / "wide.tif")
+  Image.fromarray(np.full((3, 4), 65535, np.int32)).save(tmp_path / "i32.tif")
+  np.testing.assert_array_equal(images.read_image(tmp_path / "i32.tif"), np.full((3, 4, 3), 255, np.uint8))
+
+
+def test_landmark_box_mostly_outside_the_photo_is_refused():
+  landmarks = np.array([[10.0, 10.0], [50.0, 50.0]])  # Box centre (30, 30), side 40.
+  images.check_box_inside(landmarks, (80, 96, 3), source="x.jpg")  # Inside.
+  images.check_box_inside(landmarks + [46, 0], (80, 96, 3), source="x.jpg")  # 95.5 - 56 = 39.5 of 40 inside.
+  # Right edge at 95.5: a box from 76 to 116 has 19.5 / 40 = 49% inside.
+  with pytest.raises(images.ImageReadError, match=r"x.jpg: the landmark box \(centre 96.0, 30.0, side 40.0 px\) "
+                     r"lies mostly outside the 96x80 photo \(49% inside\)"):
+    images.check_box_inside(landmarks + [66, 0], (80, 96, 3), source="x.jpg")
+  assert images.MIN_BOX_INSIDE == 0.5

@@ -262,19 +262,20 @@ print(json.dumps({k: batch[k].tolist() for k in ("index", "tough", "tolerant", "
 
 
 @pytest.mark.parametrize("given, current, expected", [
-    (True, False, ["student:kd", "eval", "report"]),  # another's cache: no teachers, no cache phase
-    (False, True, ["teacher:tough", "teacher:tolerant", "student:kd", "eval", "report"]),
-    (False, False, ["teacher:tough", "teacher:tolerant", "cache", "student:kd", "eval", "report"]),
+    (True, False, ["student:kd:0", "eval", "report"]),  # another's cache: no teachers, no cache phase
+    (False, True, ["teacher:tough", "teacher:tolerant", "student:kd:0", "eval", "report"]),
+    (False, False, ["teacher:tough", "teacher:tolerant", "cache", "student:kd:0", "eval", "report"]),
 ])
 def test_phase_all_with_a_given_cache_trains_no_teachers(tmp_path, monkeypatch, given, current, expected):
   calls = []
   monkeypatch.setattr(pipeline, "train_teacher", lambda c, w, teacher: calls.append(f"teacher:{teacher}"))
   monkeypatch.setattr(pipeline, "cache_teachers", lambda c, w: calls.append("cache"))
   monkeypatch.setattr(pipeline, "_cache_is_current", lambda w, c: current)
-  monkeypatch.setattr(pipeline, "train_student", lambda c, w, loss: calls.append(f"student:{loss}"))
+  monkeypatch.setattr(pipeline, "train_student",
+                      lambda c, w, loss, seed_index=0: calls.append(f"student:{loss}:{seed_index}"))
   monkeypatch.setattr(pipeline, "evaluate_all", lambda c, w, skip_current: calls.append("eval"))
   monkeypatch.setattr(pipeline, "write_report", lambda c, w: calls.append("report"))
   config = _config(student_loss="kd", teacher_cache_dir=str(tmp_path / "given") if given else "",
-                   write_report=True)
+                   write_report=True, student_seeds=1)
   pipeline.run(config, str(tmp_path / "run"))
   assert calls == expected

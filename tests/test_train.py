@@ -1,4 +1,5 @@
 """Tests of kd_landmarks.train: learning rate, the train step, its batches, fit (resume, NaN)."""
+import json
 import os
 
 import jax
@@ -37,6 +38,30 @@ def test_optimizer_first_step_is_adam():
   grads = {"w": jnp.array([0.5, -4.0, 1e-3])}
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], -0.1 * np.sign(grads["w"]), rtol=1e-3)
+
+
+def test_optimizer_second_step_reads_b1_b2_eps_and_decay_from_the_config():
+  # The first step is blind to b1/b2 (it is -lr * sign(g)); the second is not. Adam by hand (Kingma & Ba,
+  # Algorithm 1) with non-default b1, b2, eps and the time-based decay at step 1.
+  lr, b1, b2, eps, decay = 0.1, 0.5, 0.75, 1e-3, 0.5
+  config = _config(learning_rate=lr, b1=b1, b2=b2, eps=eps, decay=decay)
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  g1, g2 = np.array([0.5, -4.0, 0.25]), np.array([-1.0, 2.0, 0.5])
+  state = tx.init(params)
+  _, state = tx.update({"w": jnp.asarray(g1)}, state, params)
+  updates, _ = tx.update({"w": jnp.asarray(g2)}, state, params)
+  m1, v1 = (1 - b1) * g1, (1 - b2) * g1 ** 2
+  m2, v2 = b1 * m1 + (1 - b1) * g2, b2 * v1 + (1 - b2) * g2 ** 2
+  m_hat, v_hat = m2 / (1 - b1 ** 2), v2 / (1 - b2 ** 2)
+  expected = -(lr / (1 + decay * 1)) * m_hat / (np.sqrt(v_hat) + eps)
+  np.testing.assert_allclose(updates["w"], expected, rtol=1e-5)
+  # The paper's b1, b2 give another step: the config's values reach optax.
+  default = _config(learning_rate=lr, eps=eps, decay=decay)
+  tx_default = train.create_optimizer(default, train.create_learning_rate_fn(default))
+  _, state = tx_default.update({"w": jnp.asarray(g1)}, tx_default.init(params), params)
+  other, _ = tx_default.update({"w": jnp.asarray(g2)}, state, params)
+  assert np.abs(np.asarray(other["w"]) - expected).max() > 1e-3
 
 
 def test_train_batches_from_a_resume_step_join_the_teacher_cache_by_index():
@@ -139,10 +164,13 @@ def test_fit_trains_saves_and_reports_best(tmp_path):
   setup = fx.fit_setup(model_dir, num_train_steps=4, checkpoint_every=2, validate=True)
   variables = train.fit(setup)
   assert checkpoint.state_manager(model_dir).all_steps() == [2, 4]
-  assert os.path.exists(os.path.join(model_dir, checkpoint.DONE_FILE))
+  assert json.load(open(os.path.join(model_dir, checkpoint.DONE_FILE)))["step"] == 4
   assert checkpoint.read_model_json(model_dir)["phase"] == "teacher_tough"
   assert checkpoint.best_manager(model_dir).best_step() == 4
-  assert os.listdir(os.path.join(model_dir, "events"))
+  # TensorBoard: the train loss, the divergence metric and the validation NME series (tags stored verbatim).
+  events = b"".join(open(os.path.join(model_dir, "events", name), "rb").read()
+                    for name in os.listdir(os.path.join(model_dir, "events")))
+  assert b"train/loss" in events and b"train/max_abs_prediction" in events and b"val/nme" in events
   # A second fit finds the run finished and returns the same variables without training.
   again = train.fit(fx.fit_setup(model_dir, num_train_steps=4))
   jax.tree.map(np.testing.assert_array_equal, again, variables)
@@ -219,3 +247,100 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 def _host_tree():
   state = _state()
   return parallel.fetch_replicated(train._state_tree(state))  # pylint: disable=protected-access
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Divergence (issue 17, item 2) and best-checkpoint selection.
+
+
+def _scripted_validation(values):
+  """A validate_fn returning ``values`` in turn, recording the step-order of its calls."""
+  calls = []
+
+  def validate_fn(variables):
+    calls.append(variables)
+    return values[len(calls) - 1]
+  return validate_fn, calls
+
+
+def test_finite_blow_up_stops_with_the_nan_message_and_keeps_the_last_good_checkpoint(tmp_path):
+  # Probe: --config.optimizer.learning_rate=1e3 (loss 7e9, NME 10,363%, saved as best, done, exit 0).
+  model_dir = str(tmp_path / "m")
+  train.fit(fx.fit_setup(model_dir, num_train_steps=6, checkpoint_every=2, stop_after_steps=2))
+  good = checkpoint.restore_state(checkpoint.state_manager(model_dir), _host_tree())
+  setup = fx.fit_setup(model_dir, num_train_steps=6, checkpoint_every=2)
+  setup.tx = fx.make_tx(learning_rate=1e3)
+  # Step 3 runs on the good step-2 parameters; its lr-1e3 update throws step 4's predictions far off.
+  with pytest.raises(train.DivergedError, match=r"diverged at step 4: a prediction reached .* bound 10.*"
+                     r"last good checkpoint \(step 2\).*Lower --config.optimizer.learning_rate"):
+    train.fit(setup)
+  manager = checkpoint.state_manager(model_dir)
+  assert manager.all_steps() == [2]
+  kept = checkpoint.restore_state(manager, _host_tree())
+  jax.tree.map(np.testing.assert_array_equal, kept["params"], good["params"])
+  assert not os.path.exists(os.path.join(model_dir, checkpoint.DONE_FILE))
+
+
+def test_loss_blow_up_against_the_runs_first_loss():
+  # The rule on the run's own early value: 100x the first window's mean loss stops, 99x does not.
+  def metrics(loss):
+    return {"loss": np.float32(loss), "grad_norm": np.float32(1.0), "learning_rate": np.float32(1e-3),
+            "max_abs_prediction": np.float32(0.9)}
+  summary = train._check_finite([(4, metrics(0.99)), (5, metrics(1.01))], "m", 4, first_loss=0.01)  # pylint: disable=protected-access
+  assert summary["loss"] == pytest.approx(1.0) and summary["max_abs_prediction"] == pytest.approx(0.9)
+  with pytest.raises(train.DivergedError, match=r"m: training diverged at step 6: mean loss 1.1 is over "
+                     r"100 times this run's first logged loss 0.01 \(and over 1\).*\(step 4\)"):
+    train._check_finite([(4, metrics(1.0)), (5, metrics(1.2))], "m", 4, first_loss=0.01)  # pylint: disable=protected-access
+  # Below the floor of 1 a hundredfold rise is noise of a near-zero loss, not a blow-up.
+  train._check_finite([(4, metrics(0.5))], "m", 4, first_loss=1e-4)  # pylint: disable=protected-access
+  with pytest.raises(train.DivergedError, match=r"at step 3: a prediction reached 10.5"):
+    train._check_finite([(2, dict(metrics(0.1), max_abs_prediction=np.float32(10.5)))], "m", None)  # pylint: disable=protected-access
+
+
+def test_train_step_reports_the_largest_prediction(tmp_path):
+  source = fx.InMemorySource(8)
+  spec = fx.make_spec()
+  state = _state()
+  _, metrics = _single_device_step(spec, state, fx.make_batch(source, range(4)), jax.random.PRNGKey(0))
+  from kd_landmarks import augment
+  # Recomputed outside the step: the same augmentation, the model's train-mode forward.
+  images, _, _ = augment.augment(
+      jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), 0))[0],
+      jnp.asarray(fx.make_batch(source, range(4))["image"]), {"landmarks": jnp.asarray(source.landmarks[:4])},
+      reference="landmarks", out_size=spec.image_size, flip_permutation=spec.flip_permutation,
+      config=spec.augment_config)
+  prediction, _ = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images,
+                                 train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(metrics["max_abs_prediction"], np.abs(prediction).max(), rtol=1e-5)
+
+
+def test_absurd_validation_nme_is_never_best_nor_done(tmp_path):
+  model_dir = str(tmp_path / "m")
+  setup = fx.fit_setup(model_dir, num_train_steps=6, checkpoint_every=2, validate=True)
+  setup.validate_fn, calls = _scripted_validation([0.5, 103.63])
+  setup.eval_every_steps = 2
+  with pytest.raises(train.DivergedError, match=r"diverged at step 4: validation NME 103.6 \(1.036e\+04% .*"
+                     r"not saved as best nor marked done.*\(step 2\)"):
+    train.fit(setup)
+  assert len(calls) == 2
+  assert checkpoint.state_manager(model_dir).all_steps() == [2]  # Step 4's state was never saved.
+  assert checkpoint.best_manager(model_dir).all_steps() == [2]
+  assert not os.path.exists(os.path.join(model_dir, checkpoint.DONE_FILE))
+
+
+def test_best_checkpoint_is_the_lowest_scripted_validation_nme(tmp_path):
+  # Validation at steps 2, 4, 6 scores 0.3, 0.1, 0.2: best/ must hold step 4's variables, not the last.
+  model_dir = str(tmp_path / "m")
+  setup = fx.fit_setup(model_dir, num_train_steps=6, checkpoint_every=2, validate=True)
+  setup.validate_fn, calls = _scripted_validation([0.3, 0.1, 0.2])
+  setup.eval_every_steps = 2
+  setup.keep_checkpoints = 3
+  train.fit(setup)
+  assert len(calls) == 3
+  best = checkpoint.best_manager(model_dir)
+  assert best.best_step() == 4 and best.all_steps() == [4]
+  stored = best.restore(4)
+  state_at_4 = checkpoint.restore_state(checkpoint.state_manager(model_dir), _host_tree(), step=4)
+  jax.tree.map(np.testing.assert_array_equal, dict(stored["params"]), dict(state_at_4["params"]))
+  # The variables validated at step 4 are those saved: the validate_fn saw exactly them.
+  jax.tree.map(np.testing.assert_array_equal, dict(calls[1]["params"]), dict(state_at_4["params"]))

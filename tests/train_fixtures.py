@@ -41,6 +41,7 @@ class InMemorySource:
     self.soft = (self.landmarks + rng.normal(0, 0.3, self.landmarks.shape)).astype(np.float32)
     # crop -> original: scale 2, offset (10, 20).
     self.crop_to_original = np.array([[2, 0, 10], [0, 2, 20]], np.float32)
+    self.metadata = {"stored_crop_size": STORED_SIZE}  # As a prepared split's (the teacher cache records it).
 
   def __len__(self):
     return len(self.images)

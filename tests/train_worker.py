@@ -3,6 +3,8 @@
   python tests/train_worker.py fit OUT.npz MODEL_DIR [MODEL_DIR ...] [--steps N] [--devices D]
       [--process_id I --num_processes P --coordinator HOST:PORT]
   python tests/train_worker.py pmap_vs_shard_map OUT.npz --devices 2
+  python tests/train_worker.py lock OUT.json WORKDIR --process_id I --num_processes P --coordinator HOST:PORT
+  python tests/train_worker.py evaluate OUT.npz [--process_id I --num_processes P --coordinator HOST:PORT]
 
 Writes the final params (flattened) of the last MODEL_DIR to OUT.npz. XLA_FLAGS must be set before jax
 is imported, hence the subprocess.
@@ -14,7 +16,7 @@ import sys
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=["fit", "pmap_vs_shard_map"])
+  parser.add_argument("mode", choices=["fit", "pmap_vs_shard_map", "evaluate", "lock"])
   parser.add_argument("out")
   parser.add_argument("model_dirs", nargs="*")
   parser.add_argument("--steps", type=int, default=6)
@@ -34,6 +36,9 @@ def main():
     from kd_landmarks import parallel
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   import numpy as np
+  if args.mode == "lock":
+    lock_both_ways(args.out, args.model_dirs[0])
+    return
   if args.mode == "fit":
     import train_fixtures as fx
     from kd_landmarks import train
@@ -42,10 +47,57 @@ def main():
                                          checkpoint_every=args.checkpoint_every))
     flat = {jax.tree_util.keystr(path): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
+  elif args.mode == "evaluate":
+    flat = evaluate_in_memory()
   else:
     flat = pmap_vs_shard_map()
   np.savez(args.out, **flat)
   print(f"worker {args.process_id}: {jax.process_count()} processes, {jax.device_count()} devices, done")
+
+
+def lock_both_ways(out, workdir):
+  """Every process takes the workdir lock (only process 0 touches the file), then process 0 releases it
+  and a foreign run's lock appears: every process must now stop with process 0's message."""
+  import json
+  import jax
+  from kd_landmarks import workdir_lock
+  index, count = jax.process_index(), jax.process_count()
+  result = {}
+  lock = workdir_lock.acquire(workdir, process_index=index, process_count=count)
+  result["first_holds_file"] = lock.path is not None
+  result["file_exists"] = os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
+  lock.release()
+  if index == 0:
+    with open(os.path.join(workdir, workdir_lock.LOCK_FILE), "w") as f:
+      json.dump({"pid": 4242, "host": "node-17", "time": 0.0, "argv": ["other"], "token": "t"}, f)
+  try:
+    workdir_lock.acquire(workdir, process_index=index, process_count=count)
+    result["second"] = "acquired"
+  except workdir_lock.WorkdirLockedError as error:
+    result["second"] = str(error)
+  with open(out, "w") as f:
+    json.dump(result, f)
+
+
+def evaluate_in_memory():
+  """evaluate.predict_source and split_metrics of a fixed tiny model on 11 in-memory examples (an odd
+  count: the last batch is padded and masked, and the processes' blocks differ in size)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import train_fixtures as fx
+  from kd_landmarks import evaluate
+  model = fx.TinyModel()
+  variables = model.init(jax.random.PRNGKey(4), jnp.zeros((1, fx.IMAGE_SIZE, fx.IMAGE_SIZE, 3)))
+  variables = {"params": variables["params"],
+               "batch_stats": jax.tree.map(lambda x: x + 0.3, variables["batch_stats"])}
+  result = evaluate.predict_source(model, variables, fx.InMemorySource(11, seed=2), image_size=fx.IMAGE_SIZE,
+                                   batch_size=4)
+  metrics = evaluate.split_metrics(result["pred"], result["gt"], dataset="synthetic")
+  out = {key: np.asarray(result[key]) for key in ("pred", "pred_crop", "gt", "index")}
+  out["image_id"] = np.asarray(result["image_id"]).astype(str)
+  out.update({f"metric_{key}": np.asarray(value) for key, value in metrics.items()})
+  return out
 
 
 def pmap_vs_shard_map():

@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kd_landmarks.datasets import builder
 from kd_landmarks.datasets import info as info_lib
+from kd_landmarks.datasets import readers
+from kd_landmarks.datasets.builder import SYNTHETIC_DEFAULTS
 
 
 def _parser() -> argparse.ArgumentParser:
-  from kd_landmarks.datasets.builder import SYNTHETIC_DEFAULTS  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog="python -m kd_landmarks.datasets", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -40,8 +42,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
-  from kd_landmarks.datasets import builder  # pylint: disable=g-import-not-at-top (tfds is heavy)
-  from kd_landmarks.datasets import readers  # pylint: disable=g-import-not-at-top
   if args.command == "layout":
     print(readers.MANUAL_DOWNLOAD_INSTRUCTIONS)
     return 0

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import itertools
+import json
 import os
 import pathlib
 from typing import Any, Optional
@@ -33,6 +35,7 @@ from kd_landmarks import shapes
 from kd_landmarks.datasets import images as images_lib
 from kd_landmarks.datasets import info as info_lib
 from kd_landmarks.datasets import readers
+from kd_landmarks.datasets import synthetic
 
 STORED_CROP_SCALE = images_lib.STORED_CROP_SCALE
 STORED_CROP_SIZE = images_lib.STORED_CROP_SIZE
@@ -199,7 +202,6 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
             for split in splits}
 
   def _read_synthetic(self, split: str) -> list[readers.RawExample]:
-    from kd_landmarks.datasets import synthetic  # pylint: disable=g-import-not-at-top
     options = self._synthetic_options
     num_examples = int(options[f"num_{split}"])
     if num_examples < 1:
@@ -234,6 +236,8 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     shapes.save_shape_model(pathlib.Path(self.data_path) / SHAPE_MODEL_FILE, shape_model)
     metadata = self.preparation_options()
     metadata["split_sizes"] = {split: len(raw) for split, raw in raw_splits.items()}
+    if manual_dir is not None:  # `prepare` compares it with the manual dir of a later call.
+      metadata["manual_dir"] = manual_dir_fingerprint(manual_dir)
     self.info.metadata.update(metadata)
     return {split: self._generate_examples(raw, shape_model=shape_model, split=split)
             for split, raw in raw_splits.items()}
@@ -271,6 +275,7 @@ def make_example(raw: readers.RawExample, *, index: int, size: int, encoding: st
     raise readers.DatasetFormatError(f"{raw.image_id}: landmarks of shape {landmarks_original.shape}, "
                                      f"{dataset} needs ({num_landmarks}, 2)")
   image = raw.load_image()
+  images_lib.check_box_inside(landmarks_original, image.shape, source=raw.image_path or raw.image_id)
   crop_to_original = images_lib.stored_crop_affine(landmarks_original, size=size)
   crop = images_lib.crop_face(image, crop_to_original, size)
   landmarks = coords.apply_affine(coords.invert_affine(crop_to_original), landmarks_original)
@@ -303,9 +308,24 @@ def _stored_options(builder: KdLandmarks) -> Optional[dict]:
   path = pathlib.Path(builder.data_path) / "metadata.json"
   if not path.exists():
     return None
-  import json  # pylint: disable=g-import-not-at-top
   stored = json.loads(path.read_text())
   return {key: stored.get(key) for key in builder.preparation_options()}
+
+
+def manual_dir_fingerprint(manual_dir) -> dict:
+  """What a build was made from: the manual dir's path, file count, total size and a hash of every
+  (relative path, size) pair. Sizes, not contents: hashing gigabytes of photos would dwarf the build."""
+  root = pathlib.Path(manual_dir).resolve()
+  entries = sorted((str(path.relative_to(root)), path.stat().st_size)
+                   for path in root.rglob("*") if path.is_file())
+  digest = hashlib.sha256("\n".join(f"{name}\t{size}" for name, size in entries).encode()).hexdigest()
+  return {"path": str(root), "files": len(entries), "bytes": int(sum(size for _, size in entries)),
+          "sha256": digest[:16]}
+
+
+def _stored_fingerprint(builder: KdLandmarks) -> Optional[dict]:
+  path = pathlib.Path(builder.data_path) / "metadata.json"
+  return json.loads(path.read_text()).get("manual_dir") if path.exists() else None
 
 
 def is_prepared(builder: KdLandmarks) -> bool:
@@ -335,6 +355,14 @@ def prepare(dataset: str, *, data_dir, manual_dir=None, allow_partial: bool = Fa
       raise FileExistsError(
           f"{builder.data_path} was prepared with {stored}, not the requested {wanted}; pass --overwrite "
           "(overwrite=True) to rebuild it, or choose another --data_dir")
+    elif manual_dir is not None and (built_from := _stored_fingerprint(builder)) is not None:
+      current = manual_dir_fingerprint(manual_dir)
+      if {k: built_from.get(k) for k in current} != current:
+        raise FileExistsError(
+            f"{builder.data_path} was built from {built_from['path']} ({built_from['files']} files, "
+            f"{built_from['bytes']} bytes), but {current['path']} now holds {current['files']} files, "
+            f"{current['bytes']} bytes (another file list or sizes); pass --overwrite (overwrite=True) to "
+            "rebuild it from this manual dir, or choose another --data_dir")
   tfds.disable_progress_bar()  # ours (one bar per split, with a total) replaces tfds's counters
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=None if manual_dir is None else os.fspath(manual_dir), download_mode=mode,

@@ -27,12 +27,47 @@ class ImageReadError(ValueError):
   """An image file that is missing or cannot be decoded."""
 
 
+# PIL's 16-bit greyscale modes; convert("RGB") clips their values at 255 (an all-white face).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# A face crop may leave the photo by its margin, but the landmark box itself must be mostly inside it.
+MIN_BOX_INSIDE = 0.5
+
+
+def to_rgb8(image: Image.Image, *, source: str) -> np.ndarray:
+  """A PIL image of any mode as uint8 RGB ``[H, W, 3]``, or ImageReadError naming ``source``.
+
+  16-bit greyscale (PNG, TIFF) is scaled by 255/65535 (rounded), 32-bit integer images too when their
+  values fit 16 bits; floating-point images have no defined range and are refused. Every other mode
+  (greyscale, palette, RGBA, CMYK, YCbCr, 1-bit, 48-bit RGB which PIL reads as RGB) goes through PIL's
+  conversion.
+  """
+  mode = image.mode
+  if mode in _SIXTEEN_BIT_MODES or mode == "I":
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+      raise ImageReadError(
+          f"{source}: a 32-bit integer image (mode {mode}) with values {values.min()}..{values.max()}, "
+          "outside 16 bits; save it as an 8- or 16-bit PNG or JPEG")
+    grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+  if mode == "F":
+    raise ImageReadError(f"{source}: a floating-point image (mode F) has no defined pixel range; save it as "
+                         "an 8- or 16-bit PNG or JPEG")
+  try:
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+  except ValueError as error:
+    raise ImageReadError(f"{source}: cannot convert image mode {mode} to RGB ({error}); save it as an "
+                         "8-bit RGB PNG or JPEG") from None
+
+
 def read_image(path) -> np.ndarray:
-  """Reads an image file as uint8 RGB ``[H, W, 3]`` (greyscale and palette images are converted)."""
+  """Reads an image file as uint8 RGB ``[H, W, 3]`` (every mode converted by :func:`to_rgb8`)."""
   path = os.fspath(path)
   try:
     with Image.open(path) as image:
-      return np.asarray(image.convert("RGB"), dtype=np.uint8)
+      return to_rgb8(image, source=path)
+  except ImageReadError:
+    raise
   except FileNotFoundError:
     raise ImageReadError(f"{path}: image file not found") from None
   except (OSError, ValueError, Image.DecompressionBombError) as error:
@@ -58,6 +93,23 @@ def stored_crop_affine(landmarks_px, *, size: int, scale: float = STORED_CROP_SC
   if not box[2] > 0:
     raise ValueError(f"the landmarks span a zero-size box ({box.tolist()}); cannot crop a face from them")
   return coords.crop_affine(box, size)
+
+
+def check_box_inside(landmarks_px, image_shape, *, source: str) -> None:
+  """Refuses a face whose landmark box lies mostly outside the photo (less than ``MIN_BOX_INSIDE`` of
+  its area inside): its stored crop would be mostly black padding, and its landmarks most likely belong to
+  another image or are in another unit."""
+  cx, cy, side = (float(v) for v in coords.square_box_from_landmarks(landmarks_px))
+  height, width = image_shape[:2]
+  # The photo spans [-0.5, W - 0.5] x [-0.5, H - 0.5] in the pixel-centre frame.
+  inside_x = max(0.0, min(cx + side / 2, width - 0.5) - max(cx - side / 2, -0.5))
+  inside_y = max(0.0, min(cy + side / 2, height - 0.5) - max(cy - side / 2, -0.5))
+  fraction = inside_x * inside_y / (side * side) if side > 0 else 0.0
+  if fraction < MIN_BOX_INSIDE:
+    raise ImageReadError(
+        f"{source}: the landmark box (centre {cx:.1f}, {cy:.1f}, side {side:.1f} px) lies mostly outside the "
+        f"{width}x{height} photo ({100 * fraction:.0f}% inside); the landmarks do not fit this image: "
+        "check its annotation file (wrong image, or coordinates not in pixels)")
 
 
 def crop_face(image: np.ndarray, crop_to_original: np.ndarray, size: int) -> np.ndarray:

@@ -21,10 +21,12 @@ Landmarks are float32 pixels, 0-based with pixel centres on integers (:mod:`kd_l
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import math
 import pathlib
+import time
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -567,8 +569,6 @@ def contact_sheet(examples, *, columns: int = 6, zoom: int = 2, draw_landmarks: 
 
 def main(argv=None) -> int:
   """``python -m kd_landmarks.datasets.synthetic --output sheet.png``: a contact sheet and the render speed."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description="Render synthetic faces into a contact sheet and time them.")
   parser.add_argument("--output", required=True, help="PNG path of the contact sheet")
   parser.add_argument("--split", default="train", choices=sorted(SPLIT_KEYS))

@@ -8,27 +8,43 @@
 
 The C++ sources ship with the package and are compiled on first use into one library with the machine's C++
 compiler (``$CXX``, else ``c++``/``g++``) against the XLA FFI headers that jaxlib ships
-(``jax.ffi.include_dir()``), then cached: nothing is downloaded. The cache key covers the source, the
-jaxlib version, the flags and the CPU's instruction-set flags (``-march=native``).
+(``jax.ffi.include_dir()``), then cached: nothing is downloaded. The cache key covers the sources, the
+jax and jaxlib versions, the contents of the FFI headers compiled against, the compiler, the flags and the
+CPU's instruction-set flags (``-march=native``).
+
+* Concurrent first use (several processes or test workers) compiles once: the build holds a file lock
+  (``fcntl.flock`` on ``<library>.lock``) and the others wait for it, then load its result.
+* A cached library that fails to load (truncated, built for another machine) is deleted and rebuilt once.
+* The cache is the first writable of ``$KD_LANDMARKS_NATIVE_CACHE``, ``$XDG_CACHE_HOME/kd_landmarks/native``
+  (else ``~/.cache/kd_landmarks/native``) and ``<tempdir>/kd_landmarks-native-<uid>``, so a read-only home
+  does not disable the kernels.
+* Inference never compiles: under :func:`no_build` (evaluation, predict, export) a library already in the
+  cache is loaded, but a missing one is not built and the XLA implementations (same forward pass) are
+  used; the kernels only compute training gradients and batch statistics anyway.
+* Loading and registering the FFI targets happens once per process, under a lock (thread-safe).
 
 Environment:
   KD_LANDMARKS_NATIVE=0           never build or use the kernels (the XLA implementations are used).
-  KD_LANDMARKS_NATIVE_CACHE=DIR   where compiled libraries go (default ~/.cache/kd_landmarks/native).
+  KD_LANDMARKS_NATIVE_CACHE=DIR   where compiled libraries go (see above for the default).
 
 Where no compiler works, :func:`available` is False, :func:`unavailable_reason` says why, and
 ``depthwise_impl='auto'`` and ``norm_impl='auto'`` fall back to the XLA implementations.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
-import functools
+import fcntl
 import hashlib
+import importlib.metadata
 import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -69,25 +85,100 @@ def _compiler() -> str | None:
   return None
 
 
+def cache_dir_candidates() -> list[str]:
+  """Where compiled libraries may go, in order of preference (the first writable one is used)."""
+  if os.environ.get("KD_LANDMARKS_NATIVE_CACHE"):
+    return [os.path.expanduser(os.environ["KD_LANDMARKS_NATIVE_CACHE"])]
+  candidates = [os.path.join(os.path.expanduser("~"), ".cache", "kd_landmarks", "native"),
+                os.path.join(tempfile.gettempdir(), f"kd_landmarks-native-{os.getuid()}")]
+  if os.environ.get("XDG_CACHE_HOME"):  # The XDG base-directory rule: it replaces ~/.cache when set.
+    candidates.insert(0, os.path.join(os.environ["XDG_CACHE_HOME"], "kd_landmarks", "native"))
+  return candidates
+
+
 def _cache_dir() -> str:
-  return os.path.expanduser(os.environ.get("KD_LANDMARKS_NATIVE_CACHE", "~/.cache/kd_landmarks/native"))
+  tried = []
+  for directory in cache_dir_candidates():
+    try:
+      os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+      tried.append(f"{directory} ({error.strerror})")
+      continue
+    if os.access(directory, os.W_OK | os.X_OK):
+      return directory
+    tried.append(f"{directory} (not writable)")
+  raise NativeUnavailableError(f"no writable cache directory for the compiled kernels: {'; '.join(tried)}; "
+                               "set KD_LANDMARKS_NATIVE_CACHE to a writable directory")
 
 
-def _build(compiler: str) -> str:
-  """Compiles the sources (once per cache key) into one shared library and returns its path."""
-  texts = []
-  for path in SOURCES + HEADERS:
+def _jaxlib_version() -> str:
+  try:
+    return importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
+
+
+def cache_key(compiler: str) -> str:
+  """Hash of everything the compiled library depends on: sources, jax and jaxlib versions, the FFI
+  headers' contents under ``jax.ffi.include_dir()``, compiler, flags and the CPU."""
+  digest = hashlib.sha256()
+  header_root = jax.ffi.include_dir()
+  headers = sorted(os.path.join(root, name) for root, _, names in os.walk(header_root) for name in names)
+  for path in SOURCES + HEADERS + tuple(headers):
     with open(path, "rb") as f:
-      texts.append(f.read())
-  key = hashlib.sha256(b"\0".join([
-      *texts, jax.__version__.encode(), " ".join(CXX_FLAGS).encode(), compiler.encode(),
-      _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
-  directory = _cache_dir()
-  library = os.path.join(directory, f"kd_landmarks_cpu_{key}.so")
-  if os.path.exists(library):
-    return library
-  os.makedirs(directory, exist_ok=True)
-  # Build into a temporary name and rename: concurrent processes never load a half-written library.
+      digest.update(os.path.relpath(path, header_root).encode() + b"\0" + f.read() + b"\0")
+  for part in (jax.__version__, _jaxlib_version(), " ".join(CXX_FLAGS), compiler, _cpu_flags(),
+               platform.machine()):
+    digest.update(part.encode() + b"\0")
+  return digest.hexdigest()[:16]
+
+
+def library_path(compiler: str) -> str:
+  return os.path.join(_cache_dir(), f"kd_landmarks_cpu_{cache_key(compiler)}.so")
+
+
+@contextlib.contextmanager
+def _build_lock(library: str):
+  """An exclusive file lock beside ``library``: concurrent first uses compile once, the others wait."""
+  with open(library + ".lock", "a") as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(compiler: str, *, discard: str | None = None) -> str:
+  """Compiles the sources (once per cache key) into one shared library and returns its path.
+
+  ``discard``: a cached library that failed to load; it is deleted (under the lock) and rebuilt, unless
+  another process already replaced it.
+  """
+  library = library_path(compiler)
+  with _build_lock(library):
+    if discard is not None and os.path.exists(library) and _same_file(library, discard):
+      os.remove(library)
+    if os.path.exists(library):
+      return library
+    return _compile(compiler, library)
+
+
+def _same_file(a: str, b: str) -> bool:
+  try:
+    return os.path.samefile(a, b)
+  except OSError:
+    return False
+
+
+# Counts compiler runs (tests check that concurrent first use compiles once).
+_compile_count = 0
+
+
+def _compile(compiler: str, library: str) -> str:
+  global _compile_count
+  _compile_count += 1
+  directory = os.path.dirname(library)
+  # Build into a temporary name and rename: a process never loads a half-written library.
   handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
   os.close(handle)
   command = [compiler, *CXX_FLAGS, "-I", jax.ffi.include_dir(), *SOURCES, "-o", partial]
@@ -103,22 +194,73 @@ def _build(compiler: str) -> str:
   return library
 
 
-@functools.lru_cache(maxsize=None)
-def _load() -> tuple[bool, str]:
-  """Builds, loads and registers the kernels once per process: (available, reason if not)."""
-  if os.environ.get("KD_LANDMARKS_NATIVE", "1") == "0":
-    return False, "disabled by KD_LANDMARKS_NATIVE=0"
-  compiler = _compiler()
-  if compiler is None:
-    return False, "no C++ compiler found (set $CXX or install g++)"
+_LOCK = threading.Lock()
+_result: tuple[bool, str] | None = None   # Set once the kernels are registered or cannot be.
+# XLA refuses a second registration of a target name with another library ("Duplicate FFI handler
+# registration"), which would break the CPU backend: register once per process, whatever _reset says.
+_registered = False
+_no_build = contextvars.ContextVar("kd_landmarks_native_no_build", default=False)
+
+
+@contextlib.contextmanager
+def no_build():
+  """Inside: :func:`available` loads a library already in the cache but never compiles one (inference:
+  evaluation, predict, export). Its forward passes are the same with or without the kernels."""
+  token = _no_build.set(True)
   try:
-    library = ctypes.CDLL(_build(compiler))
-    for target, symbol in _SYMBOLS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-  except (NativeUnavailableError, OSError, subprocess.SubprocessError, AttributeError) as error:
-    logging.warning("kd_landmarks native CPU kernels unavailable, using XLA's: %s", error)
-    return False, str(error)
-  return True, ""
+    yield
+  finally:
+    _no_build.reset(token)
+
+
+def _open(path: str, compiler: str):
+  """ctypes.CDLL of ``path``; a cached library that fails to load is rebuilt once."""
+  try:
+    return ctypes.CDLL(path)
+  except OSError as error:
+    logging.warning("the cached native library %s fails to load (%s); rebuilding it once", path, error)
+    return ctypes.CDLL(_build(compiler, discard=path))
+
+
+def _load() -> tuple[bool, str]:
+  """Builds, loads and registers the kernels once per process: (available, reason if not). Thread-safe."""
+  global _result, _registered
+  with _LOCK:
+    if _result is not None:
+      return _result
+    if os.environ.get("KD_LANDMARKS_NATIVE", "1") == "0":
+      return False, "disabled by KD_LANDMARKS_NATIVE=0"
+    compiler = _compiler()
+    if compiler is None:
+      return False, "no C++ compiler found (set $CXX or install g++)"
+    try:
+      if _no_build.get():
+        path = library_path(compiler)
+        if not os.path.exists(path):  # Not cached for a later training run: they may still build.
+          return False, f"not compiled yet ({path}); inference does not compile the native kernels"
+        library = ctypes.CDLL(path)
+      else:
+        library = _open(_build(compiler), compiler)
+      if not _registered:
+        for target, symbol in _SYMBOLS.items():
+          jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        _registered = True
+    except (NativeUnavailableError, OSError, subprocess.SubprocessError, AttributeError) as error:
+      logging.warning("kd_landmarks native CPU kernels unavailable, using XLA's: %s", error)
+      _result = (False, str(error))
+      return _result
+    _result = (True, "")
+    return _result
+
+
+def _reset() -> None:
+  """Forgets the outcome of :func:`_load` (tests that change the environment)."""
+  global _result
+  with _LOCK:
+    _result = None
+
+
+_load.cache_clear = _reset  # The name tests and callers used when _load was an lru_cache.
 
 
 def available() -> bool:

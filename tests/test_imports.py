@@ -1,0 +1,122 @@
+"""The package's import graph (issue 17, item 9): no circle, no module importing one of a higher layer, and
+every import inside a function says why (an optional dependency or a measured start-up cost)."""
+import ast
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "kd_landmarks"
+
+# Layers, lowest first: a module imports only modules of its own layer or below. The data side, then the
+# model side, the training step / fit loop, evaluation and the report, the pipeline's phases, and the
+# entry points. (pipeline calls evaluate and report, so it sits above them.)
+LAYERS = [
+    {"coords", "shapes", "metrics", "parallel", "allocator", "paper_results", "input_pipeline",
+     "workdir_lock", "datasets"},
+    {"augment"},
+    {"models", "config_lib"},
+    {"losses", "checkpoint", "model_stats"},
+    {"train"},
+    {"evaluate", "report"},
+    {"pipeline"},
+    {"detect", "predict", "export", "main"},
+]
+
+
+def _module_name(path):
+  parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(module):
+  short = module.split(".")[1] if "." in module else module
+  for rank, names in enumerate(LAYERS):
+    if short in names:
+      return rank
+  raise AssertionError(f"{module} is in no layer of tests/test_imports.py; add it")
+
+
+def _imports():
+  """(importer, imported kd_landmarks module, line number, inside a function?) for every import."""
+  edges = []
+  for path in sorted(PACKAGE.rglob("*.py")):
+    importer = _module_name(path)
+    tree = ast.parse(path.read_text())
+    local_lines = set()
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        for inner in ast.walk(node):
+          if isinstance(inner, (ast.Import, ast.ImportFrom)):
+            local_lines.add(inner.lineno)
+    for node in ast.walk(tree):
+      names = []
+      if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+      for name in names:
+        edges.append((importer, name, node.lineno, node.lineno in local_lines, path))
+  return edges
+
+
+def _package_module(name):
+  """'kd_landmarks.datasets.info' -> 'kd_landmarks.datasets.info' if that module exists, else its parent."""
+  parts = name.split(".")
+  while parts:
+    candidate = PACKAGE.parent.joinpath(*parts)
+    if candidate.with_suffix(".py").exists() or (candidate / "__init__.py").exists():
+      return ".".join(parts)
+    parts = parts[:-1]
+  return None
+
+
+def test_no_module_imports_a_higher_layer():
+  wrong = []
+  for importer, name, line, _, path in _imports():
+    if not name.startswith("kd_landmarks") or importer == "kd_landmarks":
+      continue
+    imported = _package_module(name)
+    if imported in (None, "kd_landmarks") or imported == importer:
+      continue
+    if _layer(imported) > _layer(importer):
+      wrong.append(f"{path.name}:{line}: {importer} imports {imported}")
+  assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_circle():
+  graph = {}
+  for importer, name, _, _, _ in _imports():
+    imported = _package_module(name) if name.startswith("kd_landmarks") else None
+    if imported and imported not in (importer, "kd_landmarks") and not importer.startswith(imported + "."):
+      graph.setdefault(importer, set()).add(imported)
+  seen, stack = set(), []
+
+  def visit(node):
+    if node in stack:
+      raise AssertionError("import circle: " + " -> ".join(stack[stack.index(node):] + [node]))
+    if node in seen:
+      return
+    stack.append(node)
+    for child in sorted(graph.get(node, ())):
+      visit(child)
+    stack.pop()
+    seen.add(node)
+
+  for node in sorted(graph):
+    visit(node)
+
+
+def test_every_import_inside_a_function_says_why():
+  unexplained = []
+  for _, name, line, local, path in _imports():
+    if not local:
+      continue
+    lines = path.read_text().splitlines()
+    # The reason is on the line, or in the comment lines just above it (a block of local imports).
+    context = lines[line - 1]
+    above = line - 2
+    while above >= 0 and lines[above].strip().startswith(("#", "from ", "import ", "if ", "logging.",
+                                                            "parallel.")):
+      context += lines[above]
+      above -= 1
+    if "#" not in context:
+      unexplained.append(f"{path.name}:{line}: {lines[line - 1].strip()}")
+  assert not unexplained, "\n".join(unexplained)
