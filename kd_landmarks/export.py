@@ -39,7 +39,6 @@ import types
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kd_landmarks import checkpoint
@@ -48,20 +47,20 @@ from kd_landmarks import datasets
 from kd_landmarks import detect
 from kd_landmarks import model_card
 from kd_landmarks import predict
-from kd_landmarks.datasets import images as image_io
 from kd_landmarks.datasets import info
-from kd_landmarks.datasets import readers
 from kd_landmarks.models import native
 # The ONNX Runtime session lives with the other runtimes (below export and predict); export.ort_session
 # stays its name here for the tests and benchmarks.
 from kd_landmarks.runtimes import ort_session  # noqa: F401
+# The exported function's contract, shared with export_tflite (kept importable from here).
+from kd_landmarks.serving import FIXTURE_DIR  # noqa: F401
+from kd_landmarks.serving import FP32_TOLERANCE
+from kd_landmarks.serving import INPUT_NAME
+from kd_landmarks.serving import OUTPUT_NAME
+from kd_landmarks.serving import PAPER_MODEL_SIZE_MB
+from kd_landmarks.serving import fixture_crops
+from kd_landmarks.serving import serving_function
 
-# Max |ONNX - JAX| in normalised coordinates (1e-4 = 0.02 px of a 224 px crop).
-FP32_TOLERANCE = 1e-4
-INPUT_NAME = "image"
-OUTPUT_NAME = "landmarks"
-# The paper's MobileNetV2 student file size (Table 6).
-PAPER_MODEL_SIZE_MB = 3.2
 # int8 weight precision. x86 CPUs without VNNI (AVX2-only AMD EPYC, AVX-512 Skylake) multiply uint8
 # activations by int8 weights with vpmaddubsw, which adds each pair of products into a saturating int16:
 # 2 * 255 * 127 = 64,770 overflows 32,767, and the model silently computes something else (the test model's
@@ -72,33 +71,6 @@ PAPER_MODEL_SIZE_MB = 3.2
 INT8_WEIGHT_BITS = {7: "portable: no int16 saturation on any x86 CPU (onnxruntime reduce_range)",
                     8: "full int8 range: only exact on CPUs with VNNI or on ARM dot-product kernels"}
 DEFAULT_INT8_WEIGHT_BITS = 7
-# The real fixture photo ships inside the package (package_data, BSD-3 notice beside it): every export is
-# checked on its crops, and int8 calibrates on it without --data_dir, from an installed wheel too.
-FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "takeo")
-
-
-def serving_function(module, variables):
-  """uint8 RGB crops ``[B, S, S, 3]`` -> normalised landmarks ``[B, K, 2]``: the function exported."""
-  # The lax depthwise convolution maps to ONNX's native grouped Conv and a 1x1 'conv' to a Conv; the
-  # CPU-training implementations (shifted slices, channel dots) would export as dozens of Slice/Mul
-  # nodes and as Einsums between layout transposes, which ONNX Runtime cannot fuse (2.5x slower).
-  # Same parameters, same mathematics.
-  fields = getattr(module, "__dataclass_fields__", {})
-  if "depthwise_impl" in fields:
-    module = module.clone(depthwise_impl="lax")
-  if "pointwise_impl" in fields:
-    module = module.clone(pointwise_impl="conv")
-  # A model trained on an accelerator computes in bfloat16; mobile runtimes (and ONNX Runtime's CPU Conv)
-  # want float32, and the parameters are float32 already.
-  if "dtype" in getattr(module, "__dataclass_fields__", {}):
-    module = module.clone(dtype=jnp.float32)
-
-  def serve(images_uint8):
-    return module.apply(variables, images_uint8.astype(jnp.float32) / 255.0, train=False)
-
-  return serve
-
-
 def to_onnx_model(module, variables, image_size: int, *, model_name: str = "kd_landmarks_student"):
   """Traces the serving function with jax2onnx; returns an ``onnx.ModelProto`` with a dynamic batch."""
   from jax2onnx import to_onnx  # Optional dependency (export only).
@@ -298,23 +270,6 @@ def cpu_description() -> dict:
   return {"name": name, "machine": platform.machine(), "avx2": "avx2" in flags,
           "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
           "vnni": bool({"avx512_vnni", "avx_vnni"} & flags)}
-
-
-def fixture_crops(image_size: int, *, count: int = 16, seed: int = 0) -> np.ndarray:
-  """Face crops of the real fixture photo (takeo) around its annotated landmark box, with the small
-  shifts and scalings a detector box brings (so calibration sees more than one framing)."""
-  image = image_io.read_image(os.path.join(FIXTURE_DIR, "takeo.ppm"))
-  landmarks = readers.read_pts(os.path.join(FIXTURE_DIR, "takeo.pts"))
-  cx, cy, side = coords.square_box_from_landmarks(landmarks)
-  rng = np.random.default_rng(seed)
-  crops = []
-  for index in range(count):
-    jitter = np.zeros(3) if index == 0 else rng.uniform(-0.05, 0.05, size=3)
-    box = (cx + jitter[0] * side, cy + jitter[1] * side, side * (1 + jitter[2]))
-    crop, _ = predict.crop_for_landmark_box(image, box, image_size=image_size,
-                                            box_scale=predict.eval_box_scale())
-    crops.append(np.round(crop * 255.0).astype(np.uint8))
-  return np.stack(crops)
 
 
 def dataset_crops(dataset: str, split: str, data_dir: str, image_size: int, *, count: int = 64):

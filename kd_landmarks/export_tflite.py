@@ -5,7 +5,7 @@ function the ONNX export traces) -> ``jax2tf.convert`` -> ``tf.lite.TFLiteConver
 only here (extra ``tflite``: ``pip install 'kd_landmarks[tflite]'``); nothing else in kd_landmarks imports it.
 
 * ``<name>.tflite``: float32, input uint8 ``[1, S, S, 3]``, output float32 ``[1, K, 2]``: the ONNX contract
-  at batch 1. Refused unless LiteRT's interpreter matches JAX within ``export.FP32_TOLERANCE`` on the check
+  at batch 1. Refused unless LiteRT's interpreter matches JAX within ``serving.FP32_TOLERANCE`` on the check
   crops.
 * ``<name>.int8.tflite``: full-integer post-training quantisation (int8 weights per channel and int8
   activations, ranges from representative face crops), batch 1. Its input is uint8 quantised with scale 1
@@ -22,9 +22,11 @@ from __future__ import annotations
 import os
 import time
 
+import jax
 import numpy as np
 
-from kd_landmarks import export
+from kd_landmarks import runtimes
+from kd_landmarks import serving
 
 # Batch of both files: what a phone runs (one face per invoke); static shapes let XNNPACK take every op.
 BATCH = 1
@@ -43,10 +45,10 @@ def _tf():
 def _converter(module, variables, image_size: int, *, batch: int | None = BATCH, dtype):
   tf, jax2tf = _tf()
   # Variables are closed over: jax2tf embeds them as constants, which the converter folds into the graph.
-  serve = export.serving_function(module, variables)
+  serve = serving.serving_function(module, variables)
   shape = [batch, int(image_size), int(image_size), 3]
   function = tf.function(jax2tf.convert(serve, polymorphic_shapes=["(b, ...)"] if batch is None else None),
-                         autograph=False, input_signature=[tf.TensorSpec(shape, dtype, name=export.INPUT_NAME)])
+                         autograph=False, input_signature=[tf.TensorSpec(shape, dtype, name=serving.INPUT_NAME)])
   return tf, tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], function)
 
 
@@ -84,7 +86,6 @@ def to_tflite_int8(module, variables, image_size: int, representative_crops: np.
 
 def run_litert(path: str, images_uint8: np.ndarray, *, threads: int = 1) -> np.ndarray:
   """Runs a ``.tflite`` export in ai-edge-litert's interpreter (the runtime a phone app links)."""
-  from kd_landmarks import runtimes
 
   return runtimes.LiteRtRunner(path, threads=threads)(images_uint8)
 
@@ -94,14 +95,13 @@ def export_tflite(module, variables, meta: dict, out_dir: str, *, quantize: bool
                   name: str = "student") -> dict:
   """Writes ``out_dir/<name>.tflite`` (and ``<name>.int8.tflite``), checks them with LiteRT against JAX,
   and returns what was made (the ``tflite_float32`` / ``tflite_int8`` entries of ``export.json``)."""
-  import jax
 
   image_size = int(meta["image_size"])
   os.makedirs(out_dir, exist_ok=True)
   if check_images is None:
-    check_images = export.fixture_crops(image_size, count=4)
+    check_images = serving.fixture_crops(image_size, count=4)
   check_images = np.asarray(check_images, dtype=np.uint8)
-  expected = np.asarray(jax.jit(export.serving_function(module, variables))(check_images))
+  expected = np.asarray(jax.jit(serving.serving_function(module, variables))(check_images))
 
   start = time.perf_counter()
   float_path = os.path.join(out_dir, f"{name}.tflite")
@@ -113,18 +113,18 @@ def export_tflite(module, variables, meta: dict, out_dir: str, *, quantize: bool
   report["tflite_float32"] = {"path": float_path, "size_mb": round(os.path.getsize(float_path) / 1e6, 3),
                               "max_abs_error_vs_jax": error, "runtime": "ai-edge-litert interpreter",
                               "batch": BATCH}
-  if not error <= export.FP32_TOLERANCE:
-    raise RuntimeError(f"{float_path}: LiteRT differs from JAX by {error:.3g} > {export.FP32_TOLERANCE} "
+  if not error <= serving.FP32_TOLERANCE:
+    raise RuntimeError(f"{float_path}: LiteRT differs from JAX by {error:.3g} > {serving.FP32_TOLERANCE} "
                        "(normalised units); the export is wrong, do not ship it")
   if quantize:
     if calibration_images is None:
-      calibration_images = export.fixture_crops(image_size)
+      calibration_images = serving.fixture_crops(image_size)
     int8_path = os.path.join(out_dir, f"{name}.int8.tflite")
     with open(int8_path, "wb") as f:
       f.write(to_tflite_int8(module, variables, image_size, calibration_images))
     int8_error = np.abs(run_litert(int8_path, check_images) - expected)
     report["tflite_int8"] = {"path": int8_path, "size_mb": round(os.path.getsize(int8_path) / 1e6, 3),
-                             "paper_table6_size_mb": export.PAPER_MODEL_SIZE_MB,
+                             "paper_table6_size_mb": serving.PAPER_MODEL_SIZE_MB,
                              "calibration_images": int(len(calibration_images)), "batch": BATCH,
                              "max_abs_error_vs_jax": float(int8_error.max()),
                              "mean_px_error_vs_jax": float(

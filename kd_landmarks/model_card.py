@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+from kd_landmarks import evaluate
+
 MODEL_CARD = "MODEL_CARD.md"
 
 # What each dataset's distributors state about use; a model trained on it inherits these terms.
@@ -50,7 +52,6 @@ def _checkpoint_text(checkpoint) -> str:
 
 def read_metrics(model_dir: str | None) -> dict | None:
   """The run's evaluation (``MODEL_DIR/eval/metrics.json``), or None when the model was never evaluated."""
-  from kd_landmarks import evaluate
 
   path = os.path.join(model_dir, evaluate.EVAL_DIR, evaluate.METRICS_FILE) if model_dir else None
   if not path or not os.path.exists(path):

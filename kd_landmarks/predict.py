@@ -40,6 +40,7 @@ from kd_landmarks import checkpoint
 from kd_landmarks import coords
 from kd_landmarks import datasets
 from kd_landmarks import detect
+from kd_landmarks import runtimes
 from kd_landmarks.datasets import images as image_io
 from kd_landmarks.datasets import info
 
@@ -124,7 +125,6 @@ class Predictor:
     JAX) or an exported file (``.onnx``: ONNX Runtime; ``.tflite``: LiteRT). ``backend`` only checks the
     choice: a checkpoint runs in JAX, a file in its own runtime. The box map is the one fitted for
     ``detector`` in the model directory (or beside the exported file), else the documented default."""
-    from kd_landmarks import runtimes
 
     if backend is not None and backend not in runtimes.BACKENDS:
       raise ValueError(f"unknown backend {backend!r}; choose from {runtimes.BACKENDS}")
@@ -136,7 +136,6 @@ class Predictor:
           os.path.join(parent, "model.json")):
         folder = parent  # MODEL_DIR/export/<file>: the map fitted in the model directory after the export
     elif os.path.isdir(path):
-      from kd_landmarks import checkpoint
 
       folder = path
       if not os.path.exists(os.path.join(path, checkpoint.MODEL_JSON)) and os.path.exists(
@@ -157,7 +156,6 @@ class Predictor:
   @classmethod
   def from_module(cls, module, variables, meta: dict, **kwargs) -> "Predictor":
     """A JAX predictor from what :func:`kd_landmarks.checkpoint.load_inference_variables` returns."""
-    from kd_landmarks import runtimes
 
     return cls(runtimes.JaxRunner(module, variables, meta), **kwargs)
 

@@ -10,14 +10,14 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "kd_landmarks"
 # entry points. (pipeline calls evaluate and report, so it sits above them.)
 LAYERS = [
     {"coords", "shapes", "metrics", "parallel", "allocator", "paper_results", "input_pipeline",
-     "workdir_lock", "datasets"},
+     "workdir_lock", "datasets", "stats"},
     {"augment"},
     {"models", "config_lib"},
-    {"losses", "checkpoint", "model_stats"},
+    {"losses", "checkpoint", "model_stats", "runtimes"},
     {"train"},
-    {"evaluate", "report"},
+    {"evaluate", "report", "model_card"},
     {"pipeline"},
-    {"detect", "predict", "export", "main"},
+    {"detect", "predict", "serving", "export", "export_tflite", "main"},
 ]
 
 
