@@ -29,18 +29,25 @@ def main(argv):
   # progress bars and metrics; keep their warnings and errors, and our own INFO lines (root logger).
   for noisy in ("absl", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  if FLAGS.config.platform == "cpu" and FLAGS.config.retain_freed_memory:
-    # Before JAX allocates anything: only memory allocated afterwards is retained.
+  from kd_landmarks import config_lib
+  if config_lib.runs_on_cpu_before_start(FLAGS.config.platform) and FLAGS.config.retain_freed_memory:
+    # Before JAX allocates anything: only memory allocated afterwards is retained (so decided before any
+    # backend starts: with platform 'auto', from JAX_PLATFORMS and the installed plugins).
     from kd_landmarks import allocator
     logging.info("%s", allocator.retain_freed_memory())
   from kd_landmarks import parallel
   # Before anything touches a device: joins the other hosts when there are any.
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax
+  from kd_landmarks import backend
   from kd_landmarks import pipeline
+  # The platform JAX has ('auto') or the one asked for, which must exist ("install .[gpu]" otherwise);
+  # dtype and prefetch follow it whether it came from ':platform=' or '--config.platform='.
+  config = backend.resolve(FLAGS.config)
   logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
-  pipeline.run(FLAGS.config, FLAGS.workdir)
+  backend.log_resolved(config)
+  pipeline.run(config, FLAGS.workdir)
 
 
 def entry_point():

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from kd_landmarks import augment
+from kd_landmarks import backend
 from kd_landmarks import checkpoint
 from kd_landmarks import config_lib
 from kd_landmarks import datasets
@@ -290,6 +291,7 @@ def write_report(config, workdir):
 def run(config, workdir: str):
   """Runs ``config.phase`` (or, for 'all', every phase in order, skipping finished ones) in ``workdir``."""
   validate_config(config)
+  config = backend.resolve(config)  # platform 'auto', dtype 'auto', prefetch -1 -> concrete (idempotent).
   os.makedirs(workdir, exist_ok=True)
   if config.compilation_cache:
     # Teachers share shapes, so do the students: the persistent cache turns their recompiles into reads.
