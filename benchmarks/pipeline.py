@@ -261,6 +261,17 @@ class InMemorySource:
     return [self[p] for p in positions]
 
 
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform_lib.processor() or platform_lib.machine()
+
+
 def _device_peak_bytes():
   import jax  # pylint: disable=g-import-not-at-top
   stats = jax.local_devices()[0].memory_stats()
@@ -340,7 +351,7 @@ def rehearse(args) -> dict:
   prepare_s = prepare_data(config, pipeline.data_dir_of(config, workdir))
   resolved = backend.resolve(config)
   result = {"platform": backend.describe(), "dtype": resolved.dtype, "jax": jax.__version__,
-            "host": f"{platform_lib.processor() or platform_lib.machine()}, {os.cpu_count()} cores",
+            "host": f"{_cpu_name()}, {os.cpu_count()} cores",
             "args": vars(args), "auto_kernels": backend.auto_kernels(), "phases": {}}
   print(f"[rehearsal] {result['platform']}, dtype {resolved.dtype}, jax {jax.__version__}, host "
         f"{result['host']}; auto kernels {result['auto_kernels']}", flush=True)
@@ -371,6 +382,7 @@ def rehearse(args) -> dict:
                               input_wait=record.input_wait(), host_blocked=record.window_next_s / record.window_s)
       result["phases"][name] = entry
       print(_phase_line(name, entry), flush=True)
+      _write(args.out, result)  # What a run stopped by a time limit had measured so far.
   if memory_sources is not None:
     result["memory_source_bytes"] = {split: s.nbytes for split, s in memory_sources.items()}
   validations = [(seconds, n) for record in records for seconds, n in record.validation]
@@ -521,6 +533,8 @@ def parse_args(argv=None):
   parser.add_argument("--source", default="stored", choices=["stored", "memory"],
                       help="memory: every phase reads the splits decoded once into host memory")
   parser.add_argument("--decode", action="store_true", help="also time decoding and the in-memory source")
+  parser.add_argument("--decode_only", action="store_true",
+                      help="prepare the data and time decoding only (no training), e.g. at --stored_size 360")
   parser.add_argument("--workdir", default=None, help="default: a temporary directory (removed at the end)")
   parser.add_argument("--data_dir", default=None, help="default: WORKDIR/data; reused when prepared alike")
   parser.add_argument("--out", default=None, help="write every figure as JSON here")
@@ -546,19 +560,30 @@ def main(argv=None) -> dict:
   args.data_dir = args.data_dir or ""
   start = time.perf_counter()
   try:
-    result = rehearse(args)
-    print_projection(result, args)
-    if args.decode:
+    if args.decode_only:
+      config = load_config(args)
+      from kd_landmarks import pipeline  # pylint: disable=g-import-not-at-top
+      result = {"host": f"{_cpu_name()}, {os.cpu_count()} cores", "args": vars(args),
+                "prepare_s": prepare_data(config, pipeline.data_dir_of(config, args.workdir))}
+      result["decode"] = decode_costs(config, args.workdir)
+    else:
+      result = rehearse(args)
+      print_projection(result, args)
+    if args.decode and not args.decode_only:
       result["decode"] = decode_costs(load_config(args), args.workdir)
   finally:
     if temporary:
       shutil.rmtree(args.workdir, ignore_errors=True)
   result["benchmark_s"] = time.perf_counter() - start
   print(f"[rehearsal] done in {result['benchmark_s']:.0f} s", flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1, default=str)
+  _write(args.out, result)
   return result
+
+
+def _write(path, result):
+  if path:
+    with open(path, "w") as f:
+      json.dump(result, f, indent=1, default=str)
 
 
 if __name__ == "__main__":
