@@ -126,3 +126,15 @@ def test_main_logs_the_same_resolved_platform_for_both_forms(tmp_path):
   assert lines[0] == lines[1] == lines[2]
   assert lines[0].startswith("platform cpu: 1 x cpu") and "dtype float32, prefetch 2" in lines[0]
   assert "pointwise_impl=dot" in lines[0]
+
+
+def test_cpu_is_known_before_start_from_the_installed_plugins(monkeypatch):
+  """No JAX_PLATFORMS: 'auto' is the CPU exactly when no accelerator plugin is installed (this venv has none)."""
+  import importlib.metadata
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  assert config_lib.runs_on_cpu_before_start("auto") is True
+  plugin = importlib.metadata.EntryPoint(name="xla_cuda12", value="jax_plugins.xla_cuda12", group="jax_plugins")
+  monkeypatch.setattr(importlib.metadata, "entry_points",
+                      lambda group=None: [plugin] if group == "jax_plugins" else [])
+  assert config_lib.runs_on_cpu_before_start("auto") is False
+  assert config_lib.runs_on_cpu_before_start("cpu") is True
