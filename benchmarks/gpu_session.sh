@@ -12,6 +12,9 @@
 #                    splits decoded once into memory (--source memory), plus the decode costs (--decode)
 #   profile          (only when named) jax.profiler traces of the student's timed steps, as one .tgz
 # Results: $OUT/session.log (one line per step), env.log, <step>.log and <step>.json (8 files at most).
+# Rehearse the script itself on a CPU (the plumbing, not the figures):
+#   PLATFORM=cpu SCALE=tiny LIMIT_FACTOR=5 PYTHON=.venv/bin/python WHEELS=/path/to/wheels OUT=/tmp/o \
+#     bash benchmarks/gpu_session.sh rehearsal_paper
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/kd_gpu_out}"
@@ -19,8 +22,9 @@ mkdir -p "${OUT}"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 # XLA may take GPU memory as it needs it: the device peak then shows what each phase really holds.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+PYTHON="${PYTHON:-python3}" PLATFORM="${PLATFORM:-gpu}" SCALE="${SCALE:-full}" WHEELS="${WHEELS:-.whl}"
+if [ -d "${WHEELS}" ]; then
+  "${PYTHON}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS}"/*.whl \
     || { echo "installing .whl failed" | tee -a "${OUT}/session.log"; exit 1; }
   export PYTHONPATH="/tmp/site:${PWD}"
 else
@@ -29,8 +33,8 @@ fi
 data=/tmp/kd_data   # The synthetic 300W-sized set, prepared once, shared by the rehearsals.
 
 log() { echo "[$(date -u +%T) +${SECONDS}s] $*" | tee -a "${OUT}/session.log"; }
-step() {  # step NAME LIMIT_S COMMAND...
-  local name=$1 limit=$2
+step() {  # step NAME LIMIT_S COMMAND...  (LIMIT_FACTOR stretches every limit, e.g. for a rehearsal on a CPU)
+  local name=$1 limit=$(( $2 * ${LIMIT_FACTOR:-1} ))
   shift 2
   log "start ${name} (limit ${limit} s): $*"
   timeout --kill-after=10 "${limit}" "$@" > "${OUT}/${name}.log" 2>&1
@@ -41,24 +45,24 @@ steps=("$@")
 run_step() { [ ${#steps[@]} -eq 0 ] && [ "$1" != profile ] && return 0; printf '%s\n' "${steps[@]}" | grep -qx "$1"; }
 
 { date -u; git rev-parse HEAD 2>/dev/null || echo "commit unknown"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"; nproc; } > "${OUT}/env.log" 2>&1
+  "${PYTHON}" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"; nproc; } > "${OUT}/env.log" 2>&1
 cat "${OUT}/env.log"
 
 if run_step student_b256; then
-  step student_b256 75 python3 benchmarks/models.py --platform gpu --dtype bfloat16 --batch 256 --models student \
+  step student_b256 75 "${PYTHON}" benchmarks/models.py --platform "${PLATFORM}" --dtype bfloat16 --batch 256 --models student \
     --iterations 30 --peers ""
 fi
 if run_step rehearsal_paper; then
-  step rehearsal_paper 210 python3 benchmarks/pipeline.py --scale full --dataset 300w --platform gpu \
+  step rehearsal_paper 210 "${PYTHON}" benchmarks/pipeline.py --scale "${SCALE}" --dataset 300w --platform "${PLATFORM}" \
     --data_dir "${data}" --workdir /tmp/kd_rehearsal --out "${OUT}/rehearsal_paper.json"
 fi
 if run_step rehearsal_b256; then
-  step rehearsal_b256 130 python3 benchmarks/pipeline.py --scale full --dataset 300w --platform gpu --batch 256 \
+  step rehearsal_b256 130 "${PYTHON}" benchmarks/pipeline.py --scale "${SCALE}" --dataset 300w --platform "${PLATFORM}" --batch 256 \
     --steps 20 --source memory --decode --data_dir "${data}" --workdir /tmp/kd_rehearsal_b256 \
     --out "${OUT}/rehearsal_b256.json"
 fi
 if run_step profile; then
-  step profile 150 python3 benchmarks/pipeline.py --scale full --dataset 300w --platform gpu --batch 256 \
+  step profile 150 "${PYTHON}" benchmarks/pipeline.py --scale "${SCALE}" --dataset 300w --platform "${PLATFORM}" --batch 256 \
     --steps 10 --data_dir "${data}" --workdir /tmp/kd_rehearsal_profile --profile_dir /tmp/kd_profile
   tar czf "${OUT}/profile.tgz" -C /tmp kd_profile 2>/dev/null && ls -l "${OUT}/profile.tgz"
 fi
