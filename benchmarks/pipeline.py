@@ -380,6 +380,10 @@ def rehearse(args) -> dict:
         record = records[-1]
         entry["train"].update(img_s=record.img_s(), device_only_img_s=record.device_img_s(),
                               input_wait=record.input_wait(), host_blocked=record.window_next_s / record.window_s)
+      if name == "cache_teachers":  # Both teachers over the train split.
+        entry["img_s"] = 2 * config.synthetic.num_train / entry["wall_s"]
+      elif name == "eval":  # Every model on the test split, loading and compiling included.
+        entry["img_s"] = len(MODELS) * config.synthetic.num_test / entry["wall_s"]
       result["phases"][name] = entry
       print(_phase_line(name, entry), flush=True)
       _write(args.out, result)  # What a run stopped by a time limit had measured so far.
@@ -387,10 +391,6 @@ def rehearse(args) -> dict:
     result["memory_source_bytes"] = {split: s.nbytes for split, s in memory_sources.items()}
   validations = [(seconds, n) for record in records for seconds, n in record.validation]
   result["eval_steady_img_s"] = max(n / seconds for seconds, n in validations)
-  num_eval = config.synthetic.num_test * len(MODELS)
-  result["phases"]["eval"]["img_s"] = num_eval / result["phases"]["eval"]["wall_s"]
-  result["phases"]["cache_teachers"]["img_s"] = 2 * config.synthetic.num_train / result["phases"][
-      "cache_teachers"]["wall_s"]
   result["projection"] = project(result, config, args)
   return result
 
@@ -407,6 +407,8 @@ def _phase_line(name, entry):
     if train["validation"]:
       seconds, examples = train["validation"][-1]
       line += f", validation {examples / seconds:.0f} img/s"
+  if "img_s" in entry:
+    line += f" | {entry['img_s']:.0f} img/s"
   peak = entry["device_peak_bytes"]
   line += f", device peak {peak / 2**30:.2f} GiB" if peak else f", host peak RSS {entry['host_peak_bytes'] / 2**30:.2f} GiB"
   return line

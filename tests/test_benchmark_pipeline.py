@@ -45,3 +45,31 @@ def test_rehearsal_runs_every_phase_and_projects_the_paper_run(tmp_path):
       projection[k] for k in ("cache_s", "eval_s", "report_s"))
   assert projection["total_s"] == pytest.approx(parts)
   assert "[projection] the full run of 300w" in result.stdout and "input wait" in result.stdout
+
+
+def _load_benchmark():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("benchmark_pipeline", os.path.join(ROOT, "benchmarks", "pipeline.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # Its dataclasses look their module up there.
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_in_memory_source_yields_the_batches_of_the_stored_source():
+  """--source memory (the split decoded once) must feed training exactly what the stored split feeds it."""
+  import numpy as np
+  from kd_landmarks import input_pipeline
+  rng = np.random.default_rng(0)
+  stored = [{"image": rng.integers(0, 256, (6, 6, 3), dtype=np.uint8),
+             "landmarks": rng.uniform(0, 6, (68, 2)).astype(np.float32), "index": np.int64(i),
+             "image_id": f"face/{i}"} for i in range(23)]
+  memory = _load_benchmark().InMemorySource(stored, chunk=5)
+  assert len(memory) == 23 and memory[7]["image_id"] == "face/7"
+  assert memory.nbytes == 23 * (6 * 6 * 3 + 68 * 2 * 4 + 8)
+  keys = ("image", "landmarks", "index")
+  batches = [input_pipeline.make_train_iterator(source, global_batch_size=4, seed=3, keys=keys, num_steps=9)
+             for source in (stored, memory)]
+  for _ in range(9):  # Past the first epoch (5 batches of 4 from 23): a new permutation, same on both.
+    a, b = (next(iterator) for iterator in batches)
+    assert all(np.array_equal(a[key], b[key]) for key in keys)
