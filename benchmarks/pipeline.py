@@ -125,6 +125,8 @@ class _TimedStep:
     import jax  # pylint: disable=g-import-not-at-top  (JAX starts after the allocator is set, see main)
     record = self._record
     self._calls += 1
+    # The window: steps first..last, each with its own next(batches) (fit calls it just before the step).
+    first, last = 2 + self._warmup, 1 + self._warmup + self._steps
     if self._compiled is None:
       start = time.perf_counter()
       self._compiled = self._jitted.lower(*args).compile()
@@ -134,14 +136,14 @@ class _TimedStep:
       start = time.perf_counter()
       out = jax.block_until_ready(self._compiled(*args))
       record.first_step_s = time.perf_counter() - start
-      return out
-    first, last = 2 + self._warmup, 1 + self._warmup + self._steps
-    if self._calls == first:
-      jax.block_until_ready(args[0])  # Nothing in flight: the window starts with an idle device.
+    else:
+      out = self._compiled(*args)
+    if self._calls == first - 1:
+      # The device idle and the next batch not yet asked for: the window holds `steps` fetches and steps.
+      jax.block_until_ready(out)
       if self._profile_dir:
         jax.profiler.start_trace(self._profile_dir)
       self._t0 = time.perf_counter()
-    out = self._compiled(*args)
     if self._calls == last:
       jax.block_until_ready(out)
       record.window_s = time.perf_counter() - self._t0
