@@ -1,5 +1,13 @@
 """kd_landmarks: KD-Loss facial landmark detection (Fard & Mahoor, CVIU 2022) in JAX/Flax."""
+import pathlib
+import re
+
 from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+# One version source: kd_landmarks/__init__.py (read, not imported: setup must not need the dependencies).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "kd_landmarks" / "__init__.py").read_text(),
+                    re.M).group(1)
 
 # Lower bounds = the versions the test suite runs against (pip list of the development venv, Python 3.11);
 # older ones are never exercised. jax 0.10 itself needs Python >= 3.11, numpy >= 2.0 and scipy >= 1.14.
@@ -33,6 +41,9 @@ EXTRAS = {
     "test": ["pytest>=8.0", "hypothesis>=6.100"],
     # Export of a trained student to mobile/edge runtimes.
     "export": ["onnx>=1.16", "onnxruntime>=1.18", "jax2onnx>=0.17"],
+    # TFLite/LiteRT export (jax2tf + tf.lite.TFLiteConverter) and its check with LiteRT's interpreter.
+    # TensorFlow is imported only by kd_landmarks.export_tflite.
+    "tflite": ["tensorflow>=2.18", "ai-edge-litert>=1.2"],
     # Landmarks on your own photos: dlib's HOG face detector (its model is inside the wheel).
     "predict": ["dlib-bin>=19.24"],
     # Side-by-side comparisons with peer frameworks and detectors people use today.
@@ -48,11 +59,22 @@ EXTRAS = {
 
 setup(
     name="kd_landmarks",
-    version="0.1.0",
+    version=VERSION,
     description=__doc__,
     packages=find_packages(include=["kd_landmarks", "kd_landmarks.*"]),
-    # The native CPU kernel ships as source: it is compiled on first use (kd_landmarks/models/native).
-    package_data={"kd_landmarks": ["data/*", "datasets/data/*", "models/native/*.cc", "models/native/*.h"]},
+    # The native CPU kernel ships as source: it is compiled on first use (kd_landmarks/models/native). The real
+    # fixture photo (export's check and calibration crops) ships with its BSD-3 licence.
+    package_data={"kd_landmarks": ["data/takeo/*", "datasets/data/*", "models/native/*.cc",
+                                   "models/native/*.h"]},
+    license="Apache-2.0",
+    license_files=["LICENSE", "NOTICE", "kd_landmarks/data/takeo/LICENSE"],
+    # The python -m forms keep working; these are the same main functions.
+    entry_points={"console_scripts": [
+        "kd-landmarks = kd_landmarks.main:entry_point",
+        "kd-landmarks-predict = kd_landmarks.predict:main",
+        "kd-landmarks-export = kd_landmarks.export:main",
+        "kd-landmarks-datasets = kd_landmarks.datasets.__main__:main",
+    ]},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require=EXTRAS,

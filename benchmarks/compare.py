@@ -6,8 +6,11 @@ Per face, batch 1, one CPU thread each (paper Section 4.6, Fig. 13: 3.95 ms on a
   (c) dlib's 68-point shape predictor (Kazemi & Sullivan 2014; model from ``face_recognition_models``),
   (d) MediaPipe's face landmark model (``face_landmark.tflite`` from the ``mediapipe==0.10.21`` wheel) in
       ai-edge-litert,
+  (e) our student's TFLite export (float32 and int8, ``kd_landmarks.export --format tflite``) in the same
+      ai-edge-litert interpreter as MediaPipe: the existing export's files, else a fresh export when
+      TensorFlow is installed (extra ``tflite``), else skipped with that hint,
 plus the face detector's time per photo, and the NME (inter-ocular, %) of (a), (b) and (c) against the
-ground truth on every annotated photo given: the real fixture (tests/data/takeo), ``--photos`` folders of
+ground truth on every annotated photo given: the real fixture (kd_landmarks/data/takeo), ``--photos`` folders of
 images with 300W ``.pts`` files, and with ``--data_dir`` a prepared 300W test split. MediaPipe predicts a
 468-point mesh, not the 68 iBUG points, so it has no NME here. Every method gets the same detector box.
 
@@ -54,8 +57,7 @@ CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "kd_landmarks", "med
 MEDIAPIPE_PATH = os.path.join(CACHE_DIR, "face_landmark.tflite")
 # MediaPipe crops its landmark model's input as the detection box enlarged 1.5x (face_landmark_front).
 MEDIAPIPE_ROI_SCALE = 1.5
-DEFAULT_PHOTOS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
-                              "takeo")
+DEFAULT_PHOTOS = export.FIXTURE_DIR
 
 
 def fetch_mediapipe_model() -> str:
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
     trained = False
   detector = detect.get_detector(args.detector)
   box_map = detect.load_box_map(model_dir, args.detector)
-  predictor = predict.LandmarkPredictor(module, variables, meta, detector=detector, box_map=box_map)
+  predictor = predict.Predictor.from_module(module, variables, meta, detector=detector, box_map=box_map)
   size = predictor.image_size
   width = (meta.get("overrides") or {}).get("width_multiplier")
   student_name = (f"{meta['model']}{f' x{width:g}' if width not in (None, 1.0) else ''} @{size}px" +
@@ -214,6 +216,8 @@ def main(argv=None) -> int:
   sessions = {"onnx fp32": export.ort_session(report["float32"]["path"], threads=threads)}
   if not args.no_int8:
     sessions["onnx int8"] = export.ort_session(report["int8"]["path"], threads=threads)
+  litert_runners, litert_note = tflite_runners(report, module, variables, meta, threads=threads,
+                                               quantize=not args.no_int8)
 
   # --- (c) dlib and (d) MediaPipe.
   import dlib
@@ -228,10 +232,10 @@ def main(argv=None) -> int:
     mp_input = mediapipe.get_input_details()[0]
     mp_size = int(mp_input["shape"][1])
 
-  jax_apply = predictor._apply  # pylint: disable=protected-access  (the same compiled call predict uses)
-  times = {name: [] for name in ["jax", *sessions, "dlib", "mediapipe"]}
+  jax_apply = predictor.runner._apply  # pylint: disable=protected-access  (the compiled call predict uses)
+  times = {name: [] for name in ["jax", *sessions, *litert_runners, "dlib", "mediapipe"]}
   model_times = {name: [] for name in times}
-  nmes = {name: [] for name in ["jax", *sessions, "dlib"]}
+  nmes = {name: [] for name in ["jax", *sessions, *litert_runners, "dlib"]}
   detect_ms, missed = [], []
   for name, image, truth in tqdm(photos, desc="compare", unit="photo"):
     # predictor.detect: the detector as predict runs it (large photos shrunk for detection).
@@ -263,13 +267,26 @@ def main(argv=None) -> int:
     times["jax"].append(median_ms(run_jax, repeats))
     crop, _ = predict.crop_for_landmark_box(image, landmark_box, image_size=size,
                                             box_scale=predictor.box_scale)
-    model_times["jax"].append(median_ms(lambda: jax_apply(variables, crop[None]).block_until_ready(),
+    crop_bytes = np.round(crop * 255.0).astype(np.uint8)[None]
+    model_times["jax"].append(median_ms(lambda: jax_apply(variables, crop_bytes).block_until_ready(),
                                         repeats))
     for session_name, session in sessions.items():
       outputs[session_name] = run_onnx(session)
       times[session_name].append(median_ms(lambda: run_onnx(session), repeats))
       crop_uint8 = np.round(crop * 255.0).astype(np.uint8)[None]
       model_times[session_name].append(median_ms(lambda: export.run_onnx(session, crop_uint8), repeats))
+    for runner_name, runner in litert_runners.items():
+
+      def run_litert(runner=runner):
+        crop, crop_to_image = predict.crop_for_landmark_box(image, landmark_box, image_size=size,
+                                                            box_scale=predictor.box_scale)
+        out = runner(np.round(crop * 255.0).astype(np.uint8)[None])[0]
+        return predict.landmarks_to_image(out, crop_to_image, size)
+
+      outputs[runner_name] = run_litert()
+      times[runner_name].append(median_ms(run_litert, repeats))
+      crop_uint8 = np.round(crop * 255.0).astype(np.uint8)[None]
+      model_times[runner_name].append(median_ms(lambda runner=runner: runner(crop_uint8), repeats))
     times["dlib"].append(median_ms(run_dlib, repeats))
     model_times["dlib"].append(times["dlib"][-1])
     if mediapipe is not None:
@@ -297,7 +314,8 @@ def main(argv=None) -> int:
   faces = len(photos) - len(missed)
   rows = [("(a) JAX " + student_name, "jax"), *[(f"(b) {n} " + student_name, n) for n in sessions],
           ("(c) dlib shape_predictor_68", "dlib"),
-          ("(d) MediaPipe face_landmark.tflite (468 pts)", "mediapipe")]
+          ("(d) MediaPipe face_landmark.tflite (468 pts)", "mediapipe"),
+          *[(f"(e) {n} " + student_name, n) for n in litert_runners]]
   rows = [(label, key) for label, key in rows if times[key]]
   medians = {key: float(np.median(times[key])) for _, key in rows}
   fastest = min(medians.values())
@@ -318,7 +336,7 @@ def main(argv=None) -> int:
                     "nme_percent": 100 * float(np.mean(nmes[key])) if nmes.get(key) else None})
   detection_ms = float(np.median(detect_ms))
   print(f"{'detection: ' + detector.name + ' (per photo)':58s} {detection_ms:8.2f}")
-  best_ours = min(medians[k] for k in medians if k in ("jax", *sessions))
+  best_ours = min(medians[k] for k in medians if k in ("jax", *sessions, *litert_runners))
   print(f"ours, detection + fastest student: {detection_ms + best_ours:.1f} ms/frame "
         f"= {1000 / (detection_ms + best_ours):.0f} fps for one face")
   if "mediapipe" in medians:
@@ -333,6 +351,14 @@ def main(argv=None) -> int:
           f"(float32 {report['float32']['size_mb']:.2f} MB;"
           f" paper Table 6: {export.PAPER_MODEL_SIZE_MB} MB); int8 vs JAX: mean "
           f"{report['int8']['mean_px_error_vs_jax']:.2f} px of the {size} px crop")
+  for key in ("tflite_float32", "tflite_int8"):
+    if key in report:
+      print(f"{key} file: {report[key]['size_mb']:.2f} MB; vs JAX: max "
+            f"{report[key]['max_abs_error_vs_jax']:.2g} (normalised)" +
+            (f", mean {report[key]['mean_px_error_vs_jax']:.2f} px" if "mean_px_error_vs_jax" in report[key]
+             else ""))
+  if litert_note:
+    print(litert_note)
   if not trained:
     print("note: the student is untrained (no --workdir/--checkpoint): its NME is meaningless.")
   if args.json:
@@ -340,6 +366,31 @@ def main(argv=None) -> int:
       json.dump({"rows": results, "detection_ms": detection_ms, "faces": faces, "missed": missed,
                  "threads": threads, "trained": trained, "export": report}, f, indent=1)
   return 0
+
+
+def tflite_runners(report: dict, module, variables, meta, *, threads: int, quantize: bool):
+  """LiteRT runners of the student's .tflite files: from ``report`` (an existing export), else exported
+  now beside the ONNX files when TensorFlow is installed. Returns (runners, note when skipped)."""
+  try:
+    from kd_landmarks import runtimes
+    import ai_edge_litert  # noqa: F401  (extra 'tflite' or 'bench')
+  except ImportError:
+    return {}, "LiteRT rows skipped: pip install -e '.[tflite]'"
+  if "tflite_float32" not in report:
+    try:
+      import tensorflow  # noqa: F401  (extra 'tflite')
+    except ImportError:
+      return {}, "TFLite rows skipped: no .tflite export and no TensorFlow (pip install -e '.[tflite]')"
+    from kd_landmarks import export_tflite
+    out_dir = tempfile.mkdtemp(prefix="kd_compare_tflite_")  # Never into a model's own export folder.
+    print(f"exporting to TFLite in {out_dir} ...", file=sys.stderr)
+    report.update(export_tflite.export_tflite(module, variables, meta, out_dir, quantize=quantize,
+                                              name=os.path.splitext(os.path.basename(
+                                                  report["float32"]["path"]))[0]))
+  runners = {"litert fp32": runtimes.LiteRtRunner(report["tflite_float32"]["path"], threads=threads)}
+  if quantize and "tflite_int8" in report:
+    runners["litert int8"] = runtimes.LiteRtRunner(report["tflite_int8"]["path"], threads=threads)
+  return runners, None
 
 
 def _cpu_name() -> str:

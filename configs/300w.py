@@ -1,4 +1,4 @@
-"""300W: the paper's full setup (Section 4.4): EfficientNet-B3 teachers, MobileNetV2 student, 224 px.
+"""300W: the paper's full setup (Section 4.3): EfficientNet-B3 teachers, MobileNetV2 student, 224 px.
 
 Run: python -m kd_landmarks.main --config configs/300w.py[:phase=...,platform=gpu] --workdir runs/300w
 (prepare the data first: python -m kd_landmarks.datasets prepare 300w ...).

@@ -1,4 +1,4 @@
-"""COFW: the paper's full setup (Section 4.4): EfficientNet-B3 teachers, MobileNetV2 student, 224 px.
+"""COFW: the paper's full setup (Section 4.3): EfficientNet-B3 teachers, MobileNetV2 student, 224 px.
 
 Run: python -m kd_landmarks.main --config configs/cofw.py[:phase=...,platform=gpu] --workdir runs/cofw
 (prepare the data first: python -m kd_landmarks.datasets prepare cofw ...).

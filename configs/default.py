@@ -1,4 +1,4 @@
-"""Shared defaults: the paper's training hyper-parameters (Section 4.4) and the pipeline switches.
+"""Shared defaults: the paper's training hyper-parameters (Section 4.3) and the pipeline switches.
 
 The defaults themselves live in ``kd_landmarks/config_lib.py`` (:func:`base_config`) so that every config file
 imports them the same way; this file is a runnable config of its own (dataset 300w).

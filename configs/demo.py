@@ -3,9 +3,12 @@
   python -m kd_landmarks.main --config configs/demo.py --workdir runs/demo
 
 Renders the synthetic dataset into runs/demo/data on first use (no download), trains the Tough and Tolerant
-teachers, caches their predictions, trains the student (tiny MobileNetV2) with L2 and with KD-Loss, evaluates
-all four and writes runs/demo/report.md. Same code path as the paper configs; the sizes, step counts and the
-few settings below (each with the measurement that chose it) differ from the paper's.
+teachers, caches their predictions, trains the student (tiny MobileNetV2) with L2 and with KD-Loss, three
+seeds each against the same teachers, evaluates all eight models and writes runs/demo/report.md (mean ± std
+over seeds and the paired 95% interval of KD against L2). Checkpoints are chosen on 5% of the training faces
+held out from all training (config.val_holdout), never on the test split. Same code path as the paper
+configs; the sizes, step counts and the few settings below (each with the measurement that chose it) differ
+from the paper's.
 """
 import ml_collections
 
@@ -28,6 +31,9 @@ def get_config(arg=None):
   config.teacher_overrides = ml_collections.ConfigDict(dict(bn_momentum=0.9))
   config.student_overrides = ml_collections.ConfigDict(dict(bn_momentum=0.9))
   config.student_loss = "l2,kd"
+  # Three seeds of each student (issue 13): one seed cannot tell KD's gain from seed-to-seed noise (measured
+  # before: the L2 student alone spanned 3.2 NME points over three seeds).
+  config.student_seeds = 3
   config.teacher.batch_size = 32
   config.teacher.num_train_steps = 800
   config.student.batch_size = 32

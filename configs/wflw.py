@@ -1,4 +1,4 @@
-"""WFLW: the paper's full setup (Section 4.4): EfficientNet-B3 teachers, MobileNetV2 student, 224 px.
+"""WFLW: the paper's full setup (Section 4.3): EfficientNet-B3 teachers, MobileNetV2 student, 224 px.
 
 Run: python -m kd_landmarks.main --config configs/wflw.py[:phase=...,platform=gpu] --workdir runs/wflw
 (prepare the data first: python -m kd_landmarks.datasets prepare wflw ...).

@@ -4,7 +4,8 @@ A prediction travels back through every crop it came out of:
   normalised model output -> output pixels (``coords.to_pixels``) -> stored-crop pixels (the eval crop's
   ``out_to_input`` affine) -> original-image pixels (the example's ``crop_to_original`` affine).
 Per model directory this writes ``eval/<split>.npz`` (pred, gt [N, K, 2] original px, image_id, attributes,
-occluded) and ``eval/metrics.json`` {split: {nme, nme_inter_pupil (300w/synthetic), fr, auc, count}}, which
+occluded) and ``eval/metrics.json`` {split: {nme, nme_inter_pupil (300w/synthetic), fr, auc, count},
+"selection": {split, on_test, checkpoint, step}} (which split chose the checkpoint, and its step), which
 the report reads, and the same figures to TensorBoard (``events/``).
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ from kd_landmarks.metrics import FAILURE_THRESHOLD
 
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
+# metrics.json's one entry that is not a split: how the evaluated checkpoint was chosen.
+SELECTION_KEY = "selection"
 
 
 def predict_crop_pixels(module, variables, images_uint8, landmarks_crop, *, image_size: int):
@@ -188,11 +191,28 @@ def evaluate_model(model_dir: str, *, splits, load_split_fn: Callable[[str], Any
       if subset not in splits:
         all_metrics[subset] = split_metrics(result["pred"][rows], result["gt"][rows], dataset=dataset)
   all_metrics = dict(all_metrics)
+  all_metrics[SELECTION_KEY] = checkpoint_selection(meta)
   if is_chief:
     with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
       json.dump(all_metrics, f, indent=2, sort_keys=True)
     _write_tensorboard(model_dir, all_metrics, step=meta["checkpoint"][1])
   return all_metrics
+
+
+def checkpoint_selection(meta) -> dict:
+  """What chose the evaluated checkpoint: ``{split, on_test, checkpoint: 'best'|'latest', step}``.
+
+  ``split`` is the validation split of the best-by-NME checkpoint (``train_holdout`` by default), or None
+  when the newest checkpoint is evaluated (no validation ran). model.json written before the selection was
+  recorded gives split ``'unknown'``.
+  """
+  kind, step = meta["checkpoint"]
+  recorded = dict(meta.get("selection") or {})
+  selection = {"checkpoint": kind, "step": int(step)}
+  if kind != "best":
+    return dict(selection, split=None, on_test=False)
+  return dict(recorded, **selection, split=recorded.get("split", "unknown"),
+              on_test=bool(recorded.get("on_test", False)))
 
 
 def is_current(model_dir: str) -> bool:
@@ -208,6 +228,8 @@ def _write_tensorboard(model_dir, all_metrics, step):
   writer = SummaryWriter(os.path.join(model_dir, "events"))
   try:
     for split, values in all_metrics.items():
+      if split == SELECTION_KEY:
+        continue
       for name, value in values.items():
         writer.add_scalar(f"eval/{split}/{name}", value, step)
   finally:

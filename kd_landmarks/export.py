@@ -3,7 +3,8 @@
 Usage::
 
   python -m kd_landmarks.export --workdir RUN [--model student_kd] [--checkpoint MODEL_DIR] \
-      --format onnx [--quantize] [--out DIR] [--data_dir DATA]
+      --format onnx|tflite [--quantize] [--out DIR] [--data_dir DATA]
+  kd-landmarks-export ...      (the same, as the installed console script)
 
 The exported graph takes what a camera gives: the face crop as RGB **uint8** ``[B, S, S, 3]`` (NHWC,
 S = ``image_size`` of model.json, cut as in :func:`kd_landmarks.predict.crop_for_landmark_box`) and returns
@@ -15,18 +16,23 @@ Formats:
     ``--quantize`` also a statically quantised int8 QDQ model (``student_kd.int8.onnx``,
     onnxruntime.quantization, per-channel weights, activations calibrated on face crops: the training
     split when ``--data_dir`` is given, else the real fixture photo). Teachers export the same way.
-  * TFLite/LiteRT: no converter route works here without TensorFlow (jax2tf and ai-edge-torch need it; the
-    ``ai-edge-litert`` package is an interpreter only), so it is not offered. Convert the ONNX file with
-    a TensorFlow-based tool (e.g. onnx2tf) on a machine that has TensorFlow.
+  * ``tflite``: float32 ``<name>.tflite`` (and int8 ``<name>.int8.tflite`` with ``--quantize``) through
+    jax2tf + ``tf.lite.TFLiteConverter`` (:mod:`kd_landmarks.export_tflite`; extra ``tflite``, TensorFlow
+    imported only there), checked with ai-edge-litert's interpreter.
 
-Every export is checked: the float32 ONNX output must match JAX within ``FP32_TOLERANCE`` on the check
-images, or the export fails; the quantised model's error is measured and written to ``export.json``.
+Every export is checked: the float32 output must match JAX within ``FP32_TOLERANCE`` on the check images,
+or the export fails; the quantised model's error is measured and written to ``export.json``. The folder
+also receives ``MODEL_CARD.md`` (:mod:`kd_landmarks.model_card`) and the model's ``box_map.json`` (so that
+``kd_landmarks.Predictor.load(<file>)`` frames faces as the model directory does).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import platform
+import shutil
 import sys
 import time
 import types
@@ -35,6 +41,9 @@ from typing import Sequence
 import numpy as np
 
 from kd_landmarks import coords
+# The ONNX Runtime session lives with the other runtimes (below export and predict); export.ort_session
+# stays its name here for the tests and benchmarks.
+from kd_landmarks.runtimes import ort_session  # noqa: F401
 
 # Max |ONNX - JAX| in normalised coordinates (1e-4 = 0.02 px of a 224 px crop).
 FP32_TOLERANCE = 1e-4
@@ -42,8 +51,19 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "landmarks"
 # The paper's MobileNetV2 student file size (Table 6).
 PAPER_MODEL_SIZE_MB = 3.2
-FIXTURE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
-                           "takeo")
+# int8 weight precision. x86 CPUs without VNNI (AVX2-only AMD EPYC, AVX-512 Skylake) multiply uint8
+# activations by int8 weights with vpmaddubsw, which adds each pair of products into a saturating int16:
+# 2 * 255 * 127 = 64,770 overflows 32,767, and the model silently computes something else (the test model's
+# mean error against float32: 0.52 against 0.13 crop px with VNNI). With 7-bit weights the pair is at most
+# 2 * 255 * 64 = 32,640 and never saturates, so the file computes the same everywhere; VNNI (vpdpbusd)
+# and ARM's dot products accumulate in int32 and never saturate either way. 8 bits stays reachable
+# (``--int8_weight_bits 8``) for files that only ever run on such CPUs.
+INT8_WEIGHT_BITS = {7: "portable: no int16 saturation on any x86 CPU (onnxruntime reduce_range)",
+                    8: "full int8 range: only exact on CPUs with VNNI or on ARM dot-product kernels"}
+DEFAULT_INT8_WEIGHT_BITS = 7
+# The real fixture photo ships inside the package (package_data, BSD-3 notice beside it): every export is
+# checked on its crops, and int8 calibrates on it without --data_dir, from an installed wheel too.
+FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "takeo")
 
 
 def serving_function(module, variables):
@@ -203,25 +223,22 @@ def relu6_as_clip(model) -> int:
   return rewritten
 
 
-def ort_session(path: str, *, threads: int = 1):
-  """An ONNX Runtime CPU session (``threads`` intra-op threads; errors only in the log)."""
-  import onnxruntime as ort
-
-  options = ort.SessionOptions()
-  options.intra_op_num_threads = threads
-  options.inter_op_num_threads = 1
-  options.log_severity_level = 3
-  return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
 def run_onnx(session, images_uint8) -> np.ndarray:
   return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images_uint8, dtype=np.uint8)})[0]
 
 
-def quantize_static_int8(float_path: str, int8_path: str, calibration_images: np.ndarray) -> str:
+def quantize_static_int8(float_path: str, int8_path: str, calibration_images: np.ndarray, *,
+                         weight_bits: int = DEFAULT_INT8_WEIGHT_BITS) -> str:
   """int8 QDQ quantisation: per-channel symmetric weights, activation ranges calibrated (MinMax) on
-  ``calibration_images`` (uint8 ``[N, S, S, 3]``), which should be real face crops."""
+  ``calibration_images`` (uint8 ``[N, S, S, 3]``), which should be real face crops.
+
+  ``weight_bits=7`` (the default) quantises the weights to [-64, 64] (onnxruntime's ``reduce_range``), so
+  that the file computes the same on every x86 CPU; 8 uses the full int8 range (see ``INT8_WEIGHT_BITS``).
+  """
   from onnxruntime import quantization as q
+
+  if weight_bits not in INT8_WEIGHT_BITS:
+    raise ValueError(f"weight_bits must be one of {sorted(INT8_WEIGHT_BITS)}, got {weight_bits!r}")
 
   class _Reader(q.CalibrationDataReader):
 
@@ -240,13 +257,38 @@ def quantize_static_int8(float_path: str, int8_path: str, calibration_images: np
   prepared_path = int8_path + ".prepared.onnx"
   shape_inference.quant_pre_process(float_path, prepared_path, skip_symbolic_shape=True)
   try:
+    # uint8 activations x int8 weights (U8S8): ONNX Runtime's fast kernels on every CPU. U8U8 was measured
+    # too and is portable, but it runs 7.3 ms against float32's 5.7 ms (full student, VNNI Xeon).
     q.quantize_static(prepared_path, int8_path, _Reader(np.asarray(calibration_images, dtype=np.uint8)),
                       quant_format=q.QuantFormat.QDQ, per_channel=True,
+                      reduce_range=weight_bits == 7,
                       activation_type=q.QuantType.QUInt8,
                       weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
   finally:
     os.remove(prepared_path)
   return int8_path
+
+
+def cpu_description() -> dict:
+  """What CPU this process runs on, and whether it has the VNNI dot-product instructions (``export.json``
+  records it: ONNX Runtime's u8s8 kernels compute differently with and without them)."""
+  name, flags = "", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not name:
+          name = value.strip()
+        elif key.strip() == "flags" and not flags:
+          flags = set(value.split())
+        if name and flags:
+          break
+  except OSError:  # Not Linux: the name only.
+    pass
+  name = name or platform.processor() or platform.machine()
+  return {"name": name, "machine": platform.machine(), "avx2": "avx2" in flags,
+          "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
+          "vnni": bool({"avx512_vnni", "avx_vnni"} & flags)}
 
 
 def fixture_crops(image_size: int, *, count: int = 16, seed: int = 0) -> np.ndarray:
@@ -288,9 +330,9 @@ def dataset_crops(dataset: str, split: str, data_dir: str, image_size: int, *, c
 
 def export_onnx(module, variables, meta: dict, out_dir: str, *, quantize: bool = False,
                 check_images: np.ndarray | None = None, calibration_images: np.ndarray | None = None,
-                name: str = "student") -> dict:
+                name: str = "student", int8_weight_bits: int = DEFAULT_INT8_WEIGHT_BITS) -> dict:
   """Writes ``out_dir/<name>.onnx`` (and ``<name>.int8.onnx``), checks them against JAX, and returns
-  (and writes to ``out_dir/export.json``) what was made: paths, sizes, max errors, export time."""
+  (and merges into ``out_dir/export.json``) what was made: paths, sizes, max errors, export time."""
   import jax
 
   image_size = int(meta["image_size"])
@@ -305,13 +347,7 @@ def export_onnx(module, variables, meta: dict, out_dir: str, *, quantize: bool =
   float_path = os.path.join(out_dir, f"{name}.onnx")
   with open(float_path, "wb") as f:
     f.write(proto.SerializeToString())
-  report = {"model": meta.get("model"), "num_landmarks": int(meta["num_landmarks"]),
-            "image_size": image_size, "checkpoint": meta.get("checkpoint"),
-            "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["B", image_size, image_size, 3],
-                      "layout": "NHWC RGB face crop"},
-            "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["B", int(meta["num_landmarks"]), 2],
-                       "units": "normalised crop coordinates: px = (n + 0.5) * image_size - 0.5"},
-            "export_seconds": round(time.perf_counter() - start, 1),
+  report = {**interface(meta), "export_seconds": round(time.perf_counter() - start, 1),
             "check_images": int(len(check_images))}
   error = float(np.abs(run_onnx(ort_session(float_path), check_images) - expected).max())
   report["float32"] = {"path": float_path, "size_mb": round(os.path.getsize(float_path) / 1e6, 3),
@@ -323,23 +359,26 @@ def export_onnx(module, variables, meta: dict, out_dir: str, *, quantize: bool =
     if calibration_images is None:
       calibration_images = fixture_crops(image_size)
     int8_path = quantize_static_int8(float_path, os.path.join(out_dir, f"{name}.int8.onnx"),
-                                     calibration_images)
+                                     calibration_images, weight_bits=int8_weight_bits)
     int8_error = np.abs(run_onnx(ort_session(int8_path), check_images) - expected)
     report["int8"] = {"path": int8_path, "size_mb": round(os.path.getsize(int8_path) / 1e6, 3),
                       "paper_table6_size_mb": PAPER_MODEL_SIZE_MB,
                       "calibration_images": int(len(calibration_images)),
+                      "weight_bits": int(int8_weight_bits),
+                      "weight_bits_note": INT8_WEIGHT_BITS[int8_weight_bits],
+                      # The CPU that quantised and checked this file (its errors below were measured here).
+                      "quantized_on": cpu_description(),
                       "max_abs_error_vs_jax": float(int8_error.max()),
                       # In pixels of the crop: what the quantisation costs on the landmarks.
                       "mean_px_error_vs_jax": float(
                           np.linalg.norm(int8_error * image_size, axis=-1).mean())}
-  with open(os.path.join(out_dir, "export.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  return report
+  # Merged: a TFLite export of the same checkpoint in this folder keeps its entries.
+  return merge_report(out_dir, meta, report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m kd_landmarks.export",
-                                   description="Export a trained student to ONNX (float32, int8).")
+  parser = argparse.ArgumentParser(prog="kd-landmarks-export",
+                                   description="Export a trained student to ONNX or TFLite (float32, int8).")
   parser.add_argument("--workdir")
   parser.add_argument("--model", default="student_kd")
   parser.add_argument("--checkpoint", help="a model directory (overrides WORKDIR/MODEL)")
@@ -348,11 +387,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", help="default: MODEL_DIR/export")
   parser.add_argument("--data_dir", help="calibrate int8 on the model's training split from here")
   parser.add_argument("--calibration_images", type=int, default=64)
+  parser.add_argument("--int8_weight_bits", type=int, default=DEFAULT_INT8_WEIGHT_BITS,
+                      choices=sorted(INT8_WEIGHT_BITS),
+                      help="7 (default): the int8 file computes the same on every x86 CPU; 8: full range, "
+                           "exact only with VNNI or on ARM")
   args = parser.parse_args(argv)
-  if args.format == "tflite":
-    parser.error("TFLite export needs TensorFlow (jax2tf / ai-edge-torch), which kd_landmarks keeps out; "
-                 "export ONNX and convert it with onnx2tf on a machine with TensorFlow (docs/deploy.md)")
+  if args.format == "tflite" and importlib.util.find_spec("tensorflow") is None:
+    parser.error("--format tflite needs TensorFlow and ai-edge-litert: pip install 'kd_landmarks[tflite]'")
   from kd_landmarks import checkpoint
+  from kd_landmarks import detect
+  from kd_landmarks import model_card
   from kd_landmarks import predict
   from kd_landmarks.datasets import info
 
@@ -362,12 +406,54 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.quantize and args.data_dir:
     calibration = dataset_crops(meta["dataset"], info.get_info(meta["dataset"]).train_split,
                                 args.data_dir, int(meta["image_size"]), count=args.calibration_images)
+  out_dir = args.out or os.path.join(model_dir, "export")
   # Files are named after the model directory (student_kd.onnx, teacher_tough.onnx, ...).
-  report = export_onnx(module, variables, meta, args.out or os.path.join(model_dir, "export"),
-                       quantize=args.quantize, calibration_images=calibration,
-                       name=os.path.basename(os.path.normpath(model_dir)))
+  name = os.path.basename(os.path.normpath(model_dir))
+  if args.format == "onnx":
+    report = export_onnx(module, variables, meta, out_dir, quantize=args.quantize,
+                         calibration_images=calibration, name=name, int8_weight_bits=args.int8_weight_bits)
+  else:
+    from kd_landmarks import export_tflite  # Imports TensorFlow: only for this format.
+
+    report = merge_report(out_dir, meta, export_tflite.export_tflite(
+        module, variables, meta, out_dir, quantize=args.quantize, calibration_images=calibration,
+        name=name))
+  # The box maps travel with the files: Predictor.load(<file>) then frames faces as the model dir does.
+  box_map_path = os.path.join(model_dir, detect.BOX_MAP_JSON)
+  if os.path.exists(box_map_path):
+    shutil.copyfile(box_map_path, os.path.join(out_dir, detect.BOX_MAP_JSON))
+  model_card.write_model_card(out_dir, meta, report, model_dir=model_dir,
+                              box_map=detect.load_box_map(model_dir, detect.DEFAULT_DETECTOR),
+                              detector=detect.DEFAULT_DETECTOR, box_scale=predict.eval_box_scale())
   print(json.dumps(report, indent=1))
   return 0
+
+
+def interface(meta: dict) -> dict:
+  """The input/output contract of every exported file (export.json's ``input``/``output``)."""
+  image_size, num_landmarks = int(meta["image_size"]), int(meta["num_landmarks"])
+  return {"model": meta.get("model"), "dataset": meta.get("dataset"), "num_landmarks": num_landmarks,
+          "image_size": image_size, "checkpoint": meta.get("checkpoint"),
+          "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["B", image_size, image_size, 3],
+                    "layout": "NHWC RGB face crop"},
+          "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["B", num_landmarks, 2],
+                     "units": "normalised crop coordinates: px = (n + 0.5) * image_size - 0.5"}}
+
+
+def merge_report(out_dir: str, meta: dict, entries: dict) -> dict:
+  """Adds ``entries`` to ``out_dir/export.json``, keeping the other format's entries when they were
+  exported from the same checkpoint (else they are stale and dropped); writes and returns the result."""
+  path = os.path.join(out_dir, "export.json")
+  report = interface(meta)
+  if os.path.exists(path):
+    with open(path) as f:
+      existing = json.load(f)
+    if existing.get("checkpoint") == json.loads(json.dumps(meta.get("checkpoint"))):
+      report = {**existing, **report}
+  report.update(entries)
+  with open(path, "w") as f:
+    json.dump(report, f, indent=1)
+  return report
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, start_step
     seed: shuffling seed, 0 <= seed < 2**32.
     start_step: the first global step to yield (resume).
     num_processes, process_index: multi-host sharding (``jax.process_count()``, ``jax.process_index()``).
-    teacher_cache: ``load_teacher_cache(...)`` output; adds ``tough`` and ``tolerant`` [B, K, 2].
+    teacher_cache: ``teacher_cache.load_teacher_outputs(...).as_cache()``; adds ``tough`` and ``tolerant`` [B, K, 2].
     keys: the example fields to keep (all when None); teacher keys are always added when cached.
     num_steps: stop after this many steps (endless when None).
     num_threads: threads building batches (0: build them in the consuming thread).
@@ -78,7 +78,9 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, start_step
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
-  join = _ExampleTransform(keys, teacher_cache, num_examples)
+  # The cache has a row per example of the whole split (joined on the stored `index`); a subset of the split
+  # (the training split without its held-out validation slice, datasets/holdout.py) says how large that is.
+  join = _ExampleTransform(keys, teacher_cache, getattr(source, "num_indexed", num_examples))
   order = _epoch_order(num_examples, seed)
 
   def load_batch(step: int) -> dict:
@@ -173,7 +175,7 @@ class _ExampleTransform:
       missing = [key for key in TEACHER_KEYS if key not in teacher_cache]
       if missing:
         raise ValueError(f"teacher_cache lacks {missing} (has {sorted(teacher_cache)}); load it with "
-                         "kd_landmarks.datasets.teacher_cache.load_teacher_cache")
+                         "kd_landmarks.datasets.teacher_cache.load_teacher_outputs(...).as_cache()")
       self._teacher = {key: np.asarray(teacher_cache[key], np.float32) for key in TEACHER_KEYS}
       rows = {key: value.shape[0] for key, value in self._teacher.items()}
       if any(count != num_examples for count in rows.values()):

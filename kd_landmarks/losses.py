@@ -35,7 +35,8 @@ these numbers and ``docs/method.md`` discusses them.
 ``'author_code'`` entry of :data:`VARIANTS`: weights +1.9/-0.45 (Tough) and +1.8/-0.4 (Tolerant) in R_P/R_N,
 ``beta`` at 0.15 of the teacher distance, weight 0 in R_L, its own region tests (R_P empty when the
 teacher equals the ground truth), and a main loss ``3 Delta`` for ``Delta <= d_Tol`` else
-``Delta^2 + 3 d_Tol - d_Tol^2`` (threshold at the Tolerant teacher's distance), with weight 2.
+``Delta^2 + 3 d_Tol - d_Tol^2`` (threshold at the Tolerant teacher's distance), with weight 2. Without the
+Tolerant teacher (``kd_tough_only``) that threshold is the Tough teacher's distance ``d_Tou``.
 """
 from __future__ import annotations
 
@@ -216,7 +217,10 @@ def assistive_loss(pred, gt, teacher, *, sigma=0.4, positive_weight=1.0, negativ
 def kd_loss_terms(pred, gt, tough, tolerant, *, variant="paper", phi=None, sigma=None,
                   use_tough=True, use_tolerant=True, reduction="mean"):
   """The terms of Eq. 14 as a dict: ``main`` (Loss_main, unweighted), ``tough``, ``tolerant`` (ALoss,
-  zero when the teacher is not used) and ``total = phi * main + tough + tolerant``."""
+  zero when the teacher is not used) and ``total = phi * main + tough + tolerant``.
+
+  A teacher that is not used (``use_tough=False`` / ``use_tolerant=False``) is never read: the
+  ``'author_code'`` main-loss threshold is then the other teacher's distance from P_Gt."""
   pred, gt, tough, tolerant = _check("kd_loss", reduction, pred, gt, tough, tolerant)
   config = get_variant(variant)
   phi = config.phi if phi is None else phi
@@ -227,7 +231,12 @@ def kd_loss_terms(pred, gt, tough, tolerant, *, variant="paper", phi=None, sigma
   if config.main_loss == "paper":
     main = main_loss(pred, gt, delta=config.main_delta, l1_scale=config.main_l1_scale, reduction="none")
   else:
-    main = main_loss(pred, gt, delta=jnp.abs(gt - tolerant), l1_scale=config.main_l1_scale,
+    # The authors' code thresholds Loss_main at the Tolerant teacher's distance from P_Gt. Without the
+    # Tolerant teacher (kd_tough_only, Table 7) the threshold is the remaining teacher's distance
+    # |P_Gt - P_Tou|: the same "switch to L2 beyond the assisting teacher" rule, and a loss that never
+    # reads the dropped teacher (docs/method.md, "Ablations with the authors' constants").
+    threshold_teacher = tolerant if use_tolerant else tough
+    main = main_loss(pred, gt, delta=jnp.abs(gt - threshold_teacher), l1_scale=config.main_l1_scale,
                      reduction="none")
 
   def aloss(teacher, weights):

@@ -32,6 +32,7 @@ from kd_landmarks import report
 from kd_landmarks import train
 from kd_landmarks.datasets import builder
 from kd_landmarks.datasets import flips
+from kd_landmarks.datasets import holdout
 from kd_landmarks.datasets import info
 from kd_landmarks.datasets import teacher_cache
 
@@ -40,11 +41,14 @@ ALL_PHASES = PHASES[:-1]  # 'all' runs every other phase in this order.
 TEACHERS = ("tough", "tolerant")
 # Teacher name -> the landmark set it learns: ground truth (Tough) or ASM soft landmarks (Tolerant).
 TEACHER_TARGETS = {"tough": "landmarks", "tolerant": "soft_landmarks"}
-TEACHER_LOSS = "l2"  # Section 4.4: both teachers are trained with the L2 loss.
-CACHE_FILE = os.path.join("teacher_cache", "train.npz")
+TEACHER_LOSS = "l2"  # Section 4.3: both teachers are trained with the L2 loss.
+# tfds data dir of the workdir's teacher outputs (kd_landmarks_teachers/<dataset>/<version> inside).
+CACHE_DIR = "teacher_cache"
 # Each role starts from its own initialisation and batch order; every student loss shares one, so that
 # the students of Tables 7-8 differ only by their loss.
 ROLE_SEED_OFFSETS = {"landmarks": 0, "soft_landmarks": 1, "student": 2}
+# Student seed k adds SEED_STRIDE * k: far from the role offsets, so no student seed repeats a teacher's.
+SEED_STRIDE = 1000
 DONE_FILE = checkpoint.DONE_FILE
 
 
@@ -75,9 +79,14 @@ def validate_config(config) -> None:
     raise ValueError(f"config.loss_variant: {error}") from None
   info.get_info(config.dataset)
   student_losses(config)
+  student_seeds(config)
+  selection(config)
   student_size = int(config.student_image_size)
   if student_size < 0 or (0 < student_size < 16):
     raise ValueError(f"config.student_image_size must be 0 (= image_size) or at least 16, got {student_size}")
+  if config.teachers_online and config.teacher_cache_dir:
+    raise ValueError("config.teacher_cache_dir gives cached teacher outputs, config.teachers_online=True runs the "
+                     "teachers instead: set one of them")
   if config.teachers_online and student_size > 0 and student_size != int(config.image_size):
     raise ValueError(
         f"config.teachers_online runs the teachers on the student's {student_size} px batch, but they were "
@@ -121,11 +130,12 @@ def phase_image_size(config, phase: str) -> int:
   return int(config.image_size)
 
 
-def model_meta(config, *, model_name, overrides, phase, loss=None) -> dict:
-  return dict(model=model_name, num_landmarks=info.get_info(config.dataset).num_landmarks,
+def model_meta(config, *, model_name, overrides, phase, loss=None, seed=None, seed_index=0) -> dict:
+  return dict(model=model_name, seed=seed, seed_index=int(seed_index),
+              num_landmarks=info.get_info(config.dataset).num_landmarks,
               image_size=phase_image_size(config, phase), dataset=config.dataset, overrides=dict(overrides),
               dtype=config.dtype, phase=phase, loss=loss, loss_variant=config.loss_variant,
-              teachers_online=bool(config.teachers_online),
+              teachers_online=bool(config.teachers_online), selection=selection(config),
               config=json.loads(config.to_json_best_effort()))
 
 
@@ -140,34 +150,38 @@ def global_batch_size(config, phase_config, mesh) -> int:
   return int(phase_config.batch_size)
 
 
-def num_train_steps(phase_config, num_examples: int, batch_size: int) -> int:
+def num_train_steps(phase_config, num_examples: int, batch_size: int, augment_copies: int = 1) -> int:
+  """``num_train_steps`` when set, else ``num_epochs`` epochs of ``augment_copies * num_examples`` faces (the
+  authors count epochs over their offline-augmented set, x4 or x10; ``config.augment_copies``)."""
   if phase_config.num_train_steps > 0:
     return int(phase_config.num_train_steps)
-  return max(1, int(np.ceil(phase_config.num_epochs * (num_examples // batch_size))))
+  if int(augment_copies) < 1:
+    raise ValueError(f"config.augment_copies must be >= 1, got {augment_copies}")
+  return max(1, int(np.ceil(phase_config.num_epochs * ((int(augment_copies) * num_examples) // batch_size))))
 
 
 def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase, target, loss_name,
-               phase_config, teacher_cache=None, teacher_modules=None, teacher_variables=None):
+               phase_config, teacher_cache=None, teacher_modules=None, teacher_variables=None, seed_index=0):
   model_dir = os.path.join(workdir, model_dir_name)
+  seed = training_seed(config, target, seed_index)
   meta = model_meta(config, model_name=model_name, overrides=overrides, phase=phase,
-                    loss=loss_name if target == "student" else TEACHER_LOSS)
+                    loss=loss_name if target == "student" else TEACHER_LOSS, seed=seed, seed_index=seed_index)
   model = build_model(meta)
   mesh = parallel.make_mesh()
-  train_source = load_split(config, workdir, "train")
+  train_source, val_source = train_and_val_sources(config, workdir)
   batch_size = global_batch_size(config, phase_config, mesh)
-  steps = num_train_steps(phase_config, len(train_source), batch_size)
+  steps = num_train_steps(phase_config, len(train_source), batch_size, int(config.augment_copies))
   learning_rate_fn = train.create_learning_rate_fn(config)
   spec = train.StepSpec(target=target, loss_fn=losses.get_student_loss(loss_name), loss_variant=config.loss_variant,
                   image_size=int(meta["image_size"]), flip_permutation=flips.flip_permutation(config.dataset),
                   augment_config=augment_config(config),
                   learning_rate_fn=learning_rate_fn, teacher_modules=teacher_modules)
-  val_source = load_split(config, workdir, val_split(config))
   validate_fn = functools.partial(
       evaluate.mean_nme, model, source=val_source, dataset=config.dataset, image_size=int(meta["image_size"]),
       batch_size=int(config.eval_batch_size), mesh=mesh)
   setup = train.FitSetup(
       model_dir=model_dir, model=model, spec=spec, train_source=train_source,
-      global_batch_size=batch_size, num_train_steps=steps, seed=int(config.seed) + ROLE_SEED_OFFSETS[target],
+      global_batch_size=batch_size, num_train_steps=steps, seed=seed,
       tx=train.create_optimizer(config, learning_rate_fn), meta=meta, teacher_cache=teacher_cache,
       teacher_variables=teacher_variables, validate_fn=validate_fn,
       log_every_steps=int(config.log_every_steps), checkpoint_every_steps=int(config.checkpoint_every_steps),
@@ -181,14 +195,40 @@ def augment_config(config):
   return augment.AugmentConfig(**config.augment.to_dict())
 
 
-def val_split(config) -> str:
-  if config.val_split:
-    return config.val_split
-  return [s for s in info.get_info(config.dataset).splits if s != info.get_info(config.dataset).train_split][0]
+def selection(config) -> dict:
+  """Which faces choose the best checkpoint (written to model.json, then metrics.json and the report).
+
+  Default (``config.val_split`` empty): the slice of the training split held out by ``config.val_holdout``
+  / ``val_holdout_seed`` (``datasets/holdout.py``), on which nothing trains. A named ``val_split`` is used
+  on purpose as it is, and the whole training split is trained on; ``on_test`` then says whether it is a
+  test split (the report prints "selected on test").
+  """
+  dataset = info.get_info(config.dataset)
+  if config.val_split and config.val_split != holdout.HOLDOUT_NAME:
+    if config.val_split not in dataset.splits:
+      raise ValueError(f"config.val_split={config.val_split!r} is not a split of {dataset.name}; choose from "
+                       f"{list(dataset.splits)}, or leave it empty for the held-out slice of the training split")
+    return {"split": config.val_split, "on_test": config.val_split != dataset.train_split}
+  if not float(config.val_holdout) > 0:
+    raise ValueError("config.val_holdout is 0 and config.val_split is empty: nothing to choose the checkpoint "
+                     "on; set --config.val_holdout=0.05 (default) or name a split in --config.val_split")
+  return {"split": holdout.HOLDOUT_NAME, "on_test": False, "holdout": float(config.val_holdout),
+          "holdout_seed": int(config.val_holdout_seed), "of_split": dataset.train_split}
+
+
+def train_and_val_sources(config, workdir):
+  """``(train_source, val_source)`` of a training phase: the training split without the held-out slice
+  and the slice (default), or the whole training split and the named ``config.val_split``."""
+  chosen = selection(config)
+  train_source = load_split(config, workdir, info.get_info(config.dataset).train_split)
+  if chosen["split"] != holdout.HOLDOUT_NAME:
+    return train_source, load_split(config, workdir, chosen["split"])
+  return holdout.split_train_holdout(train_source, chosen["holdout"], chosen["holdout_seed"],
+                                     name=chosen["of_split"])
 
 
 def train_teacher(config, workdir, teacher: str):
-  """Phase teacher_tough / teacher_tolerant: L2 on the ground truth / on the soft landmarks (Sec. 3.3)."""
+  """Phase teacher_tough / teacher_tolerant: L2 on the ground truth / on the soft landmarks (Sec. 3.2)."""
   return _fit_model(config, workdir, model_dir_name=f"teacher_{teacher}", model_name=config.teacher_model,
                     overrides=config.teacher_overrides.to_dict(), phase=f"teacher_{teacher}",
                     target=TEACHER_TARGETS[teacher], loss_name=TEACHER_LOSS, phase_config=config.teacher)
@@ -204,13 +244,43 @@ def _require_teacher(workdir, teacher):
   return model_dir
 
 
+def _rebuild_command(config, workdir) -> str:
+  own = f"python -m kd_landmarks.main --config <config>:phase=cache_teachers --workdir {workdir}"
+  if config.teacher_cache_dir:
+    return (f"ask for teacher outputs made on this training split, or write your own with `{own}` (it needs both "
+            "teachers trained in that workdir) and leave --config.teacher_cache_dir unset")
+  return f"`{own}` (after both teachers, or phase=all)"
+
+
+def _cache_metadata(config, source, teacher_metas: dict) -> dict:
+  """What the teacher outputs were made on and by (checked by teacher_cache.check_matches)."""
+  preparation = dict(source.metadata)
+  return {
+      "dataset": info.get_info(config.dataset).name, "dataset_version": str(builder.KdLandmarks.VERSION),
+      "split": teacher_cache.SPLIT, "num_examples": len(source),
+      "num_landmarks": info.get_info(config.dataset).num_landmarks, "frame": "stored-crop pixels",
+      "preparation": preparation, "soft_landmarks": preparation.get("soft_landmarks"),
+      "teachers": {teacher: {"model": meta["model"], "overrides": dict(meta.get("overrides") or {}),
+                             "checkpoint": {"kind": meta["checkpoint"][0], "step": int(meta["checkpoint"][1])},
+                             "image_size": int(meta["image_size"]), "dtype": meta.get("dtype"),
+                             "target": TEACHER_TARGETS[teacher], "loss": TEACHER_LOSS,
+                             "model_dir": os.path.abspath(meta["model_dir"])}
+                   for teacher, meta in teacher_metas.items()},
+  }
+
+
 def cache_teachers(config, workdir):
-  """Phase cache_teachers: both teachers' predictions on the train split, in stored-crop pixels."""
+  """Phase cache_teachers: both teachers' predictions on the whole train split, in stored-crop pixels, written
+  as the tfds dataset kd_landmarks_teachers/<dataset> in WORKDIR/teacher_cache (teacher_cache module).
+
+  The cache covers the whole split, the held-out validation slice included: its rows stay aligned with the
+  stored ``index`` the input pipeline joins on, and the student's training source never contains a held-out
+  row, so those predictions are never trained on (docs/method.md, "Validation")."""
   teacher_dirs = {teacher: _require_teacher(workdir, teacher) for teacher in TEACHERS}  # Fail before work.
   mesh = parallel.make_mesh()
   source = load_split(config, workdir, "train")
-  predictions = {}
-  index = None
+  predictions, metas = {}, {}
+  index = image_id = None
   for teacher in TEACHERS:
     module, variables, meta = checkpoint.load_inference_variables(teacher_dirs[teacher])
     # The teacher's own input size (model.json), which the config may no longer match.
@@ -218,25 +288,80 @@ def cache_teachers(config, workdir):
                                      batch_size=int(config.eval_batch_size), mesh=mesh,
                                      desc=f"cache {teacher} teacher")
     predictions[teacher] = result["pred_crop"]
-    index = result["index"]
-  path = os.path.join(workdir, CACHE_FILE)
+    metas[teacher] = dict(meta, model_dir=teacher_dirs[teacher])
+    index, image_id = result["index"], result["image_id"]
+  cache_dir = os.path.join(workdir, CACHE_DIR)
+  path = teacher_cache.dataset_dir(cache_dir, config.dataset)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    teacher_cache.write_teacher_cache(path, index=index, **predictions)
-  return path
+    path = teacher_cache.write_teacher_outputs(cache_dir, dataset=config.dataset, index=index, image_id=image_id,
+                                               metadata=_cache_metadata(config, source, metas), **predictions)
+  if jax.process_count() > 1:  # The other processes read it next (student phase): wait until it is written.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("teacher outputs written")
+  return str(path)
 
 
-def _cache_is_current(workdir) -> bool:
-  """The cache exists and is newer than both teachers' final checkpoints."""
-  path = os.path.join(workdir, CACHE_FILE)
-  if not os.path.exists(path):
+def _cache_is_current(workdir, config) -> bool:
+  """The workdir's teacher outputs exist, are newer than both teachers' final checkpoints and were made on
+  the current train split (same dataset, version, size, preparation)."""
+  path = teacher_cache.dataset_dir(os.path.join(workdir, CACHE_DIR), config.dataset)
+  info_file = path / "dataset_info.json"
+  if not info_file.exists():
     return False
   done = [os.path.join(workdir, f"teacher_{t}", DONE_FILE) for t in TEACHERS]
-  return all(os.path.exists(d) and os.path.getmtime(d) <= os.path.getmtime(path) for d in done)
+  if not all(os.path.exists(d) and os.path.getmtime(d) <= os.path.getmtime(info_file) for d in done):
+    return False
+  try:
+    _load_checked_cache(config, workdir, path)
+  except (teacher_cache.TeacherCacheError, FileNotFoundError):
+    return False
+  return True
 
 
-def train_student(config, workdir, loss_name: str):
-  """Phase student: ``loss_name`` against cached (or online) frozen teachers (Section 3.3, Eqs. 4-14)."""
+def _load_checked_cache(config, workdir, path) -> teacher_cache.TeacherOutputs:
+  """Reads the teacher outputs at ``path`` and checks them against the train split (before any training)."""
+  train_source = load_split(config, workdir, "train")
+  rebuild = _rebuild_command(config, workdir)
+  outputs = teacher_cache.load_teacher_outputs(path, dataset=config.dataset, rebuild=rebuild)
+  teacher_cache.check_matches(
+      outputs, dataset=config.dataset, dataset_version=str(builder.KdLandmarks.VERSION),
+      num_examples=len(train_source), num_landmarks=info.get_info(config.dataset).num_landmarks,
+      preparation=train_source.metadata, rebuild=rebuild)
+  return outputs
+
+
+def teacher_outputs_path(config, workdir):
+  """``config.teacher_cache_dir`` (someone else's teachers) when set, else the workdir's own cache."""
+  if config.teacher_cache_dir:
+    return teacher_cache.resolve(config.teacher_cache_dir, config.dataset)
+  return teacher_cache.dataset_dir(os.path.join(workdir, CACHE_DIR), config.dataset)
+
+
+def student_seeds(config) -> int:
+  """``config.student_seeds``: how many seeds each student loss trains with (>= 1)."""
+  count = int(config.student_seeds)
+  if count < 1:
+    raise ValueError(f"config.student_seeds must be >= 1 (the number of seeds per student loss), got {count}")
+  return count
+
+
+def training_seed(config, target: str, seed_index: int = 0) -> int:
+  """The seed (initialisation and batch order) of one model: ``config.seed`` + its role's offset, and for
+  student seed ``k`` another ``SEED_STRIDE * k``. Every student loss shares the seed of index ``k``, so seed
+  ``k`` of KD and seed ``k`` of L2 differ only by their loss (the report pairs them)."""
+  return int(config.seed) + ROLE_SEED_OFFSETS[target] + SEED_STRIDE * int(seed_index)
+
+
+def student_dir_name(loss_name: str, seed_index: int = 0) -> str:
+  """``student_<loss>`` for the first seed (as single-seed runs always named it), ``student_<loss>_seed<k>``."""
+  return f"student_{loss_name}" if seed_index == 0 else f"student_{loss_name}_seed{seed_index}"
+
+
+def train_student(config, workdir, loss_name: str, seed_index: int = 0):
+  """Phase student: ``loss_name`` against cached (or online) frozen teachers (Section 3.2, Eqs. 4-14).
+
+  ``seed_index`` k > 0 trains another seed of the same loss (``student_<loss>_seed<k>``) against the same
+  teachers and teacher cache."""
   cache = teacher_modules = teacher_variables = None
   if needs_teachers(loss_name):
     if config.teachers_online:
@@ -245,20 +370,25 @@ def train_student(config, workdir, loss_name: str):
         module, variables, _ = checkpoint.load_inference_variables(_require_teacher(workdir, teacher))
         teacher_modules[teacher], teacher_variables[teacher] = module, variables
     else:
-      path = os.path.join(workdir, CACHE_FILE)
-      if not os.path.exists(path):
+      path = teacher_outputs_path(config, workdir)
+      if not (path / "dataset_info.json").exists():
+        legacy = os.path.join(workdir, teacher_cache.LEGACY_NPZ)
+        old = (f" ({legacy} is the .npz cache of earlier versions, which is no longer read)"
+               if not config.teacher_cache_dir and os.path.exists(legacy) else "")
         raise FileNotFoundError(
-            f"the student loss {loss_name!r} needs the teacher cache {path}, which is missing: run "
+            f"the student loss {loss_name!r} needs the teachers' outputs {path}, which are missing{old}: run "
             f"`python -m kd_landmarks.main --config <config>:phase=cache_teachers --workdir {workdir}` after "
-            "both teachers (or phase=all), or set --config.teachers_online=True")
-      cache = teacher_cache.load_teacher_cache(
-          path, num_examples=len(load_split(config, workdir, "train")),
-          num_landmarks=info.get_info(config.dataset).num_landmarks)
+            "both teachers (or phase=all), give another's with --config.teacher_cache_dir=DIR, or set "
+            "--config.teachers_online=True")
+      # Checked against the training split here, before any model is built or step compiled.
+      cache = _load_checked_cache(config, workdir, path).as_cache()
   # Baselines (l2, l1, smooth_l1) take no teachers; the ground truth fills their slots.
-  return _fit_model(config, workdir, model_dir_name=f"student_{loss_name}", model_name=config.student_model,
+  return _fit_model(config, workdir, model_dir_name=student_dir_name(loss_name, seed_index),
+                    model_name=config.student_model,
                     overrides=config.student_overrides.to_dict(), phase="student", target="student",
                     loss_name=loss_name, phase_config=config.student, teacher_cache=cache,
-                    teacher_modules=teacher_modules, teacher_variables=teacher_variables)
+                    teacher_modules=teacher_modules, teacher_variables=teacher_variables,
+                    seed_index=seed_index)
 
 
 def trained_model_dirs(workdir) -> list[str]:
@@ -302,17 +432,19 @@ def run(config, workdir: str):
   for phase in phases:
     logging.info("phase %s", phase)
     if phase in ("teacher_tough", "teacher_tolerant"):
-      if run_all and not any(needs_teachers(n) for n in student_losses(config)):
-        continue  # Nothing downstream reads the teachers.
+      if run_all and (config.teacher_cache_dir or not any(needs_teachers(n) for n in student_losses(config))):
+        continue  # Nothing downstream reads these teachers.
       train_teacher(config, workdir, phase.split("_", 1)[1])
     elif phase == "cache_teachers":
-      if run_all and (config.teachers_online or _cache_is_current(workdir)
+      if run_all and (config.teachers_online or config.teacher_cache_dir or _cache_is_current(workdir, config)
                       or not any(needs_teachers(n) for n in student_losses(config))):
         continue
       cache_teachers(config, workdir)
     elif phase == "student":
-      for loss_name in student_losses(config):
-        train_student(config, workdir, loss_name)
+      # Seed-major: a run stopped early has every loss at the same number of seeds, ready to pair.
+      for seed_index in range(student_seeds(config)):
+        for loss_name in student_losses(config):
+          train_student(config, workdir, loss_name, seed_index)
     elif phase == "eval":
       evaluate_all(config, workdir, skip_current=run_all)
     elif phase == "report":

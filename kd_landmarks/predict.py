@@ -2,8 +2,9 @@
 
 Usage::
 
-  python -m kd_landmarks.predict --workdir RUN [--model student_kd] [--checkpoint MODEL_DIR] \
-      IMAGE_OR_DIR ... [--out DIR] [--detector dlib_hog]
+  python -m kd_landmarks.predict --workdir RUN [--model student_kd] [--checkpoint MODEL_DIR_OR_FILE] \
+      IMAGE_OR_DIR ... [--out DIR] [--detector dlib_hog] [--threads N]
+  kd-landmarks-predict ...      (the same, as the installed console script)
   python -m kd_landmarks.predict fit-box-map --workdir RUN [--model student_kd] --data_dir DATA \
       [--detector dlib_hog] [--split train] [--max_images N]
 
@@ -14,6 +15,10 @@ its status (``ok``, ``no_face``, ``error`` with the reason, or ``skipped`` for n
 The crop reproduces evaluation (paper Section 4.3, ``augment.preprocess_eval``): the square landmark box
 scaled by ``EVAL_BOX_SCALE``. A photo has no landmarks, so the landmark box is predicted from the detector's
 box by the :class:`kd_landmarks.detect.BoxMap` learned on the training set (``fit-box-map``).
+
+The Python API is :class:`Predictor` (``from kd_landmarks import Predictor``); the CLI runs it. A model
+directory runs in JAX; ``--checkpoint`` may also name an exported ``.onnx`` (ONNX Runtime) or ``.tflite``
+(LiteRT) file.
 """
 from __future__ import annotations
 
@@ -63,49 +68,117 @@ def landmarks_to_image(landmarks_normalized, crop_to_image, image_size: int) -> 
 @dataclasses.dataclass
 class FaceLandmarks:
   """One face in one photo, in original-image pixels."""
-  box: tuple[float, float, float, float]   # the detector's box (x0, y0, x1, y1)
-  score: float                             # the detector's score
-  crop_box: tuple[float, float, float]     # the landmark box (cx, cy, side) predicted from the detector box
+  box: tuple[float, float, float, float]   # the detector's (or the caller's) box (x0, y0, x1, y1)
+  score: float | None                      # the detector's score; None for a box the caller gave
+  crop_box: tuple[float, float, float]     # the landmark box (cx, cy, side) predicted from the box
   landmarks: np.ndarray                    # [K, 2]
 
   def to_json(self) -> dict:
-    return {"box": [round(float(v), 3) for v in self.box], "score": round(float(self.score), 4),
+    return {"box": [round(float(v), 3) for v in self.box],
+            "score": None if self.score is None else round(float(self.score), 4),
             "crop_box": [round(float(v), 3) for v in self.crop_box],
             "landmarks": np.round(self.landmarks, 3).tolist()}
 
 
-class LandmarkPredictor:
-  """A trained student behind a face detector.
+class Predictor:
+  """A trained student as facial landmarks on photos, in JAX, ONNX Runtime or LiteRT::
 
-  ``module``/``variables``/``meta`` are what :func:`kd_landmarks.checkpoint.load_inference_variables`
-  returns; ``meta['image_size']`` is the student's input side.
+    from kd_landmarks import Predictor
+    predictor = Predictor.load("runs/300w")                      # or RUN/student_kd, student_kd.onnx, .tflite
+    landmarks = predictor.predict(photo)                         # [faces, K, 2] photo pixels, dlib finds faces
+    landmarks = predictor.predict(photo, boxes=[(x0, y0, x1, y1)])  # your own face boxes: no dlib needed
+
+  ``runner`` maps uint8 crops ``[B, S, S, 3]`` to normalised landmarks ``[B, K, 2]``
+  (:mod:`kd_landmarks.runtimes`). Face boxes (the detector's, or the caller's) go through ``box_map`` to
+  the landmark box the student was trained on, and the crop is the evaluation crop (paper Section 4.3).
+  All faces of a photo run in one batch. The detector is built on first use, so a caller who gives boxes
+  never needs dlib.
   """
 
-  def __init__(self, module, variables, meta: dict, *, detector: detect.FaceDetector,
-               box_map: detect.BoxMap, box_scale: float | None = None):
-    import jax
-
-    self.module = module
-    self.variables = variables
-    self.meta = dict(meta)
-    self.image_size = int(meta["image_size"])
-    self.num_landmarks = int(meta["num_landmarks"])
-    self.detector = detector
-    self.box_map = box_map
+  def __init__(self, runner, *, detector: str | detect.FaceDetector = detect.DEFAULT_DETECTOR,
+               box_map: detect.BoxMap | None = None, box_scale: float | None = None):
+    self.runner = runner
+    self.meta = dict(runner.meta)
+    self.image_size = int(runner.image_size)
+    self.num_landmarks = int(runner.num_landmarks)
+    self.backend = runner.backend
+    if isinstance(detector, str):
+      self.detector_name, self._detector = detector, None
+    else:
+      self.detector_name, self._detector = detector.name, detector
+    self.box_map = detect.load_box_map(None, self.detector_name) if box_map is None else box_map
     self.box_scale = eval_box_scale() if box_scale is None else float(box_scale)
-    # One compiled function for batch 1: faces are run one at a time, so no shape ever recompiles.
-    # Variables are an argument, not closed-over constants, so XLA does not fold megabytes into the program.
-    self._apply = jax.jit(lambda variables, images: module.apply(variables, images, train=False))
+
+  @classmethod
+  def load(cls, path: str, *, backend: str | None = None, model: str = DEFAULT_MODEL,
+           detector: str | detect.FaceDetector = detect.DEFAULT_DETECTOR, threads: int = 1,
+           box_scale: float | None = None) -> "Predictor":
+    """From a training workdir (its ``model`` directory), a model directory (``model.json`` + checkpoint:
+    JAX) or an exported file (``.onnx``: ONNX Runtime; ``.tflite``: LiteRT). ``backend`` only checks the
+    choice: a checkpoint runs in JAX, a file in its own runtime. The box map is the one fitted for
+    ``detector`` in the model directory (or beside the exported file), else the documented default."""
+    from kd_landmarks import runtimes
+
+    if backend is not None and backend not in runtimes.BACKENDS:
+      raise ValueError(f"unknown backend {backend!r}; choose from {runtimes.BACKENDS}")
+    if os.path.isfile(path):
+      runner = runtimes.runner_for_file(path, threads=threads)
+      folder = os.path.dirname(os.path.abspath(path))
+      parent = os.path.dirname(folder)
+      if not os.path.exists(os.path.join(folder, detect.BOX_MAP_JSON)) and os.path.exists(
+          os.path.join(parent, "model.json")):
+        folder = parent  # MODEL_DIR/export/<file>: the map fitted in the model directory after the export
+    elif os.path.isdir(path):
+      from kd_landmarks import checkpoint
+
+      folder = path
+      if not os.path.exists(os.path.join(path, checkpoint.MODEL_JSON)) and os.path.exists(
+          os.path.join(path, model, checkpoint.MODEL_JSON)):
+        folder = os.path.join(path, model)  # a training workdir
+      module, variables, meta = checkpoint.load_inference_variables(folder)
+      runner = runtimes.JaxRunner(module, variables, meta)
+    else:
+      raise FileNotFoundError(f"{path}: no such workdir, model directory or exported model file")
+    if backend is not None and backend != runner.backend:
+      raise ValueError(f"{path} runs in {runner.backend}, not {backend}: pass a model directory for jax, "
+                       "an exported .onnx file for onnx or a .tflite file for litert (kd-landmarks-export "
+                       "writes them)")
+    detector_name = detector if isinstance(detector, str) else detector.name
+    return cls(runner, detector=detector, box_map=detect.load_box_map(folder, detector_name),
+               box_scale=box_scale)
+
+  @classmethod
+  def from_module(cls, module, variables, meta: dict, **kwargs) -> "Predictor":
+    """A JAX predictor from what :func:`kd_landmarks.checkpoint.load_inference_variables` returns."""
+    from kd_landmarks import runtimes
+
+    return cls(runtimes.JaxRunner(module, variables, meta), **kwargs)
+
+  @property
+  def detector(self) -> detect.FaceDetector:
+    if self._detector is None:
+      self._detector = detect.get_detector(self.detector_name)
+    return self._detector
+
+  def landmarks_for_boxes(self, image: np.ndarray, landmark_boxes) -> np.ndarray:
+    """Runs the student on the crops around landmark boxes (cx, cy, side), all in one batch; returns
+    ``[F, K, 2]`` image pixels."""
+    cuts = [crop_for_landmark_box(image, box, image_size=self.image_size, box_scale=self.box_scale)
+            for box in landmark_boxes]
+    if not cuts:
+      return np.zeros((0, self.num_landmarks, 2))
+    # The crop is uint8 resampled / 255 (image_io.crop_face): x 255 and rounding gives the bytes back.
+    crops = np.stack([np.round(crop * 255.0).astype(np.uint8) for crop, _ in cuts])
+    normalized = np.asarray(self.runner(crops))
+    if normalized.shape != (len(cuts), self.num_landmarks, 2):
+      raise ValueError(f"the model returned {normalized.shape} for {len(cuts)} faces; expected "
+                       f"{(len(cuts), self.num_landmarks, 2)}")
+    return np.stack([landmarks_to_image(points, crop_to_image, self.image_size)
+                     for points, (_, crop_to_image) in zip(normalized, cuts)])
 
   def landmarks_for_box(self, image: np.ndarray, landmark_box) -> np.ndarray:
-    """Runs the student on the crop around a landmark box (cx, cy, side); returns ``[K, 2]`` image pixels."""
-    crop, crop_to_image = crop_for_landmark_box(image, landmark_box, image_size=self.image_size,
-                                                box_scale=self.box_scale)
-    normalized = np.asarray(self._apply(self.variables, crop[None]))[0]
-    if normalized.shape != (self.num_landmarks, 2):
-      raise ValueError(f"the model returned {normalized.shape}; model.json says "
-                       f"num_landmarks={self.num_landmarks}")
-    return landmarks_to_image(normalized, crop_to_image, self.image_size)
+    """One landmark box (cx, cy, side) -> ``[K, 2]`` image pixels."""
+    return self.landmarks_for_boxes(image, [landmark_box])[0]
 
   def detect(self, image: np.ndarray) -> list[detect.Detection]:
     """Runs the detector, on a copy shrunk to ``MAX_DETECT_SIDE`` for large photos (HOG with upsampling
@@ -125,15 +198,36 @@ class LandmarkPredictor:
                               (x1 + 0.5) * scale_x - 0.5, (y1 + 0.5) * scale_y - 0.5), d.score)
             for d in self.detector.detect(small) for x0, y0, x1, y1 in [d.box]]
 
-  def predict(self, image: np.ndarray) -> list[FaceLandmarks]:
-    """Detects every face of an RGB uint8 photo and returns its landmarks, best detection first."""
-    faces = []
-    for detection in self.detect(image):
-      landmark_box = self.box_map(detection.centre_width)
-      faces.append(FaceLandmarks(box=detection.box, score=detection.score,
-                                 crop_box=tuple(float(v) for v in landmark_box),
-                                 landmarks=self.landmarks_for_box(image, landmark_box)))
-    return faces
+  def predict_faces(self, image: np.ndarray, boxes=None) -> list[FaceLandmarks]:
+    """Landmarks with their boxes: of every detected face (best first) or of each box given."""
+    image = _check_photo(image)
+    if boxes is None:
+      found = [(d.box, d.score) for d in self.detect(image)]
+    else:
+      boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+      if not (boxes[:, 2] > boxes[:, 0]).all() or not (boxes[:, 3] > boxes[:, 1]).all():
+        raise ValueError(f"face boxes are (x0, y0, x1, y1) with x1 > x0 and y1 > y0; got {boxes.tolist()}")
+      found = [(tuple(float(v) for v in box), None) for box in boxes]
+    landmark_boxes = [self.box_map(detect.Detection(box, 0.0).centre_width) for box, _ in found]
+    landmarks = self.landmarks_for_boxes(image, landmark_boxes)
+    return [FaceLandmarks(box=tuple(float(v) for v in box), score=score,
+                          crop_box=tuple(float(v) for v in landmark_box), landmarks=points)
+            for (box, score), landmark_box, points in zip(found, landmark_boxes, landmarks)]
+
+  def predict(self, image: np.ndarray, boxes=None) -> np.ndarray:
+    """Landmarks ``[F, K, 2]`` in pixels of ``image`` (RGB uint8 ``[H, W, 3]``; pixel centres on integers,
+    0-based), one row per face: per box of ``boxes`` (``[F, 4]`` face boxes (x0, y0, x1, y1), framed as
+    the predictor's detector frames faces) in their order, else per face the detector finds, best first."""
+    faces = self.predict_faces(image, boxes)
+    return np.stack([face.landmarks for face in faces]) if faces else np.zeros((0, self.num_landmarks, 2))
+
+
+def _check_photo(image) -> np.ndarray:
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+    raise ValueError(f"a photo is RGB uint8 [H, W, 3] (read it with kd_landmarks.predict.read_photo); got "
+                     f"{image.dtype} {image.shape}")
+  return image
 
 
 def read_photo(path: str) -> np.ndarray:
@@ -196,15 +290,15 @@ def _output_stem(path: str, used: dict) -> str:
   return stem if count == 0 else f"{stem}_{count}"  # Two inputs named alike must not overwrite each other.
 
 
-def predict_files(predictor: LandmarkPredictor, inputs: Sequence[str], out_dir: str, *,
+def predict_files(predictor: Predictor, inputs: Sequence[str], out_dir: str, *,
                   progress: bool = True) -> dict:
-  """Runs :class:`LandmarkPredictor` on files and folders; writes per-image JSON + PNG and
+  """Runs :class:`Predictor` on files and folders; writes per-image JSON + PNG and
   ``summary.json`` into ``out_dir``. Never raises for a bad image: it is reported in the summary."""
   from tqdm import tqdm
 
   os.makedirs(out_dir, exist_ok=True)
   files, records = expand_inputs(inputs)
-  box_map_note = {"detector": predictor.detector.name, **predictor.box_map.to_json(),
+  box_map_note = {"detector": predictor.detector_name, **predictor.box_map.to_json(),
                   "fitted": predictor.box_map.fitted}
   used_stems: dict = {}
   for path in tqdm(files, desc="predict", unit="image", disable=not progress or len(files) < 2):
@@ -215,7 +309,7 @@ def predict_files(predictor: LandmarkPredictor, inputs: Sequence[str], out_dir: 
       records.append({**record, "status": "error", "reason": str(error)})
       continue
     try:
-      faces = predictor.predict(image)
+      faces = predictor.predict_faces(image)
     except (ValueError, RuntimeError) as error:  # e.g. a degenerate crop box, a dlib failure on odd input
       records.append({**record, "status": "error", "reason": f"{type(error).__name__}: {error}"})
       continue
@@ -247,15 +341,6 @@ def resolve_model_dir(workdir: str | None, model: str, checkpoint: str | None) -
   if not workdir:
     raise ValueError("give --workdir RUN (the training workdir) or --checkpoint MODEL_DIR")
   return os.path.join(workdir, model)
-
-
-def load_predictor(model_dir: str, detector_name: str = detect.DEFAULT_DETECTOR) -> LandmarkPredictor:
-  """Loads a trained student from its model directory with the detector and its box map."""
-  from kd_landmarks import checkpoint
-
-  module, variables, meta = checkpoint.load_inference_variables(model_dir)
-  return LandmarkPredictor(module, variables, meta, detector=detect.get_detector(detector_name),
-                           box_map=detect.load_box_map(model_dir, detector_name))
 
 
 def _training_examples(dataset: str, split: str, data_dir: str | None, max_images: int | None):
@@ -320,12 +405,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
   parser.add_argument("--workdir")
   parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory name inside the workdir")
-  parser.add_argument("--checkpoint", help="a model directory (overrides WORKDIR/MODEL)")
+  parser.add_argument("--checkpoint", help="a model directory or an exported .onnx/.tflite file "
+                      "(overrides WORKDIR/MODEL)")
   parser.add_argument("--out", default="predictions")
   parser.add_argument("--detector", default=detect.DEFAULT_DETECTOR, choices=sorted(detect.DETECTORS))
+  parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime / LiteRT threads")
   args = parser.parse_args(argv)
   model_dir = resolve_model_dir(args.workdir, args.model, args.checkpoint)
-  predictor = load_predictor(model_dir, args.detector)
+  predictor = Predictor.load(model_dir, detector=args.detector, threads=args.threads)
   if not predictor.box_map.fitted:
     print(f"note: no box map fitted for {args.detector} in {model_dir}; using the {predictor.box_map.source}."
           " Run `python -m kd_landmarks.predict fit-box-map` for accurate crops.", file=sys.stderr)

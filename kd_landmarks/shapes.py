@@ -9,10 +9,15 @@ decreasing eigenvalue) and the eigenvalues ``lambda_i`` (variances of the parame
   Eq. 2:  b = V^T (f - f_bar)
   Eq. 3:  f_new = f_bar + V_m b~,   b~_i = clip(b_i, -3 sqrt(lambda_i), +3 sqrt(lambda_i))
 
-where only the first ``m~`` eigenvectors are used. The paper takes ``m~`` as 90% of *all* the
-eigenvectors (``keep_mode='eigenvectors'``, the default); the authors' public code instead keeps the
-components that explain 90% of the variance (``sklearn.decomposition.PCA(n_components=0.9)``,
-``keep_mode='variance'``).
+where only the first ``m~`` eigenvectors are used. Two readings of "90%":
+
+* ``keep_mode='variance'`` (the default): the components that explain 90% of the variance, as the
+  authors' public code does (``sklearn.decomposition.PCA(n_components=0.9)``). On 3,462 real 68-point
+  shapes in the builder's crop frame this keeps 3 of 136 components and moves the shapes by 5.7%
+  inter-ocular NME: the visibly smoothed Soft-landmarks of the paper's Figs. 1-3.
+* ``keep_mode='eigenvectors'``: 90% of *all* the eigenvectors, the paper text's literal wording. The same
+  shapes keep 122 of 136 components holding 99.94% of the variance and move by only 0.55% NME, so the
+  Tolerant teacher would learn almost the ground truth (docs/method.md, "Soft-landmarks").
 
 This runs once at dataset-preparation time, so it is plain numpy in float64.
 """
@@ -23,7 +28,8 @@ import os
 
 import numpy as np
 
-KEEP_MODES = ("eigenvectors", "variance")
+KEEP_MODES = ("variance", "eigenvectors")
+DEFAULT_KEEP_MODE = "variance"  # The authors' code; see the module docstring and docs/method.md.
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -89,7 +95,7 @@ def fit_shape_model(landmarks) -> ShapeModel:
   return ShapeModel(mean=mean, eigenvectors=eigenvectors, eigenvalues=eigenvalues)
 
 
-def num_kept_components(model: ShapeModel, keep: float, keep_mode: str = "eigenvectors") -> int:
+def num_kept_components(model: ShapeModel, keep: float, keep_mode: str = DEFAULT_KEEP_MODE) -> int:
   """The number ``m~`` of eigenvectors that :func:`soft_landmarks` uses.
 
   ``keep_mode='eigenvectors'`` (the paper): ``floor(keep * 2K)`` eigenvectors (e.g. 122 of 136 for
@@ -117,14 +123,14 @@ def num_kept_components(model: ShapeModel, keep: float, keep_mode: str = "eigenv
   return int(min(np.searchsorted(ratio, keep, side="right") + 1, dimension))
 
 
-def soft_landmarks(landmarks, model: ShapeModel, *, keep=0.9, keep_mode="eigenvectors", clip=3.0):
+def soft_landmarks(landmarks, model: ShapeModel, *, keep=0.9, keep_mode=DEFAULT_KEEP_MODE, clip=3.0):
   """Soft-landmarks (Eqs. 2-3): project on the shape model, clip, rebuild from the kept eigenvectors.
 
   Args:
     landmarks: ``[..., K, 2]`` shapes in the unit the model was fitted in.
     model: from :func:`fit_shape_model`, with the same K.
     keep: fraction ``m~`` (see :func:`num_kept_components`); the paper uses 0.9.
-    keep_mode: ``'eigenvectors'`` (paper) or ``'variance'`` (authors' code).
+    keep_mode: ``'variance'`` (default, the authors' code) or ``'eigenvectors'`` (the paper's wording).
     clip: each ``b_i`` is limited to ``+-clip * sqrt(lambda_i)`` (3 in the paper, after Cootes et al.);
       ``None`` disables the limit.
 

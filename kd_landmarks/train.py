@@ -55,7 +55,7 @@ class StepSpec:
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict) -> Callable:
-  """Keras' time-based decay used by the authors (Section 4.4): lr_t = lr / (1 + decay * t), t = step."""
+  """Keras' time-based decay used by the authors (Section 4.3): lr_t = lr / (1 + decay * t), t = step."""
   base = float(config.optimizer.learning_rate)
   decay = float(config.optimizer.decay)
 
@@ -65,7 +65,7 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> Callable:
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: Callable):
-  """Adam (Section 4.4): b1 0.9, b2 0.999."""
+  """Adam (Section 4.3): b1 0.9, b2 0.999."""
   opt = config.optimizer
   return optax.adam(learning_rate_fn, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps))
 
@@ -173,7 +173,8 @@ class FitSetup:
   seed: int
   tx: Any
   meta: Mapping[str, Any]
-  teacher_cache: Mapping[str, np.ndarray] | None = None   # load_teacher_cache(...): joined by 'index'.
+  # teacher_cache.load_teacher_outputs(...).as_cache(): joined by 'index'.
+  teacher_cache: Mapping[str, np.ndarray] | None = None
   teacher_variables: Mapping[str, Any] | None = None
   validate_fn: Callable | None = None      # (variables) -> mean validation NME.
   log_every_steps: int = 100

@@ -17,7 +17,9 @@ import h5py
 import numpy as np
 from PIL import Image
 
-TAKEO_DIR = pathlib.Path(__file__).parent / "data" / "takeo"
+from kd_landmarks import export
+
+TAKEO_DIR = pathlib.Path(export.FIXTURE_DIR)  # shipped in the package (kd_landmarks/data/takeo)
 
 
 def random_face_landmarks(rng: np.random.Generator, num_landmarks: int, *, width: int, height: int):

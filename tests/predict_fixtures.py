@@ -6,9 +6,10 @@ import numpy as np
 import jax.numpy as jnp
 
 from kd_landmarks import checkpoint
+from kd_landmarks import export
 from kd_landmarks import models
 
-TAKEO_DIR = pathlib.Path(__file__).parent / "data" / "takeo"
+TAKEO_DIR = pathlib.Path(export.FIXTURE_DIR)  # shipped in the package
 TINY_MODEL = "mobilenet_v2_tiny"
 TINY_IMAGE_SIZE = 64
 
@@ -25,9 +26,12 @@ def tiny_student(num_landmarks: int = 68, image_size: int = TINY_IMAGE_SIZE, see
   return module, variables, meta
 
 
-def write_model_dir(model_dir, **kwargs) -> str:
-  """Saves a tiny student the way training does (model.json + best/ checkpoint)."""
+def write_model_dir(model_dir, *, config: dict | None = None, **kwargs) -> str:
+  """Saves a tiny student the way training does (model.json + best/ checkpoint); ``config``: the
+  training config model.json records (what the model card reads)."""
   module, variables, meta = tiny_student(**kwargs)
+  if config is not None:
+    meta = dict(meta, config=config, phase="student", loss="kd")
   model_dir = str(model_dir)
   checkpoint.write_model_json(model_dir, meta)
   checkpoint.save_best(checkpoint.best_manager(model_dir), 1, variables, 0.1)

@@ -1,5 +1,9 @@
 """The tfds builder ``kd_landmarks``: every config built from tiny official-format fixtures and read back
 through ``as_data_source()`` (no TensorFlow), checked against the contract and independent computations."""
+import json
+import os
+import pathlib
+import subprocess
 import sys
 import types
 
@@ -12,10 +16,12 @@ import fixtures_formats as ff
 from kd_landmarks import coords
 from kd_landmarks import shapes
 from kd_landmarks.datasets import builder
+from kd_landmarks.datasets import info
 from kd_landmarks.datasets import load_split
 from kd_landmarks.datasets import readers
 from kd_landmarks.datasets.__main__ import main as cli_main
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNTS_300W = {"afw": 3, "helen/trainset": 3, "lfpw/trainset": 2, "helen/testset": 2, "lfpw/testset": 1,
                "ibug": 1}
 WFLW_TEST_FLAGS = [[1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 1]]
@@ -97,9 +103,10 @@ def test_300w_real_photo_crop_matches_bilinear_resampling(built_300w):
 
 
 def test_soft_landmarks_match_an_independent_pca_of_the_train_split(built_300w):
-  """Section 3.1 (Eqs. 1-3) recomputed with an SVD: fitted on train crop landmarks, 90% of the 136
-  eigenvectors kept, b clipped at 3 sqrt(lambda). Projection and clipping commute with the crop's
-  uniform scale and shift, so crop pixels give the same answer as the normalised frame."""
+  """Section 3.1 (Eqs. 1-3) recomputed with an SVD: fitted on train crop landmarks, the components explaining
+  90% of the variance kept (the default since builder 1.1.0), b clipped at 3 sqrt(lambda). Projection and
+  clipping commute with the crop's uniform scale and shift, so crop pixels give the same answer as the
+  normalised frame."""
   data_dir, _, _ = built_300w
   train = _all(load_split("300w", "train", data_dir))
   shapes = np.stack([e["landmarks"] for e in train]).astype(np.float64).reshape(len(train), -1)
@@ -107,7 +114,9 @@ def test_soft_landmarks_match_an_independent_pca_of_the_train_split(built_300w):
   _, singular, basis_t = np.linalg.svd(shapes - mean, full_matrices=True)
   variances = np.zeros(136)
   variances[:len(singular)] = singular ** 2 / (len(train) - 1)
-  kept = int(0.9 * 136)  # 122
+  ratio = np.cumsum(variances) / variances.sum()
+  kept = int(np.argmax(ratio > 0.9)) + 1  # sklearn's PCA(n_components=0.9): first ratio strictly above 0.9
+  assert 1 <= kept < 7  # fewer than the 7 non-zero components of 8 shapes: the reading matters here
   basis = basis_t[:kept].T
   limit = 3 * np.sqrt(variances[:kept])
   for split in ("train", "test_full"):
@@ -128,7 +137,8 @@ def test_stored_shape_model_reproduces_the_soft_landmarks(built_300w):
   model = builder.load_shape_model("300w", data_dir)
   for example in _all(load_split("300w", "test_common", data_dir)):
     normalised = coords.to_normalized(example["landmarks"].astype(np.float64), builder.STORED_CROP_SIZE)
-    soft = coords.to_pixels(shapes.soft_landmarks(normalised, model, keep=0.9), builder.STORED_CROP_SIZE)
+    soft = coords.to_pixels(shapes.soft_landmarks(normalised, model, keep=0.9, keep_mode="variance"),
+                            builder.STORED_CROP_SIZE)
     np.testing.assert_allclose(example["soft_landmarks"], soft, atol=1e-3)
 
 
@@ -237,3 +247,72 @@ def test_command_line_prepare(tmp_path, capsys, built_300w):
   err = capsys.readouterr().err
   assert str(tmp_path / "none") in err and "WFLW_annotations" in err
   assert cli_main(["prepare", "--dataset", "cofw", "--data_dir", str(tmp_path), "--num_train", "3"]) == 2
+
+
+def _tfds_build(*args, timeout=300):
+  """tfds's own `build` command (kd_landmarks.datasets.tfds_build: the tfds CLI minus its TensorFlow-only
+  start-up), in a fresh process, registering the builder the third-party way (--imports)."""
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  result = subprocess.run([sys.executable, "-m", "kd_landmarks.datasets.tfds_build", *args,
+                           "--imports", "kd_landmarks.datasets.builder"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _assert_same_build(built, prepared, dataset):
+  """Every split holds the same examples (decoded images included), and the same metadata and shape model."""
+  for split in info.get_info(dataset).splits:
+    ours, theirs = _all(load_split(dataset, split, built)), _all(load_split(dataset, split, prepared))
+    assert len(ours) == len(theirs) > 0
+    for mine, other in zip(ours, theirs):
+      assert set(mine) == set(other)
+      for key in mine:
+        np.testing.assert_array_equal(mine[key], other[key], err_msg=f"{split} {key}")
+  folder = pathlib.Path("kd_landmarks") / dataset / str(builder.KdLandmarks.VERSION)
+  assert (json.loads((pathlib.Path(built) / folder / "metadata.json").read_text())
+          == json.loads((pathlib.Path(prepared) / folder / "metadata.json").read_text()))
+  assert ((pathlib.Path(built) / folder / builder.SHAPE_MODEL_FILE).read_bytes()
+          == (pathlib.Path(prepared) / folder / builder.SHAPE_MODEL_FILE).read_bytes())
+
+
+def test_tfds_build_of_synthetic_with_config_options_equals_prepare(tmp_path):
+  options = {"num_train": 5, "num_test": 2, "image_size": 32, "seed": 4}
+  _tfds_build("kd_landmarks", "--data_dir", str(tmp_path / "built"),
+              "--config", json.dumps({"name": "synthetic", **options}))
+  _prepare("synthetic", tmp_path / "prepared", synthetic_options=options, allow_partial=False)
+  _assert_same_build(tmp_path / "built", tmp_path / "prepared", "synthetic")
+  assert load_split("synthetic", "train", tmp_path / "built").metadata["synthetic"] == options
+  # prepare sees the tfds build as its own (same options: reused, not refused).
+  _prepare("synthetic", tmp_path / "built", synthetic_options=options, allow_partial=False)
+
+
+def test_tfds_build_of_a_300w_fixture_with_allow_partial_equals_prepare(tmp_path, built_300w):
+  prepared, manual_dir, _ = built_300w
+  _tfds_build("kd_landmarks", "--config", '{"name": "300w", "allow_partial": true}', "--manual_dir",
+              str(manual_dir), "--data_dir", str(tmp_path))
+  _assert_same_build(tmp_path, prepared, "300w")
+
+
+def test_custom_configs_are_checked():
+  with pytest.raises(ValueError, match=r"\['num_train'\] only apply to the synthetic config"):
+    builder.KdLandmarks(config=builder.LandmarksConfig(name="300w", num_train=3), data_dir="/unused")
+  with pytest.raises(ValueError, match="name one of"):
+    builder.KdLandmarks(config=builder.LandmarksConfig(name="aflw"), data_dir="/unused")
+  ours = builder.KdLandmarks(config=builder.LandmarksConfig(name="synthetic", num_test=9, allow_partial=True),
+                             data_dir="/unused")
+  assert ours.builder_config.name == "synthetic" and ours.builder_config is builder.KdLandmarks.BUILDER_CONFIGS[3]
+  assert ours.preparation_options()["synthetic"] == {**builder.SYNTHETIC_DEFAULTS, "num_test": 9}
+  assert ours.preparation_options()["allow_partial"] is True
+
+
+def test_data_of_an_older_builder_version_is_refused_with_the_command(tmp_path, built_300w):
+  """Data prepared by builder 1.0.0 (soft landmarks from 90% of the eigenvectors) is never read silently."""
+  import shutil
+  data_dir = tmp_path / "old"
+  current = built_300w[0] / "kd_landmarks" / "300w" / str(builder.KdLandmarks.VERSION)
+  shutil.copytree(current, data_dir / "kd_landmarks" / "300w" / "1.0.0")
+  assert str(builder.KdLandmarks.VERSION) == "1.1.0" and "1.1.0" in builder.KdLandmarks.RELEASE_NOTES
+  with pytest.raises(FileNotFoundError, match=r"prepared by kd_landmarks builder version 1.0.0, not 1.1.0 .*"
+                     r"python -m kd_landmarks.datasets prepare --dataset 300w"):
+    load_split("300w", "train", data_dir)
+  assert load_split("300w", "train", built_300w[0]).metadata["soft_landmarks"]["keep_mode"] == "variance"

@@ -18,7 +18,7 @@ def _load(name):
 def test_dataset_configs_hold_the_papers_hyper_parameters(name, dataset):
   config = _load(name).get_config()
   assert config.dataset == dataset
-  # Section 4.4.
+  # Section 4.3.
   assert config.optimizer.learning_rate == 1e-3
   assert (config.optimizer.b1, config.optimizer.b2) == (0.9, 0.999)
   assert config.optimizer.decay == 1e-6
@@ -50,7 +50,7 @@ def test_bad_config_arg_fails_with_the_choices(arg, match):
     _load("default").get_config(arg)
 
 
-@pytest.mark.parametrize("name", ["default", "demo", "300w", "cofw", "wflw"])
+@pytest.mark.parametrize("name", ["default", "demo", "demo_ablation", "300w", "cofw", "wflw"])
 def test_configs_are_locked_against_key_typos(name):
   config = _load(name).get_config()
   with pytest.raises(AttributeError, match="studnet_loss"):
@@ -70,3 +70,32 @@ def test_demo_names_existing_models_and_losses_and_augment_fields():
   pipeline.validate_config(config)
   pipeline.augment_config(config)  # Every augment key is a field of AugmentConfig.
   assert isinstance(pipeline.augment_config(config), augment.AugmentConfig)
+
+
+def test_demo_and_ablation_train_three_seeds_and_select_off_the_test_split():
+  from kd_landmarks import pipeline
+  demo = _load("demo").get_config()
+  assert pipeline.student_seeds(demo) == 3 and pipeline.student_losses(demo) == ["l2", "kd"]
+  assert pipeline.selection(demo)["split"] == "train_holdout" and demo.val_holdout == 0.05
+  ablation = _load("demo_ablation").get_config("phase=student")
+  pipeline.validate_config(ablation)
+  assert ablation.phase == "student" and pipeline.student_seeds(ablation) == 3
+  assert sorted(pipeline.student_losses(ablation)) == ["kd", "kd_tolerant_only", "kd_tough_only", "l1", "l2",
+                                                      "smooth_l1"]
+  # Same data, teachers and schedule as the demo, so a finished runs/demo serves it.
+  for key in ("synthetic", "teacher_model", "teacher", "student", "optimizer", "augment", "image_size"):
+    assert ablation[key] == demo[key], key
+  # The defaults: the paper's configs also select on the held-out slice, one seed, no offline copies.
+  paper = _load("300w").get_config()
+  assert (paper.val_split, paper.val_holdout, paper.student_seeds, paper.augment_copies) == ("", 0.05, 1, 1)
+
+
+def test_augment_copies_multiplies_the_epoch_length():
+  import ml_collections
+  from kd_landmarks import pipeline
+  phase = ml_collections.ConfigDict(dict(num_epochs=250.0, num_train_steps=-1))
+  # 300W's 3,148 faces minus the 5% slice (157) = 2,991; batch 70: 42 batches/epoch; x4 copies: 170.
+  assert pipeline.num_train_steps(phase, 2991, 70) == 250 * 42
+  assert pipeline.num_train_steps(phase, 2991, 70, augment_copies=4) == 250 * (4 * 2991 // 70)
+  with pytest.raises(ValueError, match="augment_copies"):
+    pipeline.num_train_steps(phase, 2991, 70, augment_copies=0)

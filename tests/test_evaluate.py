@@ -97,6 +97,8 @@ def test_evaluate_model_writes_the_files_the_report_reads(tmp_path, monkeypatch)
                                     batch_size=4)
   written = json.load(open(os.path.join(model_dir, "eval", "metrics.json")))
   assert written == metrics
+  # Which split chose the checkpoint, and its step, travel from model.json into metrics.json.
+  assert written["selection"] == {"checkpoint": "best", "step": 7, "split": "unknown", "on_test": False}
   assert written["test"]["count"] == 4 and written["test"]["nme"] > 0
   arrays = np.load(os.path.join(model_dir, "eval", "test.npz"))
   assert set(arrays) == {"pred", "gt", "image_id", "attributes", "occluded"}

@@ -1,6 +1,10 @@
 """export.py: the ONNX student matches JAX, takes uint8 crops with a dynamic batch, and quantises to int8."""
 import json
 import os
+import platform
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -16,7 +20,16 @@ def exported(tmp_path_factory):
   # Through the command line, from a model directory saved the way training saves it.
   from kd_landmarks import checkpoint
 
-  model_dir = predict_fixtures.write_model_dir(tmp_path_factory.mktemp("run") / "student_kd")
+  from kd_landmarks import detect
+
+  model_dir = predict_fixtures.write_model_dir(tmp_path_factory.mktemp("run") / "student_kd", config={
+      "student_loss": "l2,kd", "optimizer": {"learning_rate": 0.001}, "dataset": "300w"})
+  detect.save_box_map(model_dir, "dlib_hog", detect.BoxMap(0.0, 0.125, 1.25, source="fitted on 300w/train",
+                                                           num_faces=3))
+  os.makedirs(os.path.join(model_dir, "eval"))
+  with open(os.path.join(model_dir, "eval", "metrics.json"), "w") as f:
+    json.dump({"test_full": {"nme": 0.0345, "fr": 0.00725, "auc": 0.51234, "count": 689},
+               "selection": {"checkpoint": "best", "split": "train_holdout"}}, f)
   assert export.main(["--checkpoint", model_dir, "--format", "onnx", "--quantize"]) == 0
   with open(os.path.join(model_dir, "export", "export.json")) as f:
     report = json.load(f)
@@ -120,6 +133,11 @@ def test_int8_model_stores_int8_weights_and_stays_close(exported):
   int8_initializers = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
   # Every convolution's weights are stored as int8 (per-channel QDQ), none left in float.
   assert len(int8_initializers) >= len(conv_weights) > 0
+  # 7-bit weights: a pair of uint8 x int8 products fits the int16 that x86 CPUs without VNNI add it into
+  # (vpmaddubsw saturates at 32,767), so the file computes the same on every CPU.
+  largest = max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max()) for t in int8_initializers)
+  assert 2 * 255 * largest <= 32767 and largest == 64  # Symmetric per-channel: each channel's max maps to 64.
+  assert report["int8"]["weight_bits"] == 7
   assert report["int8"]["size_mb"] < report["float32"]["size_mb"]
   # Quantisation error, in crop pixels, small against the spread of the predictions themselves.
   images = export.fixture_crops(meta["image_size"], count=4)
@@ -139,6 +157,87 @@ def test_export_json_records_what_was_made(exported):
       os.path.getsize(report["float32"]["path"]) / 1e6, abs=1e-3)
 
 
-def test_tflite_is_refused_with_the_reason():
+def test_export_json_names_the_cpu_that_quantised(exported):
+  _, _, _, report = exported
+  cpu = report["int8"]["quantized_on"]
+  assert cpu["machine"] == platform.machine()
+  if not os.path.exists("/proc/cpuinfo"):
+    return
+  # Independently of export.cpu_description: grep's reading of the same file.
+  def grep(pattern):
+    return subprocess.run(["grep", "-m1", "-o", "-w", pattern, "/proc/cpuinfo"], capture_output=True,
+                          text=True).stdout.strip() == pattern
+  assert cpu["avx512_vnni"] == grep("avx512_vnni") and cpu["avx_vnni"] == grep("avx_vnni")
+  assert cpu["vnni"] == (grep("avx512_vnni") or grep("avx_vnni")) and cpu["avx2"] == grep("avx2")
+  model_name = subprocess.run(["grep", "-m1", "model name", "/proc/cpuinfo"], capture_output=True,
+                              text=True).stdout
+  if model_name:
+    assert cpu["name"] == model_name.split(":", 1)[1].strip()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("qemu-x86_64") is None,
+                    reason="needs an x86_64 host and qemu-x86_64 (Debian qemu-user; .ci/run installs it) to "
+                           "run ONNX Runtime on an emulated AVX2 CPU without VNNI")
+def test_int8_model_computes_the_same_on_an_avx2_cpu_without_vnni(exported, tmp_path):
+  # The user's CPU may lack VNNI (AMD EPYC with AVX2 only): ONNX Runtime then picks other integer kernels.
+  # qemu's Haswell model reports AVX2 and no AVX-512/VNNI to ONNX Runtime's CPUID dispatch.
+  _, _, meta, report = exported
+  images = export.fixture_crops(meta["image_size"], count=4)
+  np.save(tmp_path / "images.npy", images)
+  full_range = export.quantize_static_int8(report["float32"]["path"], str(tmp_path / "int8_8bit.onnx"),
+                                           export.fixture_crops(meta["image_size"]), weight_bits=8)
+  models = [f"float32={report['float32']['path']}", f"int8={report['int8']['path']}", f"int8_8bit={full_range}"]
+  worker = os.path.join(os.path.dirname(__file__), "ort_worker.py")
+  outputs = {}
+  for cpu, prefix in (("host", []), ("avx2", ["qemu-x86_64", "-cpu", "Haswell"])):
+    subprocess.run(prefix + [sys.executable, worker, str(tmp_path / "images.npy"),
+                             str(tmp_path / f"{cpu}.npz"), *models], check=True, capture_output=True,
+                   timeout=600)
+    outputs[cpu] = np.load(tmp_path / f"{cpu}.npz")
+  host, avx2 = outputs["host"], outputs["avx2"]
+  spread = np.abs(host["float32"] - host["float32"].mean(axis=1, keepdims=True)).mean()
+  # The exported (7-bit) file: the same landmarks on both CPUs, within the bound of the accuracy test.
+  np.testing.assert_allclose(avx2["int8"], host["int8"], atol=1e-4, rtol=0)
+  assert np.abs(avx2["int8"] - avx2["float32"]).mean() < 0.25 * spread
+  # Control: the emulated CPU really lacks VNNI, since the full-range file computes differently there
+  # (its int16 pair sums saturate); otherwise this test would prove nothing.
+  assert np.abs(avx2["int8_8bit"] - host["int8_8bit"]).max() > 1e-2
+
+
+def test_model_card_states_the_run_s_values(exported):
+  # The fixture's model dir has a fitted box map and an evaluation (written before the export): the card
+  # carries their numbers, the input contract of this model, the dataset's terms and the limits.
+  _, _, meta, report = exported
+  out_dir = os.path.dirname(report["float32"]["path"])
+  card = open(os.path.join(out_dir, "MODEL_CARD.md")).read()
+  assert "| test_full | 689 | 3.45 | 0.73 | 0.5123 |" in card  # 0.0345 NME, 0.00725 FR (rounds to 0.73)
+  assert "RGB **uint8** `[B, 64, 64, 3]`" in card and "float32 `[B, 68, 2]`" in card
+  assert "(n + 0.5) * 64 - 0.5" in card and "scaled by 1.05" in card
+  assert "Checkpoint: best, step 1; phase student, loss kd." in card
+  assert "offset (0.0000, 0.1250) x width, side 1.2500 x width; fitted on 300w/train" in card
+  assert "research and non-commercial use only" in card  # 300W's terms
+  assert "| student_loss | \"l2,kd\" |" in card and "| optimizer.learning_rate | 0.001 |" in card
+  assert "frontal faces" in card and "synthetic" not in card.split("## Limits")[1]
+  assert f"| `student_kd.int8.onnx` | ONNX int8 (static QDQ) | {report['int8']['size_mb']:.3f} |" in card
+  # The box map travels with the files.
+  assert json.load(open(os.path.join(out_dir, "box_map.json")))["dlib_hog"]["side_scale"] == 1.25
+
+
+def test_model_card_of_a_demo_run_says_synthetic_and_missing_evaluation():
+  from kd_landmarks import model_card
+
+  meta = {"model": "mobilenet_v2_tiny", "dataset": "synthetic", "image_size": 24, "num_landmarks": 68}
+  card = model_card.render(meta, {}, metrics=None)
+  limits = card.split("## Limits")[1]
+  assert "**Trained on synthetic faces** (the demo run)" in limits
+  assert "No evaluation found" in card and "holds no training config" in card
+
+
+def test_tflite_without_tensorflow_says_what_to_install(capsys):
+  import importlib.util
+
+  if importlib.util.find_spec("tensorflow") is not None:
+    pytest.skip("TensorFlow is installed here: tests/test_tflite.py runs the export")
   with pytest.raises(SystemExit):
     export.main(["--checkpoint", "unused", "--format", "tflite"])
+  assert "pip install 'kd_landmarks[tflite]'" in capsys.readouterr().err

@@ -340,3 +340,30 @@ def test_errors_are_clear():
     losses.assistive_loss(x, x, x, sigma=1.5)
   with pytest.raises(ValueError, match="at least one teacher"):
     losses.kd_loss(x, x, x, x, use_tough=False, use_tolerant=False)
+
+
+@pytest.mark.parametrize("variant", ["paper", "author_code"])
+def test_tough_only_never_reads_the_tolerant_teacher(variant):
+  """Table 7's mnv2_Tou: with use_tolerant=False, any Tolerant prediction gives the same loss, per coordinate
+  and in the mean (author_code once thresholded Loss_main at |gt - tolerant|)."""
+  pred, gt, tough, tol = _away_from_boundaries(seed=11)
+  rng = np.random.default_rng(3)
+  base = losses.kd_loss(pred, gt, tough, tol, variant=variant, use_tolerant=False, reduction="none")
+  for other in (jnp.zeros_like(tol), gt, tol + 0.3, jnp.asarray(rng.uniform(-0.5, 0.5, tol.shape), tol.dtype)):
+    np.testing.assert_array_equal(
+        losses.kd_loss(pred, gt, tough, other, variant=variant, use_tolerant=False, reduction="none"), base)
+    np.testing.assert_array_equal(losses.get_student_loss("kd_tough_only")(pred, gt, tough, other, variant=variant),
+                                  jnp.mean(base))
+
+
+def test_author_code_tough_only_threshold_is_the_tough_distance_by_hand():
+  """author_code Loss_main with only the Tough teacher: 3 Delta up to d_Tou, Delta^2 + 3 d_Tou - d_Tou^2 past it.
+  gt 0, tough 0.2 (d_Tou = 0.2): pred 0.1 -> 0.3; pred 0.4 -> 0.16 + 0.6 - 0.04 = 0.72."""
+  gt = jnp.zeros((2,))
+  tough = jnp.full((2,), 0.2)
+  pred = jnp.array([0.1, 0.4])
+  terms = losses.kd_loss_terms(pred[None, :, None].repeat(2, -1), gt[None, :, None].repeat(2, -1),
+                               tough[None, :, None].repeat(2, -1), jnp.full((1, 2, 2), 0.45),
+                               variant="author_code", use_tolerant=False, reduction="none")
+  np.testing.assert_allclose(terms["main"][0, :, 0], [0.3, 0.72], rtol=1e-6)
+  np.testing.assert_array_equal(terms["tolerant"], 0.0)

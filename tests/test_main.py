@@ -104,7 +104,10 @@ def test_all_phases_end_to_end_on_a_tiny_synthetic_set(tmp_path):
   assert result.returncode == 0, result.stderr[-4000:]
   for model in ("teacher_tough", "teacher_tolerant", "student_l2", "student_kd"):
     metrics = json.load(open(workdir / model / "eval" / "metrics.json"))
-    assert set(metrics) == {"test"} and metrics["test"]["count"] == 8
+    assert set(metrics) == {"test", "selection"} and metrics["test"]["count"] == 8
+    # Chosen on the slice held out of the training split (1 of 24 faces at 5%), at the last step.
+    assert metrics["selection"]["split"] == "train_holdout" and not metrics["selection"]["on_test"]
+    assert metrics["selection"]["checkpoint"] == "best" and metrics["selection"]["step"] == 3
     assert {"nme", "nme_inter_pupil", "fr", "auc"} <= set(metrics["test"])
     meta = json.load(open(workdir / model / "model.json"))
     # The students train at their own size; the teacher cache (made at 32 px) serves them.
@@ -114,7 +117,7 @@ def test_all_phases_end_to_end_on_a_tiny_synthetic_set(tmp_path):
     assert arrays["pred"].shape == arrays["gt"].shape == (8, 68, 2)
     assert os.listdir(workdir / model / "events")
   assert json.load(open(workdir / "student_kd" / "model.json"))["loss"] == "kd"
-  assert (workdir / "teacher_cache" / "train.npz").exists()
+  assert (workdir / "teacher_cache" / "kd_landmarks_teachers" / "synthetic" / "1.0.0" / "dataset_info.json").exists()
   assert (workdir / "report.md").exists()
   # The student's checkpoint holds only the student: no teacher subtree.
   from kd_landmarks import checkpoint

@@ -73,11 +73,11 @@ def test_predictor_maps_crop_centre_to_box_from_detector():
   # (offset 0.1, 0.2, scale 1.2) -> landmark box (100, 120, 120); with the 1.05 crop margin a
   # prediction n lands at (100, 120) + n * 126.
   points = np.array([[0.0, 0.0], [0.5, 0.5], [-0.5, 0.25]])
-  predictor = predict.LandmarkPredictor(
+  predictor = predict.Predictor.from_module(
       _ConstantModel(points), {}, _meta(32, 3),
       detector=_FixedDetector([detect.Detection((40.0, 50.0, 140.0, 150.0), 1.5)]),
       box_map=detect.BoxMap(0.1, 0.2, 1.2, source="test"), box_scale=1.05)
-  faces = predictor.predict(np.zeros((240, 200, 3), np.uint8))
+  faces = predictor.predict_faces(np.zeros((240, 200, 3), np.uint8))
   assert len(faces) == 1
   np.testing.assert_allclose(faces[0].crop_box, (100.0, 120.0, 120.0), atol=1e-9)
   np.testing.assert_allclose(faces[0].landmarks, np.array([100.0, 120.0]) + points * 126.0, atol=0.01)
@@ -94,7 +94,7 @@ def test_large_photos_are_detected_shrunk_and_boxes_scaled_back():
       seen_shapes.append(image.shape)
       return super().detect(image)
 
-  predictor = predict.LandmarkPredictor(
+  predictor = predict.Predictor.from_module(
       _ConstantModel(np.zeros((2, 2))), {}, _meta(32, 2),
       detector=_Recorder([detect.Detection((99.5, 49.5, 199.5, 149.5), 1.0)]),
       box_map=detect.BoxMap(0.0, 0.0, 1.0, source="test"), box_scale=1.0)

@@ -156,7 +156,10 @@ def test_per_split_table_auc_matches_the_ced_area_by_hand(cofw_workdir):
 def test_kd_vs_l2_summary_states_the_difference(cofw_workdir):
   text = report.build_report(cofw_workdir).read_text()
   line = next(l for l in text.splitlines() if l.startswith("- `test`: mnv2_KD"))
-  assert "0.00% vs mnv2 (L2) 5.00%" in line and "-5.00 points" in line and "lower (better)" in line
+  assert "0.00% vs mnv2 (L2) 5.00%" in line and "-5.00 points" in line and "**mnv2_KD lower**" in line
+  # Every face is 5 points better: the interval has no width; one seed says so.
+  assert "95% CI [-5.00, -5.00]" in line and "single seed × 12 faces" in line
+  assert "Single-seed run" in text
 
 
 def test_metrics_json_is_preferred_and_disagreement_is_reported(tmp_path):
@@ -191,7 +194,7 @@ def test_synthetic_report_has_no_paper_columns(tmp_path):
   rows = parse_table(text, "### Split `test`")
   assert row_of(rows, Method="mnv2_KD")["NME (%)"] == "3.00"
   assert row_of(rows, Method="mnv2 (L2)")["NME (%)"] == "2.00"
-  assert "KD is not lower" in text
+  assert "**mnv2_KD higher**" in text
 
 
 def test_300w_tables_2_3_7_8(tmp_path):
@@ -227,6 +230,12 @@ def test_300w_tables_2_3_7_8(tmp_path):
   auc_full = row_of(table7, Metric="AUC", Split="Full")
   assert float(auc_full["mnv2_KD"]) == pytest.approx(0.7, abs=2e-3)
   assert auc_full["mnv2_KD (paper)"] == "0.7900"
+  assert "not AUC@0.1 of its own NME and FR" in text.split("### Table 7")[1].split("###")[0]
+  # Every other student loss is compared with L2 and KD with every other loss, on each split.
+  paired = [l for l in text.splitlines() if l.startswith("- `test_full`:")]
+  assert len(paired) == 4 + 3  # KD vs L2, Tou, Tol, L1; then Tou, Tol, L1 vs L2
+  # L1 5.5% vs L2 6%, on every face: the verdict names the whole label.
+  assert any("mnv2 (L1) 5.50% vs mnv2 (L2) 6.00%" in l and "**mnv2 (L1) lower**" in l for l in paired)
 
   table8 = parse_table(text, "### Table 8")
   l1 = row_of(table8, Method="mnv2 (L1)")
@@ -556,7 +565,9 @@ def test_wflw_subsets_of_the_report_are_those_of_the_evaluate_step(tmp_path, mon
   expected = {f"test_{name}": by_hand[attributes[:, column] == 1]
               for column, name in enumerate(dataset_info.WFLW_ATTRIBUTES) if attributes[:, column].any()}
   assert "test_expression" not in expected and len(expected) >= 4
-  assert set(written) == {"test", *expected}
+  assert set(written) == {"test", "selection", *expected}
+  # A model.json without a selection record (written before it existed) says so rather than guessing.
+  assert written["selection"] == {"checkpoint": "best", "step": 1, "split": "unknown", "on_test": False}
   recomputed = report.load_model_results(report.find_models(tmp_path)[0], dataset="wflw", warnings=[])
   assert set(recomputed) == {"test", *expected}
   nme_row = row_of(parse_table(report.build_report(tmp_path).read_text(), "### Table 4"),
@@ -595,3 +606,63 @@ def test_labels_name_the_network_actually_trained():
   assert report._method_label("efn", "efficientnet_b3", "l2") == "efn (Tough teacher)"
   assert report._method_label("mnv2_kd", "mobilenet_v2", "kd") == "mnv2_KD"
   assert report._method_label("mnv2_kd", "efficientnet_b0", "kd") == "efn_KD"
+
+
+def _set_seed(model_dir, seed_index):
+  meta = json.loads((model_dir / "model.json").read_text())
+  meta["seed_index"] = seed_index
+  (model_dir / "model.json").write_text(json.dumps(meta))
+
+
+def test_seeds_give_mean_std_and_a_paired_interval_by_hand(tmp_path, monkeypatch):
+  """Three seeds: KD faces off by 2, 3, 4 % of the inter-ocular distance, L2 by 5, 6, 7 %. NME mean +- std
+  (ddof 1): KD 3.00 +- 1.00, L2 6.00 +- 1.00; every paired difference is -3 points, so the interval is
+  [-3, -3] and KD is lower. Seeds are labelled, not told apart by directory."""
+  gt = make_faces("cofw", 10)
+  for seed, (kd, l2) in enumerate(((0.02, 0.05), (0.03, 0.06), (0.04, 0.07))):
+    suffix = "" if seed == 0 else f"_seed{seed}"
+    _set_seed(write_model(tmp_path, f"student_kd{suffix}", dataset="cofw", role="student", loss="kd",
+                          splits={"test": (shifted(gt, kd), gt)}), seed)
+    _set_seed(write_model(tmp_path, f"student_l2{suffix}", dataset="cofw", role="student", loss="l2",
+                          splits={"test": (shifted(gt, l2), gt)}), seed)
+  text = report.build_report(tmp_path).read_text()
+  rows = parse_table(text, "### Seeds, split `test`")
+  assert row_of(rows, Method="mnv2_KD") == {"Method": "mnv2_KD", "Seeds": "3", "NME (%)": "3.00 ± 1.00",
+                                            "FR (%)": "0.00 ± 0.00", "AUC": row_of(rows, Method="mnv2_KD")["AUC"]}
+  assert row_of(rows, Method="mnv2 (L2)")["NME (%)"] == "6.00 ± 1.00"
+  # AUC@0.1 of a face at NME e is 1 - e / 0.1: seeds 0.8, 0.7, 0.6 -> 0.7 +- 0.1.
+  auc_mean, auc_std = (float(v) for v in row_of(rows, Method="mnv2_KD")["AUC"].split(" ± "))
+  assert auc_mean == pytest.approx(0.7, abs=2e-3) and auc_std == pytest.approx(0.1, abs=2e-3)
+  line = next(l for l in text.splitlines() if l.startswith("- `test`: mnv2_KD"))
+  assert "3.00% vs mnv2 (L2) 6.00%" in line and "-3.00 points" in line
+  assert "95% CI [-3.00, -3.00]" in line and "3 seeds × 10 faces" in line and "**mnv2_KD lower**" in line
+  models = parse_table(text, "## Models")
+  assert row_of(models, Directory="student_kd_seed2")["Method"] == "mnv2_KD (seed 2)"
+  # The overlay compares KD with L2 (first seeds), not three seeds of KD.
+  drawn = []
+  monkeypatch.setattr(report, "plot_qualitative",
+                      lambda rows, path, **kwargs: drawn.append([label for label, _ in rows]) or path)
+  report.build_report(tmp_path)
+  assert drawn == [["mnv2_KD (seed 0)", "mnv2 (L2) (seed 0)"]]
+  assert "Single-seed run" not in text
+
+
+def test_report_names_the_split_that_chose_each_checkpoint(tmp_path):
+  gt = make_faces("cofw", 4)
+  held = {"split": "train_holdout", "on_test": False, "checkpoint": "best", "step": 600, "holdout": 0.05,
+          "holdout_seed": 0, "of_split": "train"}
+  write_model(tmp_path, "student_kd", dataset="cofw", role="student", loss="kd",
+              splits={"test": (gt, gt)}, metrics_json={"selection": held})
+  write_model(tmp_path, "student_l2", dataset="cofw", role="student", loss="l2", splits={"test": (gt, gt)},
+              metrics_json={"selection": {"split": "test", "on_test": True, "checkpoint": "best", "step": 400}})
+  write_model(tmp_path, "teacher_tough", dataset="cofw", role="teacher_tough", splits={"test": (gt, gt)},
+              metrics_json={"selection": {"split": None, "on_test": False, "checkpoint": "latest", "step": 9}})
+  text = report.build_report(tmp_path).read_text()
+  models = parse_table(text, "## Models")
+  assert row_of(models, Directory="student_kd")["Checkpoint"] == \
+      "best on `train_holdout` (0.05 of train, seed 0), step 600"
+  assert row_of(models, Directory="student_l2")["Checkpoint"] == "**selected on test** (`test`), step 400"
+  assert row_of(models, Directory="teacher_tough")["Checkpoint"] == "last step 9 (no validation)"
+  assert "selected on test: the checkpoints of student_l2" in text.split("## Warnings")[1]
+  # The selection record is not mistaken for a split.
+  assert "### Split `selection`" not in text

@@ -85,7 +85,7 @@ def test_keep_counts():
   assert shapes.num_kept_components(model, 1.0, "variance") == 4
   # 90% of the 136 eigenvectors of a 68-point model.
   big = shapes.ShapeModel(mean=np.zeros(136), eigenvectors=np.eye(136), eigenvalues=np.ones(136))
-  assert shapes.num_kept_components(big, 0.9) == 122
+  assert shapes.num_kept_components(big, 0.9, "eigenvectors") == 122
 
 
 def test_variance_mode_keeps_dominant_direction_only():
@@ -151,12 +151,70 @@ def test_real_68_point_shapes_soft_have_less_variance_than_hard():
     return points.reshape(len(points), -1).var(axis=0).sum()
 
   hard = spread(test)
-  soft_90 = shapes.soft_landmarks(test, model, keep=0.9)
-  soft_50 = shapes.soft_landmarks(test, model, keep=0.5)
+  soft_90 = shapes.soft_landmarks(test, model, keep=0.9, keep_mode="eigenvectors")
+  soft_50 = shapes.soft_landmarks(test, model, keep=0.5, keep_mode="eigenvectors")
   soft_var = shapes.soft_landmarks(test, model, keep=0.9, keep_mode="variance")
   assert spread(soft_90) < hard
   assert spread(soft_50) <= spread(soft_90)
   assert spread(soft_var) < spread(soft_90)  # 90% of variance uses far fewer than 90% of eigenvectors
-  assert shapes.num_kept_components(model, 0.9, "variance") < shapes.num_kept_components(model, 0.9)
+  assert shapes.num_kept_components(model, 0.9, "variance") < shapes.num_kept_components(model, 0.9, "eigenvectors")
   # Soft landmarks stay close to the hard ones (same face, smoothed): mean error well under 2 px.
   assert np.abs(soft_90 - test).mean() < 2.0
+
+
+def _whitened_shapes(variances, num_shapes=60, seed=0):
+  """``num_shapes`` shapes of 5 points (10 dimensions) whose sample covariance has exactly ``variances`` as
+  eigenvalues along a random orthonormal basis ``E`` (returned): more shapes than dimensions."""
+  rng = np.random.default_rng(seed)
+  dimension = len(variances)
+  z = rng.normal(size=(num_shapes, dimension))
+  z -= z.mean(axis=0)
+  # Whiten: z^T z / (N - 1) = I exactly, so the eigenvalues are the variances given.
+  u, singular, vt = np.linalg.svd(z, full_matrices=False)
+  z = u @ vt * np.sqrt(num_shapes - 1)
+  basis, _ = np.linalg.qr(rng.normal(size=(dimension, dimension)))
+  mean = rng.uniform(-0.3, 0.3, size=dimension)
+  flat = mean + (z * np.sqrt(variances)) @ basis.T
+  return flat.reshape(num_shapes, dimension // 2, 2), mean, basis
+
+
+def test_default_soft_landmarks_keep_90_percent_of_the_variance_by_hand():
+  """Eigenvalues 50, 25, 10, 6, 4, 2.5, 1.2, 0.7, 0.4, 0.2 (sum 100): cumulative 0.50, 0.75, 0.85, 0.91, ...
+  The default (variance, keep 0.9) keeps 4 components, keep 0.5 keeps 2 (first ratio above 0.5), keep 1.0
+  all 10, the paper's wording 9. A test shape with parameters b = (5, 1, -0.5, 2, 1, 0.7, 0, ...) sigma:
+  b_0 is clipped to 3 sigma_0 in every reading, the default also drops b_4.. (Eq. 3 by hand below)."""
+  variances = np.array([50, 25, 10, 6, 4, 2.5, 1.2, 0.7, 0.4, 0.2]) * 1e-4
+  data, mean, basis = _whitened_shapes(variances)
+  model = shapes.fit_shape_model(data)
+  np.testing.assert_allclose(model.eigenvalues, variances, rtol=1e-9)
+  assert [shapes.num_kept_components(model, keep) for keep in (0.9, 0.5, 1.0)] == [4, 2, 10]
+  assert shapes.num_kept_components(model, 0.9, "eigenvectors") == 9
+  sigma = np.sqrt(variances)
+  b = np.array([5, 1, -0.5, 2, 1, 0.7, 0, 0, 0, 0]) * sigma
+  shape = (mean + basis @ b).reshape(1, 5, 2)
+
+  def by_hand(num_kept):
+    kept = np.minimum(b[:num_kept], 3 * sigma[:num_kept])  # only b_0 exceeds its limit
+    return (mean + basis[:, :num_kept] @ kept).reshape(1, 5, 2)
+
+  default = shapes.soft_landmarks(shape, model)
+  np.testing.assert_allclose(default, by_hand(4), atol=1e-12)
+  np.testing.assert_allclose(shapes.soft_landmarks(shape, model, keep=1.0), by_hand(10), atol=1e-12)
+  np.testing.assert_allclose(shapes.soft_landmarks(shape, model, keep=0.5), by_hand(2), atol=1e-12)
+  np.testing.assert_allclose(shapes.soft_landmarks(shape, model, keep_mode="eigenvectors"), by_hand(9),
+                             atol=1e-12)
+
+  def displacement(soft):  # length of the 10-vector moved (orthonormal basis: the norm of b - b~)
+    return float(np.linalg.norm(soft - shape))
+
+  # keep 1.0 moves the shape only through the clip (2 sigma_0 along v_0); keep 0.9 also drops 1 and 0.7
+  # sigma of v_4, v_5; keep 0.5 drops -0.5 and 2 sigma of v_2, v_3 as well.
+  expected = {1.0: np.sqrt(4 * variances[0]),
+              0.9: np.sqrt(4 * variances[0] + variances[4] + 0.49 * variances[5]),
+              0.5: np.sqrt(4 * variances[0] + 0.25 * variances[2] + 4 * variances[3] + variances[4]
+                           + 0.49 * variances[5])}
+  for keep, value in expected.items():
+    assert displacement(shapes.soft_landmarks(shape, model, keep=keep)) == pytest.approx(value, rel=1e-9), keep
+  assert 0 < expected[1.0] < expected[0.9] < expected[0.5]
+  # The clip acts: without it keep 1.0 returns the shape itself.
+  np.testing.assert_allclose(shapes.soft_landmarks(shape, model, keep=1.0, clip=None), shape, atol=1e-12)

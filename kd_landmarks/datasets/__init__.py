@@ -2,6 +2,7 @@
 
 Prepare a dataset once (``python -m kd_landmarks.datasets prepare --dataset ...``), then read it with
 :func:`load_split`. Importing this package stays light: tfds is imported only when a split is loaded.
+The teachers' outputs are the tfds dataset ``kd_landmarks_teachers`` (:mod:`kd_landmarks.datasets.teacher_cache`).
 """
 from __future__ import annotations
 

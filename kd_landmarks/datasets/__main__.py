@@ -3,6 +3,10 @@
 Examples:
   python -m kd_landmarks.datasets prepare --dataset synthetic --data_dir ~/kd_data
   python -m kd_landmarks.datasets prepare --dataset 300w --manual_dir ~/downloads/300w --data_dir ~/kd_data
+
+`prepare` is the short form of tfds's build command, which writes the same files:
+  python -m kd_landmarks.datasets.tfds_build kd_landmarks --imports kd_landmarks.datasets.builder \\
+      --data_dir ~/kd_data --config '{"name": "synthetic", "num_train": 500}'
 """
 from __future__ import annotations
 

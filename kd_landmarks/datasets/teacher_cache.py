@@ -1,22 +1,115 @@
-"""Cached predictions of the two teachers (Tough and Tolerant, paper Section 3.2) for the train split.
+"""The teachers' outputs on the train split (Tough and Tolerant, paper Section 3.2) as a tfds dataset.
 
-The student phase reads these instead of running two EfficientNet-B3 forward passes per step. One ``.npz``
-per split: ``tough`` and ``tolerant`` float32 ``[N, K, 2]`` **in stored-crop pixels** (the frame of the
-dataset's ``landmarks``), row ``i`` = the example whose ``index`` is ``i``. Being in the stored frame,
-they go through the same on-device augmentation as the ground truth.
+``phase=cache_teachers`` writes them with the builder ``kd_landmarks_teachers`` (one config per dataset)
+into ``WORKDIR/teacher_cache``; the dataset folder is
+``WORKDIR/teacher_cache/kd_landmarks_teachers/<dataset>/<version>``. It is array_record, so any tfds user
+reads it without TensorFlow and without this package (``tfds.builder_from_directory(folder)
+.as_data_source('train')``; README, "Reading prepared data from other tools"). One row per example of the
+dataset's train split, ``disable_shuffling`` so that row ``i`` is the example whose ``index`` is ``i``:
+
+  ``index`` int64 and ``image_id`` str: the join keys (the dataset's fields of the same names);
+  ``tough``, ``tolerant`` float32 ``[K, 2]``: each teacher's landmarks **in stored-crop pixels** (the frame of
+  the dataset's ``landmarks``), so that they go through the student's on-device augmentation like the
+  ground truth and serve a student of any input size.
+
+Its metadata (``builder.info.metadata``, ``metadata.json``) says what was predicted on and by whom: dataset,
+dataset version, split size, the preparation options (stored crop size, ASM soft-landmarks setting, synthetic
+sizes) and, per teacher, model, checkpoint (kind, step), input size, model directory. The student phase
+checks it against its training split before training (:func:`check_matches`), so that a cache made by other
+teachers (a colleague's, ``--config.teacher_cache_dir``) can be used without their checkpoints, and a stale one
+is refused with what differs and the command that rebuilds it.
+
+(The ``.npz`` cache of earlier versions, ``WORKDIR/teacher_cache/train.npz``, is no longer read; see
+:data:`LEGACY_NPZ`.)
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
+import shutil
+from typing import Any, Mapping, Optional
 
+from etils import epath
 import numpy as np
+import tensorflow_datasets as tfds
 
+from kd_landmarks.datasets import info as info_lib
+
+BUILDER_NAME = "kd_landmarks_teachers"
+SPLIT = "train"  # The split the student trains on; the rows cover all of it.
 _KEYS = ("tough", "tolerant")
+# Where the old .npz cache lived; only looked for to say that it must be rebuilt.
+LEGACY_NPZ = os.path.join("teacher_cache", "train.npz")
 
 
 class TeacherCacheError(ValueError):
-  """A cache file that is missing, malformed or does not match its dataset."""
+  """Teacher outputs that are missing, malformed or do not match the split they are joined with."""
+
+
+class TeacherCacheMismatchError(TeacherCacheError):
+  """Teacher outputs made for another dataset, dataset version, split size or set of indices."""
+
+
+# ---------------------------------------------------------------------------------------------- builder
+
+
+@dataclasses.dataclass(eq=False)
+class TeacherOutputsConfig(tfds.core.BuilderConfig):
+  dataset: str = ""
+
+
+class KdLandmarksTeachers(tfds.core.GeneratorBasedBuilder):
+  """Predictions of the Tough and Tolerant teachers on a ``kd_landmarks`` train split, stored-crop pixels."""
+
+  name = BUILDER_NAME
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Replaces the .npz teacher cache."}
+  BUILDER_CONFIGS = [TeacherOutputsConfig(name=name, dataset=name,
+                                          description=f"teacher outputs on kd_landmarks/{name} train")
+                     for name in info_lib.DATASETS]
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    # As kd_landmarks.datasets.builder.KdLandmarks: tfds's default needs `importlib_resources`.
+    return epath.Path(__file__)
+
+  def __init__(self, *, rows: Optional[Mapping[str, Any]] = None, metadata: Optional[dict] = None, **kwargs):
+    """``rows`` (``index``, ``image_id``, ``tough``, ``tolerant``, in index order) and ``metadata`` are what
+    :func:`write_teacher_outputs` writes; reading needs neither."""
+    kwargs.setdefault("file_format", "array_record")
+    self._rows = rows
+    self._metadata = metadata
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    num_landmarks = info_lib.get_info(self.builder_config.dataset).num_landmarks
+    points = tfds.features.Tensor(shape=(num_landmarks, 2), dtype=np.float32)
+    return tfds.core.DatasetInfo(
+        builder=self, description=__doc__,
+        features=tfds.features.FeaturesDict({"index": tfds.features.Scalar(dtype=np.int64),
+                                             "image_id": tfds.features.Text(),
+                                             "tough": points, "tolerant": points}),
+        metadata=tfds.core.MetadataDict(self._metadata or {}),
+        disable_shuffling=True,  # Row i is the example whose index is i.
+        homepage="https://arxiv.org/abs/2111.07047")
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    if self._rows is None:
+      raise TeacherCacheError("the teacher outputs are written by phase=cache_teachers of kd_landmarks.main "
+                              "(write_teacher_outputs), not by `tfds build`")
+    return {SPLIT: self._generate_examples()}
+
+  def _generate_examples(self):
+    rows = self._rows
+    for position in range(len(rows["index"])):
+      yield position, {"index": np.int64(rows["index"][position]), "image_id": str(rows["image_id"][position]),
+                       "tough": rows["tough"][position], "tolerant": rows["tolerant"][position]}
+
+
+# ------------------------------------------------------------------------------------------- checks
 
 
 def _rows_in_order(index, num_rows: int, *, where: str) -> np.ndarray:
@@ -27,14 +120,20 @@ def _rows_in_order(index, num_rows: int, *, where: str) -> np.ndarray:
                             f"got {index.shape}")
   if not np.issubdtype(index.dtype, np.integer):
     raise TeacherCacheError(f"{where}: index must be integers (the examples' `index` field), got {index.dtype}")
-  if not np.array_equal(np.sort(index), np.arange(num_rows)):
-    values, counts = np.unique(index, return_counts=True)
-    duplicates = values[counts > 1]
-    raise TeacherCacheError(
-        f"{where}: index must hold each of 0..{num_rows - 1} exactly once (one prediction per example of the "
-        f"split); got min {index.min() if num_rows else None}, max {index.max() if num_rows else None}, "
-        f"duplicates {duplicates[:5].tolist()}")
+  _check_each_index_once(index, num_rows, where=where, error=TeacherCacheError)
   return np.argsort(index, kind="stable")
+
+
+def _check_each_index_once(index: np.ndarray, num_examples: int, *, where: str, error=TeacherCacheMismatchError):
+  if np.array_equal(np.sort(index), np.arange(num_examples)):
+    return
+  values, counts = np.unique(index, return_counts=True)
+  duplicates = values[counts > 1]
+  missing = np.setdiff1d(np.arange(num_examples), values)
+  outside = values[(values < 0) | (values >= num_examples)]
+  raise error(f"{where}: index must hold each of 0..{num_examples - 1} exactly once (one prediction per example "
+              f"of the split); missing {missing[:5].tolist()}, duplicates {duplicates[:5].tolist()}, "
+              f"outside {outside[:5].tolist()}")
 
 
 def _check_predictions(name: str, value, *, where: str, num_landmarks=None) -> np.ndarray:
@@ -53,60 +152,145 @@ def _check_predictions(name: str, value, *, where: str, num_landmarks=None) -> n
   return value.astype(np.float32)
 
 
-def write_teacher_cache(path, *, index, tough, tolerant) -> pathlib.Path:
-  """Writes both teachers' predictions, reordered so that row ``i`` is the example with ``index == i``.
+# ------------------------------------------------------------------------------------ write and read
+
+
+def dataset_dir(cache_dir, dataset: str, version=KdLandmarksTeachers.VERSION) -> pathlib.Path:
+  """The tfds dataset folder under the data dir ``cache_dir`` (what ``builder_from_directory`` takes)."""
+  return pathlib.Path(cache_dir) / BUILDER_NAME / info_lib.get_info(dataset).name / str(version)
+
+
+def resolve(path, dataset: str) -> pathlib.Path:
+  """The dataset folder of ``path``: the folder itself (it holds ``dataset_info.json``) or, for a tfds data
+  dir such as ``WORKDIR/teacher_cache``, its ``kd_landmarks_teachers/<dataset>/<version>``."""
+  path = pathlib.Path(os.path.expanduser(os.fspath(path)))
+  if (path / "dataset_info.json").is_file():
+    return path
+  return dataset_dir(path, dataset)
+
+
+def write_teacher_outputs(cache_dir, *, dataset: str, index, image_id, tough, tolerant,
+                          metadata: Mapping[str, Any]) -> pathlib.Path:
+  """Writes both teachers' predictions as the tfds dataset ``kd_landmarks_teachers/<dataset>`` in the data dir
+  ``cache_dir``, rows reordered so that row ``i`` is the example with ``index == i``.
 
   Args:
-    path: the ``.npz`` file to write (parent folders are created).
+    cache_dir: tfds data dir (``WORKDIR/teacher_cache``); an earlier build there is replaced.
+    dataset: ``300w``, ``cofw``, ``wflw`` or ``synthetic``.
     index: ``[N]`` int, each example's ``index`` field (any order, e.g. as batches came off the pipeline).
+    image_id: ``[N]`` str, each example's ``image_id``, in the same order.
     tough: ``[N, K, 2]`` Tough-Teacher predictions, stored-crop pixels, in the same order as ``index``.
     tolerant: ``[N, K, 2]`` Tolerant-Teacher predictions, likewise.
+    metadata: what :func:`check_matches` compares (``dataset``, ``dataset_version``, ``num_examples``,
+      ``preparation``) and the teachers' description (``teachers``); JSON-serialisable.
   Returns:
-    The path written.
+    The dataset folder written.
   """
-  path = pathlib.Path(path)
-  where = os.fspath(path)
-  tough = _check_predictions("tough", tough, where=where)
-  tolerant = _check_predictions("tolerant", tolerant, where=where)
+  name = info_lib.get_info(dataset).name
+  where = os.fspath(dataset_dir(cache_dir, name))
+  num_landmarks = info_lib.get_info(name).num_landmarks
+  tough = _check_predictions("tough", tough, where=where, num_landmarks=num_landmarks)
+  tolerant = _check_predictions("tolerant", tolerant, where=where, num_landmarks=num_landmarks)
   if tough.shape != tolerant.shape:
     raise TeacherCacheError(f"{where}: tough {tough.shape} and tolerant {tolerant.shape} shapes differ")
+  image_id = np.asarray([str(i) for i in image_id])
+  if image_id.shape != (tough.shape[0],):
+    raise TeacherCacheError(f"{where}: {image_id.shape[0]} image ids for {tough.shape[0]} predictions")
   order = _rows_in_order(index, tough.shape[0], where=where)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # Write then rename, so that an interrupted run never leaves a truncated cache that looks valid.
-  temporary = path.with_name(path.name + ".tmp.npz")
-  np.savez(temporary, tough=tough[order], tolerant=tolerant[order],
-           index=np.arange(tough.shape[0], dtype=np.int64))
-  os.replace(temporary, path)
-  return path
+  rows = {"index": np.arange(tough.shape[0], dtype=np.int64), "image_id": image_id[order],
+          "tough": tough[order], "tolerant": tolerant[order]}
+  return _write_rows(cache_dir, name, rows, dict(metadata))
 
 
-def load_teacher_cache(path, *, num_examples=None, num_landmarks=None) -> dict[str, np.ndarray]:
-  """Reads a cache written by :func:`write_teacher_cache`: ``{'tough', 'tolerant'}`` float32 ``[N, K, 2]``.
+def _write_rows(cache_dir, dataset: str, rows: Mapping[str, Any], metadata: dict) -> pathlib.Path:
+  """Builds the dataset from ``rows`` as given (no checks: tests forge bad caches with it)."""
+  builder = KdLandmarksTeachers(config=dataset, data_dir=os.fspath(cache_dir), rows=rows, metadata=metadata)
+  folder = pathlib.Path(builder.data_path)
+  if folder.exists():
+    # The teachers changed (or the data): replace the whole folder. tfds writes into a temporary folder and
+    # renames it, so an interrupted build never leaves a dataset_info.json beside partial records.
+    shutil.rmtree(folder)
+  tfds.disable_progress_bar()
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  return folder
 
-  ``num_examples`` / ``num_landmarks``, when given, are checked against the split the cache must match.
-  """
-  path = pathlib.Path(path)
-  where = os.fspath(path)
-  if not path.is_file():
-    raise TeacherCacheError(f"{where}: no teacher cache; after training both teachers write it with the "
-                            "phase=cache_teachers run of kd_landmarks.main, or set teachers_online=True")
+
+@dataclasses.dataclass(frozen=True)
+class TeacherOutputs:
+  """Read from a teacher-output dataset: ``tough``/``tolerant`` float32 ``[N, K, 2]`` in index order (what
+  ``input_pipeline.make_train_iterator(teacher_cache=...)`` joins), ``image_id`` ``[N]``, the metadata."""
+  path: pathlib.Path
+  tough: np.ndarray
+  tolerant: np.ndarray
+  image_id: np.ndarray
+  metadata: dict
+
+  def as_cache(self) -> dict[str, np.ndarray]:
+    return {"tough": self.tough, "tolerant": self.tolerant}
+
+
+def load_teacher_outputs(path, *, dataset: str, rebuild: str = "") -> TeacherOutputs:
+  """Reads the teacher-output dataset at ``path`` (dataset folder or data dir, see :func:`resolve`) the way
+  any tfds user does (``builder_from_directory``, array_record data source) and checks each ``index``
+  0..N-1 is there exactly once. Errors end with ``rebuild`` (the command that rewrites the cache)."""
   try:
-    with np.load(path, allow_pickle=False) as contents:
-      arrays = {key: contents[key] for key in contents.files}
-  except (OSError, ValueError) as error:
-    raise TeacherCacheError(f"{where}: not a readable .npz file ({error}); delete it and write it again") \
-        from None
-  missing = [key for key in _KEYS + ("index",) if key not in arrays]
+    return _load(resolve(path, dataset))
+  except TeacherCacheError as error:
+    if not rebuild:
+      raise
+    raise type(error)(f"{error}. Rebuild them: {rebuild}") from None
+
+
+def _load(folder: pathlib.Path) -> TeacherOutputs:
+  where = os.fspath(folder)
+  if not (folder / "dataset_info.json").is_file():
+    raise TeacherCacheError(f"{where}: no teacher outputs (no dataset_info.json)")
+  builder = tfds.builder_from_directory(where)
+  if SPLIT not in builder.info.splits:
+    raise TeacherCacheError(f"{where}: no {SPLIT!r} split (has {list(builder.info.splits)}); not a "
+                            f"{BUILDER_NAME} dataset")
+  missing = [key for key in ("index", "image_id") + _KEYS if key not in builder.info.features]
   if missing:
-    raise TeacherCacheError(f"{where}: missing arrays {missing} (found {sorted(arrays)}); delete it and "
-                            "write it again")
-  tough = _check_predictions("tough", arrays["tough"], where=where, num_landmarks=num_landmarks)
-  tolerant = _check_predictions("tolerant", arrays["tolerant"], where=where, num_landmarks=num_landmarks)
-  if tough.shape != tolerant.shape:
-    raise TeacherCacheError(f"{where}: tough {tough.shape} and tolerant {tolerant.shape} shapes differ")
-  if not np.array_equal(arrays["index"], np.arange(tough.shape[0])):
-    raise TeacherCacheError(f"{where}: rows are not in index order 0..N-1; write it with write_teacher_cache")
-  if num_examples is not None and tough.shape[0] != num_examples:
-    raise TeacherCacheError(f"{where}: {tough.shape[0]} rows but the split has {num_examples} examples; it was "
-                            "written for another dataset or split size; write it again")
-  return {"tough": tough, "tolerant": tolerant}
+    raise TeacherCacheError(f"{where}: features {missing} missing; not a {BUILDER_NAME} dataset")
+  source = builder.as_data_source(split=SPLIT)
+  rows = source.__getitems__(list(range(len(source)))) if len(source) else []
+  if not rows:
+    raise TeacherCacheError(f"{where}: 0 rows; the cache must cover the whole train split")
+  index = np.asarray([row["index"] for row in rows], np.int64)
+  _check_each_index_once(index, len(rows), where=where)
+  order = np.argsort(index, kind="stable")
+  tough = _check_predictions("tough", np.stack([row["tough"] for row in rows])[order], where=where)
+  tolerant = _check_predictions("tolerant", np.stack([row["tolerant"] for row in rows])[order], where=where)
+  image_id = np.asarray([row["image_id"].decode("utf-8") if isinstance(row["image_id"], bytes)
+                         else str(row["image_id"]) for row in rows])[order]
+  return TeacherOutputs(path=folder, tough=tough, tolerant=tolerant, image_id=image_id,
+                        metadata=dict(builder.info.metadata or {}))
+
+
+def check_matches(outputs: TeacherOutputs, *, dataset: str, dataset_version: str, num_examples: int,
+                  num_landmarks: int, preparation: Mapping[str, Any], rebuild: str) -> None:
+  """Refuses teacher outputs that were not made on this training split: another dataset, dataset version,
+  split size, preparation (crop size, soft landmarks, synthetic sizes) or landmark count. The error names
+  every difference and ``rebuild`` (the command that rewrites the cache). Index coverage is checked on read.
+  """
+  stored = outputs.metadata
+  wanted = {"dataset": info_lib.get_info(dataset).name, "dataset_version": str(dataset_version),
+            "num_examples": int(num_examples)}
+  differences = [f"{key} {stored.get(key)!r} (the training split: {value!r})"
+                 for key, value in wanted.items() if stored.get(key) != value]
+  if outputs.tough.shape[0] != num_examples and stored.get("num_examples") == num_examples:
+    differences.append(f"{outputs.tough.shape[0]} rows (the training split: {num_examples} examples)")
+  if outputs.tough.shape[1] != num_landmarks:
+    differences.append(f"{outputs.tough.shape[1]} landmarks (the dataset: {num_landmarks})")
+  stored_preparation = stored.get("preparation") or {}
+  for key in sorted(set(preparation) | set(stored_preparation)):
+    if key == "split_sizes":
+      continue  # Other splits do not matter; the train split's size is compared above.
+    if stored_preparation.get(key) != preparation.get(key):
+      differences.append(f"preparation option {key} {stored_preparation.get(key)!r} "
+                         f"(the training split: {preparation.get(key)!r})")
+  if differences:
+    raise TeacherCacheMismatchError(
+        f"{outputs.path}: the teacher outputs do not match the training split: {'; '.join(differences)}. "
+        f"Rebuild them: {rebuild}")
