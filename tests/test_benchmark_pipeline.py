@@ -32,14 +32,16 @@ def test_rehearsal_runs_every_phase_and_projects_the_paper_run(tmp_path):
     assert train["img_s"] == pytest.approx(2 * 8 / train["window_s"])
     assert 0.0 <= train["input_wait"] < 1.0 and 0.0 <= train["host_blocked"] < 1.0
     assert len(train["checkpoint_s"]) == 1 and len(train["validation"]) == 1   # At the end of the run.
-    assert train["validation"][0][1] == 16    # The synthetic test split (--num_test 16 at this scale).
+    assert train["validation"][0][1] == 2     # The held-out slice: 5% of the 48 training faces, rounded.
   assert phases["eval"]["img_s"] == pytest.approx(4 * 16 / phases["eval"]["wall_s"])
   assert os.path.exists(tmp_path / "w" / "report.md")
   projection = report["projection"]
-  # 300W: 3,148 train crops, batch 8 -> 393 steps per epoch (remainder dropped), 250 epochs.
+  # 300W: 3,148 train crops less 157 held out (5%), batch 8 -> 373 steps per epoch (remainder dropped), 250
+  # epochs.
+  assert projection["held_out"] == 157
   for model in projection["models"].values():
-    assert model["steps"] == 250 * 393 == 98250
-    assert model["checkpoints"] == math.ceil(98250 / 1000) and model["validations"] == math.ceil(98250 / 5000)
+    assert model["steps"] == 250 * 373 == 93250
+    assert model["checkpoints"] == math.ceil(93250 / 1000) and model["validations"] == math.ceil(93250 / 5000)
     assert model["total_s"] >= model["steps"] * model["step_s"]
   parts = sum(m["total_s"] for m in projection["models"].values()) + sum(
       projection[k] for k in ("cache_s", "eval_s", "report_s"))
