@@ -9,27 +9,35 @@ HERE = pathlib.Path(__file__).parent
 VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "kd_landmarks" / "__init__.py").read_text(),
                     re.M).group(1)
 
+# Lower bounds = the versions the test suite runs against (pip list of the development venv, Python 3.11);
+# older ones are never exercised. jax 0.10 itself needs Python >= 3.11, numpy >= 2.0 and scipy >= 1.14.
 CORE = [
-    "jax>=0.8",
-    "jaxlib>=0.8",
-    "flax>=0.10",
-    "optax>=0.2",
-    "orbax-checkpoint>=0.11",
-    "tensorflow-datasets>=4.9.9",
-    "array-record>=0.8",
-    "grain>=0.2.12",
-    "ml-collections>=1.0",
-    "numpy>=1.26",
-    "scipy>=1.11",
-    "h5py>=3.10",          # COFW .mat (v7.3 = HDF5)
-    "pillow>=10.0",
-    "matplotlib>=3.8",     # CED curves and overlays as PNG
-    "tqdm>=4.66",
-    "tensorboardX>=2.6",   # TensorBoard event files without TensorFlow
-    "absl-py>=1.4",        # main.py flags
+    "jax>=0.10.2",
+    "jaxlib>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.11.36",
+    "tensorflow-datasets>=4.9.10",
+    "array-record>=0.8.6",
+    "grain>=0.2.18",
+    "ml-collections>=1.1.0",
+    "numpy>=2.4",
+    "scipy>=1.17",
+    "h5py>=3.16",          # COFW .mat (v7.3 = HDF5)
+    "pillow>=13.0",
+    "matplotlib>=3.11",    # CED curves and overlays as PNG
+    "tqdm>=4.70",
+    "tensorboardX>=2.6.5", # TensorBoard event files without TensorFlow
+    "absl-py>=2.5",        # main.py flags
 ]
 
 EXTRAS = {
+    # Accelerators: jax's own extras pull the matching PJRT plugin (and, for CUDA, NVIDIA's libraries as
+    # wheels); without one JAX runs on the CPU only. 'gpu': CUDA 12 (NVIDIA driver >= 525); 'cuda13':
+    # driver >= 580; 'tpu': libtpu on a Cloud TPU VM. README, "Installing for a GPU or a TPU".
+    "gpu": ["jax[cuda12]>=0.10.2"],
+    "cuda13": ["jax[cuda13]>=0.10.2"],
+    "tpu": ["jax[tpu]>=0.10.2"],
     "test": ["pytest>=8.0", "hypothesis>=6.100"],
     # Export of a trained student to mobile/edge runtimes.
     "export": ["onnx>=1.16", "onnxruntime>=1.18", "jax2onnx>=0.17"],
@@ -67,7 +75,7 @@ setup(
         "kd-landmarks-export = kd_landmarks.export:main",
         "kd-landmarks-datasets = kd_landmarks.datasets.__main__:main",
     ]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=CORE,
     extras_require=EXTRAS,
 )

@@ -9,13 +9,17 @@ config files import it the same way wherever they are run from.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import importlib.util
+import os
 
 import ml_collections
 
 from kd_landmarks import augment
 
 PHASES = ("teacher_tough", "teacher_tolerant", "cache_teachers", "student", "eval", "report", "all")
-PLATFORMS = ("cpu", "gpu", "tpu")
+# 'auto': the backend JAX has (kd_landmarks.backend resolves it, and dtype/prefetch from it, at run time).
+PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -87,13 +91,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.val_holdout_seed = 0
   config.eval_splits = ""            # Comma-separated; empty: every split but train.
   config.eval_batch_size = 64
-  config.prefetch = 2                # Host batches prepared ahead of the device.
+  config.prefetch = -1               # Host batches prepared ahead of the device; -1: 2 on CPU, 4 on GPU/TPU.
   config.write_report = True
   config.compilation_cache = True    # Persistent XLA cache in WORKDIR/jax_cache (restarts compile less).
 
-  # Platform: mesh over all devices; bfloat16 compute on accelerators.
-  config.platform = "cpu"
-  config.dtype = "float32"
+  # Platform: mesh over all devices. 'auto': the backend JAX has; or cpu/gpu/tpu, checked at start.
+  # dtype 'auto': float32 on CPU, bfloat16 compute on accelerators (parameters stay float32); both are
+  # resolved at run time from the resolved platform (kd_landmarks/backend.py), however platform was set.
+  config.platform = "auto"
+  config.dtype = "auto"
   # CPU only: glibc's malloc keeps freed memory (kd_landmarks/allocator.py), so that XLA's per-step
   # temporaries reuse mapped pages instead of faulting in new ones (~0.2 s of a 0.7 s student step).
   config.retain_freed_memory = True
@@ -136,10 +142,30 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
 
 
 def set_platform(config: ml_collections.ConfigDict, platform: str) -> None:
-  """cpu: float32. gpu/tpu: bfloat16 compute (params stay float32), deeper host prefetch."""
+  """Records the requested platform only: dtype and prefetch follow it at run time (kd_landmarks.backend),
+  so that ``:platform=gpu`` and ``--config.platform=gpu`` give the same run."""
   if platform not in PLATFORMS:
     raise ValueError(f"unknown platform {platform!r}; choose from {PLATFORMS}")
   config.platform = platform
-  config.dtype = "float32" if platform == "cpu" else "bfloat16"
-  config.prefetch = 2 if platform == "cpu" else 4
+
+
+def runs_on_cpu_before_start(platform: str) -> bool:
+  """Whether ``platform`` will resolve to the CPU, known before JAX initialises a backend.
+
+  For what must happen before then (kd_landmarks.allocator). True for 'cpu', and for 'auto' when
+  JAX_PLATFORMS starts with cpu or no accelerator plugin (jax_plugins entry points or namespace modules,
+  or libtpu) is installed. False when unsure: the caller then leaves the CPU-only settings alone.
+  """
+  if platform == "cpu":
+    return True
+  if platform != "auto":
+    return False
+  restricted = os.environ.get("JAX_PLATFORMS", "").strip()
+  if restricted:
+    return restricted.split(",")[0].strip() == "cpu"
+  if importlib.metadata.entry_points(group="jax_plugins") or importlib.util.find_spec("libtpu"):
+    return False
+  spec = importlib.util.find_spec("jax_plugins")  # The namespace package plugins may also install into.
+  return not (spec and spec.submodule_search_locations and
+              any(os.listdir(path) for path in spec.submodule_search_locations if os.path.isdir(path)))
 

@@ -36,26 +36,33 @@ def main(argv):
   # The package is imported here, not at the top: flag parsing (a config typo, --help) answers before the
   # ~2 s import of jax, flax, orbax and grain (measured: `import kd_landmarks.pipeline`, 1.9 s on this
   # 2-core Xeon), and the allocator is set before JAX's first allocation.
-  if FLAGS.config.platform == "cpu" and FLAGS.config.retain_freed_memory:
-    # Before JAX allocates anything: only memory allocated afterwards is retained.
+  from kd_landmarks import config_lib
+  if config_lib.runs_on_cpu_before_start(FLAGS.config.platform) and FLAGS.config.retain_freed_memory:
+    # Before JAX allocates anything: only memory allocated afterwards is retained (so decided before any
+    # backend starts: with platform 'auto', from JAX_PLATFORMS and the installed plugins).
     from kd_landmarks import allocator
     logging.info("%s", allocator.retain_freed_memory())
   from kd_landmarks import parallel
   # Before anything touches a device: joins the other hosts when there are any.
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax
+  from kd_landmarks import backend
   from kd_landmarks import checkpoint
   from kd_landmarks import pipeline
   from kd_landmarks import train
   from kd_landmarks import workdir_lock
-  logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
   try:
-    pipeline.run(FLAGS.config, FLAGS.workdir, break_lock=FLAGS.break_lock)
-  except (workdir_lock.WorkdirLockedError, checkpoint.CheckpointError, checkpoint.ModelJsonError,
-          train.DivergedError) as error:
-    # Their messages say it all (the other run's pid, host and start time; the unreadable files and what to
-    # delete; the step, the value and the last good checkpoint): one line, no traceback.
+    # The platform JAX has ('auto') or the one asked for, which must exist ("install .[gpu]" otherwise);
+    # dtype and prefetch follow it whether it came from ':platform=' or '--config.platform='.
+    config = backend.resolve(FLAGS.config)
+    logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
+    backend.log_resolved(config)
+    pipeline.run(config, FLAGS.workdir, break_lock=FLAGS.break_lock)
+  except (backend.PlatformUnavailableError, workdir_lock.WorkdirLockedError, checkpoint.CheckpointError,
+          checkpoint.ModelJsonError, train.DivergedError) as error:
+    # Their messages say it all (the extra to install; the other run's pid, host and start time; the
+    # unreadable files and what to delete; the step, the value and the last good checkpoint): one line.
     sys.exit(f"error: {error}")
 
 

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from kd_landmarks import augment
+from kd_landmarks import backend
 from kd_landmarks import checkpoint
 from kd_landmarks import config_lib
 from kd_landmarks import datasets
@@ -425,6 +426,7 @@ def run(config, workdir: str, *, break_lock: bool = False):
   stops at once naming this one; ``break_lock`` takes over a lock its holder left behind.
   """
   validate_config(config)
+  config = backend.resolve(config)  # platform 'auto', dtype 'auto', prefetch -1 -> concrete (idempotent).
   os.makedirs(workdir, exist_ok=True)
   lock = workdir_lock.acquire(workdir, break_lock=break_lock, process_index=jax.process_index(),
                               process_count=jax.process_count())

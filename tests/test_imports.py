@@ -12,7 +12,7 @@ LAYERS = [
     {"coords", "shapes", "metrics", "parallel", "allocator", "paper_results", "input_pipeline",
      "workdir_lock", "datasets", "stats"},
     {"augment"},
-    {"models", "config_lib"},
+    {"models", "config_lib", "backend"},
     {"losses", "checkpoint", "model_stats", "runtimes"},
     {"train"},
     {"evaluate", "report", "model_card"},
