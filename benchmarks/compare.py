@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kd_landmarks import coords  # noqa: E402
 from kd_landmarks import detect  # noqa: E402
 from kd_landmarks import export  # noqa: E402
+from kd_landmarks import machine  # noqa: E402
 from kd_landmarks import predict  # noqa: E402
 from benchmarks import timing  # noqa: E402
 
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
   fastest = min(medians.values())
   device = jax.devices()[0].device_kind
   print(f"\n{faces} face(s) in {len(photos)} photo(s) ({len(missed)} missed by {detector.name}); "
-        f"batch 1, {threads} thread(s) per runtime, CPU: {_cpu_name()} ({os.cpu_count()} cores, "
+        f"batch 1, {threads} thread(s) per runtime, CPU: {machine.cpu_description()['name']} ({os.cpu_count()} cores, "
         f"jax {device}),"
         f" box map: {box_map.source}")
   print(f"{'method':58s} {'ms/face':>8s} {'model ms':>9s} {'x fastest':>9s} {'NME %':>7s}")
@@ -391,17 +392,6 @@ def tflite_runners(report: dict, module, variables, meta, *, threads: int, quant
   if quantize and "tflite_int8" in report:
     runners["litert int8"] = runtimes.LiteRtRunner(report["tflite_int8"]["path"], threads=threads)
   return runners, None
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown"
 
 
 if __name__ == "__main__":

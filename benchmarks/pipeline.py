@@ -40,7 +40,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform as platform_lib
 import resource
 import shutil
 import sys
@@ -53,6 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from kd_landmarks import config_lib  # noqa: E402  (no JAX: the allocator must be set before JAX starts)
+from kd_landmarks import machine  # noqa: E402  (no JAX either)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_EPOCHS = 250.0
@@ -264,17 +264,6 @@ class InMemorySource:
     return [self[p] for p in positions]
 
 
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform_lib.processor() or platform_lib.machine()
-
-
 def _device_peak_bytes():
   import jax  # pylint: disable=g-import-not-at-top
   stats = jax.local_devices()[0].memory_stats()
@@ -354,7 +343,7 @@ def rehearse(args) -> dict:
   prepare_s = prepare_data(config, pipeline.data_dir_of(config, workdir))
   resolved = backend.resolve(config)
   result = {"platform": backend.describe(), "dtype": resolved.dtype, "jax": jax.__version__,
-            "host": f"{_cpu_name()}, {os.cpu_count()} cores",
+            "host": f"{machine.cpu_description()['name']}, {os.cpu_count()} cores",
             "args": vars(args), "auto_kernels": backend.auto_kernels(), "phases": {}}
   print(f"[rehearsal] {result['platform']}, dtype {resolved.dtype}, jax {jax.__version__}, host "
         f"{result['host']}; auto kernels {result['auto_kernels']}", flush=True)
@@ -573,7 +562,7 @@ def main(argv=None) -> dict:
     if args.decode_only:
       config = load_config(args)
       from kd_landmarks import pipeline  # pylint: disable=g-import-not-at-top
-      result = {"host": f"{_cpu_name()}, {os.cpu_count()} cores", "args": vars(args),
+      result = {"host": f"{machine.cpu_description()['name']}, {os.cpu_count()} cores", "args": vars(args),
                 "prepare_s": prepare_data(config, pipeline.data_dir_of(config, args.workdir))}
       result["decode"] = decode_costs(config, args.workdir)
     else:

@@ -31,7 +31,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -45,6 +44,7 @@ from kd_landmarks import checkpoint
 from kd_landmarks import coords
 from kd_landmarks import datasets
 from kd_landmarks import detect
+from kd_landmarks import machine
 from kd_landmarks import model_card
 from kd_landmarks import predict
 from kd_landmarks.datasets import info
@@ -250,28 +250,6 @@ def quantize_static_int8(float_path: str, int8_path: str, calibration_images: np
   return int8_path
 
 
-def cpu_description() -> dict:
-  """What CPU this process runs on, and whether it has the VNNI dot-product instructions (``export.json``
-  records it: ONNX Runtime's u8s8 kernels compute differently with and without them)."""
-  name, flags = "", set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and not name:
-          name = value.strip()
-        elif key.strip() == "flags" and not flags:
-          flags = set(value.split())
-        if name and flags:
-          break
-  except OSError:  # Not Linux: the name only.
-    pass
-  name = name or platform.processor() or platform.machine()
-  return {"name": name, "machine": platform.machine(), "avx2": "avx2" in flags,
-          "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
-          "vnni": bool({"avx512_vnni", "avx_vnni"} & flags)}
-
-
 def dataset_crops(dataset: str, split: str, data_dir: str, image_size: int, *, count: int = 64):
   """Evaluation crops of ``count`` evenly spaced stored examples of a prepared split."""
   source = datasets.load_split(dataset, split, data_dir)
@@ -323,7 +301,7 @@ def export_onnx(module, variables, meta: dict, out_dir: str, *, quantize: bool =
                       "weight_bits": int(int8_weight_bits),
                       "weight_bits_note": INT8_WEIGHT_BITS[int8_weight_bits],
                       # The CPU that quantised and checked this file (its errors below were measured here).
-                      "quantized_on": cpu_description(),
+                      "quantized_on": machine.cpu_description(),
                       "max_abs_error_vs_jax": float(int8_error.max()),
                       # In pixels of the crop: what the quantisation costs on the landmarks.
                       "mean_px_error_vs_jax": float(

@@ -163,7 +163,7 @@ def test_export_json_names_the_cpu_that_quantised(exported):
   assert cpu["machine"] == platform.machine()
   if not os.path.exists("/proc/cpuinfo"):
     return
-  # Independently of export.cpu_description: grep's reading of the same file.
+  # Independently of machine.cpu_description: grep's reading of the same file.
   def grep(pattern):
     return subprocess.run(["grep", "-m1", "-o", "-w", pattern, "/proc/cpuinfo"], capture_output=True,
                           text=True).stdout.strip() == pattern

@@ -16,18 +16,18 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+def _two_processes_and_one(tmp_path, two_process_args, one_process_args):
+  """Runs the worker as two processes of one distributed run (``two_process_args(i)``) and as a single
+  process (``one_process_args``); returns their saved arrays (p0, p1, one) after checking every exit status
+  and that the two processes really formed one run."""
   coordinator = f"127.0.0.1:{_free_port()}"
-  shared_dir = str(tmp_path / "multi")  # Both processes write one checkpoint directory, as on a cluster.
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   workers = [subprocess.Popen(
-      [sys.executable, WORKER, "fit", str(tmp_path / f"p{i}.npz"), shared_dir, "--steps", "4",
-       "--devices", "1", "--process_id", str(i), "--num_processes", "2", "--coordinator", coordinator],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
-  reference = subprocess.run(
-      [sys.executable, WORKER, "fit", str(tmp_path / "one.npz"), str(tmp_path / "one"), "--steps", "4",
-       "--devices", "2"], capture_output=True, text=True, timeout=900, env=env)
+      [sys.executable, WORKER, *two_process_args(i), "--process_id", str(i), "--num_processes", "2",
+       "--coordinator", coordinator], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+      for i in range(2)]
+  reference = subprocess.run([sys.executable, WORKER, *one_process_args], capture_output=True, text=True,
+                             timeout=900, env=env)
   outputs = []
   for worker in workers:
     try:
@@ -36,9 +36,18 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
       worker.kill()
   for worker, output in zip(workers, outputs):
     assert worker.returncode == 0, output[-3000:]
-  assert "2 processes, 2 devices" in outputs[0]
+  assert "2 processes" in outputs[0]
   assert reference.returncode == 0, reference.stderr[-3000:]
-  p0, p1, one = (np.load(tmp_path / name) for name in ("p0.npz", "p1.npz", "one.npz"))
+  return outputs, tuple(np.load(tmp_path / name) for name in ("p0.npz", "p1.npz", "one.npz"))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+  shared_dir = str(tmp_path / "multi")  # Both processes write one checkpoint directory, as on a cluster.
+  outputs, (p0, p1, one) = _two_processes_and_one(
+      tmp_path, lambda i: ["fit", str(tmp_path / f"p{i}.npz"), shared_dir, "--steps", "4", "--devices", "1"],
+      ["fit", str(tmp_path / "one.npz"), str(tmp_path / "one"), "--steps", "4", "--devices", "2"])
+  assert "2 processes, 2 devices" in outputs[0]
   assert sorted(p0) == sorted(one)
   for name in one:
     np.testing.assert_array_equal(p0[name], p1[name])
@@ -50,25 +59,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
 
 @pytest.mark.slow
 def test_evaluation_with_two_processes_gives_the_metrics_of_one(tmp_path):
-  coordinator = f"127.0.0.1:{_free_port()}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  workers = [subprocess.Popen(
-      [sys.executable, WORKER, "evaluate", str(tmp_path / f"p{i}.npz"), "--process_id", str(i),
-       "--num_processes", "2", "--coordinator", coordinator],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
-  reference = subprocess.run([sys.executable, WORKER, "evaluate", str(tmp_path / "one.npz")],
-                             capture_output=True, text=True, timeout=900, env=env)
-  outputs = []
-  for worker in workers:
-    try:
-      outputs.append(worker.communicate(timeout=900)[0])
-    finally:
-      worker.kill()
-  for worker, output in zip(workers, outputs):
-    assert worker.returncode == 0, output[-3000:]
-  assert "2 processes" in outputs[0]
-  assert reference.returncode == 0, reference.stderr[-3000:]
-  p0, p1, one = (np.load(tmp_path / name) for name in ("p0.npz", "p1.npz", "one.npz"))
+  _, (p0, p1, one) = _two_processes_and_one(
+      tmp_path, lambda i: ["evaluate", str(tmp_path / f"p{i}.npz")], ["evaluate", str(tmp_path / "one.npz")])
   assert sorted(p0) == sorted(one) and "metric_nme" in one
   # Every example once, in split order, with its own id: the index join of the processes' blocks.
   np.testing.assert_array_equal(one["index"], np.arange(11))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kd_landmarks import augment
+from kd_landmarks import backend
 from kd_landmarks import checkpoint
 from kd_landmarks import coords
 from kd_landmarks import losses
@@ -31,7 +32,8 @@ def _wiring_config(**overrides):
   values = {"image_size": fx.IMAGE_SIZE, "eval_batch_size": 4, "teacher.batch_size": 4,
             "student.batch_size": 4, "compilation_cache": False}
   values.update(overrides)
-  return _config(**values)
+  # The phases are called directly here, not through pipeline.run: resolve the platform as run does.
+  return backend.resolve_settings(_config(**values), "cpu")
 
 
 def _hand_step_loss(spec, state, batch, rng, sets, *, loss_fn, gt_key, tough_key=None, tolerant_key=None,
