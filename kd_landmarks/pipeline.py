@@ -163,6 +163,9 @@ def num_train_steps(phase_config, num_examples: int, batch_size: int, augment_co
 
 def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase, target, loss_name,
                phase_config, teacher_cache=None, teacher_modules=None, teacher_variables=None, seed_index=0):
+  # run() resolved the platform already; a phase called on its own (a notebook, a test) resolves it here,
+  # so that model.json never records dtype 'auto' nor the input pipeline a prefetch of -1. Idempotent.
+  config = backend.resolve(config)
   model_dir = os.path.join(workdir, model_dir_name)
   seed = training_seed(config, target, seed_index)
   meta = model_meta(config, model_name=model_name, overrides=overrides, phase=phase,

@@ -139,8 +139,8 @@ def test_inference_never_compiles_the_kernels(tmp_path, fresh_native, monkeypatc
   nme = evaluate.mean_nme(module, variables, source=fx.InMemorySource(4), dataset="synthetic", image_size=16,
                           batch_size=4)
   assert np.isfinite(nme)
-  predictor = predict.LandmarkPredictor(module, variables, {"image_size": 16, "num_landmarks": 68},
-                                        detector=None, box_map=None, box_scale=1.05)
+  predictor = predict.Predictor.from_module(module, variables, {"image_size": 16, "num_landmarks": 68},
+                                           box_scale=1.05)
   points = predictor.landmarks_for_box(np.zeros((40, 40, 3), np.uint8), (20.0, 20.0, 16.0))
   assert points.shape == (68, 2)
   assert not list(fresh_native.glob("*.so"))
