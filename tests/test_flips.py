@@ -8,8 +8,8 @@ import pytest
 from kd_landmarks.datasets import flips
 from kd_landmarks.datasets import info
 
-KEYPOINTS_68_CSV = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "keypoints_68"
-                       / "keypoints_frames_train.csv")  # ../shared beside the checkout
+# Shipped with the tests (tests/data/keypoints_68, MIT, see its README).
+KEYPOINTS_68_CSV = str(pathlib.Path(__file__).resolve().parent / "data" / "keypoints_68" / "keypoints_frames_train.csv")
 
 
 @pytest.mark.parametrize("dataset", ["300w", "cofw", "wflw", "synthetic"])

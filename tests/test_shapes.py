@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kd_landmarks import shapes
 
-KEYPOINTS_68 = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "keypoints_68")  # ../shared
+KEYPOINTS_68 = str(pathlib.Path(__file__).resolve().parent / "data" / "keypoints_68")  # Shipped (MIT, see its README).
 
 
 def _random_shapes(num_shapes=40, num_landmarks=5, seed=0):

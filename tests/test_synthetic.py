@@ -15,7 +15,7 @@ from kd_landmarks import coords
 from kd_landmarks.datasets import synthetic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-CSV_DIR = REPO_ROOT.parent / "shared" / "data" / "keypoints_68"
+CSV_DIR = REPO_ROOT / "tests" / "data" / "keypoints_68"  # Shipped with the tests (MIT, see its README).
 HAVE_CSVS = all((CSV_DIR / name).is_file() for name in ("keypoints_frames_train.csv", "keypoints_frames_test.csv"))
 needs_csvs = pytest.mark.skipif(not HAVE_CSVS, reason=f"real 68-point CSVs not found in {CSV_DIR}")
 

@@ -19,7 +19,7 @@ Output arrays (float32 unless noted): ``mean [68, 2]``, ``modes [M, 68, 2]`` (or
 The npz is written byte-for-byte reproducibly (fixed zip timestamps, no compression, a deterministic
 eigenvector sign convention), so re-running this script on the same CSVs reproduces the shipped file:
 
-  python tools/make_shape_prior.py --csv_dir ../shared/data/keypoints_68 \
+  python tools/make_shape_prior.py --csv_dir tests/data/keypoints_68 \
       --output kd_landmarks/datasets/data/shape_prior_68.npz
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ CSV_NAMES = ("keypoints_frames_train.csv", "keypoints_frames_test.csv")
 SOURCE = ("facial-keypoints-detecter 1.0.0 (PyPI, MIT licence), "
           "facial_keypoints_detecter/__data_subpkg__/keypoints_frames_{train,test}.csv")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_CSV_DIR = REPO_ROOT.parent / "shared" / "data" / "keypoints_68"
+DEFAULT_CSV_DIR = REPO_ROOT / "tests" / "data" / "keypoints_68"  # Shipped (MIT, see its README).
 DEFAULT_OUTPUT = REPO_ROOT / "kd_landmarks" / "datasets" / "data" / "shape_prior_68.npz"
 RIGHT_EYE = slice(36, 42)  # The subject's right eye: on the image's left in a frontal face.
 LEFT_EYE = slice(42, 48)

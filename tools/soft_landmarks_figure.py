@@ -11,7 +11,7 @@ over faces, train and test CSVs), and writes a PNG:
 * bottom row (Fig. 3's point clouds): every test face's landmarks, hard and under each reading, on the
   mean shape's frame -- the soft clouds are tighter where the model smooths.
 
-  python tools/soft_landmarks_figure.py --csv_dir ../shared/data/keypoints_68 \
+  python tools/soft_landmarks_figure.py --csv_dir tests/data/keypoints_68 \
       --output docs/figures/soft_landmarks.png
 """
 from __future__ import annotations
