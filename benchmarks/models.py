@@ -35,7 +35,7 @@ NUM_LANDMARKS = 68
 
 # ----------------------------------------------------------------------------------------------- JAX
 
-def jax_callables(role, args, depthwise_impl, norm_impl):
+def jax_callables(role, args, depthwise_impl, norm_impl, pointwise_impl="auto"):
   """(forward at batch 1, train step at args.batch, compile seconds): compiled and run once."""
   import jax
   import jax.numpy as jnp
@@ -45,7 +45,7 @@ def jax_callables(role, args, depthwise_impl, norm_impl):
   device = jax.devices(args.platform)[0]
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
   model = models.create_model(MODEL_NAMES[role], num_landmarks=NUM_LANDMARKS, dtype=dtype,
-                              depthwise_impl=depthwise_impl, norm_impl=norm_impl)
+                              depthwise_impl=depthwise_impl, norm_impl=norm_impl, pointwise_impl=pointwise_impl)
   size = args.image_size
   with jax.default_device(device):
     rng = jax.random.key(0)
@@ -85,6 +85,23 @@ def jax_callables(role, args, depthwise_impl, norm_impl):
     jax.block_until_ready(outputs[3])
 
   return run_forward, run_step, compile_s
+
+
+def jax_name(depthwise_impl, norm_impl, pointwise_impl):
+  return f"JAX[{depthwise_impl}, norm {norm_impl}, 1x1 {pointwise_impl}]"
+
+
+def chosen_kernels(role, args):
+  """(depthwise, norm, pointwise) that a training run of ``role`` at this batch and size would use."""
+  import functools
+  import jax.numpy as jnp
+  from kd_landmarks import models
+  from kd_landmarks.models import autotune
+  build = functools.partial(models.create_model, MODEL_NAMES[role], num_landmarks=NUM_LANDMARKS)
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+  choice = autotune.choose(build, shape_class=autotune.shape_class(MODEL_NAMES[role], NUM_LANDMARKS),
+                           image_size=args.image_size, batch_size=args.batch, dtype=dtype, mode=args.kernel_choice)
+  return tuple(choice[field] for field in autotune.KERNEL_FIELDS)
 
 
 # ------------------------------------------------------------------------------------------- PyTorch
@@ -290,6 +307,11 @@ def main(argv=None):
   parser.add_argument("--norm_impls", default="auto",
                       help="comma-separated norm_impl values (training BatchNorm) to time for JAX, or "
                            "'all'; JAX is timed for every pair with --depthwise_impls")
+  parser.add_argument("--pointwise_impls", default="auto",
+                      help="comma-separated pointwise_impl values (1x1 convolutions) to time for JAX, or 'all'")
+  parser.add_argument("--kernel_choice", default="measure", choices=["measure", "rules", "none"],
+                      help="also time the kernels training would use: 'measure' (kd_landmarks/models/autotune.py, "
+                           "measured here or read from its cache), 'rules', or 'none'")
   parser.add_argument("--peers", default=None,
                       help="comma-separated: torch, onnxruntime (default both on CPU, none elsewhere)")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
@@ -330,19 +352,30 @@ def main(argv=None):
                      if args.depthwise_impls == "all" else args.depthwise_impls.split(","))
   norm_impls = ([i for i in layers.NORM_IMPLS if i != "auto" and (args.platform == "cpu" or i != "native")]
                 if args.norm_impls == "all" else args.norm_impls.split(","))
-  impls = [(d, n) for d in depthwise_impls for n in norm_impls]
-  auto = f"'auto' depthwise = {depthwise.resolve_impl('auto')}, norm = {layers.resolve_norm_impl('auto')}"
-  print(f"jax {jax.__version__} on {jax.devices(args.platform)[0].device_kind}; cores usable: "
-        f"{len(os.sched_getaffinity(0))}; image {args.image_size}px; train batch {args.batch}; "
+  pointwise_impls = ([i for i in layers.POINTWISE_IMPLS if i != "auto"]
+                     if args.pointwise_impls == "all" else args.pointwise_impls.split(","))
+  impls = [(d, n, p) for d in depthwise_impls for n in norm_impls for p in pointwise_impls]
+  auto = (f"'auto' by rule: depthwise = {depthwise.resolve_impl('auto')}, norm = {layers.resolve_norm_impl('auto')}, "
+          f"pointwise = {layers.resolve_pointwise_impl('auto')}")
+  from kd_landmarks import machine
+  print(f"jax {jax.__version__} on {jax.devices(args.platform)[0].device_kind}; CPU {machine.cpu_description()}; "
+        f"cores usable: {len(os.sched_getaffinity(0))}; image {args.image_size}px; train batch {args.batch}; "
         f"dtype {args.dtype}; {auto}; malloc: {malloc}", flush=True)
 
   import tempfile
   for role in [r.strip() for r in args.models.split(",") if r.strip()]:
     print(f"\n== {role} ({MODEL_NAMES[role]}) ==", flush=True)
     forwards, steps = {}, {}
-    for depthwise_impl, norm_impl in impls:
-      name = f"JAX[{depthwise_impl}, norm {norm_impl}]"
-      forwards[name], steps[name], compile_s = jax_callables(role, args, depthwise_impl, norm_impl)
+    role_impls = list(impls)
+    chosen = None
+    if args.kernel_choice != "none":
+      chosen = chosen_kernels(role, args)
+      print(f"kernel choice ({args.kernel_choice}) for training: {chosen}", flush=True)
+      if chosen not in role_impls:
+        role_impls.append(chosen)
+    for impl in role_impls:
+      name = jax_name(*impl)
+      forwards[name], steps[name], compile_s = jax_callables(role, args, *impl)
       print(f"{name}: compiled and ran once in {compile_s:.1f} s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
       if "torch" in peers or "onnxruntime" in peers:
@@ -361,8 +394,8 @@ def main(argv=None):
       if name in step_s:
         line += f"   train b{args.batch} {args.batch / step_s[name]:8.1f} img/s"
       print(line, flush=True)
-    for depthwise_impl, norm_impl in impls:
-      name = f"JAX[{depthwise_impl}, norm {norm_impl}]"
+    for impl in role_impls:
+      name = jax_name(*impl)
       ratios = []
       if "PyTorch" in forwards:
         ratios += [f"forward time JAX/PyTorch {forward_s[name] / forward_s['PyTorch']:.2f}x",
@@ -371,6 +404,11 @@ def main(argv=None):
         ratios.append(f"forward time JAX/ONNX Runtime {forward_s[name] / forward_s['ONNX Runtime (PyTorch export)']:.2f}x")
       if ratios:
         print(f"ratios {name}: " + ", ".join(ratios), flush=True)
+    if chosen is not None and len(role_impls) > 1:
+      others = [jax_name(*impl) for impl in role_impls if impl != chosen]
+      fastest = min(others, key=lambda name: step_s[name])
+      print(f"kernel choice {jax_name(*chosen)}: train throughput {step_s[fastest] / step_s[jax_name(*chosen)]:.3f}x "
+            f"the fastest other combination timed ({fastest})", flush=True)
     if "ONNX Runtime (our export)" in forwards:
       print(f"our ONNX export / PyTorch's ONNX export, forward time: "
             f"{forward_s['ONNX Runtime (our export)'] / forward_s['ONNX Runtime (PyTorch export)']:.2f}x",

@@ -20,8 +20,7 @@ import ml_collections
 from jax._src import xla_bridge  # Private, but JAX has no public "are backends initialised" query.
 
 from kd_landmarks import config_lib
-from kd_landmarks.models import depthwise
-from kd_landmarks.models import layers
+from kd_landmarks.models import autotune
 
 # What to install for a backend JAX lacks (setup.py's extras; README "Installing for a GPU or a TPU").
 INSTALL_HINTS = {
@@ -104,9 +103,9 @@ def describe() -> str:
 
 
 def auto_kernels() -> dict:
-  """What the models' 'auto' implementations resolve to on the current default backend."""
-  return {"depthwise_impl": depthwise.resolve_impl("auto"), "pointwise_impl": layers.resolve_pointwise_impl("auto"),
-          "norm_impl": layers.resolve_norm_impl("auto")}
+  """What the models' 'auto' implementations resolve to by rule on the current default backend (training
+  runs on CPU measure instead: kd_landmarks/models/autotune.py)."""
+  return autotune.rule_choice()
 
 
 def log_resolved(config: ml_collections.ConfigDict) -> str:

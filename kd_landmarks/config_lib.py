@@ -92,7 +92,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_splits = ""            # Comma-separated; empty: every split but train.
   config.eval_batch_size = 64
   config.prefetch = -1               # Host batches prepared ahead of the device; -1: 2 on CPU, 4 on GPU/TPU.
+  # Hold the training split decoded in memory when it fits this many MiB (decoding is the input pipeline's
+  # main cost, paid every epoch otherwise; input_pipeline.InMemorySource). -1: a quarter of the machine's
+  # memory; 0: always read from disk.
+  config.input_cache_mb = -1
   config.write_report = True
+  # CPU kernels (depthwise_impl, norm_impl, pointwise_impl) left at 'auto' in the overrides: 'measure' times
+  # the alternatives on this machine at first use and caches the fastest (kd_landmarks/models/autotune.py);
+  # 'rules' takes the fixed per-backend rules without measuring. Accelerators always take the rules.
+  # The test suite sets KD_LANDMARKS_KERNEL_CHOICE=rules (tests/conftest.py): it trains dozens of tiny shape
+  # classes, each of which would be measured once (~25 s).
+  config.kernel_choice = os.environ.get("KD_LANDMARKS_KERNEL_CHOICE", "measure")
   config.compilation_cache = True    # Persistent XLA cache in WORKDIR/jax_cache (restarts compile less).
 
   # Platform: mesh over all devices. 'auto': the backend JAX has; or cpu/gpu/tpu, checked at start.

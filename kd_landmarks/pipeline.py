@@ -26,12 +26,14 @@ from kd_landmarks import checkpoint
 from kd_landmarks import config_lib
 from kd_landmarks import datasets
 from kd_landmarks import evaluate
+from kd_landmarks import input_pipeline
 from kd_landmarks import losses
 from kd_landmarks import models
 from kd_landmarks import parallel
 from kd_landmarks import report
 from kd_landmarks import train
 from kd_landmarks import workdir_lock
+from kd_landmarks.models import autotune
 from kd_landmarks.datasets import builder
 from kd_landmarks.datasets import flips
 from kd_landmarks.datasets import holdout
@@ -140,9 +142,29 @@ def model_meta(config, *, model_name, overrides, phase, loss=None, seed=None, se
               config=json.loads(config.to_json_best_effort()))
 
 
-def build_model(meta):
+def build_model(meta, kernels=None):
+  """The network ``meta`` (model.json) describes; ``kernels`` (``{field: impl}``) replace its CPU kernel
+  choices (same parameters and mathematics: kd_landmarks/models/autotune.py)."""
   return models.create_model(meta["model"], num_landmarks=int(meta["num_landmarks"]),
-                             dtype=checkpoint._dtype(meta["dtype"]), **dict(meta["overrides"]))  # pylint: disable=protected-access
+                             dtype=checkpoint._dtype(meta["dtype"]), **{**dict(meta["overrides"]), **dict(kernels or {})})  # pylint: disable=protected-access
+
+
+def train_kernels(config, meta, per_device_batch: int) -> dict:
+  """The kernel implementations a training step uses: the configured ones, and for each left at 'auto' the
+  fastest measured on this machine (``config.kernel_choice='measure'``, cached) or the rule ('rules').
+
+  In a multi-process run process 0 decides and the others take its choice: every process must compile the
+  same program.
+  """
+  overrides = dict(meta["overrides"])
+  shape_class = autotune.shape_class(meta["model"], int(meta["num_landmarks"]), overrides)
+  mode = str(config.kernel_choice) if jax.process_index() == 0 else "rules"
+  choice = autotune.choose(lambda **kernels: build_model(meta, kernels), shape_class=shape_class,
+                           image_size=int(meta["image_size"]), batch_size=per_device_batch,
+                           dtype=checkpoint._dtype(meta["dtype"]), requested=overrides, mode=mode)  # pylint: disable=protected-access
+  if jax.process_count() > 1:
+    choice = autotune.from_indices(multihost_utils.broadcast_one_to_all(autotune.to_indices(choice)))
+  return choice
 
 
 def global_batch_size(config, phase_config, mesh) -> int:
@@ -170,10 +192,12 @@ def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase,
   seed = training_seed(config, target, seed_index)
   meta = model_meta(config, model_name=model_name, overrides=overrides, phase=phase,
                     loss=loss_name if target == "student" else TEACHER_LOSS, seed=seed, seed_index=seed_index)
-  model = build_model(meta)
   mesh = parallel.make_mesh()
   train_source, val_source = train_and_val_sources(config, workdir)
   batch_size = global_batch_size(config, phase_config, mesh)
+  # Recorded for the reader; evaluation and export rebuild the model from 'overrides' on their own machine.
+  meta["train_kernels"] = train_kernels(config, meta, batch_size // mesh.devices.size)
+  model = build_model(meta, meta["train_kernels"])
   steps = num_train_steps(phase_config, len(train_source), batch_size, int(config.augment_copies))
   learning_rate_fn = train.create_learning_rate_fn(config)
   spec = train.StepSpec(target=target, loss_fn=losses.get_student_loss(loss_name), loss_variant=config.loss_variant,
@@ -190,8 +214,14 @@ def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase,
       teacher_variables=teacher_variables, validate_fn=validate_fn,
       log_every_steps=int(config.log_every_steps), checkpoint_every_steps=int(config.checkpoint_every_steps),
       eval_every_steps=int(config.eval_every_steps), keep_checkpoints=int(config.keep_checkpoints),
-      prefetch=int(config.prefetch), mesh=mesh)
+      prefetch=int(config.prefetch), input_cache_bytes=input_cache_bytes(config), mesh=mesh)
   return train.fit(setup)
+
+
+def input_cache_bytes(config) -> int:
+  """``config.input_cache_mb`` in bytes (-1: a quarter of the machine's memory)."""
+  megabytes = int(config.input_cache_mb)
+  return input_pipeline.default_cache_budget_bytes() if megabytes < 0 else megabytes * 2**20
 
 
 def augment_config(config):

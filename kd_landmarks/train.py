@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from kd_landmarks import augment
 from kd_landmarks import checkpoint
 from kd_landmarks import input_pipeline
+from kd_landmarks import machine
 from kd_landmarks import parallel
 
 
@@ -204,6 +206,8 @@ class FitSetup:
   eval_every_steps: int = -1
   keep_checkpoints: int = 2
   prefetch: int = 2                        # Batches read ahead of the device (input_pipeline threads).
+  # Hold the training split decoded in memory when it fits this many bytes (input_pipeline.cache_in_memory).
+  input_cache_bytes: int = 0
   mesh: Any = None
   stop_after_steps: int | None = None      # Tests: stop early (as if killed) after this many steps.
 
@@ -247,23 +251,31 @@ def fit(setup: FitSetup) -> dict:
   if setup.stop_after_steps is not None:
     end_step = min(end_step, start_step + setup.stop_after_steps)
   # Batch s is a pure function of (seed, s), so a resumed run reads exactly what it would have read.
+  keys = batch_keys(setup.spec)
+  train_source = input_pipeline.cache_in_memory(
+      setup.train_source, keys + (("index",) if setup.teacher_cache is not None else ()),
+      setup.input_cache_bytes, progress=is_chief)
   batches = input_pipeline.make_train_iterator(
-      setup.train_source, global_batch_size=setup.global_batch_size, seed=setup.seed,
+      train_source, global_batch_size=setup.global_batch_size, seed=setup.seed,
       start_step=start_step, num_steps=end_step - start_step, num_processes=jax.process_count(),
       process_index=jax.process_index(), teacher_cache=setup.teacher_cache,
-      keys=batch_keys(setup.spec), prefetch_batches=setup.prefetch)
+      keys=keys, prefetch_batches=setup.prefetch)
   pending = []  # Device metrics not yet checked for NaN (fetched in bulk to keep the device busy).
   last_saved = start_step if restored is not None else None
   first_loss = None  # The run's own early loss (first check window of this process): the blow-up yardstick.
   progress = tqdm(total=setup.num_train_steps, initial=start_step, disable=not is_chief,
                   desc=os.path.basename(os.path.normpath(setup.model_dir)), unit="step", dynamic_ncols=True)
   started = time.time()
+  first_step_seconds = None
   try:
     for step in range(start_step, end_step):
       batch = parallel.shard_host_batch(next(batches), mesh)
       args = (state, batch, jax.random.fold_in(train_rng, step))
       state, metrics = step_fn(*args, teachers) if with_teachers else step_fn(*args)
       pending.append((step, metrics))
+      if first_step_seconds is None:  # Compilation (or a compilation-cache hit) and one step.
+        jax.block_until_ready(metrics)
+        first_step_seconds = time.time() - started
       progress.update(1)
       done = step + 1
       is_last = done == end_step
@@ -302,7 +314,28 @@ def fit(setup: FitSetup) -> dict:
       writer.close()
   if end_step == setup.num_train_steps:
     checkpoint.write_done(setup.model_dir, end_step)
-  return _inference_variables(parallel.fetch_replicated(_state_tree(state)))
+  variables = _inference_variables(parallel.fetch_replicated(_state_tree(state)))
+  if is_chief and first_step_seconds is not None:
+    _write_speed(setup.model_dir, first_step_seconds=first_step_seconds, steps=end_step - start_step,
+                 seconds=time.time() - started, global_batch_size=setup.global_batch_size)
+  return variables
+
+
+SPEED_FILE = "train_speed.json"
+
+
+def _write_speed(model_dir, *, first_step_seconds: float, steps: int, seconds: float, global_batch_size: int):
+  """Logs and writes ``train_speed.json``: the first step (compilation included) and the loop's throughput
+  after it, validation and checkpoints included (what a user waits for), with the CPU it ran on."""
+  after_first = max(seconds - first_step_seconds, 1e-9)
+  speed = {"first_step_seconds": round(first_step_seconds, 3), "steps": steps, "seconds": round(seconds, 3),
+           "global_batch_size": global_batch_size,
+           "images_per_second": round((steps - 1) * global_batch_size / after_first, 1) if steps > 1 else None,
+           "platform": jax.default_backend(), "devices": jax.device_count(), "cpu": machine.cpu_description()}
+  logging.info("%s: first step %.1f s (compilation included), then %s img/s over %d steps",
+               model_dir, first_step_seconds, speed["images_per_second"], steps - 1)
+  with open(os.path.join(model_dir, SPEED_FILE), "w") as f:
+    json.dump(speed, f, indent=1)
 
 
 def _state_tree(state) -> dict:

@@ -168,3 +168,38 @@ def test_neighbouring_seeds_do_not_share_epochs():
   epoch_0_of_seed_1 = np.concatenate([input_pipeline.train_batch_indices(
       step, num_examples=20, global_batch_size=5, seed=1) for step in (0, 1, 2, 3)])
   assert not np.array_equal(epoch_1_of_seed_0, epoch_0_of_seed_1)
+
+
+def test_a_split_held_in_memory_gives_the_same_batches_teacher_join_included():
+  num_examples = 14
+  rng = np.random.default_rng(3)
+  cache = {"tough": rng.normal(size=(num_examples, NUM_LANDMARKS, 2)).astype(np.float32),
+           "tolerant": rng.normal(size=(num_examples, NUM_LANDMARKS, 2)).astype(np.float32)}
+  source = _source(num_examples)[::-1]  # Positions differ from the stored index: the join must use index.
+  held = input_pipeline.cache_in_memory(source, ("image", "landmarks", "index"), budget_bytes=2**20)
+  assert isinstance(held, input_pipeline.InMemorySource) and len(held) == num_examples
+  assert held.nbytes == num_examples * (4 * 4 * 3 + NUM_LANDMARKS * 2 * 4 + 8)
+  assert set(held.arrays) == {"image", "landmarks", "index"}  # Fields training does not read stay behind.
+  kwargs = dict(global_batch_size=4, seed=5, teacher_cache=cache, keys=("image", "landmarks"), num_steps=7)
+  for expected, batch in zip(input_pipeline.make_train_iterator(source, **kwargs),
+                             input_pipeline.make_train_iterator(held, **kwargs), strict=True):
+    assert set(batch) == set(expected) == {"image", "landmarks", "tough", "tolerant"}
+    for key in expected:
+      np.testing.assert_array_equal(batch[key], expected[key])
+      assert batch[key].dtype == expected[key].dtype
+
+
+def test_a_split_over_the_memory_budget_stays_on_disk():
+  source = _source(10)
+  per_example = 4 * 4 * 3 + NUM_LANDMARKS * 2 * 4
+  assert input_pipeline.cache_in_memory(source, ("image", "landmarks"), 10 * per_example - 1) is source
+  assert input_pipeline.cache_in_memory(source, ("image", "landmarks"), 0) is source
+  assert isinstance(input_pipeline.cache_in_memory(source, ("image", "landmarks"), 10 * per_example),
+                    input_pipeline.InMemorySource)
+
+
+def test_examples_of_different_shapes_are_refused_in_memory():
+  source = _source(300)
+  source[260]["image"] = np.zeros((5, 4, 3), np.uint8)
+  with pytest.raises(ValueError, match=r"field 'image' has shape \(5, 4, 3\) at row 260 and \(4, 4, 3\)"):
+    input_pipeline.InMemorySource(source, ("image",))

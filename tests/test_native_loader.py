@@ -43,7 +43,7 @@ def fresh_native(monkeypatch, tmp_path):
 def test_concurrent_first_use_compiles_once(tmp_path, fresh_native):
   compiler, log = _fake_compiler(tmp_path, 'sleep 2; echo library > "$OUT"')
   env = dict(os.environ, PYTHONPATH=ROOT, CXX=compiler, JAX_PLATFORMS="cpu")
-  code = "from kd_landmarks.models import native; print(native._build(native._compiler()))"
+  code = "from kd_landmarks.models import native; print(native._build(native.compiler()))"
   processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
                for _ in range(3)]
   paths = {process.communicate(timeout=120)[0].strip() for process in processes}
@@ -74,7 +74,7 @@ def test_cached_library_that_fails_to_load_is_rebuilt(tmp_path, fresh_native, mo
   monkeypatch.delenv("KD_LANDMARKS_NATIVE_CACHE")
   native._reset()  # pylint: disable=protected-access
   require_native_kernels()
-  real = native.library_path(native._compiler())  # pylint: disable=protected-access
+  real = native.library_path(native.compiler())
   monkeypatch.setenv("KD_LANDMARKS_NATIVE_CACHE", str(fresh_native))
   compiler, log = _fake_compiler(tmp_path, f'cp "{real}" "$OUT"')
   broken = native.library_path(compiler)
@@ -109,14 +109,14 @@ def test_cache_falls_back_when_home_is_not_writable(tmp_path, monkeypatch):
   blocker.write_text("")
   monkeypatch.setenv("HOME", str(blocker / "home"))  # Not creatable: its parent is a file.
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-  assert native._cache_dir() == str(tmp_path / "tmp" / f"kd_landmarks-native-{os.getuid()}")  # pylint: disable=protected-access
+  assert native.cache_dir() == str(tmp_path / "tmp" / f"kd_landmarks-native-{os.getuid()}")
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-  assert native._cache_dir() == str(tmp_path / "xdg" / "kd_landmarks" / "native")  # pylint: disable=protected-access
+  assert native.cache_dir() == str(tmp_path / "xdg" / "kd_landmarks" / "native")
   monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "xdg"))
   monkeypatch.setattr(tempfile, "tempdir", str(blocker / "tmp"))
   with pytest.raises(native.NativeUnavailableError, match=r"no writable cache directory .*a_file/xdg.*"
                      r"a_file/home/.cache.*set KD_LANDMARKS_NATIVE_CACHE"):
-    native._cache_dir()  # pylint: disable=protected-access
+    native.cache_dir()
 
 
 def test_inference_never_compiles_the_kernels(tmp_path, fresh_native, monkeypatch):

@@ -344,3 +344,19 @@ def test_best_checkpoint_is_the_lowest_scripted_validation_nme(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, dict(stored["params"]), dict(state_at_4["params"]))
   # The variables validated at step 4 are those saved: the validate_fn saw exactly them.
   jax.tree.map(np.testing.assert_array_equal, dict(calls[1]["params"]), dict(state_at_4["params"]))
+
+
+def test_fit_from_memory_trains_the_same_model_and_writes_its_speed(tmp_path, caplog):
+  """Held decoded in memory (input_cache_bytes) the training split gives the very same model, and the run
+  writes train_speed.json: the first step's seconds (compilation) and the img/s after it, on this CPU."""
+  from_disk = train.fit(fx.fit_setup(str(tmp_path / "disk"), num_train_steps=4))
+  with caplog.at_level("INFO"):
+    from_memory = train.fit(fx.fit_setup(str(tmp_path / "memory"), num_train_steps=4, input_cache_bytes=2**30))
+  assert any("InMemorySource(" in record.getMessage() for record in caplog.records)
+  jax.tree.map(np.testing.assert_array_equal, from_memory, from_disk)
+  speed = json.load(open(tmp_path / "memory" / train.SPEED_FILE))
+  assert speed["steps"] == 4 and speed["global_batch_size"] == 4
+  assert 0 < speed["first_step_seconds"] <= speed["seconds"]
+  expected = 3 * 4 / (speed["seconds"] - speed["first_step_seconds"])
+  assert speed["images_per_second"] == pytest.approx(expected, rel=0.02)
+  assert speed["cpu"]["name"] and speed["platform"] == "cpu"

@@ -74,7 +74,7 @@ def make_batch(source, indices, keys=("image", "landmarks", "index")):
 
 
 def fit_setup(model_dir, *, num_train_steps=6, num_examples=16, batch_size=4, checkpoint_every=2,
-              stop_after_steps=None, validate=False, mesh=None):
+              stop_after_steps=None, validate=False, mesh=None, input_cache_bytes=0):
   from kd_landmarks import evaluate
   source = InMemorySource(num_examples)
   model = TinyModel()
@@ -88,4 +88,4 @@ def fit_setup(model_dir, *, num_train_steps=6, num_examples=16, batch_size=4, ch
       model_dir=model_dir, model=model, spec=make_spec(), train_source=source, global_batch_size=batch_size,
       num_train_steps=num_train_steps, seed=0, tx=make_tx(), meta=meta, log_every_steps=2,
       checkpoint_every_steps=checkpoint_every, prefetch=1, mesh=mesh, stop_after_steps=stop_after_steps,
-      validate_fn=validate_fn)
+      validate_fn=validate_fn, input_cache_bytes=input_cache_bytes)

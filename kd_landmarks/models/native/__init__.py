@@ -78,7 +78,7 @@ def _cpu_flags() -> str:
   return platform.processor()
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
   for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
     if name and shutil.which(name):
       return shutil.which(name)
@@ -96,7 +96,7 @@ def cache_dir_candidates() -> list[str]:
   return candidates
 
 
-def _cache_dir() -> str:
+def cache_dir() -> str:
   tried = []
   for directory in cache_dir_candidates():
     try:
@@ -134,7 +134,7 @@ def cache_key(compiler: str) -> str:
 
 
 def library_path(compiler: str) -> str:
-  return os.path.join(_cache_dir(), f"kd_landmarks_cpu_{cache_key(compiler)}.so")
+  return os.path.join(cache_dir(), f"kd_landmarks_cpu_{cache_key(compiler)}.so")
 
 
 @contextlib.contextmanager
@@ -230,17 +230,17 @@ def _load() -> tuple[bool, str]:
       return _result
     if os.environ.get("KD_LANDMARKS_NATIVE", "1") == "0":
       return False, "disabled by KD_LANDMARKS_NATIVE=0"
-    compiler = _compiler()
-    if compiler is None:
+    cxx = compiler()
+    if cxx is None:
       return False, "no C++ compiler found (set $CXX or install g++)"
     try:
       if _no_build.get():
-        path = library_path(compiler)
+        path = library_path(cxx)
         if not os.path.exists(path):  # Not cached for a later training run: they may still build.
           return False, f"not compiled yet ({path}); inference does not compile the native kernels"
         library = ctypes.CDLL(path)
       else:
-        library = _open(_build(compiler), compiler)
+        library = _open(_build(cxx), cxx)
       if not _registered:
         for target, symbol in _SYMBOLS.items():
           jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
