@@ -9,12 +9,12 @@ import platform
 
 def cpu_description() -> dict:
   """What CPU this process runs on, and whether it has the VNNI dot-product instructions (``export.json``
-  records it: ONNX Runtime's u8s8 kernels compute differently with and without them) and AVX-512 (the CPU
-  kernel rules, kd_landmarks/models/layers.py)."""
+  records it: ONNX Runtime's u8s8 kernels compute differently with and without them), AVX2 and AVX-512 (the
+  benchmarks print it beside every figure)."""
   return dict(_cpu_description())
 
 
-@functools.lru_cache(maxsize=None)  # /proc/cpuinfo does not change; the kernel rules ask per layer.
+@functools.lru_cache(maxsize=None)  # /proc/cpuinfo does not change during a run.
 def _cpu_description() -> dict:
   name, flags = "", set()
   try:

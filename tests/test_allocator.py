@@ -51,3 +51,45 @@ def test_preloaded_allocator_is_left_alone(monkeypatch):
   monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
   monkeypatch.setitem(allocator._state, "applied", None)
   assert allocator.retain_freed_memory() == "tcmalloc preloaded: already retains freed memory"
+
+
+# Re-executes itself with a fast allocator preloaded, then prints what the new process has mapped.
+_REEXEC_PROBE = """
+import os, sys
+from kd_landmarks import allocator
+print("said:", allocator.preload_fast_allocator(), file=sys.stderr)
+maps = open("/proc/self/maps").read()
+print(os.getpid(), sys.argv[1:], os.environ.get(allocator.REEXEC_MARK, ""),
+      any(name in maps for name in ("tcmalloc", "jemalloc")))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="LD_PRELOAD: Linux only")
+def test_the_process_reexecutes_itself_once_with_the_fast_allocator_mapped(tmp_path):
+  from kd_landmarks import allocator
+  path = allocator.find_fast_allocator()
+  if path is None:
+    pytest.skip("no tcmalloc/jemalloc installed here (apt install libtcmalloc-minimal4)")
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.REEXEC_MARK)}
+  env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  process = subprocess.Popen([sys.executable, "-c", _REEXEC_PROBE, "--flag", "x y"], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err
+  pid = out.split(" ", 1)[0]
+  mark, mapped = out.strip().rsplit(" ", 2)[1:]
+  # The same process (execve keeps the pid), the same arguments, the allocator mapped, and no second exec.
+  assert int(pid) == process.pid and "['--flag', 'x y']" in out
+  assert mark == os.path.basename(path) and mapped == "True"
+  assert err.count("said:") == 1 and "re-executed with LD_PRELOAD" in err
+
+
+def test_without_a_fast_allocator_nothing_is_reexecuted(monkeypatch):
+  from kd_landmarks import allocator
+  monkeypatch.delenv("LD_PRELOAD", raising=False)
+  monkeypatch.delenv(allocator.REEXEC_MARK, raising=False)
+  monkeypatch.setattr(allocator, "find_fast_allocator", lambda: None)
+  monkeypatch.setattr(allocator.os, "execve", lambda *a: pytest.fail("must not re-execute"))
+  assert "apt install libtcmalloc-minimal4" in allocator.preload_fast_allocator()
+  monkeypatch.setenv("LD_PRELOAD", "/opt/lib/libjemalloc.so.2")
+  assert allocator.preload_fast_allocator() == "jemalloc already preloaded"

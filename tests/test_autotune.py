@@ -5,10 +5,8 @@ import time
 import numpy as np
 import pytest
 
-from kd_landmarks import machine
 from kd_landmarks import pipeline
 from kd_landmarks.models import autotune
-from kd_landmarks.models import layers
 
 # Scripted step times (ms) per implementation: the search must find the fastest combination.
 COST = {"depthwise_impl": {"shifted_native": 4.0, "shifted_vjp": 2.0, "shifted": 6.0},
@@ -78,15 +76,6 @@ def test_choice_travels_between_processes_as_indices():
   choice = {"depthwise_impl": "shifted_vjp", "norm_impl": "xla", "pointwise_impl": "conv"}
   indices = autotune.to_indices(choice)
   assert indices.dtype == np.int32 and autotune.from_indices(indices) == choice
-
-
-def test_native_batch_norm_rule_needs_avx512(monkeypatch):
-  """The rule keeps the native BatchNorm kernels off AVX2-only CPUs, where they measured 27% slower."""
-  real = machine.cpu_description()
-  monkeypatch.setattr(machine, "_cpu_description", lambda: {**real, "avx512f": False})
-  assert layers.resolve_norm_impl("auto") == "xla"
-  monkeypatch.setattr(machine, "_cpu_description", lambda: {**real, "avx512f": True})
-  assert layers.resolve_norm_impl("auto") in (layers.CPU_DEFAULT_NORM_IMPL, "xla")  # 'xla' without a compiler.
 
 
 def test_training_uses_and_records_the_measured_kernels(tmp_path, monkeypatch):

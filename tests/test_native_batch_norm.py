@@ -158,3 +158,51 @@ def test_norm_impl_resolution_and_errors(monkeypatch):
   finally:
     monkeypatch.delenv("KD_LANDMARKS_NATIVE")
     native._load.cache_clear()
+
+
+# Builds the kernels with another -march in a child process (its own cache) and prints their results.
+_OTHER_MARCH = """
+import sys
+import numpy as np
+from kd_landmarks.models import native
+native.CXX_FLAGS = tuple(sys.argv[1] if flag == "-march=native" else flag for flag in native.CXX_FLAGS)
+assert native.available(), native.unavailable_reason()
+inputs = np.load(sys.argv[2])
+x, dy, g = inputs["x"], inputs["dy"], inputs["g"]
+C = x.shape[-1]
+mean, var = native.batch_norm_moments(x)
+sums = native.batch_norm_grad_sums(dy, x, mean=inputs["mean"], inv=inputs["inv"], scale=inputs["scale"],
+                                   bias=inputs["bias"], activation="swish")
+dw = native.depthwise_weight_gradient(x, g, (3, 3), 2, (1, 0))
+np.savez(sys.argv[3], mean=mean, var=var, sum_dz=sums[0], sum_dz_xhat=sums[1], dw=dw)
+"""
+
+
+@needs_native
+@pytest.mark.parametrize("march", ["-march=znver2", "-march=haswell"])
+def test_kernels_built_for_an_amd_epyc_or_avx2_compute_the_same(tmp_path, march):
+  """Built with an AVX2 CPU's flags (what -march=native means on an AMD EPYC: znver2/3; Haswell), the kernels
+  give this machine's results. Their speed under those flags (20x slower before native/common.h's fix)
+  is benchmarks/native_isa.py's to show."""
+  import os
+  import subprocess
+  import sys
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 9, 10, 21)).astype(np.float32)
+  inputs = dict(x=x, dy=rng.normal(size=x.shape).astype(np.float32),
+                g=rng.normal(size=(3, 5, 5, 21)).astype(np.float32),
+                mean=rng.normal(size=21).astype(np.float32), inv=rng.uniform(0.5, 2, 21).astype(np.float32),
+                scale=rng.normal(size=21).astype(np.float32), bias=rng.normal(size=21).astype(np.float32))
+  np.savez(tmp_path / "in.npz", **inputs)
+  env = dict(os.environ, KD_LANDMARKS_NATIVE_CACHE=str(tmp_path / "cache"),
+             PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  subprocess.run([sys.executable, "-c", _OTHER_MARCH, march, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                 check=True, env=env, timeout=600)
+  other = np.load(tmp_path / "out.npz")
+  mean, var = native.batch_norm_moments(x)
+  sums = native.batch_norm_grad_sums(inputs["dy"], x, mean=inputs["mean"], inv=inputs["inv"],
+                                     scale=inputs["scale"], bias=inputs["bias"], activation="swish")
+  dw = native.depthwise_weight_gradient(x, inputs["g"], (3, 3), 2, (1, 0))
+  # FMA contraction may differ between -march targets: agreement to float32 rounding, not bit for bit.
+  for name, ours in dict(mean=mean, var=var, sum_dz=sums[0], sum_dz_xhat=sums[1], dw=dw).items():
+    np.testing.assert_allclose(other[name], np.asarray(ours), rtol=2e-5, atol=2e-5, err_msg=name)

@@ -14,7 +14,6 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from kd_landmarks import machine
 from kd_landmarks.models import depthwise
 from kd_landmarks.models import native
 
@@ -123,20 +122,23 @@ NORM_IMPLS = ("auto", "xla", "native")
 # benchmarks/models.py, student train step at batch 8 on one core (tcmalloc, A/B in one process), Intel Xeon
 # with AVX-512: 'native' 0.477 -> 0.420 s. XLA's CPU backend materialises dz and xhat and reduces each in its
 # own pass; the native kernels make one pass per reduction (kd_landmarks/models/native/batch_norm_cpu.cc).
-# On an AMD EPYC with AVX2 only the same benchmark measured 'native' 27% slower than 'xla' (issue 14), so the
-# rule keeps the kernels to AVX-512 CPUs; training runs measure instead (kd_landmarks/models/autotune.py).
+# On an AMD EPYC (AVX2 only) the same benchmark measured 'native' 27% slower than 'xla' (issue 14): there
+# -march=native means znver2/3 tuning, under which GCC 12 compiled the kernels' unaligned vector loads through
+# the stack, 20x slower (native/common.h has the fix and the measurement); built that way on this Xeon, fixed,
+# 'native' is again 16% faster on the student's step (313 vs 374 ms). Training runs measure instead of trusting
+# this rule (kd_landmarks/models/autotune.py).
 CPU_DEFAULT_NORM_IMPL = "native"
 
 
 def resolve_norm_impl(impl: str) -> str:
-  """Maps ``'auto'`` to ``'native'`` on AVX-512 CPUs where the native kernels build, else ``'xla'``."""
+  """Maps ``'auto'`` to ``'native'`` on CPU where the native kernels build, else ``'xla'``."""
   if impl not in NORM_IMPLS:
     raise ValueError(f"unknown norm_impl: {impl!r}; choose from {list(NORM_IMPLS)}")
   if impl == "native":
     native.require_requested("norm_impl='native'", off_cpu="'auto' or 'xla'", fallback="norm_impl='xla'")
   if impl != "auto":
     return impl
-  if jax.default_backend() != "cpu" or not machine.cpu_description()["avx512f"]:
+  if jax.default_backend() != "cpu":
     return "xla"
   return CPU_DEFAULT_NORM_IMPL if native.available() else "xla"
 
