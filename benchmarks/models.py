@@ -320,7 +320,17 @@ def main(argv=None):
                       help="'retain': glibc keeps freed memory for reuse, as kd_landmarks.main does on CPU "
                            "(kd_landmarks/allocator.py); process-wide, so every framework timed here gets "
                            "it. 'default': glibc as it comes. A preloaded tcmalloc overrides both.")
+  parser.add_argument("--native_march", default="native",
+                      help="-march for the native kernels (e.g. haswell or znver3: another CPU's build, timed "
+                           "here; with XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2 "
+                           "ONEDNN_MAX_CPU_ISA=AVX2 for an AVX2-only run of every framework)")
   args = parser.parse_args(argv)
+  if args.native_march != "native":
+    import tempfile
+    from kd_landmarks.models import native
+    native.CXX_FLAGS = tuple(f"-march={args.native_march}" if f == "-march=native" else f for f in native.CXX_FLAGS)
+    os.environ["KD_LANDMARKS_NATIVE_CACHE"] = os.path.join(tempfile.gettempdir(),
+                                                           f"kd_landmarks-native-{args.native_march}")
   # Before any framework allocates: only memory allocated afterwards is retained.
   from kd_landmarks import allocator
   if args.malloc == "retain":

@@ -275,26 +275,11 @@ class _ExampleTransform:
                          "split; it was written for another split; write it again")
 
   def __call__(self, example: Mapping[str, Any]) -> dict:
-    if self._keys is None:
-      result = dict(example)
-    else:
-      missing = [key for key in self._keys if key not in example]
-      if missing:
-        raise KeyError(f"example lacks fields {missing}; it has {sorted(example)}")
-      result = {key: example[key] for key in self._keys}
-    if self._teacher is not None:
-      if "index" not in example:
-        raise KeyError(f"joining the teacher cache needs each example's 'index'; it has {sorted(example)}")
-      row = int(example["index"])
-      if not 0 <= row < len(self._teacher["tough"]):
-        raise IndexError(f"example index {row} is outside the teacher cache's "
-                         f"{len(self._teacher['tough'])} rows; the cache belongs to another split")
-      for key, table in self._teacher.items():
-        result[key] = table[row]
-    return result
+    return self.batch(example)  # A 0-d 'index' selects one row of the cache, as a batch of them selects many.
 
   def batch(self, stacked: Mapping[str, np.ndarray]) -> dict:
-    """What ``_stack([self(example) for example in examples])`` gives, from the examples already stacked."""
+    """The kept fields plus the teacher rows of ``stacked['index']``: one example (0-d index) or examples
+    stacked along a leading axis (what ``_stack`` of the examples one by one gives)."""
     if self._keys is None:
       result = dict(stacked)
     else:
