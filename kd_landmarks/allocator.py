@@ -89,7 +89,7 @@ def find_fast_allocator() -> str | None:
   return None
 
 
-def preload_fast_allocator() -> str | None:
+def preload_fast_allocator(program: str | None = None) -> str | None:
   """Re-executes this process with an installed tcmalloc/jemalloc in ``LD_PRELOAD`` (the allocator must be in
   place before the interpreter starts); returns why it did not where it does not.
 
@@ -97,7 +97,12 @@ def preload_fast_allocator() -> str | None:
   students (2-core Intel Xeon, 600 steps after the teachers' phases): 810-870 img/s with glibc (freed memory
   retained or not), 1,150-1,210 with tcmalloc, whose compilations also took 6 instead of 9-10 s. Call it
   before anything else starts threads: ``os.execve`` replaces the process (same pid, same arguments).
+  ``program``: re-execute only when this process was started as ``python -m <program>``, never a notebook or
+  a test runner that imported and called it.
   """
+  main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if program is not None and getattr(main_spec, "name", None) != program:
+    return f"not re-executed: this process was not started as python -m {program}"
   if os.environ.get(REEXEC_MARK):
     return f"{os.environ[REEXEC_MARK]} preloaded (re-executed with LD_PRELOAD)"
   if preloaded_allocator():

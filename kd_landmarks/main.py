@@ -42,7 +42,7 @@ def main(argv):
   if on_cpu and FLAGS.config.preload_allocator:
     # Re-executes this very command with tcmalloc/jemalloc preloaded where one is installed (1.3-1.4x the demo's
     # img/s), before any backend or thread starts; returns only where it did not (or already did).
-    logging.info("allocator: %s", allocator.preload_fast_allocator())
+    logging.info("allocator: %s", allocator.preload_fast_allocator(program="kd_landmarks.main"))
   if on_cpu and FLAGS.config.retain_freed_memory:
     # Before JAX allocates anything: only memory allocated afterwards is retained (so decided before any
     # backend starts: with platform 'auto', from JAX_PLATFORMS and the installed plugins).

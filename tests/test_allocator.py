@@ -93,3 +93,7 @@ def test_without_a_fast_allocator_nothing_is_reexecuted(monkeypatch):
   assert "apt install libtcmalloc-minimal4" in allocator.preload_fast_allocator()
   monkeypatch.setenv("LD_PRELOAD", "/opt/lib/libjemalloc.so.2")
   assert allocator.preload_fast_allocator() == "jemalloc already preloaded"
+  # Imported and called from another program (here pytest), it never replaces that process.
+  monkeypatch.setattr(allocator, "find_fast_allocator", lambda: "/usr/lib/libtcmalloc_minimal.so.4")
+  monkeypatch.delenv("LD_PRELOAD")
+  assert allocator.preload_fast_allocator(program="kd_landmarks.main").startswith("not re-executed")
