@@ -5,8 +5,9 @@ On CPU each model has three interchangeable implementations with identical mathe
 (:mod:`kd_landmarks.models.layers`). Which is fastest depends on the CPU, not only on the backend's name:
 on the Intel Xeon (AVX-512) of README's Performance section the native BatchNorm kernels take the student's
 train step from 0.92-0.95x to 1.12-1.15x PyTorch's, while on an AMD EPYC (AVX2 only) the same choice made
-it 27% slower than XLA's reductions (issue 14's measurement). So, as cuDNN's autotuner and XLA's own do, the
-choice is measured on the machine at hand at first use and cached:
+it 27% slower than XLA's reductions (issue 14's measurement; a code-generation trap of GCC's Zen tuning, fixed in
+native/common.h, was behind it). A rule per backend cannot know such things about the machine at hand, so, as
+cuDNN's autotuner and XLA's own do, the choice is measured there at first use and cached:
 
 * the train-mode forward and backward of the model (what the kernels change) at the run's per-device batch,
   image size and dtype is timed for the rule-based choice (:func:`rule_choice`) and, one dimension at a
