@@ -195,7 +195,7 @@ def _planned_bytes(compiled):
 def instrumented(records: list, *, warmup: int, steps: int, memory_sources: dict | None,
                  profile_dir: str | None = None):
   """Wraps the train step, the train iterator, checkpoint saves and validation for every ``train.fit``;
-  with ``memory_sources`` the phases read splits decoded once into memory (:class:`InMemorySource`)."""
+  with ``memory_sources`` the phases read splits decoded once into memory (``input_pipeline.InMemorySource``)."""
   from kd_landmarks import checkpoint, evaluate, input_pipeline, pipeline, train  # pylint: disable=g-import-not-at-top
   compile_train_step = train.compile_train_step
   make_train_iterator = input_pipeline.make_train_iterator
@@ -223,7 +223,7 @@ def instrumented(records: list, *, warmup: int, steps: int, memory_sources: dict
 
   def memory_split(config, workdir, split):
     if split not in memory_sources:
-      memory_sources[split] = InMemorySource(load_split(config, workdir, split))
+      memory_sources[split] = input_pipeline.InMemorySource(load_split(config, workdir, split), None)
     return memory_sources[split]
 
   with contextlib.ExitStack() as stack:
@@ -234,34 +234,6 @@ def instrumented(records: list, *, warmup: int, steps: int, memory_sources: dict
     if memory_sources is not None:
       stack.enter_context(mock.patch.object(pipeline, "load_split", memory_split))
     yield
-
-
-class InMemorySource:
-  """A prepared split decoded once into host memory: each batch is then an index gather, no decoding.
-
-  300W's train split at 360 px is 3,148 x 389 KB = 1.2 GB; WFLW's 2.9 GB.
-  """
-
-  def __init__(self, source, chunk: int = 256):
-    examples = []
-    for begin in range(0, len(source), chunk):
-      positions = list(range(begin, min(begin + chunk, len(source))))
-      examples.extend(source.__getitems__(positions) if hasattr(source, "__getitems__")
-                      else [source[p] for p in positions])
-    self._arrays = {key: np.stack([np.asarray(e[key]) for e in examples]) for key in examples[0]
-                    if key != "image_id"}
-    self._ids = [e["image_id"] for e in examples]
-    self.metadata = getattr(source, "metadata", {})
-    self.nbytes = sum(a.nbytes for a in self._arrays.values())
-
-  def __len__(self):
-    return len(self._ids)
-
-  def __getitem__(self, position):
-    return dict({key: value[position] for key, value in self._arrays.items()}, image_id=self._ids[position])
-
-  def __getitems__(self, positions):
-    return [self[p] for p in positions]
 
 
 def _device_peak_bytes():
@@ -493,7 +465,7 @@ def decode_costs(config, workdir, *, batches: int = 20) -> dict:
         np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     result[f"{fmt.lower()}_decode_ms"] = 1e3 * (time.perf_counter() - start) / (repeats * len(encoded))
   batch = int(config.student.batch_size)
-  memory = InMemorySource(source)
+  memory = input_pipeline.InMemorySource(source, None)
   for name, src in (("stored", source), ("memory", memory)):
     iterator = input_pipeline.make_train_iterator(src, global_batch_size=batch, seed=0,
                                                   keys=("image", "landmarks", "index"), num_steps=batches + 1)

@@ -174,12 +174,12 @@ class InMemorySource:
   ``metadata`` and ``num_indexed`` are the source's, so the teacher-cache join is unchanged.
   """
 
-  def __init__(self, source, keys: Sequence[str], *, chunk: int = 256, progress: bool = False):
+  def __init__(self, source, keys: Sequence[str] | None, *, chunk: int = 256, progress: bool = False):
     num_examples = _check_source(source)
     self.name = f"{getattr(source, 'name', type(source).__name__)} (in memory)"
     self.metadata = getattr(source, "metadata", {})
     self.num_indexed = getattr(source, "num_indexed", num_examples)
-    self.keys = tuple(keys)
+    self.keys = None if keys is None else tuple(keys)  # None: every field.
     self.arrays: dict[str, np.ndarray] = {}
     join = _ExampleTransform(self.keys, None, num_examples)
     bar = _progress(num_examples, f"decode {self.name}") if progress else None
@@ -188,6 +188,8 @@ class InMemorySource:
       for row, example in zip(rows, _read(source, rows)):
         for key, value in join(example).items():
           value = np.asarray(value)
+          if value.dtype.kind in "USO":  # Strings (image_id) of any length: one Python object per example.
+            value = np.asarray(value.item(), dtype=object) if value.shape == () else value.astype(object)
           if key not in self.arrays:
             self.arrays[key] = np.empty((num_examples,) + value.shape, value.dtype)
           if self.arrays[key].shape[1:] != value.shape:
@@ -201,7 +203,8 @@ class InMemorySource:
 
   @property
   def nbytes(self) -> int:
-    return sum(array.nbytes for array in self.arrays.values())
+    """Bytes of the numeric fields (the images are nearly all of it; string fields are not counted)."""
+    return sum(array.nbytes for array in self.arrays.values() if array.dtype != object)
 
   def __len__(self) -> int:
     return len(next(iter(self.arrays.values())))
@@ -225,7 +228,7 @@ def cache_in_memory(source, keys: Sequence[str], budget_bytes: int, *, progress:
   """``source`` as an :class:`InMemorySource` of ``keys`` when its decoded size fits ``budget_bytes``;
   otherwise ``source`` itself (logged, with the budget that would hold it). ``budget_bytes <= 0``: never."""
   num_examples = _check_source(source)
-  if budget_bytes <= 0:
+  if budget_bytes <= 0 or isinstance(source, InMemorySource):
     return source
   first = _ExampleTransform(keys, None, num_examples)(_read(source, [0])[0])
   estimate = num_examples * sum(np.asarray(value).nbytes for value in first.values())

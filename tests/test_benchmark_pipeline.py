@@ -66,7 +66,7 @@ def test_in_memory_source_yields_the_batches_of_the_stored_source():
   stored = [{"image": rng.integers(0, 256, (6, 6, 3), dtype=np.uint8),
              "landmarks": rng.uniform(0, 6, (68, 2)).astype(np.float32), "index": np.int64(i),
              "image_id": f"face/{i}"} for i in range(23)]
-  memory = _load_benchmark().InMemorySource(stored, chunk=5)
+  memory = input_pipeline.InMemorySource(stored, None, chunk=5)
   assert len(memory) == 23 and memory[7]["image_id"] == "face/7"
   assert memory.nbytes == 23 * (6 * 6 * 3 + 68 * 2 * 4 + 8)
   keys = ("image", "landmarks", "index")

@@ -203,3 +203,13 @@ def test_examples_of_different_shapes_are_refused_in_memory():
   source[260]["image"] = np.zeros((5, 4, 3), np.uint8)
   with pytest.raises(ValueError, match=r"field 'image' has shape \(5, 4, 3\) at row 260 and \(4, 4, 3\)"):
     input_pipeline.InMemorySource(source, ("image",))
+
+
+def test_in_memory_strings_keep_their_full_length():
+  """image_id of any length survives (a fixed-width string array would cut them to the first one's width)."""
+  source = _source(5)
+  source[3]["image_id"] = "a_much_longer_image_id_than_the_first"
+  held = input_pipeline.InMemorySource(source, None)
+  assert held[3]["image_id"] == "a_much_longer_image_id_than_the_first" and held[0]["image_id"] == "face_000"
+  assert held.nbytes == 5 * (4 * 4 * 3 + 2 * NUM_LANDMARKS * 2 * 4 + 8)  # image, landmarks, soft, index.
+  assert input_pipeline.cache_in_memory(held, ("image",), 2**30) is held
