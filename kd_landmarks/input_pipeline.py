@@ -179,9 +179,8 @@ class InMemorySource:
     self.name = f"{getattr(source, 'name', type(source).__name__)} (in memory)"
     self.metadata = getattr(source, "metadata", {})
     self.num_indexed = getattr(source, "num_indexed", num_examples)
-    self.keys = None if keys is None else tuple(keys)  # None: every field.
     self.arrays: dict[str, np.ndarray] = {}
-    join = _ExampleTransform(self.keys, None, num_examples)
+    join = _ExampleTransform(keys, None, num_examples)  # keys None: every field.
     bar = _progress(num_examples, f"decode {self.name}") if progress else None
     for begin in range(0, num_examples, chunk):
       rows = list(range(begin, min(begin + chunk, num_examples)))

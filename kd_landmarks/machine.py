@@ -2,7 +2,6 @@
 (``export.json`` records it for int8 files; the benchmarks print it beside every speed figure)."""
 from __future__ import annotations
 
-import functools
 import os
 import platform
 
@@ -11,11 +10,6 @@ def cpu_description() -> dict:
   """What CPU this process runs on, and whether it has the VNNI dot-product instructions (``export.json``
   records it: ONNX Runtime's u8s8 kernels compute differently with and without them), AVX2 and AVX-512 (the
   benchmarks print it beside every figure)."""
-  return dict(_cpu_description())
-
-
-@functools.lru_cache(maxsize=None)  # /proc/cpuinfo does not change during a run.
-def _cpu_description() -> dict:
   name, flags = "", set()
   try:
     with open("/proc/cpuinfo") as f:
@@ -31,5 +25,5 @@ def _cpu_description() -> dict:
     pass
   name = name or platform.processor() or platform.machine()
   return {"name": name, "machine": platform.machine(), "cores": len(os.sched_getaffinity(0)),
-          "avx2": "avx2" in flags, "avx512f": "avx512f" in flags, "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
-          "vnni": bool({"avx512_vnni", "avx_vnni"} & flags)}
+          "avx2": "avx2" in flags, "avx512f": "avx512f" in flags, "avx512_vnni": "avx512_vnni" in flags,
+          "avx_vnni": "avx_vnni" in flags, "vnni": bool({"avx512_vnni", "avx_vnni"} & flags)}
