@@ -62,10 +62,10 @@ setup(
     version=VERSION,
     description=__doc__,
     packages=find_packages(include=["kd_landmarks", "kd_landmarks.*"]),
-    # The native CPU kernel ships as source: it is compiled on first use (kd_landmarks/models/native). The real
+    # The native CPU kernel ships as source: it is compiled on first use (kd_landmarks/native). The real
     # fixture photo (export's check and calibration crops) ships with its BSD-3 licence.
-    package_data={"kd_landmarks": ["data/takeo/*", "datasets/data/*", "models/native/*.cc",
-                                   "models/native/*.h"]},
+    package_data={"kd_landmarks": ["data/takeo/*", "datasets/data/*", "native/*.cc",
+                                   "native/*.h"]},
     license="Apache-2.0",
     license_files=["LICENSE", "NOTICE", "kd_landmarks/data/takeo/LICENSE"],
     # The python -m forms keep working; these are the same main functions.

@@ -3,10 +3,15 @@
 Runs ``python -m kd_landmarks.main --config configs/demo.py`` (one seed per student loss unless
 ``--seeds``) once per variant, each in its own fresh workdir (so each compiles from scratch), in turn:
 
-  before   --config.input_cache_mb=0 --config.kernel_choice=rules --config.preload_allocator=False (the split
-           decoded from disk every epoch, the kernels by rule, glibc's malloc: what the demo did up to 8ae7448)
+  before   --config.input_cache_mb=0 --config.kernel_choice=rules --config.preload_allocator=False
+           --config.augment.sampler=gather --config.augment.noise_impl=jnp (the split decoded from disk every
+           epoch, the kernels by rule, glibc's malloc, the augmentation in jax.numpy: what the demo did up to
+           8ae7448, the same augmentation draws)
   after    the defaults (the split held decoded in memory, the kernels measured on this machine and cached,
-           tcmalloc preloaded where installed)
+           tcmalloc preloaded where installed, the augmentation's warp and noise in native kernels)
+
+Another CPU's build, timed here: KD_LANDMARKS_NATIVE_MARCH=znver3 XLA_FLAGS=--xla_cpu_max_isa=AVX2 (the
+environment reaches both runs).
 
 The kernel-choice cache is left as it is: delete kernel_choices.json in the native kernels' cache directory
 (~/.cache/kd_landmarks/native) to include the one-time measurement in the 'after' wall time.
@@ -32,7 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kd_landmarks import machine  # noqa: E402
 
 VARIANTS = {
-    "before": ["--config.input_cache_mb=0", "--config.kernel_choice=rules", "--config.preload_allocator=False"],
+    "before": ["--config.input_cache_mb=0", "--config.kernel_choice=rules", "--config.preload_allocator=False",
+               "--config.augment.sampler=gather", "--config.augment.noise_impl=jnp"],
     "after": [],
 }
 

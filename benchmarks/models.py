@@ -327,8 +327,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.native_march != "native":
     import tempfile
-    from kd_landmarks.models import native
-    native.CXX_FLAGS = tuple(f"-march={args.native_march}" if f == "-march=native" else f for f in native.CXX_FLAGS)
+    os.environ["KD_LANDMARKS_NATIVE_MARCH"] = args.native_march
     os.environ["KD_LANDMARKS_NATIVE_CACHE"] = os.path.join(tempfile.gettempdir(),
                                                            f"kd_landmarks-native-{args.native_march}")
   # Before any framework allocates: only memory allocated afterwards is retained.

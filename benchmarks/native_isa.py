@@ -25,11 +25,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kd_landmarks import machine  # noqa: E402
 
 _CHILD = """
-import json, sys, time
+import json, os, sys, time
 import numpy as np
-from kd_landmarks.models import native
 march, repeats = sys.argv[1], int(sys.argv[2])
-native.CXX_FLAGS = tuple(f"-march={march}" if flag == "-march=native" else flag for flag in native.CXX_FLAGS)
+os.environ["KD_LANDMARKS_NATIVE_MARCH"] = march
+from kd_landmarks import native
 assert native.available(), native.unavailable_reason()
 import jax, jax.numpy as jnp
 rng = np.random.default_rng(0)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_landmarks import coords
+from kd_landmarks import native
 
 # Evaluation box scale: the middle of training's random 0-10% expansion, so that test faces are
 # framed like an average training face.
@@ -67,17 +68,25 @@ class AugmentConfig:
   # Additive Gaussian noise with standard deviation U(0, max_noise_std) per image.
   noise: bool = True
   max_noise_std: float = 0.04
-  # Resampling: 'gather' (bilinear, one gather per tap) or 'map_coordinates' (jax.scipy.ndimage), same
-  # result. 320 -> 224 px, gather vs map_coordinates: 1.04x (16-core CPU, batch 16), 1.09x (H200,
-  # batch 64); benchmarks/input_pipeline.py --augment_only.
-  sampler: str = "gather"
+  # Resampling, all bilinear with the same result: 'gather' (one jnp gather per tap), 'map_coordinates'
+  # (jax.scipy.ndimage), 'native' (the C++ kernel kd_landmarks/native/warp_cpu.cc, CPU only) or 'auto':
+  # 'native' on the CPU backend where the kernels build, else 'gather'. 320 -> 224 px, gather vs
+  # map_coordinates: 1.04x (16-core CPU, batch 16), 1.09x (H200, batch 64); benchmarks/input_pipeline.py
+  # --augment_only. The demo's step (96 -> 64 px, batch 32, 2-core Xeon): 'native' saves 4.1 of 21.9 ms.
+  sampler: str = "auto"
+  # Gaussian noise: 'jnp' (augment.standard_normal: Box-Muller on jax.random bits), 'native' (the C++ kernel:
+  # inverse normal CDF at 16-bit uniforms, CPU only) or 'auto' ('native' on the CPU backend where the kernels
+  # build). Same distribution up to the tails (4.7 and 4.3 sigma), other draws.
+  noise_impl: str = "auto"
   # What lies outside the stored crop: 'constant' (fill_value) or 'nearest' (replicate the border).
   fill_mode: str = "constant"
   fill_value: float = 0.0
 
   def __post_init__(self):
-    if self.sampler not in _SAMPLERS:
-      raise ValueError(f"AugmentConfig.sampler={self.sampler!r}; choose from {sorted(_SAMPLERS)}")
+    if self.sampler not in SAMPLERS:
+      raise ValueError(f"AugmentConfig.sampler={self.sampler!r}; choose from {sorted(SAMPLERS)}")
+    if self.noise_impl not in NOISE_IMPLS:
+      raise ValueError(f"AugmentConfig.noise_impl={self.noise_impl!r}; choose from {sorted(NOISE_IMPLS)}")
     if self.fill_mode not in ("constant", "nearest"):
       raise ValueError(f"AugmentConfig.fill_mode={self.fill_mode!r}; choose 'constant' or 'nearest'")
     for name in ("max_box_expansion", "max_shift", "max_rotation_degrees", "max_brightness_delta",
@@ -184,11 +193,25 @@ def _sample_map_coordinates(image, x, y, fill_mode, fill_value):
 
 
 _SAMPLERS = {"gather": _sample_gather, "map_coordinates": _sample_map_coordinates}
+SAMPLERS = (*_SAMPLERS, "native", "auto")
+NOISE_IMPLS = ("jnp", "native", "auto")
+
+
+def resolve_native(choice: str, portable: str) -> str:
+  """A sampler or noise_impl: 'auto' -> 'native' on the CPU backend where the native kernels build (training
+  only: evaluation and export warp with 'gather', which needs no compiler), else ``portable``; any other
+  name is returned as it is."""
+  if choice != "auto":
+    return choice
+  return "native" if jax.default_backend() == "cpu" and native.available() else portable
 
 
 def warp_image(image_uint8, out_to_input, out_size, *, sampler="gather", fill_mode="constant",
                fill_value=0.0):
   """Resamples one [H, W, C] image through ``out_to_input`` into float32 [out, out, C] in [0, 1]."""
+  sampler = resolve_native(sampler, "gather")
+  if sampler == "native":
+    return native.affine_warp(image_uint8, out_to_input, out_size, fill_mode=fill_mode, fill_value=fill_value)
   grid = jnp.arange(out_size, dtype=jnp.float32)
   qx, qy = jnp.meshgrid(grid, grid)  # qx varies along columns (x), qy along rows (y)
   x = out_to_input[0, 0] * qx + out_to_input[0, 1] * qy + out_to_input[0, 2]
@@ -219,8 +242,9 @@ def standard_normal(rng, shape):
   return samples[:size].reshape(shape)
 
 
-def _photometric(rng, image, config):
-  """Brightness, contrast, saturation and colour-gain jitter, then Gaussian noise (Section 4.3)."""
+def _photometric(rng, image, config, *, noise=True):
+  """Brightness, contrast, saturation and colour-gain jitter, then (``noise``) Gaussian noise with a standard
+  deviation drawn from U(0, max_noise_std), on one image (Section 4.3)."""
   brightness_key, contrast_key, saturation_key, gain_key, noise_key, std_key = jax.random.split(rng, 6)
   if config.photometric:
     def factor(key, delta, shape=()):
@@ -236,10 +260,22 @@ def _photometric(rng, image, config):
     image = (image - grey) * factor(saturation_key, config.max_saturation_delta) + grey
     image = image * factor(gain_key, config.max_color_gain_delta, (3,))
     image = jnp.clip(image, 0.0, 1.0)
-  if config.noise:
+  if config.noise and noise:
     noise_std = jax.random.uniform(std_key, (), maxval=config.max_noise_std)
     image = jnp.clip(image + noise_std * standard_normal(noise_key, image.shape), 0.0, 1.0)
   return image
+
+
+# Folded into augment's key for the native noise's batch-wide draw (independent of the per-example keys).
+_NATIVE_NOISE_STREAM = 0x6E6F6973
+
+
+def _add_native_noise(rng, images, config):
+  """The same Gaussian noise for a whole batch [B, H, W, C] in one native call (per-image std from
+  U(0, max_noise_std)); other draws than the per-example jnp noise, the same distribution up to the tails."""
+  std_key, normal_key = jax.random.split(jax.random.fold_in(rng, _NATIVE_NOISE_STREAM))
+  noise_std = jax.random.uniform(std_key, (images.shape[0],), maxval=config.max_noise_std)
+  return native.gaussian_noise(normal_key, images, noise_std)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,6 +301,7 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
     output coordinates, out_to_input float32 [B, 2, 3] mapping output pixels to stored-crop pixels).
   """
   batch_size = _validate(images_uint8, landmark_sets, reference, flip_permutation, config.flip)
+  native_noise = config.noise and resolve_native(config.noise_impl, "jnp") == "native"
   perm = None
   if config.flip:
     perm = jnp.asarray(np.asarray(flip_permutation), dtype=jnp.int32)
@@ -290,13 +327,16 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
     out_to_input = _out_to_input_affine(centre, base_side * scale, angle, flip_sign, out_size)
     warped = warp_image(image, out_to_input, out_size, sampler=config.sampler,
                         fill_mode=config.fill_mode, fill_value=config.fill_value)
-    warped = _photometric(photo_key, warped, config)
+    warped = _photometric(photo_key, warped, config, noise=not native_noise)
     new_sets = _transform_landmark_sets(sets, out_to_input, flip, perm, out_size)
     return warped, new_sets, out_to_input.astype(jnp.float32)
 
   keys = jax.random.split(rng, batch_size)
   sets = {key: jnp.asarray(value, dtype=jnp.float32) for key, value in landmark_sets.items()}
-  return jax.vmap(one_example)(keys, jnp.asarray(images_uint8), sets)
+  images, new_sets, out_to_input = jax.vmap(one_example)(keys, jnp.asarray(images_uint8), sets)
+  if native_noise:
+    images = _add_native_noise(rng, images, config)
+  return images, new_sets, out_to_input
 
 
 def preprocess_eval(images_uint8, landmark_sets: Mapping[str, jax.Array], *, reference="landmarks",

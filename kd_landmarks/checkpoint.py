@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kd_landmarks import models
-from kd_landmarks.models import native
+from kd_landmarks import native
 
 MODEL_JSON = "model.json"
 STATE_DIR = "checkpoints"

@@ -29,7 +29,7 @@ from kd_landmarks import metrics
 from kd_landmarks import parallel
 from kd_landmarks.datasets import info
 from kd_landmarks.datasets.info import INTER_PUPIL_DATASETS, WFLW_ATTRIBUTE_SPLITS
-from kd_landmarks.models import native
+from kd_landmarks import native
 from kd_landmarks.metrics import FAILURE_THRESHOLD
 
 EVAL_DIR = "eval"

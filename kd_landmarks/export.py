@@ -48,7 +48,7 @@ from kd_landmarks import machine
 from kd_landmarks import model_card
 from kd_landmarks import predict
 from kd_landmarks.datasets import info
-from kd_landmarks.models import native
+from kd_landmarks import native
 # The ONNX Runtime session lives with the other runtimes (below export and predict); export.ort_session
 # stays its name here for the tests and benchmarks.
 from kd_landmarks.runtimes import ort_session  # noqa: F401

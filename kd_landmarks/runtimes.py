@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_landmarks.models import native
+from kd_landmarks import native
 
 BACKENDS = ("jax", "onnx", "litert")
 EXPORT_JSON = "export.json"

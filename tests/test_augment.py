@@ -8,6 +8,7 @@ import pytest
 
 from kd_landmarks import augment
 from kd_landmarks import coords
+from kd_landmarks import native
 from kd_landmarks.datasets import flips
 
 STORED_SIZE = 64
@@ -222,13 +223,53 @@ def test_samplers_agree(fill_mode):
   image = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
   # A rotation + scale that samples outside the image too.
   affine = np.array([[0.9, -0.5, -3.0], [0.5, 0.9, 2.0]], np.float32)
+  samplers = ("gather", "map_coordinates") + (("native",) if native.available() else ())
   results = [jax.jit(augment.warp_image, static_argnums=2, static_argnames=("sampler", "fill_mode"))(
-      image, affine, 16, sampler=sampler, fill_mode=fill_mode) for sampler in ("gather", "map_coordinates")]
-  np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+      image, affine, 16, sampler=sampler, fill_mode=fill_mode) for sampler in samplers]
+  for result in results[1:]:
+    np.testing.assert_allclose(result, results[0], atol=1e-5)
   # On integer positions the sampler returns the pixel itself.
   identity = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 3.0]], np.float32)
   np.testing.assert_allclose(jax.jit(augment.warp_image, static_argnums=2)(image, identity, 8),
                              image[3:11, 2:10] / 255.0, atol=1e-6)
+
+
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler for the native kernels")
+@pytest.mark.parametrize("fill_mode", ["constant", "nearest"])
+def test_native_warp_equals_gather_in_a_batch_with_a_fill_value(fill_mode):
+  """The C++ warp under augment's vmap (one call for the batch) against the jnp gather, by value: rotations,
+  flips, scales and shifts that sample outside the crop, a fill value, and a bilinear value worked by hand."""
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (5, 30, 26, 3), dtype=np.uint8)
+  angles = rng.uniform(-1.2, 1.2, 5)
+  flips_ = np.array([1, -1, 1, -1, 1], np.float32)
+  affines = np.stack([np.array([[1.3 * np.cos(a) * f, -1.3 * np.sin(a), rng.uniform(-8, 30)],
+                                [1.3 * np.sin(a) * f, 1.3 * np.cos(a), rng.uniform(-8, 34)]], np.float32)
+                      for a, f in zip(angles, flips_)])
+
+  def warp_all(sampler):
+    return np.asarray(jax.jit(jax.vmap(lambda i, a: augment.warp_image(
+        i, a, 20, sampler=sampler, fill_mode=fill_mode, fill_value=0.25)))(images, affines))
+
+  gathered, natively = warp_all("gather"), warp_all("native")
+  assert natively.shape == (5, 20, 20, 3) and natively.dtype == np.float32
+  np.testing.assert_allclose(natively, gathered, atol=2e-6)
+  if fill_mode == "constant":
+    assert np.isclose(natively, 0.25).mean() > 0.05  # the fill is really exercised
+  # By hand: output pixel (0, 0) of an x/y shift by (1.25, 2.5) mixes pixels (2, 1), (2, 2), (3, 1), (3, 2).
+  shift = np.array([[1.0, 0.0, 1.25], [0.0, 1.0, 2.5]], np.float32)
+  image = images[0].astype(np.float64)
+  expected = (0.5 * (0.75 * image[2, 1] + 0.25 * image[2, 2]) + 0.5 * (0.75 * image[3, 1] + 0.25 * image[3, 2]))
+  got = np.asarray(native.affine_warp(images[0], shift, 4, fill_mode=fill_mode))[0, 0]
+  np.testing.assert_allclose(got, expected / 255.0, atol=1e-6)
+
+
+def test_auto_is_native_on_cpu_where_the_kernels_build(monkeypatch):
+  assert augment.AugmentConfig().sampler == "auto" and augment.AugmentConfig().noise_impl == "auto"
+  assert augment.resolve_native("auto", "gather") == ("native" if native.available() else "gather")
+  assert augment.resolve_native("gather", "jnp") == "gather"
+  monkeypatch.setattr(native, "available", lambda: False)
+  assert augment.resolve_native("auto", "jnp") == "jnp"
 
 
 def test_bad_input_errors():
@@ -247,6 +288,13 @@ def test_bad_input_errors():
     augment.augment(jax.random.key(0), images, {"landmarks": shapes}, flip_permutation=None)
   with pytest.raises(ValueError, match="sampler"):
     augment.AugmentConfig(sampler="nearest")
+  with pytest.raises(ValueError, match="noise_impl"):
+    augment.AugmentConfig(noise_impl="numpy")
+  if native.available():
+    with pytest.raises(ValueError, match=r"uint8 images \[\.\.\., H, W, C\] and affines"):
+      native.affine_warp(images.astype(np.float32)[0], np.zeros((2, 3), np.float32), 8)
+    with pytest.raises(ValueError, match="fill_mode='reflect'"):
+      native.affine_warp(images[0], np.zeros((2, 3), np.float32), 8, fill_mode="reflect")
 
 
 def test_standard_normal_is_gaussian():
@@ -261,6 +309,56 @@ def test_standard_normal_is_gaussian():
   from scipy import stats  # pylint: disable=g-import-not-at-top
   ks = np.abs(stats.norm.cdf(sorted_samples) - np.arange(1, flat.size + 1) / flat.size).max()
   assert ks < 0.005
+  # A pure function of the key; another key, another draw, uncorrelated.
+  again = np.asarray(jax.jit(augment.standard_normal, static_argnums=1)(jax.random.key(0), (301, 333)))
+  np.testing.assert_array_equal(again, samples)
+  other = np.asarray(augment.standard_normal(jax.random.key(1), (301, 333)))
+  assert abs(np.corrcoef(other.ravel(), flat)[0, 1]) < 5.0 / np.sqrt(flat.size)
+
+
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler for the native kernels")
+def test_native_noise_is_gaussian_and_a_pure_function_of_the_key():
+  """The C++ noise on a mid-grey batch with std 0.01 (no clip): (out - 0.5) / 0.01 is N(0, 1) by mean,
+  spread, 1- and 2-sigma mass, Kolmogorov-Smirnov distance and its 16-bit tails; per-image std honoured."""
+  images = np.full((4, 100, 101, 3), 0.5, np.float32)
+  stds = np.array([0.01, 0.01, 0.0, 0.02], np.float32)
+  out = np.asarray(jax.jit(native.gaussian_noise)(jax.random.key(0), images, stds))
+  z = ((out[:2] - 0.5) / 0.01).ravel().astype(np.float64)
+  assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.01
+  assert abs(np.mean(np.abs(z) < 1.0) - 0.6827) < 0.005 and abs(np.mean(np.abs(z) < 2.0) - 0.9545) < 0.003
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  ks = np.abs(stats.norm.cdf(np.sort(z)) - np.arange(1, z.size + 1) / z.size).max()
+  assert ks < 0.005 and np.abs(z).max() < 4.34
+  np.testing.assert_array_equal(out[2], images[2])  # std 0: unchanged
+  assert abs((out[3] - 0.5).std() / 0.02 - 1.0) < 0.02
+  np.testing.assert_array_equal(out, np.asarray(native.gaussian_noise(jax.random.key(0), images, stds)))
+  other = np.asarray(native.gaussian_noise(jax.random.key(1), images, stds))
+  assert abs(np.corrcoef(((other[:2] - 0.5) / 0.01).ravel(), z)[0, 1]) < 5.0 / np.sqrt(z.size)
+  # Clipped into [0, 1].
+  clipped = np.asarray(native.gaussian_noise(jax.random.key(2), np.ones((1, 8, 8, 3), np.float32),
+                                             np.array([0.5], np.float32)))
+  assert clipped.max() == 1.0 and clipped.min() < 1.0
+
+
+@pytest.mark.parametrize("noise_impl", ["jnp", "native"])
+def test_noise_std_is_drawn_per_image_within_its_range(noise_impl):
+  if noise_impl == "native" and not native.available():
+    pytest.skip("no C++ compiler for the native kernels")
+  """augment's Gaussian noise: the difference to the same draw without noise has, per image, a standard
+  deviation in [0, max_noise_std], different from image to image, and no correlation between images."""
+  shapes = _random_shapes(3, 6)
+  images = np.full((6, STORED_SIZE, STORED_SIZE, 3), 128, np.uint8)  # mid-grey: the clip never acts
+  sets = {"landmarks": shapes}
+  noisy_config = augment.AugmentConfig(photometric=False, max_noise_std=0.04, noise_impl=noise_impl)
+  noisy = _jitted_augment(noisy_config)(jax.random.key(7), images, sets)[0]
+  clean = _jitted_augment(GEOMETRY_ONLY)(jax.random.key(7), images, sets)[0]
+  noise = np.asarray(noisy - clean).reshape(6, -1)
+  inside = np.asarray(clean).reshape(6, -1) > 0.3  # where the warp read the grey crop (no clip at 0 or 1)
+  stds = np.array([noise[i][inside[i]].std() for i in range(6)])
+  assert np.all(stds <= 0.04 * 1.03) and stds.max() - stds.min() > 0.005
+  means = np.array([noise[i][inside[i]].mean() for i in range(6)])
+  assert np.all(np.abs(means) < 4 * stds / np.sqrt(inside.sum(axis=1)) + 1e-6)
+  assert abs(np.corrcoef(noise[0], noise[1])[0, 1]) < 5.0 / np.sqrt(noise.shape[1])
 
 
 def _photometric(config, image, seed=0):

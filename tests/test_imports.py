@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "kd_landmarks"
 # entry points. (pipeline calls evaluate and report, so it sits above them.)
 LAYERS = [
     {"coords", "shapes", "metrics", "parallel", "allocator", "paper_results", "input_pipeline",
-     "workdir_lock", "datasets", "stats", "machine"},
+     "workdir_lock", "datasets", "stats", "machine", "native"},
     {"augment"},
     {"models", "config_lib", "backend"},
     {"losses", "checkpoint", "model_stats", "runtimes"},

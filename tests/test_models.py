@@ -6,7 +6,7 @@ import pytest
 
 from kd_landmarks import model_stats
 from kd_landmarks.models import MODEL_NAMES, create_model
-from kd_landmarks.models import native
+from kd_landmarks import native
 
 
 def _init(model, images):

@@ -1,11 +1,11 @@
-"""The native BatchNorm reductions (kd_landmarks/models/native/batch_norm_cpu.cc) by value."""
+"""The native BatchNorm reductions (kd_landmarks/native/batch_norm_cpu.cc) by value."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kd_landmarks.models import layers
-from kd_landmarks.models import native
+from kd_landmarks import native
 from conftest import require_native_kernels
 
 # Skipped where the kernels cannot be built, but failed in CI (conftest.require_native_kernels).
@@ -163,9 +163,10 @@ def test_norm_impl_resolution_and_errors(monkeypatch):
 # Builds the kernels with another -march in a child process (its own cache) and prints their results.
 _OTHER_MARCH = """
 import sys
+import jax
 import numpy as np
-from kd_landmarks.models import native
-native.CXX_FLAGS = tuple(sys.argv[1] if flag == "-march=native" else flag for flag in native.CXX_FLAGS)
+from kd_landmarks import native
+assert native.cxx_flags()[1] == "-march=" + sys.argv[1], native.cxx_flags()
 assert native.available(), native.unavailable_reason()
 inputs = np.load(sys.argv[2])
 x, dy, g = inputs["x"], inputs["dy"], inputs["g"]
@@ -174,15 +175,17 @@ mean, var = native.batch_norm_moments(x)
 sums = native.batch_norm_grad_sums(dy, x, mean=inputs["mean"], inv=inputs["inv"], scale=inputs["scale"],
                                    bias=inputs["bias"], activation="swish")
 dw = native.depthwise_weight_gradient(x, g, (3, 3), 2, (1, 0))
-np.savez(sys.argv[3], mean=mean, var=var, sum_dz=sums[0], sum_dz_xhat=sums[1], dw=dw)
+warp = native.affine_warp(inputs["image"], inputs["affine"], 12, fill_value=0.25)
+noise = native.gaussian_noise(jax.random.key(3), inputs["grey"], inputs["std"])
+np.savez(sys.argv[3], mean=mean, var=var, sum_dz=sums[0], sum_dz_xhat=sums[1], dw=dw, warp=warp, noise=noise)
 """
 
 
 @needs_native
-@pytest.mark.parametrize("march", ["-march=znver2", "-march=haswell"])
+@pytest.mark.parametrize("march", ["znver2", "haswell"])
 def test_kernels_built_for_an_amd_epyc_or_avx2_compute_the_same(tmp_path, march):
-  """Built with an AVX2 CPU's flags (what -march=native means on an AMD EPYC: znver2/3; Haswell), the kernels
-  give this machine's results. Their speed under those flags (20x slower before native/common.h's fix)
+  """Built with an AVX2 CPU's flags (KD_LANDMARKS_NATIVE_MARCH: what -march=native means on an AMD EPYC,
+  znver2/3; Haswell), the kernels, the augmentation's included, give this machine's results. Their speed under those flags (20x slower before native/common.h's fix)
   is benchmarks/native_isa.py's to show."""
   import os
   import subprocess
@@ -192,9 +195,13 @@ def test_kernels_built_for_an_amd_epyc_or_avx2_compute_the_same(tmp_path, march)
   inputs = dict(x=x, dy=rng.normal(size=x.shape).astype(np.float32),
                 g=rng.normal(size=(3, 5, 5, 21)).astype(np.float32),
                 mean=rng.normal(size=21).astype(np.float32), inv=rng.uniform(0.5, 2, 21).astype(np.float32),
-                scale=rng.normal(size=21).astype(np.float32), bias=rng.normal(size=21).astype(np.float32))
+                scale=rng.normal(size=21).astype(np.float32), bias=rng.normal(size=21).astype(np.float32),
+                image=rng.integers(0, 256, (2, 15, 17, 3), dtype=np.uint8),
+                affine=np.array([[[0.9, -0.4, 1.5], [0.4, 0.9, -2.0]], [[-1.1, 0.2, 14.0], [0.2, 1.1, 0.5]]],
+                                np.float32),
+                grey=np.full((2, 9, 9, 3), 0.5, np.float32), std=np.array([0.05, 0.1], np.float32))
   np.savez(tmp_path / "in.npz", **inputs)
-  env = dict(os.environ, KD_LANDMARKS_NATIVE_CACHE=str(tmp_path / "cache"),
+  env = dict(os.environ, KD_LANDMARKS_NATIVE_CACHE=str(tmp_path / "cache"), KD_LANDMARKS_NATIVE_MARCH=march,
              PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   subprocess.run([sys.executable, "-c", _OTHER_MARCH, march, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
                  check=True, env=env, timeout=600)
@@ -203,6 +210,9 @@ def test_kernels_built_for_an_amd_epyc_or_avx2_compute_the_same(tmp_path, march)
   sums = native.batch_norm_grad_sums(inputs["dy"], x, mean=inputs["mean"], inv=inputs["inv"],
                                      scale=inputs["scale"], bias=inputs["bias"], activation="swish")
   dw = native.depthwise_weight_gradient(x, inputs["g"], (3, 3), 2, (1, 0))
+  warp = native.affine_warp(inputs["image"], inputs["affine"], 12, fill_value=0.25)
+  noise = native.gaussian_noise(jax.random.key(3), inputs["grey"], inputs["std"])
   # FMA contraction may differ between -march targets: agreement to float32 rounding, not bit for bit.
-  for name, ours in dict(mean=mean, var=var, sum_dz=sums[0], sum_dz_xhat=sums[1], dw=dw).items():
+  for name, ours in dict(mean=mean, var=var, sum_dz=sums[0], sum_dz_xhat=sums[1], dw=dw, warp=warp,
+                         noise=noise).items():
     np.testing.assert_allclose(other[name], np.asarray(ours), rtol=2e-5, atol=2e-5, err_msg=name)

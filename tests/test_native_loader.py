@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import require_native_kernels
-from kd_landmarks.models import native
+from kd_landmarks import native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +43,7 @@ def fresh_native(monkeypatch, tmp_path):
 def test_concurrent_first_use_compiles_once(tmp_path, fresh_native):
   compiler, log = _fake_compiler(tmp_path, 'sleep 2; echo library > "$OUT"')
   env = dict(os.environ, PYTHONPATH=ROOT, CXX=compiler, JAX_PLATFORMS="cpu")
-  code = "from kd_landmarks.models import native; print(native._build(native.compiler()))"
+  code = "from kd_landmarks import native; print(native._build(native.compiler()))"
   processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
                for _ in range(3)]
   paths = {process.communicate(timeout=120)[0].strip() for process in processes}

@@ -41,7 +41,7 @@ import numpy as np
 from kd_landmarks import machine
 from kd_landmarks.models import depthwise
 from kd_landmarks.models import layers
-from kd_landmarks.models import native
+from kd_landmarks import native
 
 KERNEL_FIELDS = ("depthwise_impl", "norm_impl", "pointwise_impl")
 MODES = ("measure", "rules")

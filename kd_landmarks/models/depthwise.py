@@ -23,7 +23,7 @@ with TensorFlow/Keras ``SAME`` padding (``x_pad``), stride ``s``:
   gradient is a correlation of the (zero-dilated, for stride 2) output gradient
   with the flipped kernel, i.e. the transposed shifts.
 * ``'shifted_native'``: ``'shifted_vjp'`` with the float32 weight gradient computed
-  by a C++ kernel (:mod:`kd_landmarks.models.native`) in one pass over the
+  by a C++ kernel (:mod:`kd_landmarks.native`) in one pass over the
   activations instead of k*k; compiled on first use, CPU only.
 
 ``'auto'`` resolves, at trace time, to ``'lax'`` on GPU/TPU and on CPU to
@@ -38,7 +38,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from kd_landmarks.models import native
+from kd_landmarks import native
 
 DEPTHWISE_IMPLS = ("auto", "lax", "shifted", "shifted_vjp", "shifted_native")
 # benchmarks/models.py on the shared 2-core CPU: 'shifted' and 'shifted_vjp' run the MobileNetV2 forward

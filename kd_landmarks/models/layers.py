@@ -15,7 +15,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from kd_landmarks.models import depthwise
-from kd_landmarks.models import native
+from kd_landmarks import native
 
 # ImageNet statistics of RGB in [0, 1]: the model normalises inside so that an exported model
 # takes plain RGB (docs/contracts.md).
@@ -121,7 +121,7 @@ def _activation_derivative(z, activation):
 NORM_IMPLS = ("auto", "xla", "native")
 # benchmarks/models.py, student train step at batch 8 on one core (tcmalloc, A/B in one process), Intel Xeon
 # with AVX-512: 'native' 0.477 -> 0.420 s. XLA's CPU backend materialises dz and xhat and reduces each in its
-# own pass; the native kernels make one pass per reduction (kd_landmarks/models/native/batch_norm_cpu.cc).
+# own pass; the native kernels make one pass per reduction (kd_landmarks/native/batch_norm_cpu.cc).
 # On an AMD EPYC (AVX2 only) the same benchmark measured 'native' 27% slower than 'xla' (issue 14): there
 # -march=native means znver2/3 tuning, under which GCC 12 compiled the kernels' unaligned vector loads through
 # the stack, 20x slower (native/common.h has the fix and the measurement); built that way on this Xeon, fixed,
@@ -155,7 +155,7 @@ def batch_norm_act_train(x, scale, bias, epsilon: float, activation, impl: str =
   backend, makes several more passes over each activation.
 
   ``impl`` (:data:`NORM_IMPLS`): ``'native'`` computes the moments and the two backward reductions
-  with the C++ kernels of :mod:`kd_landmarks.models.native`, one pass each with float64 totals
+  with the C++ kernels of :mod:`kd_landmarks.native`, one pass each with float64 totals
   (float32 ``x`` only; other dtypes keep XLA's reductions); ``'xla'`` with XLA's reductions.
   """
   _check_activation(activation)

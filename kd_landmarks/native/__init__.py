@@ -5,6 +5,11 @@
 * ``batch_norm_cpu.cc``: training BatchNorm's reductions, the batch moments (forward) and
   ``sum(dz)``, ``sum(dz * xhat)`` (backward) in one pass each, accumulated in float64
   (see :func:`kd_landmarks.models.layers.batch_norm_act_train`).
+* ``augment_cpu.cc``: the augmentation's bilinear affine warp of uint8 crops (see
+  :func:`kd_landmarks.augment.warp_image`), which XLA runs as four element-wise gathers, and its additive
+  Gaussian noise (inverse normal CDF from a table, counter-based bits).
+
+The package sits at the bottom of the import graph: both the augmentation and the models use it.
 
 The C++ sources ship with the package and are compiled on first use into one library with the machine's C++
 compiler (``$CXX``, else ``c++``/``g++``) against the XLA FFI headers that jaxlib ships
@@ -26,6 +31,8 @@ CPU's instruction-set flags (``-march=native``).
 Environment:
   KD_LANDMARKS_NATIVE=0           never build or use the kernels (the XLA implementations are used).
   KD_LANDMARKS_NATIVE_CACHE=DIR   where compiled libraries go (see above for the default).
+  KD_LANDMARKS_NATIVE_MARCH=ARCH  build for another CPU than this one (-march=ARCH instead of -march=native,
+                                  e.g. znver3 for an AMD EPYC's code, timed on this machine); in the cache key.
 
 Where no compiler works, :func:`available` is False, :func:`unavailable_reason` says why, and
 ``depthwise_impl='auto'`` and ``norm_impl='auto'`` fall back to the XLA implementations.
@@ -51,14 +58,18 @@ import jax.numpy as jnp
 import numpy as np
 
 _DIRECTORY = os.path.dirname(os.path.abspath(__file__))
-SOURCES = tuple(os.path.join(_DIRECTORY, name) for name in ("depthwise_cpu.cc", "batch_norm_cpu.cc"))
+SOURCES = tuple(os.path.join(_DIRECTORY, name) for name in ("depthwise_cpu.cc", "batch_norm_cpu.cc", "augment_cpu.cc"))
 HEADERS = (os.path.join(_DIRECTORY, "common.h"),)
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+ENV_MARCH = "KD_LANDMARKS_NATIVE_MARCH"
 WEIGHT_GRADIENT_TARGET = "kd_landmarks_depthwise_weight_gradient"
 MOMENTS_TARGET = "kd_landmarks_batch_norm_moments"
 GRAD_SUMS_TARGET = "kd_landmarks_batch_norm_grad_sums"
+WARP_TARGET = "kd_landmarks_affine_warp"
+NOISE_TARGET = "kd_landmarks_gaussian_noise"
 _SYMBOLS = {WEIGHT_GRADIENT_TARGET: "KdDepthwiseWeightGradient", MOMENTS_TARGET: "KdBatchNormMoments",
-            GRAD_SUMS_TARGET: "KdBatchNormGradSums"}
+            GRAD_SUMS_TARGET: "KdBatchNormGradSums", WARP_TARGET: "KdAffineWarp", NOISE_TARGET: "KdGaussianNoise"}
+WARP_FILL_MODES = {"constant": 0, "nearest": 1}
 # Activations whose derivative the BatchNorm backward kernel recomputes (codes of batch_norm_cpu.cc).
 GRAD_SUMS_ACTIVATIONS = {None: 0, "relu6": 1, "swish": 2}
 
@@ -118,6 +129,12 @@ def _jaxlib_version() -> str:
     return "unknown"
 
 
+def cxx_flags() -> tuple[str, ...]:
+  """:data:`CXX_FLAGS` with ``-march=$KD_LANDMARKS_NATIVE_MARCH`` where that is set."""
+  march = os.environ.get(ENV_MARCH, "native")
+  return tuple(f"-march={march}" if flag == "-march=native" else flag for flag in CXX_FLAGS)
+
+
 def cache_key(compiler: str) -> str:
   """Hash of everything the compiled library depends on: sources, jax and jaxlib versions, the FFI
   headers' contents under ``jax.ffi.include_dir()``, compiler, flags and the CPU."""
@@ -127,7 +144,7 @@ def cache_key(compiler: str) -> str:
   for path in SOURCES + HEADERS + tuple(headers):
     with open(path, "rb") as f:
       digest.update(os.path.relpath(path, header_root).encode() + b"\0" + f.read() + b"\0")
-  for part in (jax.__version__, _jaxlib_version(), " ".join(CXX_FLAGS), compiler, _cpu_flags(),
+  for part in (jax.__version__, _jaxlib_version(), " ".join(cxx_flags()), compiler, _cpu_flags(),
                platform.machine()):
     digest.update(part.encode() + b"\0")
   return digest.hexdigest()[:16]
@@ -181,7 +198,7 @@ def _compile(compiler: str, library: str) -> str:
   # Build into a temporary name and rename: a process never loads a half-written library.
   handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
   os.close(handle)
-  command = [compiler, *CXX_FLAGS, "-I", jax.ffi.include_dir(), *SOURCES, "-o", partial]
+  command = [compiler, *cxx_flags(), "-I", jax.ffi.include_dir(), *SOURCES, "-o", partial]
   try:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
@@ -343,3 +360,42 @@ def batch_norm_grad_sums(grad_y, x, *, mean, inv, scale, bias, activation):
   sums = call(grad_y.reshape(-1, channels), x.reshape(-1, channels), stats,
               activation=np.int64(GRAD_SUMS_ACTIVATIONS[activation]))
   return sums[0], sums[1]
+
+
+def affine_warp(images_uint8, out_to_input, out_size: int, *, fill_mode: str = "constant",
+                fill_value: float = 0.0):
+  """Bilinear resampling of uint8 ``[..., H, W, C]`` through float32 affines ``[..., 2, 3]`` into float32
+  ``[..., out_size, out_size, C]`` in [0, 1]: :func:`kd_landmarks.augment.warp_image`'s 'gather' sampler in
+  one native pass. ``fill_value`` is in [0, 1] (the image's 0..255 divided by 255); ``fill_mode``
+  'constant' or 'nearest'. CPU only; no gradient (images are inputs). ``jax.vmap`` passes the batch through.
+  """
+  require("AugmentConfig.sampler='gather'")
+  if fill_mode not in WARP_FILL_MODES:
+    raise ValueError(f"affine_warp: fill_mode={fill_mode!r}; choose from {sorted(WARP_FILL_MODES)}")
+  images_uint8 = jnp.asarray(images_uint8)
+  out_to_input = jnp.asarray(out_to_input, jnp.float32)
+  if images_uint8.dtype != jnp.uint8 or images_uint8.ndim < 3 or out_to_input.shape[-2:] != (2, 3) or (
+      out_to_input.shape[:-2] != images_uint8.shape[:-3]):
+    raise ValueError(f"affine_warp: uint8 images [..., H, W, C] and affines [..., 2, 3] with the same leading "
+                     f"dimensions expected, got {images_uint8.dtype} {images_uint8.shape} and {out_to_input.shape}")
+  shape = (*images_uint8.shape[:-3], out_size, out_size, images_uint8.shape[-1])
+  # broadcast_all: under vmap the kernel gets the whole batch in one call (it loops over leading dimensions).
+  call = jax.ffi.ffi_call(WARP_TARGET, jax.ShapeDtypeStruct(shape, np.float32), vmap_method="broadcast_all")
+  return call(images_uint8, out_to_input, fill_mode=np.int64(WARP_FILL_MODES[fill_mode]),
+              fill_value=np.float32(fill_value * 255.0))
+
+
+def gaussian_noise(rng, images, noise_std):
+  """``clip(images + noise_std[b] * z, 0, 1)`` with ``z`` ~ N(0, 1) per element: float32 ``images [B, ...]``,
+  ``noise_std [B]``. ``z`` is the inverse normal CDF at 16-bit uniforms (tails at 4.33 sigma), from a
+  counter-based generator keyed with 128 bits drawn from ``rng``: a pure function of (rng, shape). CPU only.
+  """
+  require("AugmentConfig.noise_impl='jnp'")
+  images = jnp.asarray(images, jnp.float32)
+  noise_std = jnp.asarray(noise_std, jnp.float32)
+  if images.ndim < 1 or noise_std.shape != images.shape[:1]:
+    raise ValueError(f"gaussian_noise: images [B, ...] and noise_std [B] expected, got {images.shape} and "
+                     f"{noise_std.shape}")
+  key_bits = jax.random.bits(rng, (4,), jnp.uint32)
+  call = jax.ffi.ffi_call(NOISE_TARGET, jax.ShapeDtypeStruct(images.shape, np.float32), vmap_method="sequential")
+  return call(images, noise_std, key_bits)
