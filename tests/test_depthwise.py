@@ -129,8 +129,9 @@ NATIVE_CASES = [(1, 7, 9, 21, 3, 1), (3, 12, 11, 21, 3, 2), (2, 9, 10, 16, 5, 1)
                 (1, 4, 5, 3, 3, 1), (2, 2, 3, 9, 5, 2)]
 
 
+@pytest.mark.parametrize("method", ["rows", "registers"])
 @pytest.mark.parametrize("batch,height,width,channels,k,stride", NATIVE_CASES)
-def test_native_weight_gradient_matches_lax(batch, height, width, channels, k, stride):
+def test_native_weight_gradient_matches_lax(batch, height, width, channels, k, stride, method):
   require_native_kernels()  # Skips here, fails in CI (CI=true).
   rng = np.random.default_rng(batch + height + width + channels + k + stride)
   x = jnp.asarray(rng.normal(size=(batch, height, width, channels)), jnp.float32)
@@ -139,7 +140,8 @@ def test_native_weight_gradient_matches_lax(batch, height, width, channels, k, s
   cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
   want = jax.grad(lambda k_: jnp.sum(_reference(x, k_, stride) * cotangent))(kernel)
   pads = (depthwise.same_padding(height, k, stride)[0], depthwise.same_padding(width, k, stride)[0])
-  direct = jax.jit(lambda x, g: native.depthwise_weight_gradient(x, g, (k, k), stride, pads))(x, cotangent)
+  direct = jax.jit(lambda x, g: native.depthwise_weight_gradient(x, g, (k, k), stride, pads, method=method))(
+      x, cotangent)
   np.testing.assert_allclose(direct, want, rtol=1e-5, atol=1e-4)
   through_model = jax.grad(lambda k_: jnp.sum(depthwise.depthwise_conv(
       x, k_, strides=stride, impl="shifted_native") * cotangent))(kernel)
@@ -151,8 +153,10 @@ def test_native_weight_gradient_hand_worked():
   # sees the input wherever the shifted window stays inside, i.e. (3 - |i - 1|) * (3 - |j - 1|) times.
   require_native_kernels()  # Skips here, fails in CI (CI=true).
   x = jnp.ones((1, 3, 3, 1), jnp.float32)
-  got = np.asarray(native.depthwise_weight_gradient(x, jnp.ones((1, 3, 3, 1)), (3, 3), 1, (1, 1)))
-  assert got[:, :, 0, 0].tolist() == [[4, 6, 4], [6, 9, 6], [4, 6, 4]]
+  for method in ("rows", "registers"):
+    got = np.asarray(native.depthwise_weight_gradient(x, jnp.ones((1, 3, 3, 1)), (3, 3), 1, (1, 1),
+                                                      method=method))
+    assert got[:, :, 0, 0].tolist() == [[4, 6, 4], [6, 9, 6], [4, 6, 4]], method
 
 
 def test_native_disabled_falls_back_and_names_the_fix(monkeypatch):

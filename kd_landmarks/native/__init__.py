@@ -310,21 +310,29 @@ def require_requested(setting: str, *, off_cpu: str, fallback: str) -> None:
   require(fallback)
 
 
+WEIGHT_GRADIENT_METHODS = {"auto": 0, "rows": 1, "registers": 2}
+
+
 def depthwise_weight_gradient(x, grad_out, kernel_size: tuple[int, int], stride: int,
-                              pads: tuple[int, int]):
+                              pads: tuple[int, int], *, method: str = "auto"):
   """``[kh, kw, 1, C]`` float32: ``sum_{b,oh,ow} grad_out[b,oh,ow,c] * x[b, s*oh+i-pt, s*ow+j-pl, c]``.
 
   The weight gradient of :func:`kd_landmarks.models.depthwise.depthwise_conv` (padding ``pads`` =
   (top, left) of TensorFlow's SAME; padded positions contribute zero). ``x`` ``[B, H, W, C]`` and
-  ``grad_out`` ``[B, ceil(H/s), ceil(W/s), C]``, both float32, on the CPU.
+  ``grad_out`` ``[B, ceil(H/s), ceil(W/s), C]``, both float32, on the CPU. ``method``: 'rows' (one pass per
+  output row, for large images), 'registers' (all taps summed in registers per image and 8 channels, for
+  images that fit in L2; 3x3 and 5x5 kernels) or 'auto' (by the image's size; depthwise_cpu.cc).
   """
   require("depthwise_impl='shifted_vjp'")
+  if method not in WEIGHT_GRADIENT_METHODS:
+    raise ValueError(f"depthwise_weight_gradient: method={method!r}; choose from {sorted(WEIGHT_GRADIENT_METHODS)}")
   kh, kw = kernel_size
   call = jax.ffi.ffi_call(WEIGHT_GRADIENT_TARGET,
                           jax.ShapeDtypeStruct((kh, kw, 1, x.shape[-1]), np.float32),
                           vmap_method="sequential")
   return call(x, grad_out, stride=np.int64(stride), kh=np.int64(kh), kw=np.int64(kw),
-              pad_top=np.int64(pads[0]), pad_left=np.int64(pads[1]))
+              pad_top=np.int64(pads[0]), pad_left=np.int64(pads[1]),
+              method=np.int64(WEIGHT_GRADIENT_METHODS[method]))
 
 
 def batch_norm_moments(x):
