@@ -69,7 +69,7 @@ class AugmentConfig:
   noise: bool = True
   max_noise_std: float = 0.04
   # Resampling, all bilinear with the same result: 'gather' (one jnp gather per tap), 'map_coordinates'
-  # (jax.scipy.ndimage), 'native' (the C++ kernel kd_landmarks/native/warp_cpu.cc, CPU only) or 'auto':
+  # (jax.scipy.ndimage), 'native' (the C++ kernel kd_landmarks/native/augment_cpu.cc, CPU only) or 'auto':
   # 'native' on the CPU backend where the kernels build, else 'gather'. 320 -> 224 px, gather vs
   # map_coordinates: 1.04x (16-core CPU, batch 16), 1.09x (H200, batch 64); benchmarks/input_pipeline.py
   # --augment_only. The demo's step (96 -> 64 px, batch 32, 2-core Xeon): 'native' saves 4.1 of 21.9 ms.
