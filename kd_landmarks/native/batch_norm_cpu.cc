@@ -22,7 +22,7 @@
 
 namespace {
 
-using namespace kd_landmarks;  // v8, v8i, Load, Store, ParallelFor, ffi
+using namespace kd_landmarks;  // v8, v8i, Load, Store, ParallelFor, ReduceRanges, ffi
 
 constexpr int64_t kFlushRows = 64;
 constexpr int64_t kMinRowsPerThread = 1024;
@@ -137,20 +137,12 @@ void GradSumsRows(const float* dy, const float* x, const float* a, const float* 
   }
 }
 
-// Splits rows [0, N) into contiguous ranges, one per thread, runs rows_fn(r0, r1, totals) on each and
-// returns the 2*C float64 totals summed in range order.
+// Rows [0, N) in contiguous ranges, one per thread (at least kMinRowsPerThread each), each into 2*C float64
+// totals, summed in range order.
 template <typename F>
 std::vector<double> ReduceRows(ffi::ThreadPool& pool, int64_t N, int64_t C, F rows_fn) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), N / kMinRowsPerThread));
-  std::vector<double> partial(chunks * 2 * C, 0.0);
-  ParallelFor(pool, chunks, [&](int64_t k) {
-    rows_fn(N * k / chunks, N * (k + 1) / chunks, partial.data() + k * 2 * C);
-  });
-  for (int64_t k = 1; k < chunks; ++k) {
-    for (int64_t i = 0; i < 2 * C; ++i) partial[i] += partial[k * 2 * C + i];
-  }
-  partial.resize(2 * C);
-  return partial;
+  return ReduceRanges<double>(pool, N, chunks, 2 * C, rows_fn);
 }
 
 ffi::Error InvalidArgument(const std::string& message) {

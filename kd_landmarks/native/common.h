@@ -8,6 +8,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -51,6 +52,22 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, F fn) {
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(worker)(worker));  // each task owns a copy
   worker();
   while (state->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+// Splits [0, count) into `chunks` contiguous ranges run by ParallelFor; range_fn(begin, end, totals) adds its
+// range's contribution into its own `size` zeroed totals. Returns the totals summed in range order (the same
+// result for the same `chunks`, whatever the thread timing).
+template <typename T, typename F>
+std::vector<T> ReduceRanges(ffi::ThreadPool& pool, int64_t count, int64_t chunks, int64_t size, F range_fn) {
+  std::vector<T> partial(chunks * size, T(0));
+  ParallelFor(pool, chunks, [&](int64_t k) {
+    range_fn(count * k / chunks, count * (k + 1) / chunks, partial.data() + k * size);
+  });
+  for (int64_t k = 1; k < chunks; ++k) {
+    for (int64_t i = 0; i < size; ++i) partial[i] += partial[k * size + i];
+  }
+  partial.resize(size);
+  return partial;
 }
 
 }  // namespace kd_landmarks

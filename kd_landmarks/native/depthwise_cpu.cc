@@ -25,7 +25,7 @@
 
 namespace {
 
-using namespace kd_landmarks;  // v8, Load, Store, ParallelFor, ffi
+using namespace kd_landmarks;  // v8, Load, Store, ParallelFor, ReduceRanges, ffi
 
 struct Geometry {
   int64_t batch, height, width, channels;  // input x
@@ -191,16 +191,10 @@ template <int K>
 void SmallImageWeightGradientParallel(ffi::ThreadPool& pool, const Geometry& geo, const float* x,
                                       const float* grad_out, float* out) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(geo.batch, pool.num_threads()));
-  const int64_t size = K * K * geo.channels;
-  std::vector<float> partial(chunks * size, 0.0f);
-  ParallelFor(pool, chunks, [&](int64_t k) {
-    SmallImageWeightGradient<K>(geo, x, grad_out, partial.data() + k * size, geo.batch * k / chunks,
-                                geo.batch * (k + 1) / chunks);
-  });
-  std::copy(partial.begin(), partial.begin() + size, out);
-  for (int64_t k = 1; k < chunks; ++k) {
-    for (int64_t e = 0; e < size; ++e) out[e] += partial[k * size + e];
-  }
+  const std::vector<float> totals = ReduceRanges<float>(
+      pool, geo.batch, chunks, K * K * geo.channels,
+      [&](int64_t b0, int64_t b1, float* partial) { SmallImageWeightGradient<K>(geo, x, grad_out, partial, b0, b1); });
+  std::copy(totals.begin(), totals.end(), out);
 }
 
 Geometry MakeGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> g_dims, int64_t stride,
