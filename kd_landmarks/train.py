@@ -117,11 +117,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   rng = jax.random.fold_in(rng, lax.axis_index(parallel.AXIS))
   augment_rng, dropout_rng = jax.random.split(rng)
   landmark_sets = {"landmarks": batch["landmarks"]}
-  # A regression step (teachers, baseline students) fits batch['target'] (step_batch); direct callers may
-  # still pass the source field that spec.target names.
-  regression_key = "target" if "target" in batch else (
-      spec.target if spec.target in ("landmarks", "soft_landmarks") else "landmarks")
-  landmark_sets[regression_key] = batch[regression_key]
+  if "target" in batch:  # A regression step (teachers, baseline students): see step_batch.
+    landmark_sets["target"] = batch["target"]
   # A baseline student (l2, l1, smooth_l1) gets no teacher predictions in its batch; its loss ignores them.
   cached_teachers = spec.target == "student" and spec.teacher_modules is None and "tough" in batch
   if cached_teachers:
@@ -139,7 +136,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
             module.apply(teacher_variables[name], images, train=False).astype(jnp.float32))
     gt, tough, tolerant = targets["landmarks"], targets["tough"], targets["tolerant"]
   else:
-    gt = targets[regression_key]
+    if "target" not in targets:
+      raise ValueError(f"a regression step (target {spec.target!r}) fits batch['target']; build the batch with "
+                       "train.step_batch(spec, batch)")
+    gt = targets["target"]
     tough = tolerant = gt  # The L2 loss ignores them; passing gt keeps one loss signature.
 
   def loss_of(params):

@@ -65,10 +65,10 @@ def test_tough_learns_the_ground_truth_and_tolerant_the_soft_landmarks(tmp_path,
   monkeypatch.setattr(train, "fit", lambda setup: captured.setdefault("setup", setup))
   pipeline.train_teacher(_wiring_config(), str(tmp_path), teacher)
   spec = captured["setup"].spec
-  # The batch the phase's iterator reads as fit gives it to the step, then one step of the phase's own spec
-  # on the tiny model.
-  batch = train.step_batch(spec, fx.make_batch(source, range(4), keys=train.batch_keys(spec)))
-  assert set(batch) == {"image", "landmarks", "target"}  # One program for both teachers.
+  # The batch the phase's iterator reads, then one step of the phase's own spec on the tiny model
+  # (_single_device_step gives it to the step through train.step_batch, as fit does).
+  batch = fx.make_batch(source, range(4), keys=train.batch_keys(spec))
+  assert set(train.step_batch(spec, batch)) == {"image", "landmarks", "target"}  # One program for both teachers.
   state = _state()
   rng = jax.random.PRNGKey(5)
   _, metrics = _single_device_step(spec, state, batch, rng)

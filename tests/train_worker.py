@@ -111,8 +111,8 @@ def pmap_vs_shard_map():
   from kd_landmarks import train
   devices = jax.device_count()
   source = fx.InMemorySource(16)
-  batch = fx.make_batch(source, range(2 * devices))
   spec = fx.make_spec()
+  batch = train.step_batch(spec, fx.make_batch(source, range(2 * devices)))  # As fit gives it to the step.
   state = train.create_train_state(jax.random.PRNGKey(0), fx.TinyModel(), fx.IMAGE_SIZE, fx.make_tx())
   rng = jax.random.PRNGKey(3)
 
