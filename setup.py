@@ -42,7 +42,7 @@ EXTRAS = {
     # Export of a trained student to mobile/edge runtimes.
     "export": ["onnx>=1.16", "onnxruntime>=1.18", "jax2onnx>=0.17"],
     # TFLite/LiteRT export (jax2tf + tf.lite.TFLiteConverter) and its check with LiteRT's interpreter.
-    # TensorFlow is imported only by kd_landmarks.export_tflite.
+    # TensorFlow is imported only by kd_landmarks.deploy.export_tflite.
     "tflite": ["tensorflow>=2.18", "ai-edge-litert>=1.2"],
     # Landmarks on your own photos: dlib's HOG face detector (its model is inside the wheel).
     "predict": ["dlib-bin>=19.24"],
@@ -62,17 +62,17 @@ setup(
     version=VERSION,
     description=__doc__,
     packages=find_packages(include=["kd_landmarks", "kd_landmarks.*"]),
-    # The native CPU kernel ships as source: it is compiled on first use (kd_landmarks/native). The real
+    # The native CPU kernel ships as source: it is compiled on first use (kd_landmarks/cpu/native). The real
     # fixture photo (export's check and calibration crops) ships with its BSD-3 licence.
-    package_data={"kd_landmarks": ["data/takeo/*", "datasets/data/*", "native/*.cc",
-                                   "native/*.h"]},
+    package_data={"kd_landmarks": ["data/takeo/*", "datasets/data/*", "cpu/native/*.cc",
+                                   "cpu/native/*.h"]},
     license="Apache-2.0",
     license_files=["LICENSE", "NOTICE", "kd_landmarks/data/takeo/LICENSE"],
     # The python -m forms keep working; these are the same main functions.
     entry_points={"console_scripts": [
         "kd-landmarks = kd_landmarks.main:entry_point",
-        "kd-landmarks-predict = kd_landmarks.predict:main",
-        "kd-landmarks-export = kd_landmarks.export:main",
+        "kd-landmarks-predict = kd_landmarks.deploy.predict:main",
+        "kd-landmarks-export = kd_landmarks.deploy.export:main",
         "kd-landmarks-datasets = kd_landmarks.datasets.__main__:main",
     ]},
     python_requires=">=3.11",

@@ -6,7 +6,7 @@ Per face, batch 1, one CPU thread each (paper Section 4.6, Fig. 13: 3.95 ms on a
   (c) dlib's 68-point shape predictor (Kazemi & Sullivan 2014; model from ``face_recognition_models``),
   (d) MediaPipe's face landmark model (``face_landmark.tflite`` from the ``mediapipe==0.10.21`` wheel) in
       ai-edge-litert,
-  (e) our student's TFLite export (float32 and int8, ``kd_landmarks.export --format tflite``) in the same
+  (e) our student's TFLite export (float32 and int8, ``kd_landmarks.deploy.export --format tflite``) in the same
       ai-edge-litert interpreter as MediaPipe: the existing export's files, else a fresh export when
       TensorFlow is installed (extra ``tflite``), else skipped with that hint,
 plus the face detector's time per photo, and the NME (inter-ocular, %) of (a), (b) and (c) against the
@@ -46,10 +46,10 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kd_landmarks import coords  # noqa: E402
-from kd_landmarks import detect  # noqa: E402
-from kd_landmarks import export  # noqa: E402
-from kd_landmarks import machine  # noqa: E402
-from kd_landmarks import predict  # noqa: E402
+from kd_landmarks.deploy import detect  # noqa: E402
+from kd_landmarks.deploy import export  # noqa: E402
+from kd_landmarks.training import machine  # noqa: E402
+from kd_landmarks.deploy import predict  # noqa: E402
 from benchmarks import timing  # noqa: E402
 
 MEDIAPIPE_VERSION = "0.10.21"
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
   repeats = 3 if args.quick else args.repeats
 
   import jax
-  from kd_landmarks import checkpoint
+  from kd_landmarks.training import checkpoint
   from kd_landmarks import metrics
 
   # --- the student: trained if there is one.
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     parser.error(f"no annotated photos (image + .pts) in {args.photos}")
 
   # --- (b) ONNX exports of the same variables: the model's own export (its int8 calibrated on training
-  # data) when `python -m kd_landmarks.export` made one, else a fresh one.
+  # data) when `python -m kd_landmarks.deploy.export` made one, else a fresh one.
   existing = os.path.join(model_dir, "export", "export.json") if model_dir else None
   report = None
   if existing and os.path.exists(existing):
@@ -373,7 +373,7 @@ def tflite_runners(report: dict, module, variables, meta, *, threads: int, quant
   """LiteRT runners of the student's .tflite files: from ``report`` (an existing export), else exported
   now beside the ONNX files when TensorFlow is installed. Returns (runners, note when skipped)."""
   try:
-    from kd_landmarks import runtimes
+    from kd_landmarks.deploy import runtimes
     import ai_edge_litert  # noqa: F401  (extra 'tflite' or 'bench')
   except ImportError:
     return {}, "LiteRT rows skipped: pip install -e '.[tflite]'"
@@ -382,7 +382,7 @@ def tflite_runners(report: dict, module, variables, meta, *, threads: int, quant
       import tensorflow  # noqa: F401  (extra 'tflite')
     except ImportError:
       return {}, "TFLite rows skipped: no .tflite export and no TensorFlow (pip install -e '.[tflite]')"
-    from kd_landmarks import export_tflite
+    from kd_landmarks.deploy import export_tflite
     out_dir = tempfile.mkdtemp(prefix="kd_compare_tflite_")  # Never into a model's own export folder.
     print(f"exporting to TFLite in {out_dir} ...", file=sys.stderr)
     report.update(export_tflite.export_tflite(module, variables, meta, out_dir, quantize=quantize,

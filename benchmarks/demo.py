@@ -14,7 +14,7 @@ Another CPU's build, timed here: KD_LANDMARKS_NATIVE_MARCH=znver3 XLA_FLAGS=--xl
 environment reaches both runs).
 
 The kernel-choice cache is left as it is: delete kernel_choices.json in the native kernels' cache directory
-(~/.cache/kd_landmarks/native) to include the one-time measurement in the 'after' wall time.
+(~/.cache/kd_landmarks/cpu/native) to include the one-time measurement in the 'after' wall time.
 
 and prints, per model, the first step's seconds (compilation included) and the training loop's img/s after it
 (``train_speed.json``, validation and checkpoints included), the wall time of each variant, and the ratios.
@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kd_landmarks import machine  # noqa: E402
+from kd_landmarks.training import machine  # noqa: E402
 
 VARIANTS = {
     "before": ["--config.input_cache_mb=0", "--config.kernel_choice=rules", "--config.preload_allocator=False",

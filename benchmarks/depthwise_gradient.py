@@ -1,6 +1,6 @@
 """The depthwise weight gradient's two native loops against each other and against XLA's, in one run.
 
-``kd_landmarks/native/depthwise_cpu.cc`` has a per-row loop (one pass per output row over all channels, for large
+``kd_landmarks/cpu/native/depthwise_cpu.cc`` has a per-row loop (one pass per output row over all channels, for large
 images) and a register-blocked one (all k*k tap sums in registers per image and 8 channels, for images that fit
 in L2); ``method='auto'`` picks by the image's bytes (``kSmallImageBytes``). This times both, 'auto', and XLA's
 weight gradient (``jax.vjp`` of the grouped convolution, ``depthwise_impl='lax'``) at the demo's layer shapes
@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kd_landmarks import machine  # noqa: E402
-from kd_landmarks import native  # noqa: E402
+from kd_landmarks.training import machine  # noqa: E402
+from kd_landmarks.cpu import native  # noqa: E402
 from kd_landmarks.models import depthwise  # noqa: E402
 
 # (batch, size, channels, stride, kernel): the demo's student at 64 px, then 224 px networks' layers.

@@ -1,4 +1,4 @@
-"""Input pipeline throughput: ours (grain, kd_landmarks.input_pipeline) vs a plain numpy loop.
+"""Input pipeline throughput: ours (grain, kd_landmarks.training.input_pipeline) vs a plain numpy loop.
 
 Prints examples/s and examples/s per CPU core of reading + batching training batches
 (``make_train_iterator``), on a synthetic in-memory source and, with ``--data_dir``, on a prepared
@@ -37,7 +37,7 @@ def synthetic_source(num_examples: int, image_size: int, num_landmarks: int = 68
 
 def numpy_loop_batches(source, *, global_batch_size, seed, keys):
   """The baseline: the same batch order, read and stacked one example at a time in this thread."""
-  from kd_landmarks import input_pipeline  # pylint: disable=g-import-not-at-top  (grain: host side only)
+  from kd_landmarks.training import input_pipeline  # pylint: disable=g-import-not-at-top  (grain: host side only)
   for step in itertools.count():
     indices = input_pipeline.train_batch_indices(step, num_examples=len(source),
                                                  global_batch_size=global_batch_size, seed=seed)
@@ -58,7 +58,7 @@ def examples_per_second(batches, *, num_batches, batch_size, desc, step_seconds=
 
 
 def compare_pipelines(source, *, label, batch_size, num_batches, thread_counts, step_ms=0.0):
-  from kd_landmarks import input_pipeline  # pylint: disable=g-import-not-at-top
+  from kd_landmarks.training import input_pipeline  # pylint: disable=g-import-not-at-top
   cores = os.cpu_count() or 1
   keys = ("image", "landmarks", "soft_landmarks", "index")
   step_seconds = step_ms / 1e3

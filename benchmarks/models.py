@@ -2,7 +2,7 @@
 
 Measures, at 224 px by default:
   * forward latency at batch 1 (jitted JAX; PyTorch eager, channels-last; ONNX Runtime on the
-    PyTorch model exported with torch.onnx and on ours exported by ``kd_landmarks.export``), median
+    PyTorch model exported with torch.onnx and on ours exported by ``kd_landmarks.deploy.export``), median
     milliseconds;
   * train-step throughput (forward + backward + Adam, MSE on the coordinates, BatchNorm in training
     mode), batch 8 on CPU, median images/second;
@@ -269,11 +269,11 @@ def onnxruntime_callable(model, one, args, tmp):
 
 
 def our_onnx_callable(role, args, tmp):
-  """Forward at batch 1 in ONNX Runtime of the same architecture exported by ``kd_landmarks.export``
+  """Forward at batch 1 in ONNX Runtime of the same architecture exported by ``kd_landmarks.deploy.export``
   (uint8 NHWC in; file in ``tmp``)."""
   import jax
   import jax.numpy as jnp
-  from kd_landmarks import export
+  from kd_landmarks.deploy import export
   from kd_landmarks import models
 
   model = models.create_model(MODEL_NAMES[role], num_landmarks=NUM_LANDMARKS, depthwise_impl="lax")
@@ -318,7 +318,7 @@ def main(argv=None):
                       help="threads for PyTorch / ONNX Runtime (default: the cores this process may use)")
   parser.add_argument("--malloc", default="retain", choices=["retain", "default"],
                       help="'retain': glibc keeps freed memory for reuse, as kd_landmarks.main does on CPU "
-                           "(kd_landmarks/allocator.py); process-wide, so every framework timed here gets "
+                           "(kd_landmarks/cpu/allocator.py); process-wide, so every framework timed here gets "
                            "it. 'default': glibc as it comes. A preloaded tcmalloc overrides both.")
   parser.add_argument("--native_march", default="native",
                       help="-march for the native kernels (e.g. haswell or znver3: another CPU's build, timed "
@@ -331,7 +331,7 @@ def main(argv=None):
     os.environ["KD_LANDMARKS_NATIVE_CACHE"] = os.path.join(tempfile.gettempdir(),
                                                            f"kd_landmarks-native-{args.native_march}")
   # Before any framework allocates: only memory allocated afterwards is retained.
-  from kd_landmarks import allocator
+  from kd_landmarks.cpu import allocator
   if args.malloc == "retain":
     malloc = allocator.retain_freed_memory()
   else:
@@ -366,7 +366,7 @@ def main(argv=None):
   impls = [(d, n, p) for d in depthwise_impls for n in norm_impls for p in pointwise_impls]
   auto = (f"'auto' by rule: depthwise = {depthwise.resolve_impl('auto')}, norm = {layers.resolve_norm_impl('auto')}, "
           f"pointwise = {layers.resolve_pointwise_impl('auto')}")
-  from kd_landmarks import machine
+  from kd_landmarks.training import machine
   print(f"jax {jax.__version__} on {jax.devices(args.platform)[0].device_kind}; CPU {machine.cpu_description()}; "
         f"cores usable: {len(os.sched_getaffinity(0))}; image {args.image_size}px; train batch {args.batch}; "
         f"dtype {args.dtype}; {auto}; malloc: {malloc}", flush=True)

@@ -22,14 +22,14 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kd_landmarks import machine  # noqa: E402
+from kd_landmarks.training import machine  # noqa: E402
 
 _CHILD = """
 import json, os, sys, time
 import numpy as np
 march, repeats = sys.argv[1], int(sys.argv[2])
 os.environ["KD_LANDMARKS_NATIVE_MARCH"] = march
-from kd_landmarks import native
+from kd_landmarks.cpu import native
 assert native.available(), native.unavailable_reason()
 import jax, jax.numpy as jnp
 rng = np.random.default_rng(0)

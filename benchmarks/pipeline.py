@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from kd_landmarks import config_lib  # noqa: E402  (no JAX: the allocator must be set before JAX starts)
-from kd_landmarks import machine  # noqa: E402  (no JAX either)
+from kd_landmarks.training import machine  # noqa: E402  (no JAX either)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_EPOCHS = 250.0
@@ -196,7 +196,11 @@ def instrumented(records: list, *, warmup: int, steps: int, memory_sources: dict
                  profile_dir: str | None = None):
   """Wraps the train step, the train iterator, checkpoint saves and validation for every ``train.fit``;
   with ``memory_sources`` the phases read splits decoded once into memory (``input_pipeline.InMemorySource``)."""
-  from kd_landmarks import checkpoint, evaluate, input_pipeline, pipeline, train  # pylint: disable=g-import-not-at-top
+  from kd_landmarks import pipeline
+  from kd_landmarks.training import checkpoint
+  from kd_landmarks.evaluation import evaluate
+  from kd_landmarks.training import input_pipeline
+  from kd_landmarks.training import train  # pylint: disable=g-import-not-at-top
   compile_train_step = train.compile_train_step
   make_train_iterator = input_pipeline.make_train_iterator
   save_state = checkpoint.save_state
@@ -305,7 +309,8 @@ def load_config(args):
 # ----------------------------------------------------------------------------------------------- the run
 
 def rehearse(args) -> dict:
-  from kd_landmarks import backend, pipeline  # pylint: disable=g-import-not-at-top
+  from kd_landmarks import pipeline
+  from kd_landmarks.training import backend  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   config = load_config(args)
   workdir = args.workdir
@@ -448,7 +453,8 @@ def decode_costs(config, workdir, *, batches: int = 20) -> dict:
   are stored; PNG, as the synthetic set), and host examples/s of the input pipeline over the stored split
   against the split decoded once into memory (no device: the host's side alone)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from kd_landmarks import input_pipeline, pipeline  # pylint: disable=g-import-not-at-top
+  from kd_landmarks import pipeline
+  from kd_landmarks.training import input_pipeline  # pylint: disable=g-import-not-at-top
   source = pipeline.load_split(config, workdir, "train")
   crops = [np.asarray(source[i]["image"]) for i in range(min(32, len(source)))]
   result = {"crop_px": int(crops[0].shape[0])}
@@ -523,7 +529,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if config_lib.runs_on_cpu_before_start(args.platform):
-    from kd_landmarks import allocator  # pylint: disable=g-import-not-at-top  (before JAX, as main does)
+    from kd_landmarks.cpu import allocator  # pylint: disable=g-import-not-at-top  (before JAX, as main does)
     allocator.retain_freed_memory()
   temporary = args.workdir is None
   if temporary:

@@ -22,87 +22,37 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kd_landmarks import coords
-from kd_landmarks import native
-
-# Evaluation box scale: the middle of training's random 0-10% expansion, so that test faces are
-# framed like an average training face.
-EVAL_BOX_SCALE = 1.05
+from kd_landmarks.config_lib import EVAL_BOX_SCALE, AugmentConfig  # noqa: F401  (re-exported)
 
 # ITU-R BT.601 luma weights, for the saturation jitter's grey image.
 _LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-  """Ranges of every random transform; each can be switched off on its own.
+class AugmentKernels:
+  """The two costly pieces of :func:`augment`, swappable without changing its distribution.
 
-  Frozen (hashable) so that it can be a static argument of ``jax.jit``.
+  None keeps the portable jax.numpy form; ``kd_landmarks/cpu`` supplies native ones for CPU training.
+
+  Fields:
+    warp: ``(image_uint8 [H, W, C], out_to_input [2, 3], out_size, fill_mode, fill_value) -> float32
+      [out, out, C]`` in [0, 1], bilinear, as :func:`warp_image` (called per example under ``jax.vmap``).
+    batch_noise: ``(rng, images [B, H, W, C], noise_std [B]) -> clip(images + noise_std[b] * z, 0, 1)`` with
+      ``z`` ~ N(0, 1): the whole batch's Gaussian noise in one call (other draws than the per-example
+      :func:`standard_normal`, the same distribution up to the tails).
   """
-  # Random box expansion: side = (1 + U(0, max_box_expansion)) * landmark-box side. When switched off
-  # the box is scaled by EVAL_BOX_SCALE, i.e. framed exactly as at evaluation.
-  box_expansion: bool = True
-  max_box_expansion: float = 0.10
-  # Random shift of the box centre, each axis U(-max_shift, max_shift) * landmark-box side.
-  shift: bool = True
-  max_shift: float = 0.05
-  # In-plane rotation about the box centre, U(-max_rotation_degrees, max_rotation_degrees).
-  rotation: bool = True
-  max_rotation_degrees: float = 45.0
-  # Horizontal flip with probability flip_probability (needs the dataset's flip permutation).
-  flip: bool = True
-  flip_probability: float = 0.5
-  # Photometric jitter on [0, 1] images: brightness offset, contrast and saturation factors around 1,
-  # per-channel colour gains around 1.
-  photometric: bool = True
-  max_brightness_delta: float = 0.2
-  max_contrast_delta: float = 0.3
-  max_saturation_delta: float = 0.3
-  max_color_gain_delta: float = 0.1
-  # Additive Gaussian noise with standard deviation U(0, max_noise_std) per image.
-  noise: bool = True
-  max_noise_std: float = 0.04
-  # Resampling, all bilinear with the same result: 'gather' (one jnp gather per tap), 'map_coordinates'
-  # (jax.scipy.ndimage), 'native' (the C++ kernel kd_landmarks/native/augment_cpu.cc, CPU only) or 'auto':
-  # 'native' on the CPU backend where the kernels build, else 'gather'. 320 -> 224 px, gather vs
-  # map_coordinates: 1.04x (16-core CPU, batch 16), 1.09x (H200, batch 64); benchmarks/input_pipeline.py
-  # --augment_only. The demo's step (96 -> 64 px, batch 32, 2-core Xeon): 'native' saves 4.1 of 21.9 ms.
-  sampler: str = "auto"
-  # Gaussian noise: 'jnp' (augment.standard_normal: Box-Muller on jax.random bits), 'native' (the C++ kernel:
-  # inverse normal CDF at 16-bit uniforms, CPU only) or 'auto' ('native' on the CPU backend where the kernels
-  # build). Same distribution up to the tails (4.7 and 4.3 sigma), other draws.
-  noise_impl: str = "auto"
-  # What lies outside the stored crop: 'constant' (fill_value) or 'nearest' (replicate the border).
-  fill_mode: str = "constant"
-  fill_value: float = 0.0
+  warp: Callable | None = None
+  batch_noise: Callable | None = None
 
-  def __post_init__(self):
-    if self.sampler not in SAMPLERS:
-      raise ValueError(f"AugmentConfig.sampler={self.sampler!r}; choose from {sorted(SAMPLERS)}")
-    if self.noise_impl not in NOISE_IMPLS:
-      raise ValueError(f"AugmentConfig.noise_impl={self.noise_impl!r}; choose from {sorted(NOISE_IMPLS)}")
-    if self.fill_mode not in ("constant", "nearest"):
-      raise ValueError(f"AugmentConfig.fill_mode={self.fill_mode!r}; choose 'constant' or 'nearest'")
-    for name in ("max_box_expansion", "max_shift", "max_rotation_degrees", "max_brightness_delta",
-                 "max_contrast_delta", "max_saturation_delta", "max_color_gain_delta", "max_noise_std"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"AugmentConfig.{name} must be >= 0, got {getattr(self, name)}")
-    if not 0.0 <= self.flip_probability <= 1.0:
-      raise ValueError(f"AugmentConfig.flip_probability must be in [0, 1], got {self.flip_probability}")
 
-  @classmethod
-  def disabled(cls, **overrides) -> "AugmentConfig":
-    """Every random transform off (then :func:`augment` equals :func:`preprocess_eval`)."""
-    fields = dict(box_expansion=False, shift=False, rotation=False, flip=False, photometric=False,
-                  noise=False)
-    fields.update(overrides)
-    return cls(**fields)
+PORTABLE = AugmentKernels()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,8 +105,8 @@ def _transform_landmark_sets(landmark_sets, out_to_input, flip, flip_permutation
 
 
 # ----------------------------------------------------------------------------------------------------
-# Resampling: both samplers read an [H, W, C] uint8 image at float pixel coordinates (x, y) with
-# pixel centres on integers, bilinear, and return float32 in the image's 0..255 range.
+# Resampling: an [H, W, C] uint8 image read at float pixel coordinates (x, y) with pixel centres on
+# integers, bilinear, as float32 in the image's 0..255 range.
 
 
 def _sample_gather(image, x, y, fill_mode, fill_value):
@@ -183,41 +133,19 @@ def _sample_gather(image, x, y, fill_mode, fill_value):
   return (1.0 - wy) * top + wy * bottom
 
 
-def _sample_map_coordinates(image, x, y, fill_mode, fill_value):
-  image = image.astype(jnp.float32)
-
-  def one_channel(channel):
-    return jax.scipy.ndimage.map_coordinates(channel, [y, x], order=1, mode=fill_mode, cval=fill_value)
-
-  return jax.vmap(one_channel, in_axes=2, out_axes=-1)(image)
-
-
-_SAMPLERS = {"gather": _sample_gather, "map_coordinates": _sample_map_coordinates}
-SAMPLERS = (*_SAMPLERS, "native", "auto")
-NOISE_IMPLS = ("jnp", "native", "auto")
-
-
-def resolve_native(choice: str, portable: str) -> str:
-  """A sampler or noise_impl: 'auto' -> 'native' on the CPU backend where the native kernels build (training
-  only: evaluation and export warp with 'gather', which needs no compiler), else ``portable``; any other
-  name is returned as it is."""
-  if choice != "auto":
-    return choice
-  return "native" if jax.default_backend() == "cpu" and native.available() else portable
-
-
-def warp_image(image_uint8, out_to_input, out_size, *, sampler="gather", fill_mode="constant",
-               fill_value=0.0):
-  """Resamples one [H, W, C] image through ``out_to_input`` into float32 [out, out, C] in [0, 1]."""
-  sampler = resolve_native(sampler, "gather")
-  if sampler == "native":
-    return native.affine_warp(image_uint8, out_to_input, out_size, fill_mode=fill_mode, fill_value=fill_value)
+def warp_image(image_uint8, out_to_input, out_size, *, fill_mode="constant", fill_value=0.0):
+  """Resamples one [H, W, C] image through ``out_to_input`` into float32 [out, out, C] in [0, 1] (bilinear)."""
   grid = jnp.arange(out_size, dtype=jnp.float32)
   qx, qy = jnp.meshgrid(grid, grid)  # qx varies along columns (x), qy along rows (y)
   x = out_to_input[0, 0] * qx + out_to_input[0, 1] * qy + out_to_input[0, 2]
   y = out_to_input[1, 0] * qx + out_to_input[1, 1] * qy + out_to_input[1, 2]
-  warped = _SAMPLERS[sampler](image_uint8, x, y, fill_mode, fill_value * 255.0)
+  warped = _sample_gather(image_uint8, x, y, fill_mode, fill_value * 255.0)
   return warped / 255.0
+
+
+def _warp_portable(image_uint8, out_to_input, out_size, fill_mode, fill_value):
+  """:func:`warp_image` with the signature of :attr:`AugmentKernels.warp`."""
+  return warp_image(image_uint8, out_to_input, out_size, fill_mode=fill_mode, fill_value=fill_value)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,16 +194,16 @@ def _photometric(rng, image, config, *, noise=True):
   return image
 
 
-# Folded into augment's key for the native noise's batch-wide draw (independent of the per-example keys).
-_NATIVE_NOISE_STREAM = 0x6E6F6973
+# Folded into augment's key for a batch-wide noise draw (independent of the per-example keys).
+_BATCH_NOISE_STREAM = 0x6E6F6973
 
 
-def _add_native_noise(rng, images, config):
-  """The same Gaussian noise for a whole batch [B, H, W, C] in one native call (per-image std from
-  U(0, max_noise_std)); other draws than the per-example jnp noise, the same distribution up to the tails."""
-  std_key, normal_key = jax.random.split(jax.random.fold_in(rng, _NATIVE_NOISE_STREAM))
+def _add_batch_noise(rng, images, config, batch_noise):
+  """Gaussian noise for a whole batch [B, H, W, C] in one ``batch_noise`` call (per-image std from
+  U(0, max_noise_std))."""
+  std_key, normal_key = jax.random.split(jax.random.fold_in(rng, _BATCH_NOISE_STREAM))
   noise_std = jax.random.uniform(std_key, (images.shape[0],), maxval=config.max_noise_std)
-  return native.gaussian_noise(normal_key, images, noise_std)
+  return batch_noise(normal_key, images, noise_std)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,7 +211,8 @@ def _add_native_noise(rng, images, config):
 
 
 def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, reference="landmarks",
-            out_size=224, flip_permutation, config: AugmentConfig = AugmentConfig()):
+            out_size=224, flip_permutation, config: AugmentConfig = AugmentConfig(),
+            kernels: AugmentKernels = PORTABLE):
   """Random geometric + photometric augmentation of a batch and all of its landmark sets (Section 4.3).
 
   Args:
@@ -295,13 +224,15 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
     out_size: side of the output (the model's input), 224 in the paper.
     flip_permutation: int [K] from ``flips.flip_permutation`` (may be None only if config.flip is off).
     config: an :class:`AugmentConfig`.
+    kernels: an :class:`AugmentKernels` (the portable jax.numpy forms by default).
 
   Returns:
     (images float32 [B, out, out, 3] in [0, 1], dict of the same keys with [B, K, 2] in normalised
     output coordinates, out_to_input float32 [B, 2, 3] mapping output pixels to stored-crop pixels).
   """
   batch_size = _validate(images_uint8, landmark_sets, reference, flip_permutation, config.flip)
-  native_noise = config.noise and resolve_native(config.noise_impl, "jnp") == "native"
+  batch_noise = config.noise and kernels.batch_noise is not None
+  warp = kernels.warp or _warp_portable
   perm = None
   if config.flip:
     perm = jnp.asarray(np.asarray(flip_permutation), dtype=jnp.int32)
@@ -325,22 +256,21 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
       flip = jax.random.bernoulli(flip_key, config.flip_probability)
     flip_sign = jnp.where(flip, -1.0, 1.0)
     out_to_input = _out_to_input_affine(centre, base_side * scale, angle, flip_sign, out_size)
-    warped = warp_image(image, out_to_input, out_size, sampler=config.sampler,
-                        fill_mode=config.fill_mode, fill_value=config.fill_value)
-    warped = _photometric(photo_key, warped, config, noise=not native_noise)
+    warped = warp(image, out_to_input, out_size, config.fill_mode, config.fill_value)
+    warped = _photometric(photo_key, warped, config, noise=not batch_noise)
     new_sets = _transform_landmark_sets(sets, out_to_input, flip, perm, out_size)
     return warped, new_sets, out_to_input.astype(jnp.float32)
 
   keys = jax.random.split(rng, batch_size)
   sets = {key: jnp.asarray(value, dtype=jnp.float32) for key, value in landmark_sets.items()}
   images, new_sets, out_to_input = jax.vmap(one_example)(keys, jnp.asarray(images_uint8), sets)
-  if native_noise:
-    images = _add_native_noise(rng, images, config)
+  if batch_noise:
+    images = _add_batch_noise(rng, images, config, kernels.batch_noise)
   return images, new_sets, out_to_input
 
 
 def preprocess_eval(images_uint8, landmark_sets: Mapping[str, jax.Array], *, reference="landmarks",
-                    out_size=224, sampler="gather"):
+                    out_size=224):
   """Deterministic evaluation crop: the landmark box scaled by EVAL_BOX_SCALE, no flip/rotation/jitter.
 
   Same arguments and outputs as :func:`augment` (without rng and randomness).
@@ -350,7 +280,7 @@ def preprocess_eval(images_uint8, landmark_sets: Mapping[str, jax.Array], *, ref
   def one_example(image, sets):
     centre, base_side = _landmark_box(sets[reference])
     out_to_input = _out_to_input_affine(centre, base_side * EVAL_BOX_SCALE, 0.0, 1.0, out_size)
-    warped = warp_image(image, out_to_input, out_size, sampler=sampler)
+    warped = warp_image(image, out_to_input, out_size)
     new_sets = _transform_landmark_sets(sets, out_to_input, False, None, out_size)
     return warped, new_sets, out_to_input.astype(jnp.float32)
 

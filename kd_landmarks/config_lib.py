@@ -15,10 +15,68 @@ import os
 
 import ml_collections
 
-from kd_landmarks import augment
+# Evaluation box scale: the middle of training's random 0-10% expansion, so that test faces are
+# framed like an average training face.
+EVAL_BOX_SCALE = 1.05
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+  """Ranges of every random transform of :func:`kd_landmarks.augment.augment` (Section 4.3); each can be
+  switched off on its own. Here, beside the other hyper-parameters, so that configs load without JAX.
+
+  Frozen (hashable) so that it can be a static argument of ``jax.jit``.
+  """
+  # Random box expansion: side = (1 + U(0, max_box_expansion)) * landmark-box side. When switched off
+  # the box is scaled by EVAL_BOX_SCALE, i.e. framed exactly as at evaluation.
+  box_expansion: bool = True
+  max_box_expansion: float = 0.10
+  # Random shift of the box centre, each axis U(-max_shift, max_shift) * landmark-box side.
+  shift: bool = True
+  max_shift: float = 0.05
+  # In-plane rotation about the box centre, U(-max_rotation_degrees, max_rotation_degrees).
+  rotation: bool = True
+  max_rotation_degrees: float = 45.0
+  # Horizontal flip with probability flip_probability (needs the dataset's flip permutation).
+  flip: bool = True
+  flip_probability: float = 0.5
+  # Photometric jitter on [0, 1] images: brightness offset, contrast and saturation factors around 1,
+  # per-channel colour gains around 1.
+  photometric: bool = True
+  max_brightness_delta: float = 0.2
+  max_contrast_delta: float = 0.3
+  max_saturation_delta: float = 0.3
+  max_color_gain_delta: float = 0.1
+  # Additive Gaussian noise with standard deviation U(0, max_noise_std) per image.
+  noise: bool = True
+  max_noise_std: float = 0.04
+  # What lies outside the stored crop: 'constant' (fill_value) or 'nearest' (replicate the border).
+  fill_mode: str = "constant"
+  fill_value: float = 0.0
+
+  def __post_init__(self):
+    if self.fill_mode not in ("constant", "nearest"):
+      raise ValueError(f"AugmentConfig.fill_mode={self.fill_mode!r}; choose 'constant' or 'nearest'")
+    for name in ("max_box_expansion", "max_shift", "max_rotation_degrees", "max_brightness_delta",
+                 "max_contrast_delta", "max_saturation_delta", "max_color_gain_delta", "max_noise_std"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"AugmentConfig.{name} must be >= 0, got {getattr(self, name)}")
+    if not 0.0 <= self.flip_probability <= 1.0:
+      raise ValueError(f"AugmentConfig.flip_probability must be in [0, 1], got {self.flip_probability}")
+
+  @classmethod
+  def disabled(cls, **overrides) -> "AugmentConfig":
+    """Every random transform off (then :func:`augment` equals :func:`preprocess_eval`)."""
+    fields = dict(box_expansion=False, shift=False, rotation=False, flip=False, photometric=False,
+                  noise=False)
+    fields.update(overrides)
+    return cls(**fields)
+
+
+
 
 PHASES = ("teacher_tough", "teacher_tolerant", "cache_teachers", "student", "eval", "report", "all")
-# 'auto': the backend JAX has (kd_landmarks.backend resolves it, and dtype/prefetch from it, at run time).
+# 'auto': the backend JAX has (kd_landmarks.training.backend resolves it, and dtype/prefetch from it, at run time).
 PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 
 
@@ -97,26 +155,18 @@ def base_config() -> ml_collections.ConfigDict:
   # memory; 0: always read from disk.
   config.input_cache_mb = -1
   config.write_report = True
-  # CPU kernels (depthwise_impl, norm_impl, pointwise_impl) left at 'auto' in the overrides: 'measure' times
-  # the alternatives on this machine at first use and caches the fastest (kd_landmarks/models/autotune.py);
-  # 'rules' takes the fixed per-backend rules without measuring. Accelerators always take the rules.
-  # The test suite sets KD_LANDMARKS_KERNEL_CHOICE=rules (tests/conftest.py): it trains dozens of tiny shape
-  # classes, each of which would be measured once (~25 s).
-  config.kernel_choice = os.environ.get("KD_LANDMARKS_KERNEL_CHOICE", "measure")
   config.compilation_cache = True    # Persistent XLA cache in WORKDIR/jax_cache (restarts compile less).
 
   # Platform: mesh over all devices. 'auto': the backend JAX has; or cpu/gpu/tpu, checked at start.
   # dtype 'auto': float32 on CPU, bfloat16 compute on accelerators (parameters stay float32); both are
-  # resolved at run time from the resolved platform (kd_landmarks/backend.py), however platform was set.
+  # resolved at run time from the resolved platform (kd_landmarks/training/backend.py), however platform was set.
   config.platform = "auto"
   config.dtype = "auto"
-  # CPU only: glibc's malloc keeps freed memory (kd_landmarks/allocator.py), so that XLA's per-step
-  # temporaries reuse mapped pages instead of faulting in new ones (~0.2 s of a 0.7 s student step).
-  config.retain_freed_memory = True
-  # CPU only: kd_landmarks.main re-executes itself with tcmalloc (or jemalloc) preloaded where one is installed:
-  # glibc's malloc slows a long training process as its heap fragments (the demo's students: 1.3-1.4x the img/s
-  # and 6 instead of 9-10 s per compilation with tcmalloc; kd_landmarks/allocator.py).
-  config.preload_allocator = True
+  # Training on the CPU uses the CPU kernels of kd_landmarks/cpu (the same mathematics, computed faster on XLA's
+  # CPU backend; native C++ where a compiler builds them) and keeps glibc's malloc from returning freed memory.
+  # Accelerators and inference (evaluation, export, predict) always run the models' portable kernels.
+  # docs/performance.md has the measurement of each piece.
+  config.cpu_kernels = True
 
   # Augmentation on device (passed to kd_landmarks.augment.augment as `config`).
   config.augment = default_augment_config()
@@ -128,8 +178,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 def default_augment_config() -> ml_collections.ConfigDict:
   """Section 4.3: box expansion up to 10%, rotation +-45 deg, flips (p=0.5), brightness/contrast/colour,
-  Gaussian noise. The fields and defaults are those of ``kd_landmarks.augment.AugmentConfig`` (one home)."""
-  return ml_collections.ConfigDict(dataclasses.asdict(augment.AugmentConfig()))
+  Gaussian noise. The fields and defaults are those of :class:`AugmentConfig` (one home)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(AugmentConfig()))
 
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
@@ -156,7 +206,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
 
 
 def set_platform(config: ml_collections.ConfigDict, platform: str) -> None:
-  """Records the requested platform only: dtype and prefetch follow it at run time (kd_landmarks.backend),
+  """Records the requested platform only: dtype and prefetch follow it at run time (kd_landmarks.training.backend),
   so that ``:platform=gpu`` and ``--config.platform=gpu`` give the same run."""
   if platform not in PLATFORMS:
     raise ValueError(f"unknown platform {platform!r}; choose from {PLATFORMS}")
@@ -166,7 +216,7 @@ def set_platform(config: ml_collections.ConfigDict, platform: str) -> None:
 def runs_on_cpu_before_start(platform: str) -> bool:
   """Whether ``platform`` will resolve to the CPU, known before JAX initialises a backend.
 
-  For what must happen before then (kd_landmarks.allocator). True for 'cpu', and for 'auto' when
+  For what must happen before then (the malloc setting of kd_landmarks/cpu). True for 'cpu', and for 'auto' when
   JAX_PLATFORMS starts with cpu or no accelerator plugin (jax_plugins entry points or namespace modules,
   or libtpu) is installed. False when unsure: the caller then leaves the CPU-only settings alone.
   """

@@ -22,7 +22,7 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a m
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process' id in a multi-host run.")
 flags.DEFINE_bool("break_lock", False, "Take over the workdir's lock left by a run that is gone "
-                  "(kd_landmarks/workdir_lock.py); never while that run is alive.")
+                  "(kd_landmarks/training/workdir_lock.py); never while that run is alive.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,27 +35,22 @@ def main(argv):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   # The package is imported here, not at the top: flag parsing (a config typo, --help) answers before the
   # ~2 s import of jax, flax, orbax and grain (measured: `import kd_landmarks.pipeline`, 1.9 s on this
-  # 2-core Xeon), and the allocator is set before JAX's first allocation.
-  from kd_landmarks import allocator
+  # 2-core Xeon), and malloc is configured before JAX's first allocation.
   from kd_landmarks import config_lib
-  on_cpu = config_lib.runs_on_cpu_before_start(FLAGS.config.platform)
-  if on_cpu and FLAGS.config.preload_allocator:
-    # Re-executes this very command with tcmalloc/jemalloc preloaded where one is installed (1.3-1.4x the demo's
-    # img/s), before any backend or thread starts; returns only where it did not (or already did).
-    logging.info("allocator: %s", allocator.preload_fast_allocator(program="kd_landmarks.main"))
-  if on_cpu and FLAGS.config.retain_freed_memory:
+  if FLAGS.config.cpu_kernels and config_lib.runs_on_cpu_before_start(FLAGS.config.platform):
     # Before JAX allocates anything: only memory allocated afterwards is retained (so decided before any
     # backend starts: with platform 'auto', from JAX_PLATFORMS and the installed plugins).
-    logging.info("%s", allocator.retain_freed_memory())
-  from kd_landmarks import parallel
+    from kd_landmarks import cpu
+    logging.info("%s", cpu.prepare_process())
+  from kd_landmarks.training import parallel
   # Before anything touches a device: joins the other hosts when there are any.
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax
-  from kd_landmarks import backend
-  from kd_landmarks import checkpoint
+  from kd_landmarks.training import backend
+  from kd_landmarks.training import checkpoint
   from kd_landmarks import pipeline
-  from kd_landmarks import train
-  from kd_landmarks import workdir_lock
+  from kd_landmarks.training import train
+  from kd_landmarks.training import workdir_lock
   try:
     # The platform JAX has ('auto') or the one asked for, which must exist ("install .[gpu]" otherwise);
     # dtype and prefetch follow it whether it came from ':platform=' or '--config.platform='.

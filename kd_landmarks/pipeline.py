@@ -20,20 +20,18 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from kd_landmarks import augment
-from kd_landmarks import backend
-from kd_landmarks import checkpoint
+from kd_landmarks.training import backend
+from kd_landmarks.training import checkpoint
 from kd_landmarks import config_lib
 from kd_landmarks import datasets
-from kd_landmarks import evaluate
-from kd_landmarks import input_pipeline
+from kd_landmarks.evaluation import evaluate
+from kd_landmarks.training import input_pipeline
 from kd_landmarks import losses
 from kd_landmarks import models
-from kd_landmarks import parallel
-from kd_landmarks import report
-from kd_landmarks import train
-from kd_landmarks import workdir_lock
-from kd_landmarks.models import autotune
+from kd_landmarks.training import parallel
+from kd_landmarks.evaluation import report
+from kd_landmarks.training import train
+from kd_landmarks.training import workdir_lock
 from kd_landmarks.datasets import builder
 from kd_landmarks.datasets import flips
 from kd_landmarks.datasets import holdout
@@ -142,31 +140,6 @@ def model_meta(config, *, model_name, overrides, phase, loss=None, seed=None, se
               config=json.loads(config.to_json_best_effort()))
 
 
-def build_model(meta, kernels=None):
-  """The network ``meta`` (model.json) describes; ``kernels`` (``{field: impl}``) replace its CPU kernel
-  choices (same parameters and mathematics: kd_landmarks/models/autotune.py)."""
-  return models.create_model(meta["model"], num_landmarks=int(meta["num_landmarks"]),
-                             dtype=checkpoint._dtype(meta["dtype"]), **{**dict(meta["overrides"]), **dict(kernels or {})})  # pylint: disable=protected-access
-
-
-def train_kernels(config, meta, per_device_batch: int) -> dict:
-  """The kernel implementations a training step uses: the configured ones, and for each left at 'auto' the
-  fastest measured on this machine (``config.kernel_choice='measure'``, cached) or the rule ('rules').
-
-  In a multi-process run process 0 decides and the others take its choice: every process must compile the
-  same program.
-  """
-  overrides = dict(meta["overrides"])
-  shape_class = autotune.shape_class(meta["model"], int(meta["num_landmarks"]), overrides)
-  mode = str(config.kernel_choice) if jax.process_index() == 0 else "rules"
-  choice = autotune.choose(lambda **kernels: build_model(meta, kernels), shape_class=shape_class,
-                           image_size=int(meta["image_size"]), batch_size=per_device_batch,
-                           dtype=checkpoint._dtype(meta["dtype"]), requested=overrides, mode=mode)  # pylint: disable=protected-access
-  if jax.process_count() > 1:
-    choice = autotune.from_indices(multihost_utils.broadcast_one_to_all(autotune.to_indices(choice)))
-  return choice
-
-
 def global_batch_size(config, phase_config, mesh) -> int:
   if config.per_device_batch_size > 0:
     return int(config.per_device_batch_size) * mesh.devices.size
@@ -195,15 +168,19 @@ def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase,
   mesh = parallel.make_mesh()
   train_source, val_source = train_and_val_sources(config, workdir)
   batch_size = global_batch_size(config, phase_config, mesh)
-  # Recorded for the reader; evaluation and export rebuild the model from 'overrides' on their own machine.
-  meta["train_kernels"] = train_kernels(config, meta, batch_size // mesh.devices.size)
-  model = build_model(meta, meta["train_kernels"])
+  kernels = train.training_kernels(config)
+  # Recorded for the reader; evaluation and export rebuild the model with the portable kernels (same weights).
+  meta["train_kernels"] = kernels.description
+  model = checkpoint.build_model(meta, kernels.model)
+  if teacher_modules is not None:  # Online teachers compute their forward pass with the same kernels.
+    teacher_modules = {name: module.clone(kernels=kernels.model) for name, module in teacher_modules.items()}
   steps = num_train_steps(phase_config, len(train_source), batch_size, int(config.augment_copies))
   learning_rate_fn = train.create_learning_rate_fn(config)
   spec = train.StepSpec(target=target, loss_fn=losses.get_student_loss(loss_name), loss_variant=config.loss_variant,
-                  image_size=int(meta["image_size"]), flip_permutation=flips.flip_permutation(config.dataset),
-                  augment_config=augment_config(config),
-                  learning_rate_fn=learning_rate_fn, teacher_modules=teacher_modules)
+                        image_size=int(meta["image_size"]), flip_permutation=flips.flip_permutation(config.dataset),
+                        augment_config=augment_config(config), learning_rate_fn=learning_rate_fn,
+                        distill=target == "student" and needs_teachers(loss_name),
+                        teacher_modules=teacher_modules, augment_kernels=kernels.augment)
   validate_fn = functools.partial(
       evaluate.mean_nme, model, source=val_source, dataset=config.dataset, image_size=int(meta["image_size"]),
       batch_size=int(config.eval_batch_size), mesh=mesh)
@@ -225,8 +202,8 @@ def input_cache_bytes(config) -> int:
 
 
 def augment_config(config):
-  """``config.augment`` as the frozen ``augment.AugmentConfig`` the step closes over."""
-  return augment.AugmentConfig(**config.augment.to_dict())
+  """``config.augment`` as the frozen ``config_lib.AugmentConfig`` the step closes over."""
+  return config_lib.AugmentConfig(**config.augment.to_dict())
 
 
 def selection(config) -> dict:
@@ -455,7 +432,7 @@ def write_report(config, workdir):
 def run(config, workdir: str, *, break_lock: bool = False):
   """Runs ``config.phase`` (or, for 'all', every phase in order, skipping finished ones) in ``workdir``.
 
-  Holds the workdir's lock (:mod:`kd_landmarks.workdir_lock`) throughout: a second run on the same workdir
+  Holds the workdir's lock (:mod:`kd_landmarks.training.workdir_lock`) throughout: a second run on the same workdir
   stops at once naming this one; ``break_lock`` takes over a lock its holder left behind.
   """
   validate_config(config)

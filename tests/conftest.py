@@ -13,7 +13,7 @@ def require_native_kernels():
   (``CI=true``, which GitHub Actions and most CI services set): there the build must work, so the test
   fails with the reason instead of being skipped silently."""
   import pytest
-  from kd_landmarks import native
+  from kd_landmarks.cpu import native
   if native.available():
     return
   reason = f"native kernels unavailable: {native.unavailable_reason()}"

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from kd_landmarks import export
+from kd_landmarks.deploy import export
 
 TAKEO_DIR = pathlib.Path(export.FIXTURE_DIR)  # shipped in the package (kd_landmarks/data/takeo)
 

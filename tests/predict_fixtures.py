@@ -5,8 +5,8 @@ import jax
 import numpy as np
 import jax.numpy as jnp
 
-from kd_landmarks import checkpoint
-from kd_landmarks import export
+from kd_landmarks.training import checkpoint
+from kd_landmarks.deploy import export
 from kd_landmarks import models
 
 TAKEO_DIR = pathlib.Path(export.FIXTURE_DIR)  # shipped in the package

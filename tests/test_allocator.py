@@ -12,7 +12,7 @@ import pytest
 _PROBE = """
 import ctypes, resource, sys
 if sys.argv[1] == "retain":
-  from kd_landmarks import allocator
+  from kd_landmarks.cpu import allocator
   print(allocator.retain_freed_memory(), file=sys.stderr)
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -47,7 +47,7 @@ def test_retained_memory_is_reused_without_page_faults():
 
 
 def test_preloaded_allocator_is_left_alone(monkeypatch):
-  from kd_landmarks import allocator
+  from kd_landmarks.cpu import allocator
   monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
   monkeypatch.setitem(allocator._state, "applied", None)
   assert allocator.retain_freed_memory() == "tcmalloc preloaded: already retains freed memory"
@@ -56,7 +56,7 @@ def test_preloaded_allocator_is_left_alone(monkeypatch):
 # Re-executes itself with a fast allocator preloaded, then prints what the new process has mapped.
 _REEXEC_PROBE = """
 import os, sys
-from kd_landmarks import allocator
+from kd_landmarks.cpu import allocator
 print("said:", allocator.preload_fast_allocator(), file=sys.stderr)
 maps = open("/proc/self/maps").read()
 print(os.getpid(), sys.argv[1:], os.environ.get(allocator.REEXEC_MARK, ""),
@@ -66,7 +66,7 @@ print(os.getpid(), sys.argv[1:], os.environ.get(allocator.REEXEC_MARK, ""),
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="LD_PRELOAD: Linux only")
 def test_the_process_reexecutes_itself_once_with_the_fast_allocator_mapped(tmp_path):
-  from kd_landmarks import allocator
+  from kd_landmarks.cpu import allocator
   path = allocator.find_fast_allocator()
   if path is None:
     pytest.skip("no tcmalloc/jemalloc installed here (apt install libtcmalloc-minimal4)")
@@ -85,7 +85,7 @@ def test_the_process_reexecutes_itself_once_with_the_fast_allocator_mapped(tmp_p
 
 
 def test_without_a_fast_allocator_nothing_is_reexecuted(monkeypatch):
-  from kd_landmarks import allocator
+  from kd_landmarks.cpu import allocator
   monkeypatch.delenv("LD_PRELOAD", raising=False)
   monkeypatch.delenv(allocator.REEXEC_MARK, raising=False)
   monkeypatch.setattr(allocator, "find_fast_allocator", lambda: None)

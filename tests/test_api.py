@@ -9,9 +9,9 @@ import pytest
 import kd_landmarks
 from kd_landmarks import Predictor
 from kd_landmarks import coords
-from kd_landmarks import detect
-from kd_landmarks import export
-from kd_landmarks import predict
+from kd_landmarks.deploy import detect
+from kd_landmarks.deploy import export
+from kd_landmarks.deploy import predict
 from kd_landmarks.datasets import images as image_io
 from kd_landmarks.datasets import readers
 import predict_fixtures
@@ -48,7 +48,7 @@ def test_jax_landmarks_equal_the_model_on_the_crop_by_hand(run):
   # Independent of the runner: the module as training builds it (default CPU layer implementations),
   # applied to crop / 255, mapped to the photo through the crop's affine (coords.py).
   _, model_dir, _ = run
-  from kd_landmarks import checkpoint
+  from kd_landmarks.training import checkpoint
 
   module, variables, meta = checkpoint.load_inference_variables(model_dir)
   image, boxes = _takeo()

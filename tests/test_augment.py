@@ -8,7 +8,7 @@ import pytest
 
 from kd_landmarks import augment
 from kd_landmarks import coords
-from kd_landmarks import native
+from kd_landmarks.cpu import native
 from kd_landmarks.datasets import flips
 
 STORED_SIZE = 64

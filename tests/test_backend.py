@@ -1,4 +1,4 @@
-"""Tests of kd_landmarks.backend: the platform is resolved at run time from what JAX has, dtype and prefetch
+"""Tests of kd_landmarks.training.backend: the platform is resolved at run time from what JAX has, dtype and prefetch
 follow it however it was set, and a platform JAX lacks stops at once naming the extra to install."""
 import os
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from kd_landmarks import backend
+from kd_landmarks.training import backend
 from kd_landmarks import config_lib
 from kd_landmarks import pipeline
 from kd_landmarks.models import depthwise

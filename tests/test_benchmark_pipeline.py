@@ -61,7 +61,7 @@ def _load_benchmark():
 def test_in_memory_source_yields_the_batches_of_the_stored_source():
   """--source memory (the split decoded once) must feed training exactly what the stored split feeds it."""
   import numpy as np
-  from kd_landmarks import input_pipeline
+  from kd_landmarks.training import input_pipeline
   rng = np.random.default_rng(0)
   stored = [{"image": rng.integers(0, 256, (6, 6, 3), dtype=np.uint8),
              "landmarks": rng.uniform(0, 6, (68, 2)).astype(np.float32), "index": np.int64(i),

@@ -1,4 +1,4 @@
-"""Tests of kd_landmarks.checkpoint: model.json, best-by-NME, restore for inference."""
+"""Tests of kd_landmarks.training.checkpoint: model.json, best-by-NME, restore for inference."""
 import json
 import os
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_landmarks import checkpoint
+from kd_landmarks.training import checkpoint
 
 
 class _TinyModel(nn.Module):
@@ -236,7 +236,7 @@ def test_no_readable_checkpoint_says_what_to_delete(tmp_path):
 
 def test_fit_resumes_from_the_older_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path):
   import train_fixtures as fx
-  from kd_landmarks import train
+  from kd_landmarks.training import train
   whole = train.fit(fx.fit_setup(str(tmp_path / "a"), num_train_steps=6, checkpoint_every=2))
   damaged = str(tmp_path / "b")
   train.fit(fx.fit_setup(damaged, num_train_steps=6, checkpoint_every=2, stop_after_steps=4))
@@ -310,7 +310,7 @@ def _flip_a_byte_orbax_reads_silently(model_dir, path, intact):
 def test_bit_flipped_newest_checkpoint_is_caught_by_its_checksum(tmp_path, caplog):
   # Probe: a bit-flipped file; orbax restores raw float data without a checksum (2.7e14 instead of ~1).
   import train_fixtures as fx
-  from kd_landmarks import train
+  from kd_landmarks.training import train
   from test_train import _host_tree
   model_dir = str(tmp_path / "m")
   train.fit(fx.fit_setup(model_dir, num_train_steps=6, checkpoint_every=2, stop_after_steps=4))

@@ -30,7 +30,7 @@ def test_dataset_configs_hold_the_papers_hyper_parameters(name, dataset):
   assert config.augment.max_rotation_degrees == 45.0
   assert config.augment.flip_probability == 0.5
   assert config.augment.max_box_expansion == pytest.approx(0.1)
-  # Resolved at run time from the backend JAX has (kd_landmarks.backend; tests/test_backend.py).
+  # Resolved at run time from the backend JAX has (kd_landmarks.training.backend; tests/test_backend.py).
   assert (config.platform, config.dtype, config.prefetch) == ("auto", "auto", -1)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import require_native_kernels
 from kd_landmarks.models import depthwise
-from kd_landmarks import native
+from kd_landmarks.cpu import native
 
 CONCRETE_IMPLS = [impl for impl in depthwise.DEPTHWISE_IMPLS if impl != "auto"]
 

@@ -1,4 +1,4 @@
-"""Tests of kd_landmarks.evaluate: predictions travel back to original pixels exactly; files and metrics."""
+"""Tests of kd_landmarks.evaluation.evaluate: predictions travel back to original pixels exactly; files and metrics."""
 import json
 import os
 
@@ -9,7 +9,7 @@ import pytest
 
 from kd_landmarks import augment
 from kd_landmarks import coords
-from kd_landmarks import evaluate
+from kd_landmarks.evaluation import evaluate
 import train_fixtures as fx
 
 
@@ -85,7 +85,7 @@ def test_split_metrics_by_hand():
 
 
 def test_evaluate_model_writes_the_files_the_report_reads(tmp_path, monkeypatch):
-  from kd_landmarks import checkpoint
+  from kd_landmarks.training import checkpoint
   source = _RowSource(4)
   module = _OracleModule(_truth_norm(source), offset=0.02)
   meta = dict(model="oracle", num_landmarks=fx.NUM_LANDMARKS, image_size=fx.IMAGE_SIZE, dataset="synthetic",

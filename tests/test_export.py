@@ -11,16 +11,16 @@ import numpy as np
 import onnx
 import pytest
 
-from kd_landmarks import export
+from kd_landmarks.deploy import export
 import predict_fixtures
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   # Through the command line, from a model directory saved the way training saves it.
-  from kd_landmarks import checkpoint
+  from kd_landmarks.training import checkpoint
 
-  from kd_landmarks import detect
+  from kd_landmarks.deploy import detect
 
   model_dir = predict_fixtures.write_model_dir(tmp_path_factory.mktemp("run") / "student_kd", config={
       "student_loss": "l2,kd", "optimizer": {"learning_rate": 0.001}, "dataset": "300w"})
@@ -224,7 +224,7 @@ def test_model_card_states_the_run_s_values(exported):
 
 
 def test_model_card_of_a_demo_run_says_synthetic_and_missing_evaluation():
-  from kd_landmarks import model_card
+  from kd_landmarks.deploy import model_card
 
   meta = {"model": "mobilenet_v2_tiny", "dataset": "synthetic", "image_size": 24, "num_landmarks": 68}
   card = model_card.render(meta, {}, metrics=None)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import fixtures_formats as ff
-from kd_landmarks import input_pipeline
+from kd_landmarks.training import input_pipeline
 from kd_landmarks import pipeline
-from kd_landmarks import train
+from kd_landmarks.training import train
 from kd_landmarks.datasets import builder
 from kd_landmarks.datasets import holdout
 from kd_landmarks.datasets import info

@@ -1,24 +1,28 @@
-"""The package's import graph (issue 17, item 9): no circle, no module importing one of a higher layer, and
-every import inside a function says why (an optional dependency or a measured start-up cost)."""
+"""The package's import graph: no circle, no module importing one of a higher layer, the CPU speed-ups
+reached only through training, config parsing without JAX, and every import inside a function says why
+(an optional dependency or a measured start-up cost)."""
 import ast
 import pathlib
+import subprocess
+import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "kd_landmarks"
 
-# Layers, lowest first: a module imports only modules of its own layer or below. The data side, then the
-# model side, the training step / fit loop, evaluation and the report, the pipeline's phases, and the
-# entry points. (pipeline calls evaluate and report, so it sits above them.)
+# Layers, lowest first, named by the part of the package (a top-level module or a sub-package): a module
+# imports only modules of its own layer or below. They read in the order the data flows: the method's data
+# side (coordinates, shapes, metrics, datasets), its model side (augmentation, models, losses) and the
+# configs, the CPU door, training, evaluation and the report, deployment, and the driver.
 LAYERS = [
-    {"coords", "shapes", "metrics", "parallel", "allocator", "paper_results", "input_pipeline",
-     "workdir_lock", "datasets", "stats", "machine", "native"},
-    {"augment"},
-    {"models", "config_lib", "backend"},
-    {"losses", "checkpoint", "model_stats", "runtimes"},
-    {"train"},
-    {"evaluate", "report", "model_card"},
-    {"pipeline"},
-    {"detect", "predict", "serving", "export", "export_tflite", "main"},
+    {"coords", "shapes", "metrics", "datasets"},
+    {"augment", "models", "losses", "config_lib"},
+    {"cpu"},
+    {"training"},
+    {"evaluation"},
+    {"deploy"},
+    {"pipeline", "main"},
 ]
+# The CPU door (kd_landmarks/cpu) serves CPU training alone: the training step and the driver that starts it.
+CPU_DOOR_USERS = ("kd_landmarks.cpu", "kd_landmarks.training.train", "kd_landmarks.main")
 
 
 def _module_name(path):
@@ -32,6 +36,12 @@ def _layer(module):
     if short in names:
       return rank
   raise AssertionError(f"{module} is in no layer of tests/test_imports.py; add it")
+
+
+def test_every_part_of_the_package_has_a_layer():
+  for path in sorted(PACKAGE.rglob("*.py")):
+    if _module_name(path) != "kd_landmarks":
+      _layer(_module_name(path))
 
 
 def _imports():
@@ -120,3 +130,22 @@ def test_every_import_inside_a_function_says_why():
     if "#" not in context:
       unexplained.append(f"{path.name}:{line}: {lines[line - 1].strip()}")
   assert not unexplained, "\n".join(unexplained)
+
+
+def test_only_cpu_training_reaches_the_cpu_door():
+  wrong = []
+  for importer, name, line, _, path in _imports():
+    imported = _package_module(name) if name.startswith("kd_landmarks") else None
+    if imported and imported.startswith("kd_landmarks.cpu") and not importer.startswith(CPU_DOOR_USERS):
+      wrong.append(f"{path.name}:{line}: {importer} imports {imported}")
+  assert not wrong, "\n".join(wrong)
+
+
+def test_config_parsing_imports_no_jax():
+  # Flag and config errors answer before JAX's import (about 2 s), and config files load anywhere.
+  code = ("import sys; from kd_landmarks import config_lib; import importlib.util, runpy; "
+          "c = runpy.run_path('configs/demo.py')['get_config']('runlocal'); "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'jaxlib')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=PACKAGE.parent).stdout.strip()
+  assert out == "[]", out

@@ -1,10 +1,10 @@
-"""Tests for kd_landmarks.input_pipeline: epochs, resume, multi-process sharding, teacher join, eval mask."""
+"""Tests for kd_landmarks.training.input_pipeline: epochs, resume, multi-process sharding, teacher join, eval mask."""
 import itertools
 
 import numpy as np
 import pytest
 
-from kd_landmarks import input_pipeline
+from kd_landmarks.training import input_pipeline
 
 NUM_LANDMARKS = 5
 

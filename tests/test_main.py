@@ -109,8 +109,8 @@ def test_all_phases_end_to_end_on_a_tiny_synthetic_set(tmp_path):
   assert result.returncode == 0, result.stderr[-4000:]
   import numpy as np
   from kd_landmarks import datasets
-  from kd_landmarks import evaluate
-  from kd_landmarks import checkpoint
+  from kd_landmarks.evaluation import evaluate
+  from kd_landmarks.training import checkpoint
   test_split = datasets.load_split("synthetic", "test", workdir / "data")
   test_gt = np.stack([test_split[i]["landmarks_original"] for i in range(len(test_split))])
   nmes = {}
@@ -165,7 +165,7 @@ def test_all_phases_end_to_end_on_a_tiny_synthetic_set(tmp_path):
 
 def test_corrupt_model_json_of_a_resumed_model_is_one_line(tmp_path):
   # Probe: a corrupt model.json gave a JSONDecodeError naming no file (here through main, on resume).
-  from kd_landmarks import checkpoint
+  from kd_landmarks.training import checkpoint
   import numpy as np
   model_dir = tmp_path / "teacher_tough"
   model_dir.mkdir()

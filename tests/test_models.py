@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_landmarks import model_stats
+from kd_landmarks.evaluation import model_stats
 from kd_landmarks.models import MODEL_NAMES, create_model
-from kd_landmarks import native
+from kd_landmarks.cpu import native
 
 
 def _init(model, images):

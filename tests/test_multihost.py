@@ -53,7 +53,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     np.testing.assert_array_equal(p0[name], p1[name])
     np.testing.assert_allclose(p0[name], one[name], rtol=1e-5, atol=1e-6)
   # And training moved the parameters (the comparison is not between two initialisations).
-  from kd_landmarks import checkpoint
+  from kd_landmarks.training import checkpoint
   assert checkpoint.state_manager(shared_dir).latest_step() == 4
 
 

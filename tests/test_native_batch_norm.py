@@ -1,11 +1,11 @@
-"""The native BatchNorm reductions (kd_landmarks/native/batch_norm_cpu.cc) by value."""
+"""The native BatchNorm reductions (kd_landmarks/cpu/native/batch_norm_cpu.cc) by value."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kd_landmarks.models import layers
-from kd_landmarks import native
+from kd_landmarks.cpu import native
 from conftest import require_native_kernels
 
 # Skipped where the kernels cannot be built, but failed in CI (conftest.require_native_kernels).
@@ -165,7 +165,7 @@ _OTHER_MARCH = """
 import sys
 import jax
 import numpy as np
-from kd_landmarks import native
+from kd_landmarks.cpu import native
 assert native.cxx_flags()[1] == "-march=" + sys.argv[1], native.cxx_flags()
 assert native.available(), native.unavailable_reason()
 inputs = np.load(sys.argv[2])

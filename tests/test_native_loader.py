@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import require_native_kernels
-from kd_landmarks import native
+from kd_landmarks.cpu import native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,9 +121,9 @@ def test_cache_falls_back_when_home_is_not_writable(tmp_path, monkeypatch):
 
 def test_inference_never_compiles_the_kernels(tmp_path, fresh_native, monkeypatch):
   import train_fixtures as fx
-  from kd_landmarks import evaluate
+  from kd_landmarks.evaluation import evaluate
   from kd_landmarks import models
-  from kd_landmarks import predict
+  from kd_landmarks.deploy import predict
 
   def no_compile(compiler, library):
     raise AssertionError(f"inference compiled {library}")
@@ -133,7 +133,7 @@ def test_inference_never_compiles_the_kernels(tmp_path, fresh_native, monkeypatc
   with native.no_build():  # Stands in for a trained model's variables (training would build the kernels).
     variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
   # Loading a trained model traces it for the shapes check (checkpoint.load_inference_variables).
-  from kd_landmarks import checkpoint
+  from kd_landmarks.training import checkpoint
   checkpoint._check_variables_match(module, variables, {"image_size": 16, "num_landmarks": 68,  # pylint: disable=protected-access
                                                         "model": "mobilenet_v2_tiny", "overrides": {}}, "m")
   nme = evaluate.mean_nme(module, variables, source=fx.InMemorySource(4), dataset="synthetic", image_size=16,

@@ -1,4 +1,4 @@
-"""Tests of kd_landmarks.parallel: shard_map steps equal jax.pmap steps on 2 fake CPU devices."""
+"""Tests of kd_landmarks.training.parallel: shard_map steps equal jax.pmap steps on 2 fake CPU devices."""
 import os
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from kd_landmarks import parallel
+from kd_landmarks.training import parallel
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
 

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from kd_landmarks import coords
-from kd_landmarks import detect
-from kd_landmarks import predict
+from kd_landmarks.deploy import detect
+from kd_landmarks.deploy import predict
 from kd_landmarks.datasets import readers
 import predict_fixtures
 
@@ -172,7 +172,7 @@ def test_box_map_json_round_trip_and_default(tmp_path):
 
 def test_fit_box_map_cli_learns_on_the_models_training_split(tmp_path, monkeypatch):
   # The plumbing: dataset and split come from model.json, the map lands in box_map.json, predict uses it.
-  from kd_landmarks import checkpoint
+  from kd_landmarks.training import checkpoint
   from kd_landmarks import datasets
 
   model_dir = str(tmp_path / "student_kd")

@@ -1,4 +1,4 @@
-"""Tests of kd_landmarks.report and kd_landmarks.paper_results.
+"""Tests of kd_landmarks.evaluation.report and kd_landmarks.evaluation.paper_results.
 
 Workdirs are made by hand: a perfect model (NME 0), a uniformly shifted one (every landmark moved by a
 known fraction of the inter-ocular distance, so NME = that fraction, and FR / AUC follow by hand) and a
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kd_landmarks import paper_results
-from kd_landmarks import report
+from kd_landmarks.evaluation import paper_results
+from kd_landmarks.evaluation import report
 from kd_landmarks.datasets import info as dataset_info
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "kd_loss_paper.txt"  # ../shared
@@ -516,8 +516,8 @@ def test_images_come_from_the_prepared_dataset_in_the_workdir(tmp_path):
 
 
 def test_agrees_with_what_the_evaluate_step_writes(tmp_path):
-  """metrics.json as kd_landmarks.evaluate writes it (WFLW subsets by attribute) matches our npz recompute."""
-  evaluate = pytest.importorskip("kd_landmarks.evaluate")
+  """metrics.json as kd_landmarks.evaluation.evaluate writes it (WFLW subsets by attribute) matches our npz recompute."""
+  evaluate = pytest.importorskip("kd_landmarks.evaluation.evaluate")
   rng = np.random.default_rng(3)
   gt = make_faces("wflw", 10)
   pred = gt + rng.normal(scale=6.0, size=gt.shape)
@@ -540,8 +540,8 @@ def test_agrees_with_what_the_evaluate_step_writes(tmp_path):
 def test_wflw_subsets_of_the_report_are_those_of_the_evaluate_step(tmp_path, monkeypatch):
   """Each WFLW attribute subset: the report's recompute from the npz alone, the evaluate step's metrics.json
   and numpy by hand name the same faces and give the same NME, FR and count."""
-  evaluate = pytest.importorskip("kd_landmarks.evaluate")
-  from kd_landmarks import checkpoint
+  evaluate = pytest.importorskip("kd_landmarks.evaluation.evaluate")
+  from kd_landmarks.training import checkpoint
   rng = np.random.default_rng(5)
   n = 16
   gt = make_faces("wflw", n).astype(np.float32)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from kd_landmarks import stats
+from kd_landmarks.evaluation import stats
 
 
 def test_mean_std_by_hand():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import predict_fixtures
-from kd_landmarks import checkpoint
-from kd_landmarks import evaluate
+from kd_landmarks.training import checkpoint
+from kd_landmarks.evaluation import evaluate
 from kd_landmarks import pipeline
 from kd_landmarks.datasets import builder
 from kd_landmarks.datasets import teacher_cache as tc

@@ -14,14 +14,14 @@ litert = pytest.importorskip("ai_edge_litert.interpreter",
                              reason="LiteRT checks need the 'tflite' extra: pip install -e '.[tflite]'")
 
 from kd_landmarks import Predictor  # noqa: E402
-from kd_landmarks import export  # noqa: E402
-from kd_landmarks import export_tflite  # noqa: E402
+from kd_landmarks.deploy import export  # noqa: E402
+from kd_landmarks.deploy import export_tflite  # noqa: E402
 import predict_fixtures  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-  from kd_landmarks import checkpoint
+  from kd_landmarks.training import checkpoint
 
   model_dir = predict_fixtures.write_model_dir(tmp_path_factory.mktemp("run") / "student_kd")
   # ONNX first, then TFLite into the same folder: export.json keeps both.

@@ -1,4 +1,4 @@
-"""Tests of kd_landmarks.train: learning rate, the train step, its batches, fit (resume, NaN)."""
+"""Tests of kd_landmarks.training.train: learning rate, the train step, its batches, fit (resume, NaN)."""
 import json
 import os
 
@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_landmarks import checkpoint
-from kd_landmarks import input_pipeline
-from kd_landmarks import parallel
+from kd_landmarks.training import checkpoint
+from kd_landmarks.training import input_pipeline
+from kd_landmarks.training import parallel
 from kd_landmarks import pipeline
-from kd_landmarks import train
+from kd_landmarks.training import train
 import train_fixtures as fx
 
 

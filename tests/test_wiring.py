@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from kd_landmarks import augment
-from kd_landmarks import backend
-from kd_landmarks import checkpoint
+from kd_landmarks.training import backend
+from kd_landmarks.training import checkpoint
 from kd_landmarks import coords
 from kd_landmarks import losses
 from kd_landmarks import pipeline
-from kd_landmarks import train
+from kd_landmarks.training import train
 from kd_landmarks.datasets import teacher_cache
 import train_fixtures as fx
 from test_main import _config

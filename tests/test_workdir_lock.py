@@ -1,4 +1,4 @@
-"""Tests of kd_landmarks.workdir_lock: one run per workdir (issue 17, item 1)."""
+"""Tests of kd_landmarks.training.workdir_lock: one run per workdir (issue 17, item 1)."""
 import json
 import os
 import socket
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from kd_landmarks import pipeline
-from kd_landmarks import workdir_lock
+from kd_landmarks.training import workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

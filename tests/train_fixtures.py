@@ -9,7 +9,7 @@ import numpy as np
 
 from kd_landmarks import augment
 from kd_landmarks import losses
-from kd_landmarks import train
+from kd_landmarks.training import train
 from kd_landmarks.datasets import flips
 
 NUM_LANDMARKS = 68  # The synthetic (iBUG) layout, so that NME's eye corners exist.
@@ -75,7 +75,7 @@ def make_batch(source, indices, keys=("image", "landmarks", "index")):
 
 def fit_setup(model_dir, *, num_train_steps=6, num_examples=16, batch_size=4, checkpoint_every=2,
               stop_after_steps=None, validate=False, mesh=None, input_cache_bytes=0):
-  from kd_landmarks import evaluate
+  from kd_landmarks.evaluation import evaluate
   source = InMemorySource(num_examples)
   model = TinyModel()
   meta = dict(model="tiny", num_landmarks=NUM_LANDMARKS, image_size=IMAGE_SIZE, dataset="synthetic",

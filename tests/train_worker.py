@@ -33,7 +33,7 @@ def main():
   import jax
   if args.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from kd_landmarks import parallel
+    from kd_landmarks.training import parallel
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   import numpy as np
   if args.mode == "lock":
@@ -41,7 +41,7 @@ def main():
     return
   if args.mode == "fit":
     import train_fixtures as fx
-    from kd_landmarks import train
+    from kd_landmarks.training import train
     for model_dir in args.model_dirs:
       variables = train.fit(fx.fit_setup(model_dir, num_train_steps=args.steps, batch_size=4,
                                          checkpoint_every=args.checkpoint_every))
@@ -60,7 +60,7 @@ def lock_both_ways(out, workdir):
   and a foreign run's lock appears: every process must now stop with process 0's message."""
   import json
   import jax
-  from kd_landmarks import workdir_lock
+  from kd_landmarks.training import workdir_lock
   index, count = jax.process_index(), jax.process_count()
   result = {}
   lock = workdir_lock.acquire(workdir, process_index=index, process_count=count)
@@ -86,7 +86,7 @@ def evaluate_in_memory():
   import jax.numpy as jnp
   import numpy as np
   import train_fixtures as fx
-  from kd_landmarks import evaluate
+  from kd_landmarks.evaluation import evaluate
   model = fx.TinyModel()
   variables = model.init(jax.random.PRNGKey(4), jnp.zeros((1, fx.IMAGE_SIZE, fx.IMAGE_SIZE, 3)))
   variables = {"params": variables["params"],
@@ -107,8 +107,8 @@ def pmap_vs_shard_map():
   import jax.numpy as jnp
   import numpy as np
   import train_fixtures as fx
-  from kd_landmarks import parallel
-  from kd_landmarks import train
+  from kd_landmarks.training import parallel
+  from kd_landmarks.training import train
   devices = jax.device_count()
   source = fx.InMemorySource(16)
   spec = fx.make_spec()
@@ -147,8 +147,8 @@ def _single_device_reference(spec, state, batch, rng):
   test can check the two-device runs really differ from it, i.e. that the device axis was used."""
   import jax
   import jax.numpy as jnp
-  from kd_landmarks import parallel
-  from kd_landmarks import train
+  from kd_landmarks.training import parallel
+  from kd_landmarks.training import train
   mesh = parallel.make_mesh(jax.devices()[:1])
   compiled = train.compile_train_step(spec, mesh)
   single = jax.tree.map(jnp.copy, state)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from kd_landmarks.models import depthwise
 from kd_landmarks.models import layers
-from kd_landmarks.models.depthwise import DEPTHWISE_IMPLS, depthwise_conv
+from kd_landmarks.models.layers import PORTABLE, Kernels
 from kd_landmarks.models.efficientnet import VARIANTS as _EFFICIENTNET_VARIANTS
 from kd_landmarks.models.efficientnet import EfficientNet
 from kd_landmarks.models.mobilenet_v2 import MobileNetV2
@@ -41,8 +40,11 @@ _REGISTRY = {
 MODEL_NAMES = tuple(_REGISTRY)
 
 
-def create_model(name: str, *, num_landmarks: int, **overrides):
+def create_model(name: str, *, num_landmarks: int, kernels: Kernels = PORTABLE, **overrides):
   """Builds the module called ``name`` (see :data:`MODEL_NAMES`) with ``overrides`` of its fields.
+
+  ``kernels`` (:class:`layers.Kernels`) computes the layers; it changes neither parameters nor mathematics, so
+  variables trained with one set are evaluated and exported with another.
 
   Raises ValueError naming the known models (unknown ``name``) or the module's fields (unknown
   override), so that a config typo says what to write instead.
@@ -53,18 +55,11 @@ def create_model(name: str, *, num_landmarks: int, **overrides):
     raise ValueError(f"unknown model: {name!r}; choose from {list(MODEL_NAMES)}") from None
   if not isinstance(num_landmarks, int) or num_landmarks <= 0:
     raise ValueError(f"num_landmarks must be a positive int, got {num_landmarks!r}")
-  fields = {f.name for f in dataclasses.fields(module_class)} - {"parent", "name", "num_landmarks"}
+  fields = {f.name for f in dataclasses.fields(module_class)} - {"parent", "name", "num_landmarks", "kernels"}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(f"unknown override(s) {unknown} for model {name!r}; its fields are {sorted(fields)}")
-  if "depthwise_impl" in overrides:
-    depthwise.resolve_impl(overrides["depthwise_impl"])  # Fails early with the list of choices.
-  if "pointwise_impl" in overrides:
-    layers.resolve_pointwise_impl(overrides["pointwise_impl"])
-  if "norm_impl" in overrides:
-    layers.resolve_norm_impl(overrides["norm_impl"])
-  return module_class(num_landmarks=num_landmarks, **{**defaults, **overrides})
+  return module_class(num_landmarks=num_landmarks, kernels=kernels, **{**defaults, **overrides})
 
 
-__all__ = ["create_model", "MODEL_NAMES", "DEPTHWISE_IMPLS", "depthwise_conv", "MobileNetV2",
-           "EfficientNet"]
+__all__ = ["create_model", "MODEL_NAMES", "Kernels", "PORTABLE", "MobileNetV2", "EfficientNet"]

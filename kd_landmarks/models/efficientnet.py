@@ -67,22 +67,21 @@ class MBConv(nn.Module):
   expansion: int
   se_ratio: float
   drop_rate: float
-  depthwise_impl: str
-  pointwise_impl: str
+  kernels: layers.Kernels
   norm: Any
   dtype: Any
   param_dtype: Any
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    conv = functools.partial(layers.PointwiseConv, impl=self.pointwise_impl, dtype=self.dtype,
+    conv = functools.partial(layers.PointwiseConv, kernels=self.kernels, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     in_channels = x.shape[-1]
     y = x
     if self.expansion != 1:
       y = conv(in_channels * self.expansion, use_bias=False, name="expand")(y)
       y = self.norm(activation="swish", name="expand_bn")(y)
-    y = layers.DepthwiseConv(self.kernel_size, self.strides, self.depthwise_impl, self.dtype,
+    y = layers.DepthwiseConv(self.kernel_size, self.strides, self.kernels, self.dtype,
                              self.param_dtype, name="depthwise")(y)
     y = self.norm(activation="swish", name="depthwise_bn")(y)
     if self.se_ratio:
@@ -116,7 +115,7 @@ class EfficientNet(nn.Module):
     dropout_rate: dropout before the head.
     stochastic_depth_rate: drop probability of the last block's residual branch, linearly growing
       from 0 over the blocks (Keras' ``drop_connect_rate``).
-    depthwise_impl, pointwise_impl, norm_impl, dtype, param_dtype, bn_momentum, bn_epsilon: as in MobileNetV2.
+    kernels, dtype, param_dtype, bn_momentum, bn_epsilon: as in MobileNetV2.
   """
   num_landmarks: int
   width_coefficient: float = 1.0
@@ -126,9 +125,7 @@ class EfficientNet(nn.Module):
   top_channels: int = 1280
   dropout_rate: float = 0.2
   stochastic_depth_rate: float = 0.2
-  depthwise_impl: str = "auto"
-  pointwise_impl: str = "auto"
-  norm_impl: str = "auto"
+  kernels: layers.Kernels = layers.PORTABLE
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   bn_momentum: float = 0.99
@@ -139,7 +136,7 @@ class EfficientNet(nn.Module):
     width = self.width_coefficient * self.width_multiplier
     depth = self.depth_coefficient * self.depth_multiplier
     norm = layers.batch_norm(train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype, param_dtype=self.param_dtype, impl=self.norm_impl)
+                             dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
     x = layers.normalize_images(images, self.dtype)
     x = nn.Conv(round_filters(32, width), (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
                 dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=layers.conv_init,
@@ -151,11 +148,10 @@ class EfficientNet(nn.Module):
       out_channels = round_filters(stage.out_channels, width)
       for repeat in range(max(1, round_repeats(stage.repeats, depth))):
         x = MBConv(out_channels, stage.kernel_size, stage.strides if repeat == 0 else 1, stage.expansion,
-                   stage.se_ratio, self.stochastic_depth_rate * block / total_blocks, self.depthwise_impl,
-                   self.pointwise_impl, norm, self.dtype, self.param_dtype,
+                   stage.se_ratio, self.stochastic_depth_rate * block / total_blocks, self.kernels, norm, self.dtype, self.param_dtype,
                    name=f"block{block}")(x, train=train)
         block += 1
-    x = layers.PointwiseConv(round_filters(self.top_channels, width), impl=self.pointwise_impl,
+    x = layers.PointwiseConv(round_filters(self.top_channels, width), kernels=self.kernels,
                              dtype=self.dtype, param_dtype=self.param_dtype, name="top")(x)
     x = norm(activation="swish", name="top_bn")(x)
     return layers.RegressionHead(self.num_landmarks, self.dropout_rate, self.param_dtype,

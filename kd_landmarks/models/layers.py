@@ -6,8 +6,8 @@ variance live in the ``batch_stats`` collection and are not counted as parameter
 """
 from __future__ import annotations
 
-import functools
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -15,7 +15,6 @@ from jax import lax
 import jax.numpy as jnp
 
 from kd_landmarks.models import depthwise
-from kd_landmarks import native
 
 # ImageNet statistics of RGB in [0, 1]: the model normalises inside so that an exported model
 # takes plain RGB (docs/contracts.md).
@@ -46,47 +45,49 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
   return new_value
 
 
-POINTWISE_IMPLS = ("auto", "conv", "dot")
+def pointwise_conv(x, kernel):
+  """1x1 convolution of NHWC ``x`` with ``kernel`` ``[1, 1, Cin, Cout]`` (the portable form: exporters map it
+  to a Conv, which ONNX Runtime fuses with the BatchNorm and activation after it)."""
+  return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def resolve_pointwise_impl(impl: str) -> str:
-  """Maps ``'auto'`` to ``'dot'`` on CPU and ``'conv'`` elsewhere (see :class:`PointwiseConv`)."""
-  if impl not in POINTWISE_IMPLS:
-    raise ValueError(f"unknown pointwise_impl: {impl!r}; choose from {list(POINTWISE_IMPLS)}")
-  if impl != "auto":
-    return impl
-  return "dot" if jax.default_backend() == "cpu" else "conv"
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+  """The compute primitives the models' layers call, swappable without changing parameters or mathematics.
+
+  The default, :data:`PORTABLE`, is plain JAX that every backend and exporter handles; ``kd_landmarks/cpu``
+  builds the set CPU training uses (the same functions computed faster on XLA's CPU backend). Frozen and
+  compared by identity, so a module holding one is hashable.
+
+  Fields:
+    depthwise_conv: ``(x [B, H, W, C], kernel [k, k, 1, C], *, strides) -> y``, SAME padding
+      (:func:`kd_landmarks.models.depthwise.depthwise_conv`).
+    pointwise_conv: ``(x [B, H, W, Cin], kernel [1, 1, Cin, Cout]) -> y`` (:func:`pointwise_conv`).
+    batch_norm_train: ``(x, scale, bias, epsilon, activation) -> (y float32, batch mean, biased batch
+      variance)``, the training-mode BatchNorm then ``activation`` over all axes but the last, with the
+      variance as ``E[x^2] - E[x]^2`` clipped at 0 (as ``flax.linen.BatchNorm``); None: flax's BatchNorm.
+  """
+  depthwise_conv: Callable = depthwise.depthwise_conv
+  pointwise_conv: Callable = pointwise_conv
+  batch_norm_train: Callable | None = None
+
+
+PORTABLE = Kernels()
 
 
 class PointwiseConv(nn.Module):
-  """1x1 convolution with the parameter layout of ``nn.Conv`` (kernel ``[1, 1, Cin, Cout]``).
-
-  ``impl='dot'`` runs it as a matrix product over the channel axis: the same arithmetic, but XLA's
-  CPU backend computes the gradient of a 1x1 ``lax.conv`` about 4x slower than the gradient of a dot
-  (65 vs 15 ms for [8, 56, 56, 144] -> 24 on one core). ``'conv'`` keeps a convolution, which
-  accelerators prefer and which exporters map to a native Conv (ONNX Runtime then fuses it with its
-  BatchNorm and activation; a dot exports as Einsum between layout transposes). ``'auto'``: 'dot' on
-  CPU, 'conv' elsewhere.
-  """
+  """1x1 convolution with the parameter layout of ``nn.Conv`` (kernel ``[1, 1, Cin, Cout]``), computed by
+  ``kernels.pointwise_conv``."""
   features: int
   use_bias: bool = False
-  impl: str = "auto"
+  kernels: Kernels = PORTABLE
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
-    x = x.astype(self.dtype)
-    kernel = kernel.astype(self.dtype)
-    if resolve_pointwise_impl(self.impl) == "dot":
-      # As a 2-D [B*H*W, Cin] x [Cin, Cout] product: the weight gradient is then a 2-D dot contracting
-      # dimension 0 of both operands, which XLA's CPU backend runs in place. Contracting (B, H, W) of
-      # 4-D operands instead, it recomputes the BatchNorm backward into a transposed [Cout, B*H*W] copy
-      # (block1's expand layer: 123 ms of a 1.3 s train step at batch 8).
-      y = lax.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0]).reshape(x.shape[:-1] + (self.features,))
-    else:
-      y = lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = self.kernels.pointwise_conv(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
@@ -96,12 +97,13 @@ class PointwiseConv(nn.Module):
 ACTIVATIONS = (None, "relu6", "swish")
 
 
-def _check_activation(activation):
+def check_activation(activation):
   if activation not in ACTIVATIONS:
     raise ValueError(f"unknown activation {activation!r}; choose from {ACTIVATIONS}")
 
 
-def _activation(z, activation):
+def activation_fn(z, activation):
+  """``activation`` (one of :data:`ACTIVATIONS`) applied to ``z``."""
   if activation == "relu6":
     return jnp.minimum(jnp.maximum(z, 0.0), 6.0)
   if activation == "swish":
@@ -109,167 +111,59 @@ def _activation(z, activation):
   return z
 
 
-def _activation_derivative(z, activation):
-  if activation == "relu6":  # 0 at the kinks, as jax.nn.relu6's custom JVP.
-    return ((z > 0.0) & (z < 6.0)).astype(z.dtype)
-  if activation == "swish":
-    sigmoid = jax.nn.sigmoid(z)
-    return sigmoid * (1.0 + z * (1.0 - sigmoid))
-  return jnp.ones_like(z)
-
-
-NORM_IMPLS = ("auto", "xla", "native")
-# benchmarks/models.py, student train step at batch 8 on one core (tcmalloc, A/B in one process), Intel Xeon
-# with AVX-512: 'native' 0.477 -> 0.420 s. XLA's CPU backend materialises dz and xhat and reduces each in its
-# own pass; the native kernels make one pass per reduction (kd_landmarks/native/batch_norm_cpu.cc).
-# On an AMD EPYC (AVX2 only) the same benchmark measured 'native' 27% slower than 'xla' (issue 14): there
-# -march=native means znver2/3 tuning, under which GCC 12 compiled the kernels' unaligned vector loads through
-# the stack, 20x slower (native/common.h has the fix and the measurement); built that way on this Xeon, fixed,
-# 'native' is again 16% faster on the student's step (313 vs 374 ms). Training runs measure instead of trusting
-# this rule (kd_landmarks/models/autotune.py).
-CPU_DEFAULT_NORM_IMPL = "native"
-
-
-def resolve_norm_impl(impl: str) -> str:
-  """Maps ``'auto'`` to ``'native'`` on CPU where the native kernels build, else ``'xla'``."""
-  if impl not in NORM_IMPLS:
-    raise ValueError(f"unknown norm_impl: {impl!r}; choose from {list(NORM_IMPLS)}")
-  if impl == "native":
-    native.require_requested("norm_impl='native'", off_cpu="'auto' or 'xla'", fallback="norm_impl='xla'")
-  if impl != "auto":
-    return impl
-  if jax.default_backend() != "cpu":
-    return "xla"
-  return CPU_DEFAULT_NORM_IMPL if native.available() else "xla"
-
-
-def batch_norm_act_train(x, scale, bias, epsilon: float, activation, impl: str = "auto"):
-  """Training-mode BatchNorm then ``activation``, over all axes but the last (NHWC).
-
-  Returns ``(y, mean, var)``: ``y = act(scale * (x - mean) / sqrt(var + epsilon) + bias)`` in float32 with
-  the batch's mean and biased variance, computed as ``flax.linen.BatchNorm`` does (float32,
-  ``E[x^2] - E[x]^2`` clipped at 0). The backward pass is the closed form (Ioffe & Szegedy 2015,
-  Section 3): with ``dz = dy * act'(z)`` and ``xhat = (x - mean) / sqrt(var + eps)``,
-  ``dx = scale / sqrt(var + eps) * (dz - mean(dz) - xhat * mean(dz * xhat))``: two reductions and one
-  elementwise pass. JAX's autodiff of the same forward keeps more intermediates and, on XLA's CPU
-  backend, makes several more passes over each activation.
-
-  ``impl`` (:data:`NORM_IMPLS`): ``'native'`` computes the moments and the two backward reductions
-  with the C++ kernels of :mod:`kd_landmarks.native`, one pass each with float64 totals
-  (float32 ``x`` only; other dtypes keep XLA's reductions); ``'xla'`` with XLA's reductions.
-  """
-  _check_activation(activation)
-  return _batch_norm_act_train(x, scale, bias, epsilon, activation, resolve_norm_impl(impl))
-
-
-def _uses_native(x, impl):
-  # impl comes from resolve_norm_impl, which checked that the kernels are usable.
-  return impl == "native" and x.dtype == jnp.float32
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _batch_norm_act_train(x, scale, bias, epsilon, activation, impl):
-  return _batch_norm_act_forward(x, scale, bias, epsilon, activation, impl)[0]
-
-
-def _batch_norm_act_forward(x, scale, bias, epsilon, activation, impl):
-  axes = tuple(range(x.ndim - 1))
-  x32 = x.astype(jnp.float32)
-  if _uses_native(x, impl):
-    mean, raw_var = native.batch_norm_moments(x32)
-  else:
-    mean = jnp.mean(x32, axes)
-    mean_sq = jnp.mean(jnp.square(x32), axes)
-    raw_var = mean_sq - jnp.square(mean)
-  var = jnp.maximum(0.0, raw_var)
-  inv = lax.rsqrt(var + epsilon)
-  z = (x32 - mean) * (inv * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
-  return (_activation(z, activation), mean, var), (x, mean, inv, raw_var > 0.0, scale, bias)
-
-
-def _batch_norm_act_bwd(epsilon, activation, impl, residuals, cotangents):
-  del epsilon
-  x, mean, inv, var_positive, scale, bias = residuals
-  grad_y, grad_mean, grad_var = cotangents
-  axes = tuple(range(x.ndim - 1))
-  count = x.size // x.shape[-1]
-  scale32 = scale.astype(jnp.float32)
-  centred = x.astype(jnp.float32) - mean
-  xhat = centred * inv
-  z = xhat * scale32 + bias.astype(jnp.float32)
-  grad_z = grad_y.astype(jnp.float32) * _activation_derivative(z, activation)
-  if (_uses_native(x, impl) and grad_y.dtype == jnp.float32
-      and activation in native.GRAD_SUMS_ACTIVATIONS):
-    sum_grad_z, sum_grad_z_xhat = native.batch_norm_grad_sums(
-        grad_y, x, mean=mean, inv=inv, scale=scale32, bias=bias.astype(jnp.float32), activation=activation)
-  else:
-    sum_grad_z = jnp.sum(grad_z, axes)
-    sum_grad_z_xhat = jnp.sum(grad_z * xhat, axes)
-  # Through the variance (E[x^2] - E[x]^2, zero where it was clipped) and through the mean.
-  # sum(dxhat * (x - mean)) * d(inv)/d(var), with dxhat = dz * scale and (x - mean) = xhat / inv.
-  grad_var_total = jnp.where(var_positive, -0.5 * inv ** 2 * scale32 * sum_grad_z_xhat + grad_var, 0.0)
-  grad_mean_total = -inv * scale32 * sum_grad_z + grad_mean
-  grad_x = (grad_z * (inv * scale32) + grad_mean_total / count + centred * (2.0 * grad_var_total / count))
-  return (grad_x.astype(x.dtype), sum_grad_z_xhat.astype(scale.dtype), sum_grad_z.astype(bias.dtype))
-
-
-_batch_norm_act_train.defvjp(_batch_norm_act_forward, _batch_norm_act_bwd)
-
-
 class BatchNormAct(nn.Module):
-  """Training-mode ``flax.linen.BatchNorm`` followed by an activation (None, 'relu6', 'swish').
+  """Training-mode BatchNorm through ``batch_norm_train`` (a :class:`Kernels` field), then the activation.
 
-  The same variables (params ``scale``, ``bias``; batch_stats ``mean``, ``var``, float32), the same
-  running-average update and the same values as ``act(nn.BatchNorm(use_running_average=False)(x))``;
-  the gradient comes from :func:`batch_norm_act_train`'s closed form. Output in ``dtype``.
-  Evaluation uses flax's own BatchNorm (see :func:`batch_norm`). ``impl``: see :data:`NORM_IMPLS`.
+  The variables of ``flax.linen.BatchNorm`` under the same names (params ``scale``, ``bias``; batch_stats
+  ``mean``, ``var``, float32) and its running-average update, so that evaluation reads them with flax's own
+  module. Output in ``dtype``.
   """
+  batch_norm_train: Callable
   activation: str | None = None
   momentum: float = 0.99
   epsilon: float = 1e-3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
-    _check_activation(self.activation)
     features = (x.shape[-1],)
     scale = self.param("scale", nn.initializers.ones, features, self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype)
     running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
     running_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
-    y, mean, var = batch_norm_act_train(x, scale, bias, self.epsilon, self.activation, self.impl)
+    y, mean, var = self.batch_norm_train(x, scale, bias, self.epsilon, self.activation)
     if not self.is_initializing():
       running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
       running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
     return y.astype(self.dtype)
 
 
-def batch_norm(*, train: bool, momentum: float, epsilon: float, dtype, param_dtype, impl: str = "auto"):
+def batch_norm(*, train: bool, momentum: float, epsilon: float, dtype, param_dtype, kernels: Kernels = PORTABLE):
   """The models' BatchNorm + activation: ``norm(activation=..., name=...)(x)``.
 
-  Training: :class:`BatchNormAct` (closed-form backward; ``impl`` as there). Evaluation: ``flax.linen.BatchNorm`` with the
-  running statistics, then the activation; the same variables under the same name, and the module
-  exporters recognise (jax2onnx emits an ONNX BatchNormalization, which ONNX Runtime folds into the
-  preceding Conv).
+  ``flax.linen.BatchNorm`` (batch statistics in training, the running ones in evaluation), then the
+  activation: the module exporters recognise (jax2onnx emits an ONNX BatchNormalization, which ONNX Runtime
+  folds into the preceding Conv). In training, where ``kernels.batch_norm_train`` is set, that function
+  computes it instead (:class:`BatchNormAct`, same variables and values).
   """
   def norm(activation=None, name=None):
-    if train:
-      return BatchNormAct(activation, momentum, epsilon, dtype, param_dtype, impl, name=name)
-    _check_activation(activation)
-    module = nn.BatchNorm(use_running_average=True, momentum=momentum, epsilon=epsilon, dtype=dtype,
+    check_activation(activation)
+    if train and kernels.batch_norm_train is not None:
+      return BatchNormAct(kernels.batch_norm_train, activation, momentum, epsilon, dtype, param_dtype, name=name)
+    module = nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype,
                           param_dtype=param_dtype, name=name)
-    return lambda x: _activation(module(x), activation)
+    return lambda x: activation_fn(module(x), activation)
 
   return norm
 
 
 class DepthwiseConv(nn.Module):
-  """k x k depthwise convolution, SAME padding, no bias; kernel ``[k, k, 1, C]`` (as ``nn.Conv``)."""
+  """k x k depthwise convolution, SAME padding, no bias; kernel ``[k, k, 1, C]`` (as ``nn.Conv``), computed by
+  ``kernels.depthwise_conv``."""
   kernel_size: int
   strides: int = 1
-  impl: str = "auto"
+  kernels: Kernels = PORTABLE
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -277,7 +171,7 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", depthwise_init,
                         (self.kernel_size, self.kernel_size, 1, x.shape[-1]), self.param_dtype)
-    return depthwise.depthwise_conv(x.astype(self.dtype), kernel, strides=self.strides, impl=self.impl)
+    return self.kernels.depthwise_conv(x.astype(self.dtype), kernel, strides=self.strides)
 
 
 class RegressionHead(nn.Module):

@@ -32,22 +32,21 @@ class InvertedResidual(nn.Module):
   out_channels: int
   expansion: int
   strides: int
-  depthwise_impl: str
-  pointwise_impl: str
+  kernels: layers.Kernels
   norm: Any
   dtype: Any
   param_dtype: Any
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(layers.PointwiseConv, use_bias=False, impl=self.pointwise_impl,
+    conv = functools.partial(layers.PointwiseConv, use_bias=False, kernels=self.kernels,
                              dtype=self.dtype, param_dtype=self.param_dtype)
     in_channels = x.shape[-1]
     y = x
     if self.expansion != 1:
       y = conv(in_channels * self.expansion, name="expand")(y)
       y = self.norm(activation="relu6", name="expand_bn")(y)
-    y = layers.DepthwiseConv(3, self.strides, self.depthwise_impl, self.dtype, self.param_dtype,
+    y = layers.DepthwiseConv(3, self.strides, self.kernels, self.dtype, self.param_dtype,
                              name="depthwise")(y)
     y = self.norm(activation="relu6", name="depthwise_bn")(y)
     y = conv(self.out_channels, name="project")(y)
@@ -67,9 +66,8 @@ class MobileNetV2(nn.Module):
       smaller values make the tiny test variants with the same code.
     last_channels: channels of the final 1x1 conv (None: 1280, scaled when alpha > 1 as Keras does).
     dropout_rate: dropout before the head.
-    depthwise_impl: see :mod:`kd_landmarks.models.depthwise`.
-    pointwise_impl: 1x1 convolutions as 'conv', 'dot' or 'auto' (:class:`layers.PointwiseConv`).
-    norm_impl: training BatchNorm's reductions as 'xla', 'native' or 'auto' (:func:`layers.batch_norm_act_train`).
+    kernels: the compute primitives of the layers (:class:`layers.Kernels`; the default is portable JAX, CPU
+      training passes faster ones with the same parameters and mathematics).
     dtype: compute dtype (e.g. bfloat16); parameters stay ``param_dtype``.
     bn_momentum, bn_epsilon: BatchNorm moving-average momentum and epsilon (Keras: epsilon 1e-3).
   """
@@ -78,9 +76,7 @@ class MobileNetV2(nn.Module):
   depth_multiplier: float = 1.0
   last_channels: int | None = None
   dropout_rate: float = 0.0
-  depthwise_impl: str = "auto"
-  pointwise_impl: str = "auto"
-  norm_impl: str = "auto"
+  kernels: layers.Kernels = layers.PORTABLE
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   bn_momentum: float = 0.99
@@ -89,7 +85,7 @@ class MobileNetV2(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     norm = layers.batch_norm(train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype, param_dtype=self.param_dtype, impl=self.norm_impl)
+                             dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
     x = layers.normalize_images(images, self.dtype)
     x = nn.Conv(layers.make_divisible(32 * self.width_multiplier), (3, 3), strides=(2, 2), padding="SAME",
                 use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -100,7 +96,7 @@ class MobileNetV2(nn.Module):
       out_channels = layers.make_divisible(channels * self.width_multiplier)
       for repeat in range(max(1, math.ceil(repeats * self.depth_multiplier))):
         x = InvertedResidual(out_channels, expansion, first_stride if repeat == 0 else 1,
-                             self.depthwise_impl, self.pointwise_impl, norm, self.dtype, self.param_dtype,
+                             self.kernels, norm, self.dtype, self.param_dtype,
                              name=f"block{block}")(x)
         block += 1
     if self.last_channels is not None:
@@ -109,7 +105,7 @@ class MobileNetV2(nn.Module):
       last_channels = layers.make_divisible(1280 * self.width_multiplier)
     else:
       last_channels = 1280
-    x = layers.PointwiseConv(last_channels, impl=self.pointwise_impl, dtype=self.dtype, param_dtype=self.param_dtype, name="top")(x)
+    x = layers.PointwiseConv(last_channels, kernels=self.kernels, dtype=self.dtype, param_dtype=self.param_dtype, name="top")(x)
     x = norm(activation="relu6", name="top_bn")(x)
     return layers.RegressionHead(self.num_landmarks, self.dropout_rate, self.param_dtype,
                                  name="head")(x, train=train)

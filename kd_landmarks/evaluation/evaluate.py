@@ -22,14 +22,13 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from kd_landmarks import augment
-from kd_landmarks import checkpoint
+from kd_landmarks.training import checkpoint
 from kd_landmarks import coords
-from kd_landmarks import input_pipeline
+from kd_landmarks.training import input_pipeline
 from kd_landmarks import metrics
-from kd_landmarks import parallel
+from kd_landmarks.training import parallel
 from kd_landmarks.datasets import info
 from kd_landmarks.datasets.info import INTER_PUPIL_DATASETS, WFLW_ATTRIBUTE_SPLITS
-from kd_landmarks import native
 from kd_landmarks.metrics import FAILURE_THRESHOLD
 
 EVAL_DIR = "eval"
@@ -66,7 +65,6 @@ _GATHERED_DTYPES = {"mask": bool, "landmarks_original": np.float32, "crop_to_ori
                     "attributes": np.int32, "occluded": np.int32, "index": np.int64}
 
 
-@native.no_build()  # Inference: the native CPU kernels only serve training; never compile them here.
 def predict_source(module, variables, source, *, image_size: int, batch_size: int, mesh=None,
                    desc: str = "predict") -> dict:
   """Runs the model over a whole data source; returns numpy arrays for every example in order:

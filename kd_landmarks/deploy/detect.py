@@ -185,7 +185,7 @@ class BoxMap:
                                     for v in record.get("residual_std", [None] * 3)))
     except (KeyError, TypeError, ValueError) as error:
       raise ValueError(f"{where}: malformed box map {record!r} ({error}); rerun "
-                       "`python -m kd_landmarks.predict fit-box-map`") from None
+                       "`python -m kd_landmarks.deploy.predict fit-box-map`") from None
 
 
 # Fallbacks when no map was fitted for a model. Measured on the one real annotated fixture
@@ -299,7 +299,7 @@ def load_box_map(model_dir: str | None, detector_name: str) -> BoxMap:
         return BoxMap.from_json(maps[detector_name], f"{path}[{detector_name!r}]")
   if detector_name not in DEFAULT_BOX_MAPS:
     raise ValueError(f"no box map for detector {detector_name!r} in {model_dir} and no default; run "
-                     "`python -m kd_landmarks.predict fit-box-map`")
+                     "`python -m kd_landmarks.deploy.predict fit-box-map`")
   return DEFAULT_BOX_MAPS[detector_name]
 
 

@@ -1,4 +1,4 @@
-"""MODEL_CARD.md: what ships with every export, written by ``kd_landmarks.export`` next to the files.
+"""MODEL_CARD.md: what ships with every export, written by ``kd_landmarks.deploy.export`` next to the files.
 
 From what the run left behind: ``model.json`` (model, dataset, training config), ``eval/metrics.json``
 (the run's evaluation), ``box_map.json`` (how detector boxes become crops) and the export report (files,
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from kd_landmarks import evaluate
+from kd_landmarks.evaluation import evaluate
 
 MODEL_CARD = "MODEL_CARD.md"
 
@@ -63,7 +63,7 @@ def read_metrics(model_dir: str | None) -> dict | None:
 def render(meta: dict, report: dict, *, metrics: dict | None, box_map=None, detector: str = "dlib_hog",
            box_scale: float = 1.05) -> str:
   """The card's Markdown. ``report``: export.json's content (files under ``float32``, ``int8``,
-  ``tflite_float32``, ``tflite_int8``); ``box_map``: the :class:`kd_landmarks.detect.BoxMap` shipped."""
+  ``tflite_float32``, ``tflite_int8``); ``box_map``: the :class:`kd_landmarks.deploy.detect.BoxMap` shipped."""
   model, dataset = meta.get("model"), meta.get("dataset")
   size, count = int(meta["image_size"]), int(meta["num_landmarks"])
   lines = [f"# Model card: {model} ({count} landmarks, {dataset})", "",
@@ -85,13 +85,13 @@ def render(meta: dict, report: dict, *, metrics: dict | None, box_map=None, dete
             "ONNX files take any batch B; TFLite files take B = 1 (one face per invoke).",
             f"* The crop: a face box (x0, y0, x1, y1) from the detector `{detector}` -> the landmark box "
             f"(cx, cy, side) by the box map -> that square scaled by {box_scale} -> resized to {size} px "
-            "(`kd_landmarks.predict.crop_for_landmark_box`; what evaluation feeds the model).",
+            "(`kd_landmarks.deploy.predict.crop_for_landmark_box`; what evaluation feeds the model).",
             f"* Box map ({detector}): " + (
                 f"offset ({box_map.offset_x:.4f}, {box_map.offset_y:.4f}) x width, side "
                 f"{box_map.side_scale:.4f} x width; {box_map.source}" if box_map is not None else "none") + ".",
             f"* Output `landmarks`: float32 `[B, {count}, 2]` (x, y) in normalised crop coordinates; crop "
             f"pixels are `(n + 0.5) * {size} - 0.5`, and the crop's affine maps them back to the photo "
-            "(`kd_landmarks.predict.landmarks_to_image`). Pixel centres are on integers, 0-based.", "",
+            "(`kd_landmarks.deploy.predict.landmarks_to_image`). Pixel centres are on integers, 0-based.", "",
             "## Evaluation", ""]
   if metrics:
     lines += ["From the run's `eval/metrics.json` (inter-ocular NME; FR and AUC at NME 0.1):", "",

@@ -7,8 +7,8 @@ explicit dtype; ``config.prefetch`` ``-1`` (auto: 2 host batches ahead on CPU, 4
 ``configs/300w.py:platform=gpu`` and ``--config.platform=gpu`` give the same run (the config file only records
 the request). Asking for ``gpu``/``tpu`` where JAX has no such backend stops at once, naming the extra to
 install. ``cpu`` restricts JAX to its CPU backend (``jax_platforms``) before any device is used, so that on a
-GPU host the arrays, the mesh and the models' ``'auto'`` kernel choices (``depthwise_impl``, ``pointwise_impl``,
-``norm_impl``, which read ``jax.default_backend()``) all agree on the CPU.
+GPU host the arrays, the mesh and the choice of the CPU training kernels (``config.cpu_kernels``, which reads
+``jax.default_backend()``) all agree on the CPU.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import ml_collections
 from jax._src import xla_bridge  # Private, but JAX has no public "are backends initialised" query.
 
 from kd_landmarks import config_lib
-from kd_landmarks.models import autotune
 
 # What to install for a backend JAX lacks (setup.py's extras; README "Installing for a GPU or a TPU").
 INSTALL_HINTS = {
@@ -102,16 +101,9 @@ def describe() -> str:
           f"{jax.local_device_count()} local)")
 
 
-def auto_kernels() -> dict:
-  """What the models' 'auto' implementations resolve to by rule on the current default backend (training
-  runs on CPU measure instead: kd_landmarks/models/autotune.py)."""
-  return autotune.rule_choice()
-
-
 def log_resolved(config: ml_collections.ConfigDict) -> str:
-  """Logs (and returns) the resolved platform, devices, dtype, prefetch and 'auto' kernels."""
-  kernels = ", ".join(f"{name}={impl}" for name, impl in auto_kernels().items())
-  line = f"platform {describe()}; dtype {config.dtype}, prefetch {config.prefetch}; 'auto' kernels: {kernels}"
+  """Logs (and returns) the resolved platform, devices, dtype and prefetch."""
+  line = f"platform {describe()}; dtype {config.dtype}, prefetch {config.prefetch}"
   logging.info("%s", line)
   return line
 

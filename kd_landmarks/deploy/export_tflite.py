@@ -1,6 +1,6 @@
 """TFLite/LiteRT export of a trained student (paper Section 4.6, Table 6: the student on phones).
 
-Route: the serving function of :mod:`kd_landmarks.export` (uint8 crop -> normalised landmarks, the same
+Route: the serving function of :mod:`kd_landmarks.deploy.export` (uint8 crop -> normalised landmarks, the same
 function the ONNX export traces) -> ``jax2tf.convert`` -> ``tf.lite.TFLiteConverter``. TensorFlow is needed
 only here (extra ``tflite``: ``pip install 'kd_landmarks[tflite]'``); nothing else in kd_landmarks imports it.
 
@@ -15,7 +15,7 @@ only here (extra ``tflite``: ``pip install 'kd_landmarks[tflite]'``); nothing el
 Batch 1, not a dynamic batch: a batch-polymorphic graph keeps SHAPE/GATHER/BROADCAST_TO ops and an
 unfused ReLU6 (MAXIMUM/MINIMUM), which LiteRT's XNNPACK delegate does not take, and ran 30x slower (full
 MobileNetV2 at 224 px, one thread of the 2-core dev VM under load: 1067 ms against 36 ms per face). A phone
-runs one face per invoke; :class:`kd_landmarks.runtimes.LiteRtRunner` loops over the faces of a call.
+runs one face per invoke; :class:`kd_landmarks.deploy.runtimes.LiteRtRunner` loops over the faces of a call.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import time
 import jax
 import numpy as np
 
-from kd_landmarks import runtimes
-from kd_landmarks import serving
+from kd_landmarks.deploy import runtimes
+from kd_landmarks.deploy import serving
 
 # Batch of both files: what a phone runs (one face per invoke); static shapes let XNNPACK take every op.
 BATCH = 1

@@ -1,6 +1,6 @@
 """Model size and cost, in the style of the paper's Table 5 (params, FLOPs) and Table 6 (size in MB).
 
-    python -m kd_landmarks.model_stats [--num_landmarks 68] [--image_size 224] [--models mobilenet_v2,...]
+    python -m kd_landmarks.evaluation.model_stats [--num_landmarks 68] [--image_size 224] [--models mobilenet_v2,...]
 
 Conventions (stated because frameworks differ):
   * Params are the trainable parameters (the ``params`` collection): convolution kernels, biases and
@@ -48,7 +48,7 @@ def forward_flops(model, variables, image_size: int) -> float:
 
 def model_stats(name: str, *, num_landmarks: int = 68, image_size: int = 224) -> dict:
   """Params (total, backbone, head), BatchNorm statistics, GFLOPs, GMACs, MB at float32/float16."""
-  model = models.create_model(name, num_landmarks=num_landmarks, depthwise_impl="lax")
+  model = models.create_model(name, num_landmarks=num_landmarks)
   variables = abstract_variables(model, image_size)
   params = count_parameters(variables["params"])
   head = count_parameters(variables["params"]["head"])

@@ -1,8 +1,8 @@
 """One interface over the runtimes a trained student runs in: JAX, ONNX Runtime and LiteRT.
 
-Every runner maps uint8 RGB face crops ``[B, S, S, 3]`` (cut as :func:`kd_landmarks.predict.crop_for_landmark_box`
+Every runner maps uint8 RGB face crops ``[B, S, S, 3]`` (cut as :func:`kd_landmarks.deploy.predict.crop_for_landmark_box`
 cuts them) to landmarks ``[B, K, 2]`` in normalised crop coordinates: the contract of the exported files
-(``kd_landmarks.export``), so the three backends are interchangeable behind :class:`kd_landmarks.Predictor`.
+(``kd_landmarks.deploy.export``), so the three backends are interchangeable behind :class:`kd_landmarks.Predictor`.
 
 * :class:`JaxRunner`: the model directory's checkpoint, the module as trained (uint8 / 255 in).
 * :class:`OnnxRunner`: an exported ``.onnx`` file in ONNX Runtime (extra ``export``).
@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_landmarks import native
 
 BACKENDS = ("jax", "onnx", "litert")
 EXPORT_JSON = "export.json"
@@ -54,7 +53,6 @@ class JaxRunner:
     # Variables are an argument, not closed-over constants, so XLA does not fold megabytes into the program.
     self._apply = jax.jit(apply)
 
-  @native.no_build()  # Inference: the native CPU kernels only serve training; never compile them here.
   def __call__(self, crops_uint8: np.ndarray) -> np.ndarray:
     crops = np.asarray(crops_uint8, dtype=np.uint8)
     count = len(crops)

@@ -1,6 +1,6 @@
 """The function every exported file computes, and the real face crops every export is checked on.
 
-``serving_function``: uint8 RGB face crops ``[B, S, S, 3]`` (cut as :func:`kd_landmarks.predict.crop_for_landmark_box`
+``serving_function``: uint8 RGB face crops ``[B, S, S, 3]`` (cut as :func:`kd_landmarks.deploy.predict.crop_for_landmark_box`
 cuts them) -> normalised landmarks ``[B, K, 2]``, the module in its export-friendly form. Shared by the ONNX
 (``export``) and TFLite (``export_tflite``) exporters, so neither imports the other.
 """
@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_landmarks import coords
-from kd_landmarks import predict
+from kd_landmarks import models
+from kd_landmarks.deploy import predict
 from kd_landmarks.datasets import images as image_io
 from kd_landmarks.datasets import readers
 
@@ -24,21 +25,18 @@ OUTPUT_NAME = "landmarks"
 PAPER_MODEL_SIZE_MB = 3.2
 # The real fixture photo ships inside the package (package_data, BSD-3 notice beside it): every export is
 # checked on its crops, and int8 calibrates on it without --data_dir, from an installed wheel too.
-FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "takeo")
+FIXTURE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "takeo")
 
 
 
 def serving_function(module, variables):
   """uint8 RGB crops ``[B, S, S, 3]`` -> normalised landmarks ``[B, K, 2]``: the function exported."""
-  # The lax depthwise convolution maps to ONNX's native grouped Conv and a 1x1 'conv' to a Conv; the
-  # CPU-training implementations (shifted slices, channel dots) would export as dozens of Slice/Mul
-  # nodes and as Einsums between layout transposes, which ONNX Runtime cannot fuse (2.5x slower).
-  # Same parameters, same mathematics.
-  fields = getattr(module, "__dataclass_fields__", {})
-  if "depthwise_impl" in fields:
-    module = module.clone(depthwise_impl="lax")
-  if "pointwise_impl" in fields:
-    module = module.clone(pointwise_impl="conv")
+  # The portable kernels: the lax depthwise convolution maps to ONNX's native grouped Conv and a 1x1 conv to a
+  # Conv; the CPU-training kernels (shifted slices, channel dots) would export as dozens of Slice/Mul nodes and
+  # as Einsums between layout transposes, which ONNX Runtime cannot fuse (2.5x slower). Same parameters, same
+  # mathematics.
+  if "kernels" in getattr(module, "__dataclass_fields__", {}):
+    module = module.clone(kernels=models.PORTABLE)
   # A model trained on an accelerator computes in bfloat16; mobile runtimes (and ONNX Runtime's CPU Conv)
   # want float32, and the parameters are float32 already.
   if "dtype" in getattr(module, "__dataclass_fields__", {}):

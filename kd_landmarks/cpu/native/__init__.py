@@ -1,15 +1,14 @@
 """Native CPU kernels for what XLA's CPU backend does slowly, called through the XLA FFI.
 
 * ``depthwise_cpu.cc``: the depthwise-convolution weight gradient, which XLA computes as k*k separate
-  passes over the activations (see :mod:`kd_landmarks.models.depthwise`) and this kernel in one.
+  passes over the activations (see :mod:`kd_landmarks.cpu.kernels`) and this kernel in one.
 * ``batch_norm_cpu.cc``: training BatchNorm's reductions, the batch moments (forward) and
-  ``sum(dz)``, ``sum(dz * xhat)`` (backward) in one pass each, accumulated in float64
-  (see :func:`kd_landmarks.models.layers.batch_norm_act_train`).
+  ``sum(dz)``, ``sum(dz * xhat)`` (backward) in one pass each, accumulated in float64.
 * ``augment_cpu.cc``: the augmentation's bilinear affine warp of uint8 crops (see
   :func:`kd_landmarks.augment.warp_image`), which XLA runs as four element-wise gathers, and its additive
   Gaussian noise (inverse normal CDF from a table, counter-based bits).
 
-The package sits at the bottom of the import graph: both the augmentation and the models use it.
+Only CPU training calls them (:mod:`kd_landmarks.cpu`); nothing else builds them.
 
 The C++ sources ship with the package and are compiled on first use into one library with the machine's C++
 compiler (``$CXX``, else ``c++``/``g++``) against the XLA FFI headers that jaxlib ships
@@ -23,24 +22,19 @@ CPU's instruction-set flags (``-march=native``).
 * The cache is the first writable of ``$KD_LANDMARKS_NATIVE_CACHE``, ``$XDG_CACHE_HOME/kd_landmarks/native``
   (else ``~/.cache/kd_landmarks/native``) and ``<tempdir>/kd_landmarks-native-<uid>``, so a read-only home
   does not disable the kernels.
-* Inference never compiles: under :func:`no_build` (evaluation, predict, export) a library already in the
-  cache is loaded, but a missing one is not built and the XLA implementations (same forward pass) are
-  used; the kernels only compute training gradients and batch statistics anyway.
 * Loading and registering the FFI targets happens once per process, under a lock (thread-safe).
 
 Environment:
-  KD_LANDMARKS_NATIVE=0           never build or use the kernels (the XLA implementations are used).
   KD_LANDMARKS_NATIVE_CACHE=DIR   where compiled libraries go (see above for the default).
   KD_LANDMARKS_NATIVE_MARCH=ARCH  build for another CPU than this one (-march=ARCH instead of -march=native,
                                   e.g. znver3 for an AMD EPYC's code, timed on this machine); in the cache key.
 
-Where no compiler works, :func:`available` is False, :func:`unavailable_reason` says why, and
-``depthwise_impl='auto'`` and ``norm_impl='auto'`` fall back to the XLA implementations.
+Where no compiler works, :func:`available` is False, :func:`unavailable_reason` says why, and CPU training
+uses the XLA forms of the same kernels (:func:`kd_landmarks.cpu.training_kernels`).
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import ctypes
 import fcntl
 import hashlib
@@ -216,18 +210,6 @@ _result: tuple[bool, str] | None = None   # Set once the kernels are registered 
 # XLA refuses a second registration of a target name with another library ("Duplicate FFI handler
 # registration"), which would break the CPU backend: register once per process, whatever _reset says.
 _registered = False
-_no_build = contextvars.ContextVar("kd_landmarks_native_no_build", default=False)
-
-
-@contextlib.contextmanager
-def no_build():
-  """Inside: :func:`available` loads a library already in the cache but never compiles one (inference:
-  evaluation, predict, export). Its forward passes are the same with or without the kernels."""
-  token = _no_build.set(True)
-  try:
-    yield
-  finally:
-    _no_build.reset(token)
 
 
 def _open(path: str, compiler: str):
@@ -245,19 +227,11 @@ def _load() -> tuple[bool, str]:
   with _LOCK:
     if _result is not None:
       return _result
-    if os.environ.get("KD_LANDMARKS_NATIVE", "1") == "0":
-      return False, "disabled by KD_LANDMARKS_NATIVE=0"
     cxx = compiler()
     if cxx is None:
       return False, "no C++ compiler found (set $CXX or install g++)"
     try:
-      if _no_build.get():
-        path = library_path(cxx)
-        if not os.path.exists(path):  # Not cached for a later training run: they may still build.
-          return False, f"not compiled yet ({path}); inference does not compile the native kernels"
-        library = ctypes.CDLL(path)
-      else:
-        library = _open(_build(cxx), cxx)
+      library = _open(_build(cxx), cxx)
       if not _registered:
         for target, symbol in _SYMBOLS.items():
           jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
@@ -298,18 +272,6 @@ def require(alternative: str) -> None:
         f"native CPU kernels unavailable: {reason}. Use {alternative} (pure XLA) instead.")
 
 
-def require_requested(setting: str, *, off_cpu: str, fallback: str) -> None:
-  """Checks a native implementation asked for by name (``setting``, e.g. ``"norm_impl='native'"``).
-
-  Raises ValueError naming ``off_cpu`` on a non-CPU backend (the kernels are CPU custom calls), and
-  :class:`NativeUnavailableError` naming ``fallback`` where the kernels cannot be built.
-  """
-  backend = jax.default_backend()
-  if backend != "cpu":
-    raise ValueError(f"{setting} is CPU-only (its kernels are CPU custom calls); use {off_cpu} on {backend}")
-  require(fallback)
-
-
 WEIGHT_GRADIENT_METHODS = {"auto": 0, "rows": 1, "registers": 2}
 
 
@@ -323,7 +285,7 @@ def depthwise_weight_gradient(x, grad_out, kernel_size: tuple[int, int], stride:
   output row, for large images), 'registers' (all taps summed in registers per image and 8 channels, for
   images that fit in L2; 3x3 and 5x5 kernels) or 'auto' (by the image's size; depthwise_cpu.cc).
   """
-  require("depthwise_impl='shifted_vjp'")
+  require("kd_landmarks.cpu.kernels.depthwise_conv_xla")
   if method not in WEIGHT_GRADIENT_METHODS:
     raise ValueError(f"depthwise_weight_gradient: method={method!r}; choose from {sorted(WEIGHT_GRADIENT_METHODS)}")
   kh, kw = kernel_size
@@ -341,7 +303,7 @@ def batch_norm_moments(x):
   Computed in one pass with float64 totals; the variance is ``E[x^2] - E[x]^2`` (as flax's BatchNorm
   computes it) and may be slightly negative for a constant channel: clip it before use.
   """
-  require("norm_impl='xla'")
+  require("kd_landmarks.cpu.kernels.batch_norm_train_xla")
   channels = x.shape[-1]
   call = jax.ffi.ffi_call(MOMENTS_TARGET, jax.ShapeDtypeStruct((2, channels), np.float32),
                           vmap_method="sequential")
@@ -356,7 +318,7 @@ def batch_norm_grad_sums(grad_y, x, *, mean, inv, scale, bias, activation):
   ``activation`` in :data:`GRAD_SUMS_ACTIVATIONS` (relu6's derivative is 0 at the kinks, as
   ``jax.nn.relu6``'s; swish's from a vectorised exp with about float32 rounding). ``grad_y`` and ``x`` float32 of one shape; the rest ``[C]``.
   """
-  require("norm_impl='xla'")
+  require("kd_landmarks.cpu.kernels.batch_norm_train_xla")
   if activation not in GRAD_SUMS_ACTIVATIONS:
     raise ValueError(f"batch_norm_grad_sums supports activations {list(GRAD_SUMS_ACTIVATIONS)}, "
                      f"got {activation!r}")
@@ -377,7 +339,7 @@ def affine_warp(images_uint8, out_to_input, out_size: int, *, fill_mode: str = "
   one native pass. ``fill_value`` is in [0, 1] (the image's 0..255 divided by 255); ``fill_mode``
   'constant' or 'nearest'. CPU only; no gradient (images are inputs). ``jax.vmap`` passes the batch through.
   """
-  require("AugmentConfig.sampler='gather'")
+  require("kd_landmarks.augment.warp_image")
   if fill_mode not in WARP_FILL_MODES:
     raise ValueError(f"affine_warp: fill_mode={fill_mode!r}; choose from {sorted(WARP_FILL_MODES)}")
   images_uint8 = jnp.asarray(images_uint8)
@@ -398,7 +360,7 @@ def gaussian_noise(rng, images, noise_std):
   ``noise_std [B]``. ``z`` is the inverse normal CDF at 16-bit uniforms (tails at 4.33 sigma), from a
   counter-based generator keyed with 128 bits drawn from ``rng``: a pure function of (rng, shape). CPU only.
   """
-  require("AugmentConfig.noise_impl='jnp'")
+  require("kd_landmarks.augment.standard_normal")
   images = jnp.asarray(images, jnp.float32)
   noise_std = jnp.asarray(noise_std, jnp.float32)
   if images.ndim < 1 or noise_std.shape != images.shape[:1]:

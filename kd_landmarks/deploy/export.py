@@ -2,12 +2,12 @@
 
 Usage::
 
-  python -m kd_landmarks.export --workdir RUN [--model student_kd] [--checkpoint MODEL_DIR] \
+  python -m kd_landmarks.deploy.export --workdir RUN [--model student_kd] [--checkpoint MODEL_DIR] \
       --format onnx|tflite [--quantize] [--out DIR] [--data_dir DATA]
   kd-landmarks-export ...      (the same, as the installed console script)
 
 The exported graph takes what a camera gives: the face crop as RGB **uint8** ``[B, S, S, 3]`` (NHWC,
-S = ``image_size`` of model.json, cut as in :func:`kd_landmarks.predict.crop_for_landmark_box`) and returns
+S = ``image_size`` of model.json, cut as in :func:`kd_landmarks.deploy.predict.crop_for_landmark_box`) and returns
 ``landmarks`` float32 ``[B, K, 2]`` in normalised crop coordinates (``px = (n + 0.5) * S - 0.5``). The
 division by 255 and the model's own input normalisation are inside the graph.
 
@@ -17,12 +17,12 @@ Formats:
     onnxruntime.quantization, per-channel weights, activations calibrated on face crops: the training
     split when ``--data_dir`` is given, else the real fixture photo). Teachers export the same way.
   * ``tflite``: float32 ``<name>.tflite`` (and int8 ``<name>.int8.tflite`` with ``--quantize``) through
-    jax2tf + ``tf.lite.TFLiteConverter`` (:mod:`kd_landmarks.export_tflite`; extra ``tflite``, TensorFlow
+    jax2tf + ``tf.lite.TFLiteConverter`` (:mod:`kd_landmarks.deploy.export_tflite`; extra ``tflite``, TensorFlow
     imported only there), checked with ai-edge-litert's interpreter.
 
 Every export is checked: the float32 output must match JAX within ``FP32_TOLERANCE`` on the check images,
 or the export fails; the quantised model's error is measured and written to ``export.json``. The folder
-also receives ``MODEL_CARD.md`` (:mod:`kd_landmarks.model_card`) and the model's ``box_map.json`` (so that
+also receives ``MODEL_CARD.md`` (:mod:`kd_landmarks.deploy.model_card`) and the model's ``box_map.json`` (so that
 ``kd_landmarks.Predictor.load(<file>)`` frames faces as the model directory does).
 """
 from __future__ import annotations
@@ -40,26 +40,25 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from kd_landmarks import checkpoint
+from kd_landmarks.training import checkpoint
 from kd_landmarks import coords
 from kd_landmarks import datasets
-from kd_landmarks import detect
-from kd_landmarks import machine
-from kd_landmarks import model_card
-from kd_landmarks import predict
+from kd_landmarks.deploy import detect
+from kd_landmarks.training import machine
+from kd_landmarks.deploy import model_card
+from kd_landmarks.deploy import predict
 from kd_landmarks.datasets import info
-from kd_landmarks import native
 # The ONNX Runtime session lives with the other runtimes (below export and predict); export.ort_session
 # stays its name here for the tests and benchmarks.
-from kd_landmarks.runtimes import ort_session  # noqa: F401
+from kd_landmarks.deploy.runtimes import ort_session  # noqa: F401
 # The exported function's contract, shared with export_tflite (kept importable from here).
-from kd_landmarks.serving import FIXTURE_DIR  # noqa: F401
-from kd_landmarks.serving import FP32_TOLERANCE
-from kd_landmarks.serving import INPUT_NAME
-from kd_landmarks.serving import OUTPUT_NAME
-from kd_landmarks.serving import PAPER_MODEL_SIZE_MB
-from kd_landmarks.serving import fixture_crops
-from kd_landmarks.serving import serving_function
+from kd_landmarks.deploy.serving import FIXTURE_DIR  # noqa: F401
+from kd_landmarks.deploy.serving import FP32_TOLERANCE
+from kd_landmarks.deploy.serving import INPUT_NAME
+from kd_landmarks.deploy.serving import OUTPUT_NAME
+from kd_landmarks.deploy.serving import PAPER_MODEL_SIZE_MB
+from kd_landmarks.deploy.serving import fixture_crops
+from kd_landmarks.deploy.serving import serving_function
 
 # int8 weight precision. x86 CPUs without VNNI (AVX2-only AMD EPYC, AVX-512 Skylake) multiply uint8
 # activations by int8 weights with vpmaddubsw, which adds each pair of products into a saturating int16:
@@ -263,7 +262,6 @@ def dataset_crops(dataset: str, split: str, data_dir: str, image_size: int, *, c
   return np.stack(crops)
 
 
-@native.no_build()  # Inference: the native CPU kernels only serve training; never compile them here.
 def export_onnx(module, variables, meta: dict, out_dir: str, *, quantize: bool = False,
                 check_images: np.ndarray | None = None, calibration_images: np.ndarray | None = None,
                 name: str = "student", int8_weight_bits: int = DEFAULT_INT8_WEIGHT_BITS) -> dict:
@@ -341,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = export_onnx(module, variables, meta, out_dir, quantize=args.quantize,
                          calibration_images=calibration, name=name, int8_weight_bits=args.int8_weight_bits)
   else:
-    from kd_landmarks import export_tflite  # Imports TensorFlow: only for this format.
+    from kd_landmarks.deploy import export_tflite  # Imports TensorFlow: only for this format.
 
     report = merge_report(out_dir, meta, export_tflite.export_tflite(
         module, variables, meta, out_dir, quantize=args.quantize, calibration_images=calibration,

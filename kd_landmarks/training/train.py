@@ -24,10 +24,11 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from kd_landmarks import augment
-from kd_landmarks import checkpoint
-from kd_landmarks import input_pipeline
-from kd_landmarks import machine
-from kd_landmarks import parallel
+from kd_landmarks import cpu
+from kd_landmarks.training import checkpoint
+from kd_landmarks.training import input_pipeline
+from kd_landmarks.training import machine
+from kd_landmarks.training import parallel
 
 
 
@@ -66,15 +67,18 @@ _DIVERGED_ADVICE = ("Lower --config.optimizer.learning_rate, check the data (lan
 @dataclasses.dataclass(frozen=True, eq=False)
 class StepSpec:
   """What one train step needs besides (state, batch, rng): static, closed over by the compiled step."""
-  target: str                    # 'landmarks' / 'soft_landmarks' (teachers) or 'student'.
+  target: str                    # The landmark set a regression step fits ('landmarks', 'soft_landmarks'), or 'student'.
   loss_fn: Callable              # losses.STUDENT_LOSSES entry: (pred, gt, tough, tolerant, *, variant, reduction).
   loss_variant: str
   image_size: int
   flip_permutation: np.ndarray
   augment_config: Any
   learning_rate_fn: Callable
-  augment_fn: Callable | None = None          # None: kd_landmarks.augment.augment.
-  teacher_modules: Mapping[str, Any] | None = None   # Set: run the frozen teachers online in the step.
+  # True: the loss reads the teachers' predictions (KD-Loss and its one-teacher ablations): distillation_step.
+  # False: a regression to one landmark set (the teachers; the baseline students L2, L1, smooth L1).
+  distill: bool = False
+  teacher_modules: Mapping[str, Any] | None = None   # Distillation only, set: the frozen teachers run online.
+  augment_kernels: Any = augment.PORTABLE           # augment.AugmentKernels (CPU training: kd_landmarks/cpu).
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,50 +109,68 @@ def create_train_state(rng, model, image_size: int, tx) -> TrainState:
                            batch_stats=variables.get("batch_stats", {}), tx=tx)
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
-               teacher_variables: Mapping[str, Any] | None = None, *, spec: StepSpec):
-  """One optimiser step on this device's block of the batch (run under shard_map over axis 'data').
+def training_kernels(config: ml_collections.ConfigDict) -> cpu.TrainingKernels:
+  """What a training step computes with: the CPU kernels (kd_landmarks/cpu) when training on the CPU with
+  ``config.cpu_kernels``, else the portable ones (accelerators)."""
+  if config.cpu_kernels and jax.default_backend() == "cpu":
+    return cpu.training_kernels()
+  return cpu.PORTABLE
 
-  Augments images and every landmark set on device, then fits the model to ``spec.target`` (teachers:
-  L2 to the ground truth or soft landmarks) or the student loss against the teachers' predictions.
-  Gradients, batch statistics and metrics are averaged over all devices with ``lax.pmean``.
-  """
-  # Each device draws its own augmentation; the step index is already folded into ``rng`` by the caller.
+
+def regression_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *, spec: StepSpec):
+  """One optimiser step fitting ``batch['target']`` with ``spec.loss_fn`` (the teachers: L2 to the ground truth
+  or to the soft landmarks, Section 3.2; the baseline students of Tables 7-8). Runs under shard_map over
+  axis 'data' on this device's block of the batch; :func:`step_batch` puts the fitted set in 'target'."""
+  if "target" not in batch:
+    raise ValueError(f"a regression step (target {spec.target!r}) fits batch['target']; build the batch with "
+                     "train.step_batch(spec, batch)")
+  images, sets, dropout_rng = _augment(state, batch, rng, spec, {"target": batch["target"]})
+  target = sets["target"]
+  # The baseline losses ignore the teacher slots; the target fills them to keep one loss signature.
+  return _optimise(state, images, dropout_rng, spec,
+                   lambda prediction: spec.loss_fn(prediction, target, target, target,
+                                                    variant=spec.loss_variant, reduction="mean"))
+
+
+def distillation_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
+                      teacher_variables: Mapping[str, Any] | None = None, *, spec: StepSpec):
+  """One optimiser step of the student with ``spec.loss_fn`` against the frozen teachers (KD-Loss, Eqs. 4-14):
+  their predictions come from the cache (``batch['tough']``, ``batch['tolerant']``, augmented with the image)
+  or, with ``spec.teacher_modules``, from the teachers run on the student's augmented images."""
+  online = spec.teacher_modules is not None
+  cached = {} if online else {"tough": batch["tough"], "tolerant": batch["tolerant"]}
+  images, sets, dropout_rng = _augment(state, batch, rng, spec, cached)
+  if online:
+    # The teachers see exactly the student's augmented images; frozen: no gradient, eval mode.
+    for name, module in spec.teacher_modules.items():
+      sets[name] = lax.stop_gradient(module.apply(teacher_variables[name], images, train=False).astype(jnp.float32))
+  return _optimise(state, images, dropout_rng, spec,
+                   lambda prediction: spec.loss_fn(prediction, sets["landmarks"], sets["tough"], sets["tolerant"],
+                                                    variant=spec.loss_variant, reduction="mean"))
+
+
+def _augment(state, batch, rng, spec: StepSpec, extra_sets: Mapping[str, jax.Array]):
+  """Augments the images and every landmark set together on device (Section 4.3): ``(images, sets, dropout
+  rng)``. Each device draws its own augmentation; the step index is already folded into ``rng``."""
+  del state
   rng = jax.random.fold_in(rng, lax.axis_index(parallel.AXIS))
   augment_rng, dropout_rng = jax.random.split(rng)
-  landmark_sets = {"landmarks": batch["landmarks"]}
-  if "target" in batch:  # A regression step (teachers, baseline students): see step_batch.
-    landmark_sets["target"] = batch["target"]
-  # A baseline student (l2, l1, smooth_l1) gets no teacher predictions in its batch; its loss ignores them.
-  cached_teachers = spec.target == "student" and spec.teacher_modules is None and "tough" in batch
-  if cached_teachers:
-    landmark_sets["tough"] = batch["tough"]
-    landmark_sets["tolerant"] = batch["tolerant"]
-  augment_fn = spec.augment_fn or augment.augment
-  images, targets, _ = augment_fn(augment_rng, batch["image"], landmark_sets, reference="landmarks",
-                                  out_size=spec.image_size, flip_permutation=spec.flip_permutation,
-                                  config=spec.augment_config)
-  if spec.target == "student" and (cached_teachers or spec.teacher_modules is not None):
-    if spec.teacher_modules is not None:
-      # Online teachers see exactly the student's augmented images; frozen: no gradient, eval mode.
-      for name, module in spec.teacher_modules.items():
-        targets[name] = lax.stop_gradient(
-            module.apply(teacher_variables[name], images, train=False).astype(jnp.float32))
-    gt, tough, tolerant = targets["landmarks"], targets["tough"], targets["tolerant"]
-  else:
-    if "target" not in targets:
-      raise ValueError(f"a regression step (target {spec.target!r}) fits batch['target']; build the batch with "
-                       "train.step_batch(spec, batch)")
-    gt = targets["target"]
-    tough = tolerant = gt  # The L2 loss ignores them; passing gt keeps one loss signature.
+  images, sets, _ = augment.augment(augment_rng, batch["image"], {"landmarks": batch["landmarks"], **extra_sets},
+                                    reference="landmarks", out_size=spec.image_size,
+                                    flip_permutation=spec.flip_permutation, config=spec.augment_config,
+                                    kernels=spec.augment_kernels)
+  return images, sets, dropout_rng
 
+
+def _optimise(state: TrainState, images, dropout_rng, spec: StepSpec, loss_of_prediction: Callable):
+  """The gradient of ``loss_of_prediction(model(images))`` averaged over devices with ``lax.pmean`` (as are the
+  batch statistics and the metrics), and one optimiser update."""
   def loss_of(params):
     prediction, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         mutable=["batch_stats"], rngs={"dropout": dropout_rng})
     prediction = prediction.astype(jnp.float32)
-    loss = spec.loss_fn(prediction, gt, tough, tolerant, variant=spec.loss_variant, reduction="mean")
-    return loss, (updates, prediction)
+    return loss_of_prediction(prediction), (updates, prediction)
 
   (loss, (updates, prediction)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
   grads = lax.pmean(grads, parallel.AXIS)
@@ -160,40 +182,41 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       # The divergence rule's bound on normalised coordinates (PREDICTION_BOUND).
       "max_abs_prediction": lax.pmax(jnp.max(jnp.abs(prediction)), parallel.AXIS),
   }
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return new_state, metrics
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
 def batch_keys(spec: StepSpec) -> tuple:
-  """The example fields ``train_step`` reads (the teacher cache adds 'tough'/'tolerant' itself)."""
+  """The example fields the step reads (the teacher cache adds 'tough'/'tolerant' itself)."""
   return ("image", "landmarks", "soft_landmarks") if spec.target == "soft_landmarks" else ("image", "landmarks")
 
 
 def step_batch(spec: StepSpec, host_batch: Mapping[str, np.ndarray]) -> dict:
-  """The batch ``fit`` gives the compiled step: for a regression step (the teachers; a student whose batch
-  holds no teacher predictions) the fitted landmarks move to the field 'target' (the Tolerant teacher's soft
-  landmarks; the ground truth otherwise). Both teachers and the L2 student then trace one program, which
-  the persistent compilation cache compiles once per run instead of twice (5.4 s on the demo's 2-core CPU)."""
+  """The batch ``fit`` gives the compiled step: for a regression step the fitted landmarks move to the field
+  'target' (the Tolerant teacher's soft landmarks; the ground truth otherwise). Both teachers and the L2
+  student then trace one program, which the persistent compilation cache compiles once per run instead of
+  twice (5.4 s on the demo's 2-core CPU). A distillation batch is passed as it is."""
   batch = dict(host_batch)
-  if spec.target == "student" and ("tough" in batch or spec.teacher_modules is not None):
-    return batch  # Distillation: the step reads the teachers' predictions and 'landmarks'.
+  if spec.distill:
+    return batch
   batch["target"] = batch.pop("soft_landmarks") if spec.target == "soft_landmarks" else batch["landmarks"]
   return batch
 
 
-def compile_train_step(spec: StepSpec, mesh, *, with_teachers: bool = False):
-  """``train_step`` compiled with jit(shard_map): state replicated, batch split along 'data', donated."""
-  step = functools.partial(train_step, spec=spec)
-  if with_teachers:
-    in_specs = (P(), P(parallel.AXIS), P(), P())
+def compile_train_step(spec: StepSpec, mesh):
+  """The step ``spec`` calls for, compiled with jit(shard_map): state replicated, batch split along 'data',
+  state donated. Online teachers take their variables as a fourth, replicated argument."""
+  if not spec.distill:
+    step, in_specs = functools.partial(regression_step, spec=spec), (P(), P(parallel.AXIS), P())
+  elif spec.teacher_modules is not None:
+    step, in_specs = functools.partial(distillation_step, spec=spec), (P(), P(parallel.AXIS), P(), P())
   else:
-    step = functools.partial(_train_step_no_teachers, step)
+    step = functools.partial(_cached_distillation_step, spec=spec)
     in_specs = (P(), P(parallel.AXIS), P())
   return parallel.compile_step(step, mesh, in_specs=in_specs, out_specs=(P(), P()), donate_argnums=(0,))
 
 
-def _train_step_no_teachers(step, state, batch, rng):
-  return step(state, batch, rng)
+def _cached_distillation_step(state, batch, rng, *, spec):
+  return distillation_step(state, batch, rng, spec=spec)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,8 +278,8 @@ def fit(setup: FitSetup) -> dict:
   if restored is not None:
     logging.info("%s: resuming from step %d", setup.model_dir, start_step)
 
-  with_teachers = setup.teacher_variables is not None
-  step_fn = compile_train_step(setup.spec, mesh, with_teachers=with_teachers)
+  with_teachers = setup.spec.teacher_modules is not None
+  step_fn = compile_train_step(setup.spec, mesh)
   state = parallel.replicate(_state_tree(state), mesh)
   state = TrainState(apply_fn=setup.model.apply, tx=setup.tx, **state)
   teachers = parallel.replicate(setup.teacher_variables, mesh) if with_teachers else None

@@ -14,7 +14,9 @@ cost: the process keeps its peak heap until it exits, which a training process r
 preloaded tcmalloc or jemalloc (``LD_PRELOAD``) already behaves this way, and then nothing is changed.
 
 It applies to memory allocated after the call: call it before JAX runs anything (``kd_landmarks.main``
-does on CPU; ``benchmarks/models.py`` does for every framework it times, so the comparison is fair).
+does for CPU training through :func:`kd_landmarks.cpu.prepare_process`; ``benchmarks/models.py`` does for
+every framework it times, so the comparison is fair). tcmalloc is not loaded by this package: where one is
+installed, ``LD_PRELOAD=libtcmalloc_minimal.so.4 python -m kd_landmarks.main ...`` uses it (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ import ctypes.util
 import logging
 import os
 import platform
-import sys
 
 # glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
@@ -68,54 +69,3 @@ def retain_freed_memory() -> str:
       result = "glibc malloc: freed memory retained (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=max, M_ARENA_MAX=1)"
   _state["applied"] = result
   return result
-
-
-# Shared libraries of allocators that keep freed memory per thread and size class, in order of preference
-# (Debian/Ubuntu packages libtcmalloc-minimal4, libgoogle-perftools4, libjemalloc2; the same names elsewhere).
-FAST_ALLOCATORS = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libjemalloc.so.2")
-LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
-                "/usr/local/lib")
-# Set in the re-executed process: never re-execute twice, and say in the log what happened.
-REEXEC_MARK = "KD_LANDMARKS_ALLOCATOR_PRELOADED"
-
-
-def find_fast_allocator() -> str | None:
-  """The path of an installed tcmalloc or jemalloc (see FAST_ALLOCATORS), or None."""
-  for name in FAST_ALLOCATORS:
-    for directory in LIBRARY_DIRS:
-      path = os.path.join(directory, name)
-      if os.path.exists(path):
-        return path
-  return None
-
-
-def preload_fast_allocator(program: str | None = None) -> str | None:
-  """Re-executes this process with an installed tcmalloc/jemalloc in ``LD_PRELOAD`` (the allocator must be in
-  place before the interpreter starts); returns why it did not where it does not.
-
-  Why: glibc's malloc slows a long CPU training process down as its heap fragments. Measured on the demo's
-  students (2-core Intel Xeon, 600 steps after the teachers' phases): 810-870 img/s with glibc (freed memory
-  retained or not), 1,150-1,210 with tcmalloc, whose compilations also took 6 instead of 9-10 s. Call it
-  before anything else starts threads: ``os.execve`` replaces the process (same pid, same arguments).
-  ``program``: re-execute only when this process was started as ``python -m <program>``, never a notebook or
-  a test runner that imported and called it.
-  """
-  main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-  if program is not None and getattr(main_spec, "name", None) != program:
-    return f"not re-executed: this process was not started as python -m {program}"
-  if os.environ.get(REEXEC_MARK):
-    return f"{os.environ[REEXEC_MARK]} preloaded (re-executed with LD_PRELOAD)"
-  if preloaded_allocator():
-    return f"{preloaded_allocator()} already preloaded"
-  if platform.system() != "Linux":
-    return "not Linux: allocator left as it is"
-  path = find_fast_allocator()
-  if path is None:
-    return ("no tcmalloc or jemalloc installed (Debian/Ubuntu: apt install libtcmalloc-minimal4); CPU training "
-            "runs about 1.3x slower with glibc's malloc")
-  env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [path, os.environ.get("LD_PRELOAD", "")])))
-  env[REEXEC_MARK] = os.path.basename(path)
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, list(sys.orig_argv), env)
-  return None  # Not reached.

@@ -15,7 +15,7 @@
 Units: metrics are computed as fractions (``kd_landmarks.metrics``) and printed as the paper prints them,
 NME and FR in percent and AUC as a fraction.
 
-Command line: ``python -m kd_landmarks.report --workdir DIR [--data_dir D]``.
+Command line: ``python -m kd_landmarks.evaluation.report --workdir DIR [--data_dir D]``.
 """
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from kd_landmarks import coords
 from kd_landmarks.datasets.images import STORED_CROP_SCALE
-from kd_landmarks import paper_results
+from kd_landmarks.evaluation import paper_results
 from kd_landmarks.datasets import info as dataset_info
 from kd_landmarks.datasets.info import WFLW_ATTRIBUTE_SPLITS
 from kd_landmarks.metrics import FAILURE_THRESHOLD
-from kd_landmarks import stats
+from kd_landmarks.evaluation import stats
 
 # metrics.json's entry recording how the checkpoint was chosen (evaluate.SELECTION_KEY; evaluate needs jax).
 SELECTION_KEY = "selection"
@@ -237,7 +237,7 @@ def _metrics_module():
 
 def _evaluate_module():
   # Imported lazily (it needs jax: 1.5 s measured on this 2-core Xeon) so that reading paper tables does not.
-  from kd_landmarks import evaluate
+  from kd_landmarks.evaluation import evaluate
   return evaluate
 
 
@@ -637,7 +637,7 @@ def _comparison_pairs(groups):
 
 def _paired_lines(tables: _Tables, splits) -> list[str]:
   """KD against each baseline, and each other loss against L2: mean per-image NME difference with a 95%
-  bootstrap interval over seeds and test faces (kd_landmarks/stats.py) and a one-line verdict."""
+  bootstrap interval over seeds and test faces (kd_landmarks/evaluation/stats.py) and a one-line verdict."""
   pairs = _comparison_pairs(_groups(tables))
   if not pairs:
     return []

@@ -5,7 +5,7 @@ MobileNetV2 baseline ``mnv2`` trained with L2, the KD student ``mnv2_KD``, the T
 (EfficientNet-B3), the ablation students ``mnv2_Tou`` / ``mnv2_Tol`` of Table 7 and the loss baselines of
 Table 8). Units as printed in the paper: NME and FR in percent, AUC as a fraction.
 
-Method keys are the ones :mod:`kd_landmarks.report` derives from a trained model's ``model.json``:
+Method keys are the ones :mod:`kd_landmarks.evaluation.report` derives from a trained model's ``model.json``:
 ``mnv2`` (student, L2), ``mnv2_kd`` (student, KD-Loss), ``mnv2_tou`` / ``mnv2_tol`` (KD-Loss with one
 teacher), ``mnv2_l1``, ``mnv2_smooth_l1`` (Table 8 baselines) and ``efn`` (the Tough teacher).
 Split names are those of :mod:`kd_landmarks.datasets.info`.

@@ -2,10 +2,10 @@
 
 Usage::
 
-  python -m kd_landmarks.predict --workdir RUN [--model student_kd] [--checkpoint MODEL_DIR_OR_FILE] \
+  python -m kd_landmarks.deploy.predict --workdir RUN [--model student_kd] [--checkpoint MODEL_DIR_OR_FILE] \
       IMAGE_OR_DIR ... [--out DIR] [--detector dlib_hog] [--threads N]
   kd-landmarks-predict ...      (the same, as the installed console script)
-  python -m kd_landmarks.predict fit-box-map --workdir RUN [--model student_kd] --data_dir DATA \
+  python -m kd_landmarks.deploy.predict fit-box-map --workdir RUN [--model student_kd] --data_dir DATA \
       [--detector dlib_hog] [--split train] [--max_images N]
 
 For each image ``--out`` receives ``<name>.json`` (per face: detector box and score, the crop box, the
@@ -14,7 +14,7 @@ its status (``ok``, ``no_face``, ``error`` with the reason, or ``skipped`` for n
 
 The crop reproduces evaluation (paper Section 4.3, ``augment.preprocess_eval``): the square landmark box
 scaled by ``EVAL_BOX_SCALE``. A photo has no landmarks, so the landmark box is predicted from the detector's
-box by the :class:`kd_landmarks.detect.BoxMap` learned on the training set (``fit-box-map``).
+box by the :class:`kd_landmarks.deploy.detect.BoxMap` learned on the training set (``fit-box-map``).
 
 The Python API is :class:`Predictor` (``from kd_landmarks import Predictor``); the CLI runs it. A model
 directory runs in JAX; ``--checkpoint`` may also name an exported ``.onnx`` (ONNX Runtime) or ``.tflite``
@@ -36,11 +36,11 @@ from PIL import ImageOps
 from tqdm import tqdm
 
 from kd_landmarks import augment
-from kd_landmarks import checkpoint
+from kd_landmarks.training import checkpoint
 from kd_landmarks import coords
 from kd_landmarks import datasets
-from kd_landmarks import detect
-from kd_landmarks import runtimes
+from kd_landmarks.deploy import detect
+from kd_landmarks.deploy import runtimes
 from kd_landmarks.datasets import images as image_io
 from kd_landmarks.datasets import info
 
@@ -97,7 +97,7 @@ class Predictor:
     landmarks = predictor.predict(photo, boxes=[(x0, y0, x1, y1)])  # your own face boxes: no dlib needed
 
   ``runner`` maps uint8 crops ``[B, S, S, 3]`` to normalised landmarks ``[B, K, 2]``
-  (:mod:`kd_landmarks.runtimes`). Face boxes (the detector's, or the caller's) go through ``box_map`` to
+  (:mod:`kd_landmarks.deploy.runtimes`). Face boxes (the detector's, or the caller's) go through ``box_map`` to
   the landmark box the student was trained on, and the crop is the evaluation crop (paper Section 4.3).
   All faces of a photo run in one batch. The detector is built on first use, so a caller who gives boxes
   never needs dlib.
@@ -155,7 +155,7 @@ class Predictor:
 
   @classmethod
   def from_module(cls, module, variables, meta: dict, **kwargs) -> "Predictor":
-    """A JAX predictor from what :func:`kd_landmarks.checkpoint.load_inference_variables` returns."""
+    """A JAX predictor from what :func:`kd_landmarks.training.checkpoint.load_inference_variables` returns."""
 
     return cls(runtimes.JaxRunner(module, variables, meta), **kwargs)
 
@@ -228,7 +228,7 @@ class Predictor:
 def _check_photo(image) -> np.ndarray:
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-    raise ValueError(f"a photo is RGB uint8 [H, W, 3] (read it with kd_landmarks.predict.read_photo); got "
+    raise ValueError(f"a photo is RGB uint8 [H, W, 3] (read it with kd_landmarks.deploy.predict.read_photo); got "
                      f"{image.dtype} {image.shape}")
   return image
 
@@ -382,7 +382,7 @@ def fit_box_map_for_model(model_dir: str, *, detector_name: str = detect.DEFAULT
 
 def _fit_main(argv: Sequence[str]) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m kd_landmarks.predict fit-box-map",
+      prog="python -m kd_landmarks.deploy.predict fit-box-map",
       description="Learn the detector-box -> training-crop map on the training set; stores box_map.json.")
   parser.add_argument("--workdir")
   parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if argv and argv[0] == "fit-box-map":
     return _fit_main(argv[1:])
   parser = argparse.ArgumentParser(
-      prog="python -m kd_landmarks.predict",
+      prog="python -m kd_landmarks.deploy.predict",
       description="Facial landmarks on photos with a trained student (see also: fit-box-map).")
   parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
   parser.add_argument("--workdir")
@@ -433,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   if not predictor.box_map.fitted:
     print(f"note: no box map fitted for {args.detector} in {model_dir}; using the {predictor.box_map.source}."
-          " Run `python -m kd_landmarks.predict fit-box-map` for accurate crops.", file=sys.stderr)
+          " Run `python -m kd_landmarks.deploy.predict fit-box-map` for accurate crops.", file=sys.stderr)
   summary = predict_files(predictor, args.inputs, args.out)
   counts = summary["counts"]
   print(f"{counts['ok']} image(s) with faces, {counts['no_face']} without a face, {counts['error']} "

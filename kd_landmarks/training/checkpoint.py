@@ -28,7 +28,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kd_landmarks import models
-from kd_landmarks import native
 
 MODEL_JSON = "model.json"
 STATE_DIR = "checkpoints"
@@ -270,6 +269,12 @@ def save_best(manager: ocp.CheckpointManager, step: int, variables: Mapping[str,
   return bool(saved)
 
 
+def build_model(meta, kernels: models.Kernels = models.PORTABLE):
+  """The network ``meta`` (model.json) describes, computed with ``kernels`` (same parameters whatever they are)."""
+  return models.create_model(meta["model"], num_landmarks=int(meta["num_landmarks"]), kernels=kernels,
+                             dtype=dtype_of(meta["dtype"]), **dict(meta["overrides"]))
+
+
 def load_inference_variables(model_dir: str):
   """Rebuilds a trained model for predict/export: returns ``(module, variables, meta)``.
 
@@ -277,15 +282,13 @@ def load_inference_variables(model_dir: str):
   newest train-state checkpoint. ``meta`` is model.json plus ``checkpoint`` = (kind, step).
   """
   meta = read_model_json(model_dir)
-  module = models.create_model(meta["model"], num_landmarks=int(meta["num_landmarks"]),
-                               dtype=_dtype(meta["dtype"]), **dict(meta["overrides"]))
+  module = build_model(meta)
   variables, source = _restore_variables(model_dir)
   _check_variables_match(module, variables, meta, model_dir)
   meta = dict(meta, checkpoint=source)
   return module, variables, meta
 
 
-@native.no_build()  # Tracing the model for its shapes must not compile the training-only kernels.
 def _check_variables_match(module, variables, meta, model_dir: str) -> None:
   """Raises ValueError naming model.json's field when the checkpoint holds another network's parameters
   (instead of flax's ScopeParamShapeError deep inside the first forward pass). Shapes only: eval_shape."""
@@ -358,7 +361,8 @@ def _variables_only(restored: Mapping[str, Any]) -> dict:
   return variables
 
 
-def _dtype(name: str):
+def dtype_of(name: str):
+  """model.json's dtype name as a JAX dtype."""
   try:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
   except KeyError:

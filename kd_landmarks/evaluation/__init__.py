@@ -1,0 +1,1 @@
+"""Evaluation: metrics over a split, the report, statistics over seeds, the paper's published numbers."""

@@ -1,0 +1,1 @@
+"""Training: the train state and steps, the fit loop, the input pipeline, devices, checkpoints."""
