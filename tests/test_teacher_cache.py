@@ -221,7 +221,7 @@ def test_missing_cache_mentions_the_old_npz(tmp_path, data_dir):
 
 
 def _readme_snippet() -> str:
-  with open(os.path.join(ROOT, "README.md")) as f:
+  with open(os.path.join(ROOT, "docs", "datasets.md")) as f:
     text = f.read()
   after = text.split("<!-- snippet: read-with-tfds -->", 1)[1]
   return after.split("```python\n", 1)[1].split("```", 1)[0]
