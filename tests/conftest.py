@@ -3,9 +3,6 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Training in tests takes the kernel rules: measuring each of the suite's many tiny shape classes would cost
-# ~25 s apiece (kd_landmarks/models/autotune.py); tests/test_autotune.py measures on purpose.
-os.environ.setdefault("KD_LANDMARKS_KERNEL_CHOICE", "rules")
 
 
 def require_native_kernels():

@@ -12,8 +12,10 @@ from ml_collections import config_flags
 from kd_landmarks.training import backend
 from kd_landmarks import config_lib
 from kd_landmarks import pipeline
-from kd_landmarks.models import depthwise
-from kd_landmarks.models import layers
+from kd_landmarks import augment
+from kd_landmarks import models
+from kd_landmarks.cpu import kernels as cpu_kernels
+from kd_landmarks.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,13 +69,21 @@ def test_select_on_this_cpu_only_jax():
     backend.select("ipu")
 
 
-def test_auto_kernels_are_those_of_the_resolved_platform():
-  """On CPU: the CPU choices of each 'auto' (native kernels where they build)."""
+def test_training_kernels_follow_the_platform_and_config_cpu_kernels(monkeypatch):
+  """CPU training with cpu_kernels: the CPU kernels (native where they build); off, or on an accelerator: the
+  portable ones, which evaluation and export use too."""
   assert backend.select("auto") == "cpu"
-  kernels = backend.auto_kernels()
-  assert kernels["pointwise_impl"] == "dot"
-  assert kernels["depthwise_impl"] in (depthwise.CPU_DEFAULT_IMPL, depthwise.CPU_FALLBACK_IMPL)
-  assert kernels["norm_impl"] in (layers.CPU_DEFAULT_NORM_IMPL, "xla")
+  config = config_lib.base_config()
+  chosen = train.training_kernels(config)
+  assert chosen.model.pointwise_conv is cpu_kernels.pointwise_conv_dot
+  assert chosen.model.depthwise_conv in (cpu_kernels.depthwise_conv_native, cpu_kernels.depthwise_conv_xla)
+  assert chosen.model.batch_norm_train in (cpu_kernels.batch_norm_train_native, cpu_kernels.batch_norm_train_xla)
+  config.cpu_kernels = False
+  assert train.training_kernels(config).model is models.PORTABLE
+  assert train.training_kernels(config).augment is augment.PORTABLE
+  config.cpu_kernels = True
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert train.training_kernels(config).model is models.PORTABLE
 
 
 def test_pipeline_stops_before_any_work_on_a_missing_backend(tmp_path):
@@ -127,7 +137,6 @@ def test_main_logs_the_same_resolved_platform_for_both_forms(tmp_path):
     lines.append(_resolved_line(result.stderr))
   assert lines[0] == lines[1] == lines[2]
   assert lines[0].startswith("platform cpu: 1 x cpu") and "dtype float32, prefetch 2" in lines[0]
-  assert "pointwise_impl=dot" in lines[0]
 
 
 def test_cpu_is_known_before_start_from_the_installed_plugins(monkeypatch):

@@ -1,4 +1,5 @@
-"""Every depthwise implementation equals lax.conv with feature_group_count (values and gradients)."""
+"""Every depthwise implementation (the models' portable one and the CPU training kernels) equals lax.conv with
+feature_group_count computed independently (values and gradients)."""
 import itertools
 
 import jax
@@ -8,10 +9,20 @@ import numpy as np
 import pytest
 
 from conftest import require_native_kernels
-from kd_landmarks.models import depthwise
+from kd_landmarks.cpu import kernels as cpu_kernels
 from kd_landmarks.cpu import native
+from kd_landmarks.models import depthwise
 
-CONCRETE_IMPLS = [impl for impl in depthwise.DEPTHWISE_IMPLS if impl != "auto"]
+# The portable form (models.PORTABLE) and the CPU training kernels' two forms (kd_landmarks/cpu).
+IMPLS = {"lax": depthwise.depthwise_conv, "shifted_xla": cpu_kernels.depthwise_conv_xla,
+         "shifted_native": cpu_kernels.depthwise_conv_native}
+CONCRETE_IMPLS = list(IMPLS)
+
+
+def _depthwise(x, kernel, *, strides=1, impl="lax"):
+  if impl == "shifted_native":
+    require_native_kernels()  # Skips here, fails in CI (CI=true).
+  return IMPLS[impl](x, kernel, strides=strides)
 
 
 def _reference(x, kernel, stride):
@@ -40,7 +51,7 @@ def test_forward_and_gradients_match_lax(impl, stride, hw_k):
   def loss(fn):
     return lambda x, kernel: jnp.sum(fn(x, kernel) * cotangent)
 
-  ours = lambda x, kernel: depthwise.depthwise_conv(x, kernel, strides=stride, impl=impl)
+  ours = lambda x, kernel: _depthwise(x, kernel, strides=stride, impl=impl)
   ref = lambda x, kernel: _reference(x, kernel, stride)
   np.testing.assert_allclose(ours(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
   got = jax.grad(loss(ours), argnums=(0, 1))(x, kernel)
@@ -55,7 +66,7 @@ def test_hand_worked_stride_two_value():
   x = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4, 1)
   kernel = jnp.ones((3, 3, 1, 1), jnp.float32)
   for impl in CONCRETE_IMPLS:
-    out = depthwise.depthwise_conv(x, kernel, strides=2, impl=impl)
+    out = _depthwise(x, kernel, strides=2, impl=impl)
     assert out.shape == (1, 2, 2, 1)
     assert float(out[0, 0, 0, 0]) == 0 + 1 + 2 + 4 + 5 + 6 + 8 + 9 + 10
     assert float(out[0, 1, 1, 0]) == 10 + 11 + 14 + 15
@@ -67,31 +78,21 @@ def test_bfloat16_runs_and_is_close():
   kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 8)), jnp.float32)
   want = _reference(x, kernel, 1)
   for impl in CONCRETE_IMPLS:
-    out = depthwise.depthwise_conv(x.astype(jnp.bfloat16), kernel, impl=impl)
+    out = _depthwise(x.astype(jnp.bfloat16), kernel, impl=impl)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=0.05, atol=0.1)
-    grads = jax.grad(lambda k: jnp.sum(depthwise.depthwise_conv(
+    grads = jax.grad(lambda k: jnp.sum(_depthwise(
         x.astype(jnp.bfloat16), k, impl=impl).astype(jnp.float32)))(kernel)
     assert grads.dtype == jnp.float32
 
 
-def test_auto_resolves_per_backend():
-  if jax.default_backend() != "cpu":
-    expected = "lax"
-  else:
-    expected = depthwise.CPU_DEFAULT_IMPL if native.available() else depthwise.CPU_FALLBACK_IMPL
-  assert depthwise.resolve_impl("auto") == expected
-
-
 def test_bad_arguments_are_named():
-  with pytest.raises(ValueError, match="depthwise_impl"):
-    depthwise.resolve_impl("fft")
   with pytest.raises(ValueError, match=r"\[kh, kw, 1, C=4\]"):
-    depthwise.depthwise_conv(jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 1, 3)))
+    _depthwise(jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 1, 3)))
 
 
 @pytest.mark.parametrize("batch,stride", [(1, 1), (3, 2), (10, 1), (16, 2)])
-def test_shifted_vjp_weight_gradient_folds_any_batch(batch, stride):
+def test_shifted_xla_weight_gradient_folds_any_batch(batch, stride):
   # The hand-written weight gradient folds the batch in groups of up to 8 before reducing; every
   # batch size (prime, larger than 8, a multiple of 8) must give lax.conv's gradients.
   rng = np.random.default_rng(batch * 10 + stride)
@@ -102,7 +103,7 @@ def test_shifted_vjp_weight_gradient_folds_any_batch(batch, stride):
   def loss(fn):
     return lambda x, kernel: jnp.sum(fn(x, kernel) * cotangent)
 
-  ours = lambda x, kernel: depthwise.depthwise_conv(x, kernel, strides=stride, impl="shifted_vjp")
+  ours = lambda x, kernel: _depthwise(x, kernel, strides=stride, impl="shifted_xla")
   ref = lambda x, kernel: _reference(x, kernel, stride)
   got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel)
   want = jax.grad(loss(ref), argnums=(0, 1))(x, kernel)
@@ -110,13 +111,13 @@ def test_shifted_vjp_weight_gradient_folds_any_batch(batch, stride):
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4, err_msg="kernel gradient")
 
 
-def test_shifted_vjp_bfloat16_weight_gradient_accumulates_in_float32():
+def test_shifted_xla_bfloat16_weight_gradient_accumulates_in_float32():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(4, 12, 12, 8)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 8)), jnp.float32)
   want = jax.grad(lambda k: jnp.sum(_reference(x, k, 1)))(kernel)
-  got = jax.grad(lambda k: jnp.sum(depthwise.depthwise_conv(
-      x.astype(jnp.bfloat16), k, impl="shifted_vjp").astype(jnp.float32)))(kernel)
+  got = jax.grad(lambda k: jnp.sum(_depthwise(
+      x.astype(jnp.bfloat16), k, impl="shifted_xla").astype(jnp.float32)))(kernel)
   assert got.dtype == jnp.float32
   # 576 products of bfloat16 inputs per tap: the sum is close when accumulated in float32.
   np.testing.assert_allclose(got, want, rtol=0.02, atol=0.5)
@@ -143,7 +144,7 @@ def test_native_weight_gradient_matches_lax(batch, height, width, channels, k, s
   direct = jax.jit(lambda x, g: native.depthwise_weight_gradient(x, g, (k, k), stride, pads, method=method))(
       x, cotangent)
   np.testing.assert_allclose(direct, want, rtol=1e-5, atol=1e-4)
-  through_model = jax.grad(lambda k_: jnp.sum(depthwise.depthwise_conv(
+  through_model = jax.grad(lambda k_: jnp.sum(_depthwise(
       x, k_, strides=stride, impl="shifted_native") * cotangent))(kernel)
   np.testing.assert_allclose(through_model, want, rtol=1e-5, atol=1e-4)
 
@@ -157,21 +158,6 @@ def test_native_weight_gradient_hand_worked():
     got = np.asarray(native.depthwise_weight_gradient(x, jnp.ones((1, 3, 3, 1)), (3, 3), 1, (1, 1),
                                                       method=method))
     assert got[:, :, 0, 0].tolist() == [[4, 6, 4], [6, 9, 6], [4, 6, 4]], method
-
-
-def test_native_disabled_falls_back_and_names_the_fix(monkeypatch):
-  monkeypatch.setenv("KD_LANDMARKS_NATIVE", "0")
-  native._load.cache_clear()
-  try:
-    assert not native.available()
-    assert "KD_LANDMARKS_NATIVE=0" in native.unavailable_reason()
-    if jax.default_backend() == "cpu":
-      assert depthwise.resolve_impl("auto") == depthwise.CPU_FALLBACK_IMPL
-    with pytest.raises(native.NativeUnavailableError, match="shifted_vjp"):
-      depthwise.depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), impl="shifted_native")
-  finally:
-    monkeypatch.delenv("KD_LANDMARKS_NATIVE")
-    native._load.cache_clear()
 
 
 def test_native_build_failure_is_reported(monkeypatch, tmp_path):

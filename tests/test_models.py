@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 
 from kd_landmarks.evaluation import model_stats
-from kd_landmarks.models import MODEL_NAMES, create_model
+from kd_landmarks import cpu
+from kd_landmarks.cpu import kernels as cpu_kernels
 from kd_landmarks.cpu import native
+from kd_landmarks.models import MODEL_NAMES, PORTABLE, Kernels, create_model
+
+
+def _cpu_training_kernels():
+  """The CPU training kernels in their XLA form, and native where they build (kd_landmarks/cpu)."""
+  sets = [cpu.training_kernels(use_native=False).model]
+  return sets + ([cpu.training_kernels(use_native=True).model] if native.available() else [])
 
 
 def _init(model, images):
@@ -88,13 +96,8 @@ def test_every_model_output_shape(name):
   assert set(variables) == {"params", "batch_stats"}
 
 
-# Tests below that are not about the depthwise implementation use 'lax': one HLO op per depthwise
-# convolution compiles several times faster than nine slices, and at 32 px it runs fast enough.
-FAST_COMPILE = dict(depthwise_impl="lax")
-
-
 def test_tiny_train_and_eval_modes():
-  model = create_model("mobilenet_v2_tiny", num_landmarks=3, **FAST_COMPILE)
+  model = create_model("mobilenet_v2_tiny", num_landmarks=3)
   images = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
   variables = _init(model, images)
   out, updates = _apply_fn(model, train=True, mutable=["batch_stats"])(variables, images)
@@ -108,9 +111,9 @@ def test_tiny_train_and_eval_modes():
 
 
 @pytest.mark.slow  # Four compiles of a train step (about 35 s of CPU on a quiet machine).
-def test_depthwise_impls_agree_inside_the_model():
+def test_cpu_training_kernels_agree_with_the_portable_ones_inside_the_model():
   images = jax.random.uniform(jax.random.key(1), (2, 33, 33, 3))
-  base = create_model("mobilenet_v2_tiny", num_landmarks=4, depthwise_impl="lax")
+  base = create_model("mobilenet_v2_tiny", num_landmarks=4)
   variables = _init(base, images)
 
   def loss(model):
@@ -122,11 +125,10 @@ def test_depthwise_impls_agree_inside_the_model():
 
   (want_loss, want_out), want_grads = jax.jit(jax.value_and_grad(loss(base), has_aux=True))(
       variables["params"])
-  # 'shifted' (plain autodiff) is checked layer by layer in test_depthwise.py; here the custom VJP
-  # is exercised through BatchNorm, residuals and stride-2 blocks.
-  impls = ["shifted_vjp"] + (["shifted_native"] if native.available() else [])
-  for impl in impls:
-    model = create_model("mobilenet_v2_tiny", num_landmarks=4, depthwise_impl=impl)
+  # Each kernel is checked alone in test_depthwise.py and below; here their custom VJPs are exercised
+  # together through BatchNorm, residuals and stride-2 blocks.
+  for kernels in _cpu_training_kernels():
+    model = create_model("mobilenet_v2_tiny", num_landmarks=4, kernels=kernels)
     (got_loss, got_out), got_grads = jax.jit(jax.value_and_grad(loss(model), has_aux=True))(
         variables["params"])
     np.testing.assert_allclose(got_out, want_out, rtol=1e-4, atol=1e-5)
@@ -160,12 +162,13 @@ def test_native_norm_inside_the_model_matches_float64(name, overrides):
     flat = lambda tree: np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree_util.tree_leaves(tree)])
     return flat(out), flat(stats), flat(grads)
 
-  model = create_model(name, num_landmarks=3, norm_impl="native", **FAST_COMPILE, **overrides)
+  model = create_model(name, num_landmarks=3, kernels=Kernels(batch_norm_train=cpu_kernels.batch_norm_train_native),
+                       **overrides)
   variables = _init(model, images)
   got = run(model, variables, images)
   with jax.enable_x64(True):
-    model64 = create_model(name, num_landmarks=3, norm_impl="xla", dtype=jnp.float64, param_dtype=jnp.float64,
-                           **FAST_COMPILE, **overrides)
+    model64 = create_model(name, num_landmarks=3, kernels=Kernels(batch_norm_train=cpu_kernels.batch_norm_train_xla),
+                           dtype=jnp.float64, param_dtype=jnp.float64, **overrides)
     want = run(model64, jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables),
                images.astype(jnp.float64))
   for g, w in zip(got, want):
@@ -173,12 +176,12 @@ def test_native_norm_inside_the_model_matches_float64(name, overrides):
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2_tiny", "efficientnet_b0_tiny"])
-def test_pointwise_impls_agree(name):
-  # 'dot' (the CPU training default) and 'conv' (what accelerators and exporters get) must be the same
+def test_pointwise_kernels_agree(name):
+  # The dot (CPU training) and the 1x1 conv (portable: accelerators and exporters) must be the same
   # function of the same parameters, with and without bias (EfficientNet's squeeze-excite).
   images = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3))
-  conv = create_model(name, num_landmarks=3, pointwise_impl="conv", **FAST_COMPILE)
-  dot = create_model(name, num_landmarks=3, pointwise_impl="dot", **FAST_COMPILE)
+  conv = create_model(name, num_landmarks=3)
+  dot = create_model(name, num_landmarks=3, kernels=Kernels(pointwise_conv=cpu_kernels.pointwise_conv_dot))
   variables = _init(conv, images)
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(_init(dot, images))
 
@@ -193,20 +196,20 @@ def test_pointwise_impls_agree(name):
 
 
 def test_bfloat16_compute_keeps_float32_params_and_output():
-  model = create_model("mobilenet_v2_tiny", num_landmarks=3, dtype=jnp.bfloat16, **FAST_COMPILE)
+  model = create_model("mobilenet_v2_tiny", num_landmarks=3, dtype=jnp.bfloat16)
   images = jax.random.uniform(jax.random.key(1), (1, 32, 32, 3))
   variables = _init(model, images)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
   out = _apply_fn(model)(variables, images)
   assert out.dtype == jnp.float32
-  ref = _apply_fn(create_model("mobilenet_v2_tiny", num_landmarks=3, **FAST_COMPILE))(variables, images)
+  ref = _apply_fn(create_model("mobilenet_v2_tiny", num_landmarks=3))(variables, images)
   np.testing.assert_allclose(out, ref, atol=0.1 * float(jnp.max(jnp.abs(ref))) + 1e-3)
 
 
 def test_normalisation_happens_inside_the_model():
   # The stem convolution (no bias) sees (x - ImageNet mean) / std: an image equal to the mean must
   # give an all-zero stem output, and the plain [0, 1] image 0.5 must not.
-  model = create_model("mobilenet_v2_tiny", num_landmarks=2, **FAST_COMPILE)
+  model = create_model("mobilenet_v2_tiny", num_landmarks=2)
   mean_image = jnp.broadcast_to(jnp.asarray([0.485, 0.456, 0.406]), (1, 32, 32, 3))
   variables = _init(model, mean_image)
   apply = _apply_fn(model, capture_intermediates=True, mutable=["intermediates"])
@@ -218,15 +221,13 @@ def test_normalisation_happens_inside_the_model():
 @pytest.mark.slow  # Two compiles of an EfficientNet train step.
 def test_stochastic_depth_draws_per_rng_only_when_enabled():
   # Head dropout off, so a difference between rngs can only come from stochastic depth.
-  model = create_model("efficientnet_b0_tiny", num_landmarks=2, stochastic_depth_rate=0.5, dropout_rate=0.0,
-                       **FAST_COMPILE)
+  model = create_model("efficientnet_b0_tiny", num_landmarks=2, stochastic_depth_rate=0.5, dropout_rate=0.0)
   images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
   variables = _init(model, images)
   apply = _apply_fn(model, train=True, mutable=["batch_stats"])
   train = lambda seed: apply(variables, images, seed)[0]
   assert not np.allclose(train(1), train(2))
-  quiet = create_model("efficientnet_b0_tiny", num_landmarks=2, stochastic_depth_rate=0.0, dropout_rate=0.0,
-                       **FAST_COMPILE)
+  quiet = create_model("efficientnet_b0_tiny", num_landmarks=2, stochastic_depth_rate=0.0, dropout_rate=0.0)
   quiet_apply = _apply_fn(quiet, train=True, mutable=["batch_stats"])
   quiet_train = lambda seed: quiet_apply(variables, images, seed)[0]
   np.testing.assert_array_equal(quiet_train(1), quiet_train(2))
@@ -237,12 +238,8 @@ def test_errors_name_the_choices():
     create_model("resnet50", num_landmarks=68)
   with pytest.raises(ValueError, match="width_multiplier"):
     create_model("mobilenet_v2", num_landmarks=68, widht_multiplier=0.5)
-  with pytest.raises(ValueError, match="depthwise_impl"):
-    create_model("mobilenet_v2", num_landmarks=68, depthwise_impl="fft")
-  with pytest.raises(ValueError, match="pointwise_impl.*'conv'"):
-    create_model("mobilenet_v2", num_landmarks=68, pointwise_impl="gemm")
-  with pytest.raises(ValueError, match="norm_impl.*'native'"):
-    create_model("mobilenet_v2", num_landmarks=68, norm_impl="cudnn")
+  with pytest.raises(ValueError, match="depthwise_impl"):  # The kernels are no config override.
+    create_model("mobilenet_v2", num_landmarks=68, depthwise_impl="lax")
   with pytest.raises(ValueError, match="num_landmarks"):
     create_model("mobilenet_v2", num_landmarks=0)
   model = create_model("mobilenet_v2_tiny", num_landmarks=2)
@@ -257,12 +254,16 @@ def test_model_stats_prints_table(capsys):
 
 
 def test_pointwise_conv_equals_a_1x1_convolution():
-  # The CPU path is a dot over channels; it must equal nn.Conv's 1x1 convolution with the same kernel,
-  # values and gradients (kernel, bias and input).
-  import flax.linen as nn
+  # Both kernels (the portable conv and the CPU training dot over channels) must equal nn.Conv's 1x1
+  # convolution with the same kernel, values and gradients (kernel, bias and input).
   from kd_landmarks.models.layers import PointwiseConv
   x = jax.random.normal(jax.random.key(0), (2, 5, 3, 6))
-  ours = PointwiseConv(4, use_bias=True)
+  for kernels in (PORTABLE, Kernels(pointwise_conv=cpu_kernels.pointwise_conv_dot)):
+    _check_pointwise(PointwiseConv(4, use_bias=True, kernels=kernels), x)
+
+
+def _check_pointwise(ours, x):
+  import flax.linen as nn
   theirs = nn.Conv(4, (1, 1), use_bias=True)
   variables = ours.init(jax.random.key(1), x)
   variables = {"params": {"kernel": variables["params"]["kernel"],
@@ -273,6 +274,9 @@ def test_pointwise_conv_equals_a_1x1_convolution():
   got = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
   want = jax.grad(loss(theirs), argnums=(0, 1))(variables, x)
   jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5), got, want)
+
+
+NORM_FNS = {"xla": cpu_kernels.batch_norm_train_xla, "native": cpu_kernels.batch_norm_train_native}
 
 
 def _norm_impls():
@@ -292,7 +296,7 @@ def test_batch_norm_act_equals_flax_batch_norm_then_activation(activation, refer
 
   x = 2.0 * jax.random.normal(jax.random.key(0), (3, 5, 4, 12)) + 1.0
   reference = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3)
-  fused = layers.BatchNormAct(activation=activation, momentum=0.9, epsilon=1e-3, impl=impl)
+  fused = layers.BatchNormAct(NORM_FNS[impl], activation=activation, momentum=0.9, epsilon=1e-3)
   variables = reference.init(jax.random.key(1), x)
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
       fused.init(jax.random.key(1), x))
@@ -323,12 +327,13 @@ def test_batch_norm_act_equals_flax_batch_norm_then_activation(activation, refer
 
 @pytest.mark.parametrize("name", ["mobilenet_v2_tiny", "efficientnet_b0_tiny"])
 def test_train_and_eval_norms_share_variables(name):
-  # Training uses BatchNormAct, evaluation flax's BatchNorm: both must create the same variables
+  # CPU training uses BatchNormAct, evaluation flax's BatchNorm: both must create the same variables
   # under the same names, or a checkpoint trained with one would not load into the other.
-  model = create_model(name, num_landmarks=3, **FAST_COMPILE)
+  trained = create_model(name, num_landmarks=3, kernels=cpu.training_kernels(use_native=False).model)
+  evaluated = create_model(name, num_landmarks=3)
   images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-  shapes = {train: jax.eval_shape(lambda x, train=train: model.init(jax.random.key(0), x, train=train),
-                                  images) for train in (False, True)}
+  shapes = {train: jax.eval_shape(lambda x, train=train: (trained if train else evaluated).init(
+      jax.random.key(0), x, train=train), images) for train in (False, True)}
   assert (jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes[False]) ==
           jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes[True]))
 
@@ -344,14 +349,15 @@ def test_batch_norm_act_gradient_numerically(impl):
   scale = jnp.linspace(0.5, 1.5, 4)
   bias = jnp.linspace(-0.2, 0.3, 4)
   for activation in layers.ACTIVATIONS:
-    check_grads(lambda x, s, b: layers.batch_norm_act_train(x, s, b, 1e-3, activation, impl),
+    check_grads(lambda x, s, b: NORM_FNS[impl](x, s, b, 1e-3, activation),
                 (x, scale, bias), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
 
 
 def test_batch_norm_act_names_unknown_activation():
   from kd_landmarks.models import layers
   with pytest.raises(ValueError, match="relu6"):
-    layers.BatchNormAct(activation="gelu").init(jax.random.key(0), jnp.ones((1, 2, 2, 3)))
+    layers.BatchNormAct(cpu_kernels.batch_norm_train_xla, activation="gelu").init(
+        jax.random.key(0), jnp.ones((1, 2, 2, 3)))
   with pytest.raises(ValueError, match="relu6"):
     layers.batch_norm(train=False, momentum=0.9, epsilon=1e-3, dtype=jnp.float32,
                       param_dtype=jnp.float32)(activation="gelu")

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_landmarks.models import layers
+from kd_landmarks.cpu import kernels as cpu_kernels
 from kd_landmarks.cpu import native
 from conftest import require_native_kernels
 
@@ -120,10 +120,10 @@ def test_constant_channel_has_zero_variance_and_finite_gradient():
   # var = E[x^2] - E[x]^2 is 0 up to rounding for a constant channel; it is clipped at 0 and the
   # gradient through it is zero, not NaN.
   x = jnp.concatenate([jnp.full((4, 3, 3, 1), 0.7), jnp.linspace(-1, 1, 36).reshape(4, 3, 3, 1)], -1)
-  y, _, var = layers.batch_norm_act_train(x, jnp.ones(2), jnp.zeros(2), 1e-3, "relu6", "native")
+  y, _, var = cpu_kernels.batch_norm_train_native(x, jnp.ones(2), jnp.zeros(2), 1e-3, "relu6")
   assert float(var[0]) == pytest.approx(0.0, abs=1e-6) and float(var[0]) >= 0.0
-  grad = jax.grad(lambda x: jnp.sum(layers.batch_norm_act_train(
-      x, jnp.ones(2), jnp.zeros(2), 1e-3, "relu6", "native")[0] ** 2))(x)
+  grad = jax.grad(lambda x: jnp.sum(cpu_kernels.batch_norm_train_native(
+      x, jnp.ones(2), jnp.zeros(2), 1e-3, "relu6")[0] ** 2))(x)
   assert np.all(np.isfinite(grad))
 
 
@@ -136,28 +136,6 @@ def test_kernel_rejects_mismatched_operands():
   with pytest.raises(ValueError, match="relu6"):
     native.batch_norm_grad_sums(x, x, mean=jnp.zeros(3), inv=jnp.ones(3), scale=jnp.ones(3),
                                 bias=jnp.zeros(3), activation="gelu")
-
-
-def test_norm_impl_resolution_and_errors(monkeypatch):
-  with pytest.raises(ValueError, match="norm_impl.*'xla'"):
-    layers.resolve_norm_impl("fused")
-  if jax.default_backend() == "cpu":
-    assert layers.resolve_norm_impl("auto") == ("native" if native.available() else "xla")
-  else:
-    assert layers.resolve_norm_impl("auto") == "xla"
-    with pytest.raises(ValueError, match="CPU-only"):
-      layers.resolve_norm_impl("native")
-  # Kernels turned off: 'auto' falls back to XLA, and asking for 'native' by name says what to use.
-  monkeypatch.setenv("KD_LANDMARKS_NATIVE", "0")
-  native._load.cache_clear()
-  try:
-    assert layers.resolve_norm_impl("auto") == "xla"
-    if jax.default_backend() == "cpu":
-      with pytest.raises(native.NativeUnavailableError, match="norm_impl='xla'"):
-        layers.batch_norm_act_train(jnp.ones((2, 2, 2, 3)), jnp.ones(3), jnp.zeros(3), 1e-3, None, "native")
-  finally:
-    monkeypatch.delenv("KD_LANDMARKS_NATIVE")
-    native._load.cache_clear()
 
 
 # Builds the kernels with another -march in a child process (its own cache) and prints their results.

@@ -43,7 +43,7 @@ def fresh_native(monkeypatch, tmp_path):
 def test_concurrent_first_use_compiles_once(tmp_path, fresh_native):
   compiler, log = _fake_compiler(tmp_path, 'sleep 2; echo library > "$OUT"')
   env = dict(os.environ, PYTHONPATH=ROOT, CXX=compiler, JAX_PLATFORMS="cpu")
-  code = "from kd_landmarks import native; print(native._build(native.compiler()))"
+  code = "from kd_landmarks.cpu import native; print(native._build(native.compiler()))"
   processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
                for _ in range(3)]
   paths = {process.communicate(timeout=120)[0].strip() for process in processes}
@@ -128,10 +128,9 @@ def test_inference_never_compiles_the_kernels(tmp_path, fresh_native, monkeypatc
   def no_compile(compiler, library):
     raise AssertionError(f"inference compiled {library}")
   monkeypatch.setattr(native, "_compile", no_compile)
-  # A model whose depthwise convolutions resolve 'auto' (which asks native.available()).
+  # Inference builds the models with their portable kernels (models.PORTABLE): nothing asks for the native ones.
   module = models.create_model("mobilenet_v2_tiny", num_landmarks=fx.NUM_LANDMARKS)
-  with native.no_build():  # Stands in for a trained model's variables (training would build the kernels).
-    variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
+  variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
   # Loading a trained model traces it for the shapes check (checkpoint.load_inference_variables).
   from kd_landmarks.training import checkpoint
   checkpoint._check_variables_match(module, variables, {"image_size": 16, "num_landmarks": 68,  # pylint: disable=protected-access
@@ -144,22 +143,21 @@ def test_inference_never_compiles_the_kernels(tmp_path, fresh_native, monkeypatc
   points = predictor.landmarks_for_box(np.zeros((40, 40, 3), np.uint8), (20.0, 20.0, 16.0))
   assert points.shape == (68, 2)
   assert not list(fresh_native.glob("*.so"))
-  with native.no_build():
-    available, reason = native._load()  # pylint: disable=protected-access
-  assert not available and "inference does not compile the native kernels" in reason
-  assert native._result is None  # pylint: disable=protected-access  (a later training run still builds)
+  assert native._result is None  # pylint: disable=protected-access  (nothing even asked whether they build)
 
 
-def test_ci_fails_instead_of_skipping_when_the_kernels_do_not_build(monkeypatch):
-  monkeypatch.setenv("KD_LANDMARKS_NATIVE", "0")
+def test_ci_fails_instead_of_skipping_when_the_kernels_do_not_build(monkeypatch, tmp_path):
+  monkeypatch.setenv("CXX", "false")  # A "compiler" that always fails, and an empty cache.
+  monkeypatch.setenv("KD_LANDMARKS_NATIVE_CACHE", str(tmp_path))
   native._reset()  # pylint: disable=protected-access
   try:
     monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="CI=true: native kernels unavailable: disabled by"):
+    with pytest.raises(pytest.fail.Exception, match="CI=true: native kernels unavailable: compiling"):
       require_native_kernels()
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="native kernels unavailable"):
       require_native_kernels()
   finally:
-    monkeypatch.delenv("KD_LANDMARKS_NATIVE")
+    monkeypatch.delenv("CXX")
+    monkeypatch.delenv("KD_LANDMARKS_NATIVE_CACHE")
     native._reset()  # pylint: disable=protected-access
