@@ -8,6 +8,7 @@ import pytest
 
 from kd_landmarks import augment
 from kd_landmarks import coords
+from kd_landmarks.cpu import kernels as cpu_kernels
 from kd_landmarks.cpu import native
 from kd_landmarks.datasets import flips
 
@@ -43,8 +44,13 @@ def _centroid(image):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_augment(config, out_size=OUT_SIZE):
-  return jax.jit(functools.partial(augment.augment, out_size=out_size, flip_permutation=PERM, config=config))
+def _jitted_augment(config, out_size=OUT_SIZE, kernels=augment.PORTABLE):
+  return jax.jit(functools.partial(augment.augment, out_size=out_size, flip_permutation=PERM, config=config,
+                                   kernels=kernels))
+
+
+# augment's kernels in CPU training (kd_landmarks/cpu): the native warp and the batch-wide native noise.
+NATIVE_KERNELS = augment.AugmentKernels(warp=cpu_kernels.warp_native, batch_noise=cpu_kernels.batch_noise_native)
 
 
 # One compile per input structure (eager dispatch of the vmapped warp costs far more than compiling it).
@@ -219,15 +225,20 @@ def test_full_augment_stays_in_range_and_is_deterministic_per_key():
 
 
 @pytest.mark.parametrize("fill_mode", ["constant", "nearest"])
-def test_samplers_agree(fill_mode):
+def test_warp_equals_scipy_bilinear_sampling(fill_mode):
+  # An independent bilinear sampler (jax.scipy.ndimage.map_coordinates, order 1) against the gather.
   image = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
   # A rotation + scale that samples outside the image too.
   affine = np.array([[0.9, -0.5, -3.0], [0.5, 0.9, 2.0]], np.float32)
-  samplers = ("gather", "map_coordinates") + (("native",) if native.available() else ())
-  results = [jax.jit(augment.warp_image, static_argnums=2, static_argnames=("sampler", "fill_mode"))(
-      image, affine, 16, sampler=sampler, fill_mode=fill_mode) for sampler in samplers]
-  for result in results[1:]:
-    np.testing.assert_allclose(result, results[0], atol=1e-5)
+  got = jax.jit(augment.warp_image, static_argnums=2, static_argnames=("fill_mode",))(
+      image, affine, 16, fill_mode=fill_mode)
+  grid = np.arange(16, dtype=np.float32)
+  qx, qy = np.meshgrid(grid, grid)
+  x = affine[0, 0] * qx + affine[0, 1] * qy + affine[0, 2]
+  y = affine[1, 0] * qx + affine[1, 1] * qy + affine[1, 2]
+  want = np.stack([jax.scipy.ndimage.map_coordinates(image[..., c].astype(np.float32), [y, x], order=1,
+                                                      mode=fill_mode, cval=0.0) for c in range(3)], -1) / 255.0
+  np.testing.assert_allclose(got, want, atol=1e-5)
   # On integer positions the sampler returns the pixel itself.
   identity = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 3.0]], np.float32)
   np.testing.assert_allclose(jax.jit(augment.warp_image, static_argnums=2)(image, identity, 8),
@@ -247,11 +258,11 @@ def test_native_warp_equals_gather_in_a_batch_with_a_fill_value(fill_mode):
                                 [1.3 * np.sin(a) * f, 1.3 * np.cos(a), rng.uniform(-8, 34)]], np.float32)
                       for a, f in zip(angles, flips_)])
 
-  def warp_all(sampler):
-    return np.asarray(jax.jit(jax.vmap(lambda i, a: augment.warp_image(
-        i, a, 20, sampler=sampler, fill_mode=fill_mode, fill_value=0.25)))(images, affines))
+  def warp_all(warp):
+    return np.asarray(jax.jit(jax.vmap(lambda i, a: warp(i, a, 20, fill_mode, 0.25)))(images, affines))
 
-  gathered, natively = warp_all("gather"), warp_all("native")
+  gathered = warp_all(lambda i, a, s, m, v: augment.warp_image(i, a, s, fill_mode=m, fill_value=v))
+  natively = warp_all(cpu_kernels.warp_native)
   assert natively.shape == (5, 20, 20, 3) and natively.dtype == np.float32
   np.testing.assert_allclose(natively, gathered, atol=2e-6)
   if fill_mode == "constant":
@@ -262,14 +273,6 @@ def test_native_warp_equals_gather_in_a_batch_with_a_fill_value(fill_mode):
   expected = (0.5 * (0.75 * image[2, 1] + 0.25 * image[2, 2]) + 0.5 * (0.75 * image[3, 1] + 0.25 * image[3, 2]))
   got = np.asarray(native.affine_warp(images[0], shift, 4, fill_mode=fill_mode))[0, 0]
   np.testing.assert_allclose(got, expected / 255.0, atol=1e-6)
-
-
-def test_auto_is_native_on_cpu_where_the_kernels_build(monkeypatch):
-  assert augment.AugmentConfig().sampler == "auto" and augment.AugmentConfig().noise_impl == "auto"
-  assert augment.resolve_native("auto", "gather") == ("native" if native.available() else "gather")
-  assert augment.resolve_native("gather", "jnp") == "gather"
-  monkeypatch.setattr(native, "available", lambda: False)
-  assert augment.resolve_native("auto", "jnp") == "jnp"
 
 
 def test_bad_input_errors():
@@ -286,10 +289,8 @@ def test_bad_input_errors():
                     flip_permutation=flips.flip_permutation(29))
   with pytest.raises(ValueError, match="flip_permutation is None"):
     augment.augment(jax.random.key(0), images, {"landmarks": shapes}, flip_permutation=None)
-  with pytest.raises(ValueError, match="sampler"):
-    augment.AugmentConfig(sampler="nearest")
-  with pytest.raises(ValueError, match="noise_impl"):
-    augment.AugmentConfig(noise_impl="numpy")
+  with pytest.raises(ValueError, match="fill_mode"):
+    augment.AugmentConfig(fill_mode="reflect")
   if native.available():
     with pytest.raises(ValueError, match=r"uint8 images \[\.\.\., H, W, C\] and affines"):
       native.affine_warp(images.astype(np.float32)[0], np.zeros((2, 3), np.float32), 8)
@@ -344,13 +345,14 @@ def test_native_noise_is_gaussian_and_a_pure_function_of_the_key():
 def test_noise_std_is_drawn_per_image_within_its_range(noise_impl):
   if noise_impl == "native" and not native.available():
     pytest.skip("no C++ compiler for the native kernels")
+  kernels = NATIVE_KERNELS if noise_impl == "native" else augment.PORTABLE
   """augment's Gaussian noise: the difference to the same draw without noise has, per image, a standard
   deviation in [0, max_noise_std], different from image to image, and no correlation between images."""
   shapes = _random_shapes(3, 6)
   images = np.full((6, STORED_SIZE, STORED_SIZE, 3), 128, np.uint8)  # mid-grey: the clip never acts
   sets = {"landmarks": shapes}
-  noisy_config = augment.AugmentConfig(photometric=False, max_noise_std=0.04, noise_impl=noise_impl)
-  noisy = _jitted_augment(noisy_config)(jax.random.key(7), images, sets)[0]
+  noisy_config = augment.AugmentConfig(photometric=False, max_noise_std=0.04)
+  noisy = _jitted_augment(noisy_config, kernels=kernels)(jax.random.key(7), images, sets)[0]
   clean = _jitted_augment(GEOMETRY_ONLY)(jax.random.key(7), images, sets)[0]
   noise = np.asarray(noisy - clean).reshape(6, -1)
   inside = np.asarray(clean).reshape(6, -1) > 0.3  # where the warp read the grey crop (no clip at 0 or 1)

@@ -80,7 +80,7 @@ def test_train_batches_from_a_resume_step_join_the_teacher_cache_by_index():
 
 def _single_device_step(spec, state, batch, rng, teachers=None):
   mesh = parallel.make_mesh(jax.devices()[:1])
-  step = train.compile_train_step(spec, mesh, with_teachers=teachers is not None)
+  step = train.compile_train_step(spec, mesh)
   state = jax.tree.map(jnp.copy, state)  # The step donates its state; keep the caller's copy alive.
   args = (state, parallel.shard_host_batch(train.step_batch(spec, batch), mesh), rng)
   return step(*args, teachers) if teachers is not None else step(*args)

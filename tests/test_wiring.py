@@ -153,7 +153,7 @@ def test_online_and_cached_teachers_give_the_same_student_step(teacher_workdir):
   rng = jax.random.PRNGKey(3)
   spec_cached = train.StepSpec(
       target="student", loss_fn=losses.get_student_loss("kd"), loss_variant="paper", image_size=fx.IMAGE_SIZE,
-      flip_permutation=None, augment_config=AUGMENT_OFF, learning_rate_fn=lambda step: 1e-2)
+      flip_permutation=None, augment_config=AUGMENT_OFF, learning_rate_fn=lambda step: 1e-2, distill=True)
   module = teacher_workdir.module
   spec_online = train.StepSpec(**{**spec_cached.__dict__, "teacher_modules": {"tough": module,
                                                                               "tolerant": module}})
@@ -188,7 +188,7 @@ def test_cached_predictions_are_augmented_like_the_landmarks(variant):
   config = augment.AugmentConfig(rotation=True, max_rotation_degrees=30.0, flip=True, flip_probability=0.5)
   spec = train.StepSpec(target="student", loss_fn=losses.get_student_loss("kd"), loss_variant=variant,
                         image_size=fx.IMAGE_SIZE, flip_permutation=fx.make_spec().flip_permutation,
-                        augment_config=config, learning_rate_fn=lambda step: 1e-2)
+                        augment_config=config, learning_rate_fn=lambda step: 1e-2, distill=True)
   state = _state()
   step_rng = jax.random.PRNGKey(11)
   _, metrics = _single_device_step(spec, state, cached, step_rng)

@@ -60,7 +60,7 @@ def make_spec(target="landmarks", loss="l2", *, learning_rate=1e-2, decay=1e-6, 
   return train.StepSpec(target=target, loss_fn=losses.get_student_loss(loss), loss_variant="paper",
                         image_size=IMAGE_SIZE, flip_permutation=flips.flip_permutation(NUM_LANDMARKS),
                         augment_config=config, learning_rate_fn=learning_rate_fn,
-                        teacher_modules=teacher_modules)
+                        distill=target == "student" and loss.startswith("kd"), teacher_modules=teacher_modules)
 
 
 def make_tx(learning_rate=1e-2):

@@ -116,7 +116,7 @@ def pmap_vs_shard_map():
   state = train.create_train_state(jax.random.PRNGKey(0), fx.TinyModel(), fx.IMAGE_SIZE, fx.make_tx())
   rng = jax.random.PRNGKey(3)
 
-  pmapped = jax.pmap(functools.partial(train.train_step, spec=spec), axis_name=parallel.AXIS,
+  pmapped = jax.pmap(functools.partial(train.regression_step, spec=spec), axis_name=parallel.AXIS,
                      in_axes=(0, 0, None))
   replicated = jax.tree.map(lambda x: jnp.stack([x] * devices), state)
   per_device = jax.tree.map(lambda x: x.reshape((devices, -1) + x.shape[1:]), batch)
