@@ -19,9 +19,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import integrate
 
-from kd_landmarks.datasets.info import get_info
+from kd_landmarks.datasets.info import INTER_PUPIL_DATASETS, WFLW_ATTRIBUTE_SPLITS, get_info
 
 NORMALIZATIONS = ("inter_ocular", "inter_pupil")
+# Where the evaluation writes a model's metrics (MODEL_DIR/eval/metrics.json: {split: split_metrics(...)}),
+# and metrics.json's one entry that is not a split: how the evaluated checkpoint was chosen.
+EVAL_DIR = "eval"
+METRICS_FILE = "metrics.json"
+SELECTION_KEY = "selection"
 
 
 def normalizing_distance(gt, *, dataset, normalization="inter_ocular"):
@@ -104,3 +109,44 @@ def failure_rate_and_auc(nmes, *, threshold=FAILURE_THRESHOLD, step=1e-4):
   failure_rate = float(np.mean(nmes > threshold))
   auc = float(integrate.simpson(ys, x=xs) / threshold)
   return failure_rate, auc
+
+
+# ----------------------------------------------------------------------------------------------------
+# A split's summary, as the evaluation writes it and the report reads it.
+
+
+def image_nmes(pred, gt, *, dataset: str) -> np.ndarray:
+  """Per-image inter-ocular NME [N] (fractions): what every metric of a split summarises."""
+  return np.asarray(nme(pred, gt, dataset=dataset, normalization="inter_ocular"), dtype=np.float64)
+
+
+def split_metrics(pred, gt, *, dataset: str, nmes=None) -> dict:
+  """NME (inter-ocular; plus inter-pupil for 300W-style data), FR@0.1 and AUC@0.1 of one split.
+
+  ``nmes``: ``image_nmes(pred, gt, dataset=dataset)`` when the caller already has them.
+  """
+  nmes = image_nmes(pred, gt, dataset=dataset) if nmes is None else np.asarray(nmes, dtype=np.float64)
+  failure_rate, auc = failure_rate_and_auc(nmes, threshold=FAILURE_THRESHOLD)
+  result = {"nme": float(np.mean(nmes)), "fr": float(failure_rate), "auc": float(auc), "count": int(len(nmes))}
+  if dataset in INTER_PUPIL_DATASETS:
+    result["nme_inter_pupil"] = float(np.mean(nme(pred, gt, dataset=dataset,
+                                                          normalization="inter_pupil")))
+  return result
+
+
+def attribute_subsets(attributes, *, dataset: str, split: str) -> dict[str, np.ndarray]:
+  """Rows of each WFLW attribute subset (Table 4) in the ``test`` split: {"test_<attribute>": rows}.
+
+  Empty for any other dataset or split, or without ``attributes`` [N, 6]. A face is in a subset when its
+  flag is set (non-zero, the reader's rule for the subsets it stores as their own splits); subsets
+  without a face are left out rather than reported as NaN.
+  """
+  if dataset != "wflw" or split != "test" or attributes is None:
+    return {}
+  attributes = np.asarray(attributes)
+  subsets = {}
+  for column, subset in enumerate(WFLW_ATTRIBUTE_SPLITS):
+    rows = np.flatnonzero(attributes[:, column] != 0)
+    if rows.size:
+      subsets[subset] = rows
+  return subsets

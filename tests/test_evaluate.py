@@ -9,6 +9,7 @@ import pytest
 
 from kd_landmarks import augment
 from kd_landmarks import coords
+from kd_landmarks import metrics
 from kd_landmarks.evaluation import evaluate
 import train_fixtures as fx
 
@@ -75,13 +76,13 @@ def test_split_metrics_by_hand():
   pred = gt.copy()
   pred[0] += (5.0, 0.0)     # Every point 5 px off: NME 0.05.
   pred[1] += (0.0, 20.0)    # 20 px off: NME 0.2, a failure at 0.1.
-  result = evaluate.split_metrics(pred, gt, dataset="300w")
+  result = metrics.split_metrics(pred, gt, dataset="300w")
   assert result["nme"] == pytest.approx(0.125)
   assert result["fr"] == pytest.approx(0.5)
   assert result["count"] == 2
   assert "nme_inter_pupil" in result
   cofw_gt = np.random.default_rng(0).uniform(0, 100, (1, 29, 2))
-  assert "nme_inter_pupil" not in evaluate.split_metrics(cofw_gt, cofw_gt, dataset="cofw")  # Table 3: 300W.
+  assert "nme_inter_pupil" not in metrics.split_metrics(cofw_gt, cofw_gt, dataset="cofw")  # Table 3: 300W.
 
 
 def test_evaluate_model_writes_the_files_the_report_reads(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kd_landmarks import metrics
 from kd_landmarks.evaluation import paper_results
 from kd_landmarks.evaluation import report
 from kd_landmarks.datasets import info as dataset_info
@@ -522,11 +523,11 @@ def test_agrees_with_what_the_evaluate_step_writes(tmp_path):
   gt = make_faces("wflw", 10)
   pred = gt + rng.normal(scale=6.0, size=gt.shape)
   attributes = (rng.uniform(size=(10, 6)) < 0.4).astype(np.int32)
-  stored = {"test": evaluate.split_metrics(pred, gt, dataset="wflw")}
+  stored = {"test": metrics.split_metrics(pred, gt, dataset="wflw")}
   for column, name in enumerate(dataset_info.WFLW_ATTRIBUTES):
     mask = attributes[:, column] != 0
     if mask.any():
-      stored[f"test_{name}"] = evaluate.split_metrics(pred[mask], gt[mask], dataset="wflw")
+      stored[f"test_{name}"] = metrics.split_metrics(pred[mask], gt[mask], dataset="wflw")
   write_model(tmp_path, "student_kd", dataset="wflw", role="student", loss="kd",
               splits={"test": (pred, gt, attributes)}, metrics_json=stored)
   text = report.build_report(tmp_path).read_text()

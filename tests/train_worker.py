@@ -86,6 +86,7 @@ def evaluate_in_memory():
   import jax.numpy as jnp
   import numpy as np
   import train_fixtures as fx
+  from kd_landmarks import metrics as metrics_lib
   from kd_landmarks.evaluation import evaluate
   model = fx.TinyModel()
   variables = model.init(jax.random.PRNGKey(4), jnp.zeros((1, fx.IMAGE_SIZE, fx.IMAGE_SIZE, 3)))
@@ -93,7 +94,7 @@ def evaluate_in_memory():
                "batch_stats": jax.tree.map(lambda x: x + 0.3, variables["batch_stats"])}
   result = evaluate.predict_source(model, variables, fx.InMemorySource(11, seed=2), image_size=fx.IMAGE_SIZE,
                                    batch_size=4)
-  metrics = evaluate.split_metrics(result["pred"], result["gt"], dataset="synthetic")
+  metrics = metrics_lib.split_metrics(result["pred"], result["gt"], dataset="synthetic")
   out = {key: np.asarray(result[key]) for key in ("pred", "pred_crop", "gt", "index")}
   out["image_id"] = np.asarray(result["image_id"]).astype(str)
   out.update({f"metric_{key}": np.asarray(value) for key, value in metrics.items()})

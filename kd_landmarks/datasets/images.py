@@ -155,3 +155,9 @@ def encode_image(image: np.ndarray, encoding: str) -> bytes:
   else:
     raise ValueError(f"unknown image encoding {encoding!r}; choose from ['jpeg', 'png']")
   return buffer.getvalue()
+
+
+def as_str(value) -> str:
+  """An image id (str, bytes, or a numpy scalar or 0-d array of either) as str."""
+  value = np.asarray(value).item() if not isinstance(value, (str, bytes)) else value
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)

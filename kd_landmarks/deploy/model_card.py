@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from kd_landmarks.evaluation import evaluate
+from kd_landmarks import metrics
 
 MODEL_CARD = "MODEL_CARD.md"
 
@@ -53,7 +53,7 @@ def _checkpoint_text(checkpoint) -> str:
 def read_metrics(model_dir: str | None) -> dict | None:
   """The run's evaluation (``MODEL_DIR/eval/metrics.json``), or None when the model was never evaluated."""
 
-  path = os.path.join(model_dir, evaluate.EVAL_DIR, evaluate.METRICS_FILE) if model_dir else None
+  path = os.path.join(model_dir, metrics.EVAL_DIR, metrics.METRICS_FILE) if model_dir else None
   if not path or not os.path.exists(path):
     return None
   with open(path) as f:

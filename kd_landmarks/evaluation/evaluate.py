@@ -27,14 +27,9 @@ from kd_landmarks import coords
 from kd_landmarks.training import input_pipeline
 from kd_landmarks import metrics
 from kd_landmarks.training import parallel
+from kd_landmarks.datasets import images
 from kd_landmarks.datasets import info
-from kd_landmarks.datasets.info import INTER_PUPIL_DATASETS, WFLW_ATTRIBUTE_SPLITS
-from kd_landmarks.metrics import FAILURE_THRESHOLD
 
-EVAL_DIR = "eval"
-METRICS_FILE = "metrics.json"
-# metrics.json's one entry that is not a split: how the evaluated checkpoint was chosen.
-SELECTION_KEY = "selection"
 
 
 def predict_crop_pixels(module, variables, images_uint8, landmarks_crop, *, image_size: int):
@@ -105,60 +100,17 @@ def predict_source(module, variables, source, *, image_size: int, batch_size: in
     image_ids = np.concatenate(local_ids)[mask]
   else:  # Strings do not all-gather: every process reads the ids of the whole split.
     image_ids = [source[position]["image_id"] for position in range(len(source))]
-  result["image_id"] = np.array([as_str(image_id) for image_id in image_ids])
+  result["image_id"] = np.array([images.as_str(image_id) for image_id in image_ids])
   result["pred"] = coords.apply_affine(result["crop_to_original"].astype(np.float64),
                                        result["pred_crop"].astype(np.float64)).astype(np.float32)
   return result
-
-
-def as_str(value) -> str:
-  """An image id (str, bytes, or a numpy scalar or 0-d array of either) as str."""
-  value = np.asarray(value).item() if not isinstance(value, (str, bytes)) else value
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def image_nmes(pred, gt, *, dataset: str) -> np.ndarray:
-  """Per-image inter-ocular NME [N] (fractions): what every metric of a split summarises."""
-  return np.asarray(metrics.nme(pred, gt, dataset=dataset, normalization="inter_ocular"), dtype=np.float64)
-
-
-def split_metrics(pred, gt, *, dataset: str, nmes=None) -> dict:
-  """NME (inter-ocular; plus inter-pupil for 300W-style data), FR@0.1 and AUC@0.1 of one split.
-
-  ``nmes``: ``image_nmes(pred, gt, dataset=dataset)`` when the caller already has them.
-  """
-  nmes = image_nmes(pred, gt, dataset=dataset) if nmes is None else np.asarray(nmes, dtype=np.float64)
-  failure_rate, auc = metrics.failure_rate_and_auc(nmes, threshold=FAILURE_THRESHOLD)
-  result = {"nme": float(np.mean(nmes)), "fr": float(failure_rate), "auc": float(auc), "count": int(len(nmes))}
-  if dataset in INTER_PUPIL_DATASETS:
-    result["nme_inter_pupil"] = float(np.mean(metrics.nme(pred, gt, dataset=dataset,
-                                                          normalization="inter_pupil")))
-  return result
-
-
-def attribute_subsets(attributes, *, dataset: str, split: str) -> dict[str, np.ndarray]:
-  """Rows of each WFLW attribute subset (Table 4) in the ``test`` split: {"test_<attribute>": rows}.
-
-  Empty for any other dataset or split, or without ``attributes`` [N, 6]. A face is in a subset when its
-  flag is set (non-zero, the reader's rule for the subsets it stores as their own splits); subsets
-  without a face are left out rather than reported as NaN.
-  """
-  if dataset != "wflw" or split != "test" or attributes is None:
-    return {}
-  attributes = np.asarray(attributes)
-  subsets = {}
-  for column, subset in enumerate(WFLW_ATTRIBUTE_SPLITS):
-    rows = np.flatnonzero(attributes[:, column] != 0)
-    if rows.size:
-      subsets[subset] = rows
-  return subsets
 
 
 def mean_nme(module, variables, *, source, dataset: str, image_size: int, batch_size: int, mesh=None) -> float:
   """Mean inter-ocular NME of ``variables`` on ``source`` (the validation score for the best checkpoint)."""
   result = predict_source(module, variables, source, image_size=image_size, batch_size=batch_size,
                           mesh=mesh, desc="validate")
-  return float(np.mean(image_nmes(result["pred"], result["gt"], dataset=dataset)))
+  return float(np.mean(metrics.image_nmes(result["pred"], result["gt"], dataset=dataset)))
 
 
 def eval_splits(config) -> list[str]:
@@ -173,7 +125,7 @@ def evaluate_model(model_dir: str, *, splits, load_split_fn: Callable[[str], Any
   """Evaluates the best (else newest) checkpoint of ``model_dir`` on ``splits``; writes eval/ files."""
   module, variables, meta = checkpoint.load_inference_variables(model_dir)
   dataset = meta["dataset"]
-  out_dir = os.path.join(model_dir, EVAL_DIR)
+  out_dir = os.path.join(model_dir, metrics.EVAL_DIR)
   is_chief = jax.process_index() == 0
   os.makedirs(out_dir, exist_ok=True)
   all_metrics = {}
@@ -181,18 +133,18 @@ def evaluate_model(model_dir: str, *, splits, load_split_fn: Callable[[str], Any
     result = predict_source(module, variables, load_split_fn(split), image_size=int(meta["image_size"]),
                             batch_size=batch_size, mesh=mesh,
                             desc=f"eval {os.path.basename(os.path.normpath(model_dir))} {split}")
-    all_metrics[split] = split_metrics(result["pred"], result["gt"], dataset=dataset)
+    all_metrics[split] = metrics.split_metrics(result["pred"], result["gt"], dataset=dataset)
     if is_chief:
       np.savez(os.path.join(out_dir, f"{split}.npz"), pred=result["pred"], gt=result["gt"],
                image_id=result["image_id"], attributes=result["attributes"], occluded=result["occluded"])
     # Subsets by attribute flag (Table 4), unless the builder stored them as their own splits.
-    for subset, rows in attribute_subsets(result["attributes"], dataset=dataset, split=split).items():
+    for subset, rows in metrics.attribute_subsets(result["attributes"], dataset=dataset, split=split).items():
       if subset not in splits:
-        all_metrics[subset] = split_metrics(result["pred"][rows], result["gt"][rows], dataset=dataset)
+        all_metrics[subset] = metrics.split_metrics(result["pred"][rows], result["gt"][rows], dataset=dataset)
   all_metrics = dict(all_metrics)
-  all_metrics[SELECTION_KEY] = checkpoint_selection(meta)
+  all_metrics[metrics.SELECTION_KEY] = checkpoint_selection(meta)
   if is_chief:
-    with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
+    with open(os.path.join(out_dir, metrics.METRICS_FILE), "w") as f:
       json.dump(all_metrics, f, indent=2, sort_keys=True)
     _write_tensorboard(model_dir, all_metrics, step=meta["checkpoint"][1])
   return all_metrics
@@ -216,7 +168,7 @@ def checkpoint_selection(meta) -> dict:
 
 def is_current(model_dir: str) -> bool:
   """metrics.json exists and was written after training finished (so phase=all may skip it)."""
-  metrics_path = os.path.join(model_dir, EVAL_DIR, METRICS_FILE)
+  metrics_path = os.path.join(model_dir, metrics.EVAL_DIR, metrics.METRICS_FILE)
   done_path = os.path.join(model_dir, checkpoint.DONE_FILE)
   return (os.path.exists(metrics_path) and os.path.exists(done_path)
           and os.path.getmtime(metrics_path) >= os.path.getmtime(done_path))
@@ -227,7 +179,7 @@ def _write_tensorboard(model_dir, all_metrics, step):
   writer = SummaryWriter(os.path.join(model_dir, "events"))
   try:
     for split, values in all_metrics.items():
-      if split == SELECTION_KEY:
+      if split == metrics.SELECTION_KEY:
         continue
       for name, value in values.items():
         writer.add_scalar(f"eval/{split}/{name}", value, step)

@@ -30,15 +30,14 @@ import numpy as np
 from tqdm import tqdm
 
 from kd_landmarks import coords
-from kd_landmarks.datasets.images import STORED_CROP_SCALE
-from kd_landmarks.evaluation import paper_results
+from kd_landmarks import datasets
+from kd_landmarks import metrics
 from kd_landmarks.datasets import info as dataset_info
+from kd_landmarks.datasets.images import STORED_CROP_SCALE, as_str
 from kd_landmarks.datasets.info import WFLW_ATTRIBUTE_SPLITS
-from kd_landmarks.metrics import FAILURE_THRESHOLD
+from kd_landmarks.evaluation import paper_results
 from kd_landmarks.evaluation import stats
-
-# metrics.json's entry recording how the checkpoint was chosen (evaluate.SELECTION_KEY; evaluate needs jax).
-SELECTION_KEY = "selection"
+from kd_landmarks.metrics import FAILURE_THRESHOLD, SELECTION_KEY
 
 # Student loss (config name) -> the paper's name for the model it trains.
 _LOSS_TO_METHOD = {
@@ -228,24 +227,10 @@ def load_npz(path: Path, *, num_landmarks: int | None) -> dict[str, np.ndarray]:
   return arrays
 
 
-def _metrics_module():
-  # Imported lazily so that reading paper tables does not need the metrics' dependencies (scipy.integrate:
-  # 0.8 s measured on this 2-core Xeon).
-  from kd_landmarks import metrics
-  return metrics
-
-
-def _evaluate_module():
-  # Imported lazily (it needs jax: 1.5 s measured on this 2-core Xeon) so that reading paper tables does not.
-  from kd_landmarks.evaluation import evaluate
-  return evaluate
-
-
 def _evaluate_arrays(arrays, *, dataset, split, image_split, image_rows, source):
   """Per-image NMEs and the split's metrics from prediction arrays, as the evaluate step computes them."""
-  evaluate = _evaluate_module()
-  nmes = evaluate.image_nmes(arrays["pred"], arrays["gt"], dataset=dataset)
-  values = evaluate.split_metrics(arrays["pred"], arrays["gt"], dataset=dataset, nmes=nmes)
+  nmes = metrics.image_nmes(arrays["pred"], arrays["gt"], dataset=dataset)
+  values = metrics.split_metrics(arrays["pred"], arrays["gt"], dataset=dataset, nmes=nmes)
   return SplitEval(
       split=split, count=values["count"], nme=values["nme"], fr=values["fr"], auc=values["auc"],
       nme_inter_pupil=values.get("nme_inter_pupil"), nmes=nmes, pred=arrays["pred"], gt=arrays["gt"],
@@ -277,7 +262,7 @@ def load_model_results(model: ModelEntry, *, dataset: str, warnings: list[str]) 
         arrays, dataset=dataset, split=split, image_split=split,
         image_rows=np.arange(arrays["gt"].shape[0]), source=str(path.relative_to(model.path.parent)))
     # The WFLW subsets by attribute flag, as the evaluate step derives them, unless stored separately.
-    subsets = _evaluate_module().attribute_subsets(arrays.get("attributes"), dataset=dataset, split=split)
+    subsets = metrics.attribute_subsets(arrays.get("attributes"), dataset=dataset, split=split)
     for subset, rows in subsets.items():
       if subset in npz_paths:
         continue
@@ -682,7 +667,6 @@ def _new_figure(width, height, dpi=100):
 def plot_ced(curves: Sequence[tuple[str, SplitEval]], path: Path, *, title: str,
              threshold: float = FAILURE_THRESHOLD) -> Path:
   """Fig. 10: the cumulative distribution of per-image NME up to ``threshold``, one curve per model."""
-  metrics = _metrics_module()
   figure = _new_figure(6.4, 4.8, dpi=120)
   ax = figure.add_subplot(1, 1, 1)
   for label, result in curves:
@@ -709,7 +693,7 @@ def landmark_failures(pred, gt, *, dataset: str, threshold: float = FAILURE_THRE
   the NME uses (Section 4.2, ``kd_landmarks.metrics.normalizing_distance``).
   """
   gt = np.asarray(gt, dtype=np.float64)
-  inter_ocular = _metrics_module().normalizing_distance(gt, dataset=dataset, normalization="inter_ocular")
+  inter_ocular = metrics.normalizing_distance(gt, dataset=dataset, normalization="inter_ocular")
   if np.any(inter_ocular <= 0):
     raise ValueError("ground truth with coincident outer eye corners: the inter-ocular distance is 0")
   errors = np.linalg.norm(np.asarray(pred, dtype=np.float64) - gt, axis=-1)
@@ -776,7 +760,6 @@ def plot_qualitative(rows_of_models: Sequence[tuple[str, SplitEval]], path: Path
     try:
       example = get_image(reference.image_split, int(reference.image_rows[ref_row]))
       stored_id = example.get("image_id") if isinstance(example, Mapping) else None
-      as_str = _evaluate_module().as_str
       if stored_id is not None and as_str(stored_id) != str(reference.image_id[ref_row]):
         # Rows of the npz follow the split's order; a different id means the data changed since eval.
         raise ValueError(f"stored image_id {as_str(stored_id)!r} differs from the evaluation's "
@@ -837,7 +820,6 @@ def plot_qualitative(rows_of_models: Sequence[tuple[str, SplitEval]], path: Path
 
 def _default_get_image(dataset, data_dir):
   """``get_image`` over the stored dataset (each split opened once); ids are checked by the caller."""
-  from kd_landmarks import datasets  # imported lazily: tfds is slow to import (0.44 s measured)
   sources = {}
 
   def get_image(split, index):
