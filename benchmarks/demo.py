@@ -1,26 +1,26 @@
-"""The demo's training speed, as a user sees it: before and after the CPU speed-ups, same machine, same run.
+"""The demo's training speed, as a user sees it: the portable kernels against the CPU kernels, same machine, same run.
 
-Runs ``python -m kd_landmarks.main --config configs/demo.py`` (one seed per student loss unless
-``--seeds``) once per variant, each in its own fresh workdir (so each compiles from scratch), in turn:
+Runs ``python -m kd_landmarks.main --config configs/demo.py`` (one seed per student loss unless ``--seeds``)
+once per variant, each in its own fresh workdir (so each renders its data and compiles from scratch), in turn:
 
-  before   --config.input_cache_mb=0 --config.kernel_choice=rules --config.preload_allocator=False
-           --config.augment.sampler=gather --config.augment.noise_impl=jnp (the split decoded from disk every
-           epoch, the kernels by rule, glibc's malloc, the augmentation in jax.numpy: what the demo did up to
-           8ae7448, the same augmentation draws)
-  after    the defaults (the split held decoded in memory, the kernels measured on this machine and cached,
-           tcmalloc preloaded where installed, the augmentation's warp and noise in native kernels)
-
-Another CPU's build, timed here: KD_LANDMARKS_NATIVE_MARCH=znver3 XLA_FLAGS=--xla_cpu_max_isa=AVX2 (the
-environment reaches both runs).
-
-The kernel-choice cache is left as it is: delete kernel_choices.json in the native kernels' cache directory
-(~/.cache/kd_landmarks/cpu/native) to include the one-time measurement in the 'after' wall time.
+  portable     --config.cpu_kernels=False: the models' and the augmentation's portable kernels (grouped
+               lax.conv depthwise, 1x1 lax.conv, flax's BatchNorm, the jax.numpy warp and noise) and glibc's
+               malloc as it comes, what training on an accelerator computes
+  cpu_kernels  the defaults: the CPU training kernels of kd_landmarks/cpu (native where a compiler builds
+               them, else their XLA forms) and glibc's malloc keeping freed memory
 
 and prints, per model, the first step's seconds (compilation included) and the training loop's img/s after it
-(``train_speed.json``, validation and checkpoints included), the wall time of each variant, and the ratios.
+(``train_speed.json``, validation and checkpoints included), which kernels trained it (``model.json``'s
+``train_kernels``), the wall time of each variant, and the ratios.
 
-  python benchmarks/demo.py                    # ~6 min on 2 cores
+The environment reaches both runs: ``LD_PRELOAD`` (e.g. tcmalloc), or another CPU's build timed here with
+``KD_LANDMARKS_NATIVE_MARCH=znver3 XLA_FLAGS=--xla_cpu_max_isa=AVX2``. Arguments of the form
+``--config.KEY=VALUE`` after the benchmark's own go to both runs.
+
+  python benchmarks/demo.py                    # the demo's step counts, one seed per student loss
   python benchmarks/demo.py --steps_scale 0.25 # a quicker look (fewer steps: the first step weighs more)
+  python benchmarks/demo.py --steps_scale 0.02 --config.synthetic.num_train=128 --config.synthetic.num_test=32
+                                               # checks that it runs
 """
 from __future__ import annotations
 
@@ -37,17 +37,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kd_landmarks.training import machine  # noqa: E402
 
 VARIANTS = {
-    "before": ["--config.input_cache_mb=0", "--config.kernel_choice=rules", "--config.preload_allocator=False",
-               "--config.augment.sampler=gather", "--config.augment.noise_impl=jnp"],
-    "after": [],
+    "portable": ["--config.cpu_kernels=False"],
+    "cpu_kernels": [],
 }
 
 
-def run_variant(name, flags, workdir, args) -> dict:
+def run_variant(name, flags, workdir, args, extra) -> dict:
   command = [sys.executable, "-m", "kd_landmarks.main", "--config", "configs/demo.py", "--workdir", workdir,
              f"--config.student_seeds={args.seeds}",
-             f"--config.teacher.num_train_steps={int(800 * args.steps_scale)}",
-             f"--config.student.num_train_steps={int(600 * args.steps_scale)}", *flags]
+             f"--config.teacher.num_train_steps={max(2, int(800 * args.steps_scale))}",
+             f"--config.student.num_train_steps={max(2, int(600 * args.steps_scale))}", *flags, *extra]
   print(f"[{name}] {' '.join(command[1:])}", flush=True)
   started = time.time()
   completed = subprocess.run(command, cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."),
@@ -55,51 +54,60 @@ def run_variant(name, flags, workdir, args) -> dict:
   wall = time.time() - started
   if completed.returncode != 0:
     sys.exit(f"[{name}] failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
-  measured = [line.split("kernel choice for ", 1)[1] for line in completed.stderr.splitlines()
-              if "kernel choice for " in line]
-  for line in measured:
-    print(f"[{name}] kernel choice for {line}", flush=True)
-  speeds = {}
+  speeds, kernels = {}, {}
   for model in sorted(os.listdir(workdir)):
     path = os.path.join(workdir, model, "train_speed.json")
     if os.path.exists(path):
       with open(path) as f:
         speeds[model] = json.load(f)
-  return {"wall_seconds": wall, "models": speeds, "kernel_choice": measured}
+      with open(os.path.join(workdir, model, "model.json")) as f:
+        kernels[model] = json.load(f).get("train_kernels", "?")
+  for description in sorted(set(kernels.values())):
+    print(f"[{name}] trained with: {description}", flush=True)
+  return {"wall_seconds": wall, "models": speeds, "train_kernels": kernels}
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seeds", type=int, default=1, help="seeds per student loss (the demo's default is 3)")
   parser.add_argument("--steps_scale", type=float, default=1.0, help="scales the demo's step counts")
-  parser.add_argument("--variants", default="before,after")
+  parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, among {', '.join(VARIANTS)}")
   parser.add_argument("--json", default="", help="also write the figures here")
-  args = parser.parse_args(argv)
+  args, extra = parser.parse_known_args(argv)
+  unknown = [arg for arg in extra if not arg.startswith("--config.")]
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)} (only --config.KEY=VALUE goes to the runs)")
+  names = [name for name in args.variants.split(",") if name]
+  if not names or set(names) - set(VARIANTS):
+    parser.error(f"--variants: choose among {', '.join(VARIANTS)}")
   print(f"CPU {machine.cpu_description()}", flush=True)
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
-    for name in args.variants.split(","):
-      results[name] = run_variant(name, VARIANTS[name], os.path.join(tmp, name), args)
+    for name in names:
+      results[name] = run_variant(name, VARIANTS[name], os.path.join(tmp, name), args, extra)
   models = sorted({model for result in results.values() for model in result["models"]})
-  header = f"{'model':22s}" + "".join(f" | {name + ' first step s':>18s} | {name + ' img/s':>12s}" for name in results)
+  header = f"{'model':22s}" + "".join(f" | {name + ' first step s':>24s} | {name + ' img/s':>17s}" for name in results)
   print("\n" + header)
   for model in models:
     line = f"{model:22s}"
     for result in results.values():
       speed = result["models"].get(model, {})
-      line += f" | {speed.get('first_step_seconds', float('nan')):18.1f} | {speed.get('images_per_second') or 0:12.0f}"
+      line += f" | {speed.get('first_step_seconds', float('nan')):24.1f} | {speed.get('images_per_second') or 0:17.0f}"
     print(line)
   for name, result in results.items():
     print(f"{name}: wall {result['wall_seconds']:.0f} s")
-  if "before" in results and "after" in results:
-    before, after = results["before"], results["after"]
-    ratios = [after["models"][m]["images_per_second"] / before["models"][m]["images_per_second"]
-              for m in models if m in before["models"] and m in after["models"]]
-    print(f"after / before: img/s x{min(ratios):.2f}-{max(ratios):.2f} per model; wall time "
-          f"x{before['wall_seconds'] / after['wall_seconds']:.2f} faster")
+  if "portable" in results and "cpu_kernels" in results:
+    portable, fast = results["portable"], results["cpu_kernels"]
+    ratios = [fast["models"][m]["images_per_second"] / portable["models"][m]["images_per_second"]
+              for m in models if m in portable["models"] and m in fast["models"]
+              and fast["models"][m]["images_per_second"] and portable["models"][m]["images_per_second"]]
+    if ratios:
+      print(f"cpu_kernels / portable: img/s x{min(ratios):.2f}-{max(ratios):.2f} per model; wall time "
+            f"x{portable['wall_seconds'] / fast['wall_seconds']:.2f} faster")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"cpu": machine.cpu_description(), "args": vars(args), "results": results}, f, indent=1)
+      json.dump({"cpu": machine.cpu_description(), "args": vars(args), "config_flags": extra, "results": results},
+                f, indent=1)
 
 
 if __name__ == "__main__":

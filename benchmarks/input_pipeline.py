@@ -5,8 +5,10 @@ Prints examples/s and examples/s per CPU core of reading + batching training bat
 array_record split (``python -m kd_landmarks.datasets prepare ...``). The baseline reads the same
 examples in the same order with a Python loop and ``np.stack`` in the consuming thread.
 
-With ``--augment`` it also times the on-device augmentation's two bilinear samplers
-(``AugmentConfig.sampler``: one gather per tap vs ``jax.scipy.ndimage.map_coordinates``) at 224 px.
+With ``--augment`` it also times the on-device augmentation (``kd_landmarks.augment.augment``) at 224 px with
+its portable kernels (the bilinear warp as one jax.numpy gather per tap, the noise in jax.numpy) and, on the CPU
+where they build, with the native warp and batch noise that CPU training takes (``config.cpu_kernels``,
+``kd_landmarks.cpu.kernels``).
 
   python benchmarks/input_pipeline.py --quick
   python benchmarks/input_pipeline.py --data_dir ~/kd_data --dataset synthetic --augment
@@ -79,26 +81,34 @@ def compare_pipelines(source, *, label, batch_size, num_batches, thread_counts, 
     print(f"  {name:<28}{ours:>12.0f}{ours / cores:>10.0f}{ours / baseline:>9.2f}x")
 
 
-def compare_samplers(*, batch_size, stored_size, out_size, repeats):
-  """Times augment() with each sampler (photometric off, so the warp dominates)."""
+def compare_augment_kernels(*, batch_size, stored_size, out_size, repeats):
+  """Times augment() with the portable and the native kernels, the warp alone (photometric jitter and noise
+  off) and the whole augmentation."""
   import jax  # pylint: disable=g-import-not-at-top  (only this section needs JAX)
   from kd_landmarks import augment  # pylint: disable=g-import-not-at-top
+  from kd_landmarks.cpu import kernels, native  # pylint: disable=g-import-not-at-top
   from kd_landmarks.datasets import flips  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch_size, stored_size, stored_size, 3), dtype=np.uint8)
   points = rng.uniform(stored_size * 0.2, stored_size * 0.8, (batch_size, 68, 2)).astype(np.float32)
   sets = {"landmarks": points, "soft_landmarks": points}
-  print(f"\n[augment on {jax.devices()[0].platform}] batch {batch_size}, {stored_size} px -> {out_size} px, "
-        f"median of {repeats}")
+  platform = jax.devices()[0].platform
+  print(f"\n[augment on {platform}] batch {batch_size}, {stored_size} px -> {out_size} px, median of {repeats}")
+  warp_only = augment.AugmentConfig(photometric=False, noise=False)
+  variants = {"portable warp": (warp_only, augment.PORTABLE),
+              "portable warp + photometric + noise": (augment.AugmentConfig(), augment.PORTABLE)}
+  if platform == "cpu" and native.available():  # CPU custom calls.
+    native_kernels = augment.AugmentKernels(warp=kernels.warp_native, batch_noise=kernels.batch_noise_native)
+    variants.update({"native warp": (warp_only, native_kernels),
+                     "native warp + photometric + noise": (augment.AugmentConfig(), native_kernels)})
+  else:
+    print(f"  (native kernels not timed: "
+          f"{native.unavailable_reason() if platform == 'cpu' else 'they run on the CPU only'})")
   timings = {}
-  variants = {"map_coordinates": augment.AugmentConfig(sampler="map_coordinates", photometric=False,
-                                                       noise=False),
-              "gather": augment.AugmentConfig(sampler="gather", photometric=False, noise=False),
-              "gather + photometric + noise": augment.AugmentConfig(sampler="gather")}
-  for name, config in variants.items():
-    fn = jax.jit(lambda key, x, s, c=config: augment.augment(
-        key, x, s, out_size=out_size, flip_permutation=flips.flip_permutation(68), config=c))
+  for name, (config, augment_kernels) in variants.items():
+    fn = jax.jit(lambda key, x, s, c=config, k=augment_kernels: augment.augment(
+        key, x, s, out_size=out_size, flip_permutation=flips.flip_permutation(68), config=c, kernels=k))
     images_on_device, sets_on_device = jax.device_put((images, sets))
     jax.block_until_ready(fn(jax.random.key(0), images_on_device, sets_on_device))  # compile
     runs = []
@@ -107,10 +117,10 @@ def compare_samplers(*, batch_size, stored_size, out_size, repeats):
       jax.block_until_ready(fn(jax.random.key(seed), images_on_device, sets_on_device))
       runs.append(time.perf_counter() - start)
     timings[name] = float(np.median(runs))
-  base = timings["map_coordinates"]
   for name, seconds in timings.items():
-    print(f"  {name:<30}{seconds * 1e3:>9.2f} ms/batch {batch_size / seconds:>9.0f} images/s "
-          f"{base / seconds:>6.2f}x vs map_coordinates")
+    base = timings[name.replace("native", "portable")]
+    print(f"  {name:<36}{seconds * 1e3:>9.2f} ms/batch {batch_size / seconds:>9.0f} images/s "
+          f"{base / seconds:>6.2f}x vs portable")
 
 
 def main():
@@ -124,7 +134,8 @@ def main():
   parser.add_argument("--step_ms", type=float, default=0.0,
                       help="also measure with a consumer busy this long per batch (a simulated train step)")
   parser.add_argument("--num_examples", type=int, default=4096, help="in-memory source size")
-  parser.add_argument("--augment", action="store_true", help="also time the augmentation samplers")
+  parser.add_argument("--augment", action="store_true",
+                      help="also time the augmentation, portable and native kernels")
   parser.add_argument("--augment_only", action="store_true", help="only time the augmentation (no grain)")
   parser.add_argument("--augment_batch_size", type=int, default=16)
   args = parser.parse_args()
@@ -137,7 +148,7 @@ def main():
                                                          args.num_examples, 320)
     thread_counts = (0, 2, 4, 8)
   if args.augment_only:
-    compare_samplers(batch_size=args.augment_batch_size, stored_size=320, out_size=224, repeats=10)
+    compare_augment_kernels(batch_size=args.augment_batch_size, stored_size=320, out_size=224, repeats=10)
     return
   memory_source = synthetic_source(num_examples, image_size)
   compare_pipelines(memory_source, label=f"in-memory, {image_size} px", batch_size=batch_size,
@@ -156,9 +167,9 @@ def main():
                         num_batches=num_batches_on_disk, thread_counts=thread_counts, step_ms=args.step_ms)
   if args.augment:
     if args.quick:
-      compare_samplers(batch_size=2, stored_size=96, out_size=64, repeats=3)
+      compare_augment_kernels(batch_size=2, stored_size=96, out_size=64, repeats=3)
     else:
-      compare_samplers(batch_size=args.augment_batch_size, stored_size=320, out_size=224, repeats=5)
+      compare_augment_kernels(batch_size=args.augment_batch_size, stored_size=320, out_size=224, repeats=5)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,16 @@ Measures, at 224 px by default:
 and prints ratios JAX / peer. The PyTorch models are written here (no torchvision) to match the Flax
 ones layer for layer, including the Dense(2K) head; their parameter counts are printed as a check.
 
+JAX runs with the kernels training takes on this platform (``config.cpu_kernels``: kd_landmarks/cpu on the CPU,
+the portable ones elsewhere) and with every combination of ``models.Kernels`` fields that ``--depthwise``,
+``--norm`` and ``--pointwise`` name (depthwise: lax, xla, native; BatchNorm: flax, xla, native; 1x1: conv,
+dot), and prints the training kernels' train throughput against the fastest other combination timed.
+
 CPU (pin the cores so every framework gets the same ones; the figures are medians):
   taskset -c 0,1 python benchmarks/models.py                # full run
   python benchmarks/models.py --malloc default              # glibc's malloc as it comes (see allocator.py)
   python benchmarks/models.py --quick                       # a few iterations at 64 px: checks it runs
+  python benchmarks/models.py --models student --peers torch --depthwise all --norm all --pointwise all
 GPU (JAX only; peers need a CUDA PyTorch, use --peers torch to try):
   python benchmarks/models.py --platform gpu --dtype bfloat16 --batch 256 --models student
 """
@@ -30,13 +36,22 @@ import numpy as np  # noqa: E402
 from benchmarks import timing  # noqa: E402
 
 MODEL_NAMES = {"student": "mobilenet_v2", "teacher": "efficientnet_b3"}
+
+
+def model_name(role):
+  """The kd_landmarks model of a role ('student', 'teacher'), or ``role`` itself (any models.MODEL_NAMES entry,
+  JAX only: the PyTorch peers exist for the two roles)."""
+  return MODEL_NAMES.get(role, role)
 NUM_LANDMARKS = 68
 
 
 # ----------------------------------------------------------------------------------------------- JAX
 
-def jax_callables(role, args, depthwise_impl, norm_impl, pointwise_impl="auto"):
-  """(forward at batch 1, train step at args.batch, compile seconds): compiled and run once."""
+def jax_callables(role, args, kernels):
+  """(forward at batch 1, train step at args.batch, compile seconds): compiled and run once.
+
+  ``kernels`` (a ``models.Kernels``) computes both: the forward pass and the train step.
+  """
   import jax
   import jax.numpy as jnp
   import optax
@@ -44,8 +59,7 @@ def jax_callables(role, args, depthwise_impl, norm_impl, pointwise_impl="auto"):
 
   device = jax.devices(args.platform)[0]
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-  model = models.create_model(MODEL_NAMES[role], num_landmarks=NUM_LANDMARKS, dtype=dtype,
-                              depthwise_impl=depthwise_impl, norm_impl=norm_impl, pointwise_impl=pointwise_impl)
+  model = models.create_model(model_name(role), num_landmarks=NUM_LANDMARKS, dtype=dtype, kernels=kernels)
   size = args.image_size
   with jax.default_device(device):
     rng = jax.random.key(0)
@@ -56,7 +70,7 @@ def jax_callables(role, args, depthwise_impl, norm_impl, pointwise_impl="auto"):
     opt_state = optimizer.init(variables["params"])
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
-    def train_step(params, batch_stats, opt_state, images, targets, key):
+    def adam_step(params, batch_stats, opt_state, images, targets, key):
       def loss_fn(params):
         pred, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
                                     mutable=["batch_stats"], rngs={"dropout": key})
@@ -65,7 +79,7 @@ def jax_callables(role, args, depthwise_impl, norm_impl, pointwise_impl="auto"):
       updates, opt_state = optimizer.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
-    step = jax.jit(train_step, donate_argnums=(0, 1, 2))
+    step = jax.jit(adam_step, donate_argnums=(0, 1, 2))
     one = images[:1]
     start = time.perf_counter()
     forward(variables, one).block_until_ready()
@@ -87,21 +101,54 @@ def jax_callables(role, args, depthwise_impl, norm_impl, pointwise_impl="auto"):
   return run_forward, run_step, compile_s
 
 
-def jax_name(depthwise_impl, norm_impl, pointwise_impl):
-  return f"JAX[{depthwise_impl}, norm {norm_impl}, 1x1 {pointwise_impl}]"
+# The kernels that exist for each field of ``models.Kernels``, by name (kd_landmarks/models/layers.py: the
+# portable ones; kd_landmarks/cpu/kernels.py: the CPU training ones). 'native' needs the native CPU kernels
+# (kd_landmarks/cpu/native), so it runs on the CPU only.
+DEPTHWISE = ("lax", "xla", "native")   # grouped lax.conv; shifted slices, weight gradient in XLA / native.
+NORM = ("flax", "xla", "native")       # flax.linen.BatchNorm; closed-form backward, reductions in XLA / native.
+POINTWISE = ("conv", "dot")            # 1x1 lax.conv; a 2-D matrix product.
 
 
-def chosen_kernels(role, args):
-  """(depthwise, norm, pointwise) that a training run of ``role`` at this batch and size would use."""
-  import functools
-  import jax.numpy as jnp
+def kernel_functions():
+  """{field: {name: function}} for the names above."""
+  from kd_landmarks.cpu import kernels
+  from kd_landmarks.models import depthwise
+  from kd_landmarks.models import layers
+  return {
+      "depthwise_conv": {"lax": depthwise.depthwise_conv, "xla": kernels.depthwise_conv_xla,
+                         "native": kernels.depthwise_conv_native},
+      "batch_norm_train": {"flax": None, "xla": kernels.batch_norm_train_xla,
+                           "native": kernels.batch_norm_train_native},
+      "pointwise_conv": {"conv": layers.pointwise_conv, "dot": kernels.pointwise_conv_dot},
+  }
+
+
+def build_kernels(depthwise_name, norm_name, pointwise_name):
+  """The ``models.Kernels`` of these names."""
   from kd_landmarks import models
-  from kd_landmarks.models import autotune
-  build = functools.partial(models.create_model, MODEL_NAMES[role], num_landmarks=NUM_LANDMARKS)
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-  choice = autotune.choose(build, shape_class=autotune.shape_class(MODEL_NAMES[role], NUM_LANDMARKS),
-                           image_size=args.image_size, batch_size=args.batch, dtype=dtype, mode=args.kernel_choice)
-  return tuple(choice[field] for field in autotune.KERNEL_FIELDS)
+  functions = kernel_functions()
+  return models.Kernels(depthwise_conv=functions["depthwise_conv"][depthwise_name],
+                        batch_norm_train=functions["batch_norm_train"][norm_name],
+                        pointwise_conv=functions["pointwise_conv"][pointwise_name])
+
+
+def kernel_names(kernels):
+  """(depthwise, norm, pointwise) names of a ``models.Kernels`` built from the functions above."""
+  functions = kernel_functions()
+  return tuple(next(name for name, fn in functions[field].items() if fn is getattr(kernels, field))
+               for field in ("depthwise_conv", "batch_norm_train", "pointwise_conv"))
+
+
+def jax_name(depthwise_name, norm_name, pointwise_name):
+  return f"JAX[depthwise {depthwise_name}, norm {norm_name}, 1x1 {pointwise_name}]"
+
+
+def training_kernels():
+  """The ``cpu.TrainingKernels`` a training run on this platform takes with the default config
+  (``config.cpu_kernels``: the CPU kernels on the CPU, the portable ones elsewhere)."""
+  from kd_landmarks import config_lib
+  from kd_landmarks.training import train
+  return train.training_kernels(config_lib.base_config())
 
 
 # ------------------------------------------------------------------------------------------- PyTorch
@@ -276,7 +323,7 @@ def our_onnx_callable(role, args, tmp):
   from kd_landmarks.deploy import export
   from kd_landmarks import models
 
-  model = models.create_model(MODEL_NAMES[role], num_landmarks=NUM_LANDMARKS, depthwise_impl="lax")
+  model = models.create_model(model_name(role), num_landmarks=NUM_LANDMARKS)  # The portable kernels.
   size = args.image_size
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(
       jnp.zeros((1, size, size, 3), jnp.float32))
@@ -293,7 +340,9 @@ def our_onnx_callable(role, args, tmp):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="3 iterations at 64 px: checks that it runs")
-  parser.add_argument("--models", default="student,teacher", help="comma-separated: student, teacher")
+  parser.add_argument("--models", default="student,teacher",
+                      help="comma-separated: student, teacher, or kd_landmarks model names (e.g. mobilenet_v2_tiny; "
+                           "JAX and ONNX Runtime on our export only)")
   parser.add_argument("--platform", default="cpu", help="jax platform: cpu, gpu, tpu")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--batch", type=int, default=8, help="train-step batch size")
@@ -302,24 +351,24 @@ def main(argv=None):
   parser.add_argument("--train_iterations", type=int, default=None,
                       help="timed train steps (default: iterations / 5 on CPU, = iterations elsewhere)")
   parser.add_argument("--warmup", type=int, default=None)
-  parser.add_argument("--depthwise_impls", default="auto",
-                      help="comma-separated depthwise_impl values to time for JAX, or 'all'")
-  parser.add_argument("--norm_impls", default="auto",
-                      help="comma-separated norm_impl values (training BatchNorm) to time for JAX, or "
-                           "'all'; JAX is timed for every pair with --depthwise_impls")
-  parser.add_argument("--pointwise_impls", default="auto",
-                      help="comma-separated pointwise_impl values (1x1 convolutions) to time for JAX, or 'all'")
-  parser.add_argument("--kernel_choice", default="measure", choices=["measure", "rules", "none"],
-                      help="also time the kernels training would use: 'measure' (kd_landmarks/models/autotune.py, "
-                           "measured here or read from its cache), 'rules', or 'none'")
+  parser.add_argument("--depthwise", default="training",
+                      help=f"comma-separated depthwise kernels to time for JAX, among {', '.join(DEPTHWISE)}; "
+                           "'training': the one training takes here (config.cpu_kernels); 'all': every one this "
+                           "platform runs")
+  parser.add_argument("--norm", default="training",
+                      help=f"comma-separated training BatchNorm kernels, among {', '.join(NORM)}, or 'training' "
+                           "or 'all'; JAX is timed for every combination of --depthwise, --norm and --pointwise")
+  parser.add_argument("--pointwise", default="training",
+                      help=f"comma-separated 1x1 convolution kernels, among {', '.join(POINTWISE)}, or 'training' "
+                           "or 'all'")
   parser.add_argument("--peers", default=None,
                       help="comma-separated: torch, onnxruntime (default both on CPU, none elsewhere)")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="threads for PyTorch / ONNX Runtime (default: the cores this process may use)")
   parser.add_argument("--malloc", default="retain", choices=["retain", "default"],
-                      help="'retain': glibc keeps freed memory for reuse, as kd_landmarks.main does on CPU "
-                           "(kd_landmarks/cpu/allocator.py); process-wide, so every framework timed here gets "
-                           "it. 'default': glibc as it comes. A preloaded tcmalloc overrides both.")
+                      help="'retain': glibc keeps freed memory for reuse, as kd_landmarks.main does on CPU with "
+                           "config.cpu_kernels (kd_landmarks/cpu/allocator.py); process-wide, so every framework "
+                           "timed here gets it. 'default': glibc as it comes. A preloaded tcmalloc overrides both.")
   parser.add_argument("--native_march", default="native",
                       help="-march for the native kernels (e.g. haswell or znver3: another CPU's build, timed "
                            "here; with XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2 "
@@ -350,61 +399,72 @@ def main(argv=None):
 
   import jax
   if args.platform == "cpu":
-    # 'auto' implementations follow jax.default_backend(): on a GPU host they would otherwise pick the
-    # GPU's choices for a CPU benchmark.
+    # The training kernels follow jax.default_backend(): on a GPU host they would otherwise be the GPU's
+    # (the portable ones) in a CPU benchmark.
     jax.config.update("jax_platforms", "cpu")
-  from kd_landmarks.models import depthwise
-  from kd_landmarks.models import layers
-  # 'all': every concrete implementation this platform runs (the native ones are CPU custom calls).
-  depthwise_impls = ([i for i in depthwise.DEPTHWISE_IMPLS
-                      if i != "auto" and (args.platform == "cpu" or i != "shifted_native")]
-                     if args.depthwise_impls == "all" else args.depthwise_impls.split(","))
-  norm_impls = ([i for i in layers.NORM_IMPLS if i != "auto" and (args.platform == "cpu" or i != "native")]
-                if args.norm_impls == "all" else args.norm_impls.split(","))
-  pointwise_impls = ([i for i in layers.POINTWISE_IMPLS if i != "auto"]
-                     if args.pointwise_impls == "all" else args.pointwise_impls.split(","))
-  impls = [(d, n, p) for d in depthwise_impls for n in norm_impls for p in pointwise_impls]
-  auto = (f"'auto' by rule: depthwise = {depthwise.resolve_impl('auto')}, norm = {layers.resolve_norm_impl('auto')}, "
-          f"pointwise = {layers.resolve_pointwise_impl('auto')}")
+  from kd_landmarks.cpu import native
+  training = training_kernels()
+  training_names = kernel_names(training.model)
+  native_ok = args.platform == "cpu" and native.available()
+
+  def chosen(flag, value, names, index):
+    if value == "training":
+      return [training_names[index]]
+    if value == "all":  # Every kernel this platform runs (the native ones are CPU custom calls).
+      return [name for name in names if name != "native" or native_ok]
+    unknown = sorted(set(value.split(",")) - set(names))
+    if unknown:
+      parser.error(f"--{flag}: unknown {unknown}; choose from {', '.join(names)}, 'training' or 'all'")
+    return value.split(",")
+
+  combinations = [(d, n, p) for d in chosen("depthwise", args.depthwise, DEPTHWISE, 0)
+                  for n in chosen("norm", args.norm, NORM, 1)
+                  for p in chosen("pointwise", args.pointwise, POINTWISE, 2)]
+  if any("native" in combination for combination in combinations) and not native_ok:
+    parser.error(f"the native kernels run on the CPU only, where they build: "
+                 f"{native.unavailable_reason() if args.platform == 'cpu' else 'platform ' + args.platform}")
+  # The training kernels are always timed: the other combinations are measured against them.
+  if training_names not in combinations:
+    combinations.append(training_names)
   from kd_landmarks.training import machine
   print(f"jax {jax.__version__} on {jax.devices(args.platform)[0].device_kind}; CPU {machine.cpu_description()}; "
         f"cores usable: {len(os.sched_getaffinity(0))}; image {args.image_size}px; train batch {args.batch}; "
-        f"dtype {args.dtype}; {auto}; malloc: {malloc}", flush=True)
+        f"dtype {args.dtype}; training kernels: {training.description} = {jax_name(*training_names)}; "
+        f"malloc: {malloc}", flush=True)
 
   import tempfile
-  for role in [r.strip() for r in args.models.split(",") if r.strip()]:
-    print(f"\n== {role} ({MODEL_NAMES[role]}) ==", flush=True)
+  from kd_landmarks import models
+  roles = [r.strip() for r in args.models.split(",") if r.strip()]
+  unknown = [role for role in roles if model_name(role) not in models.MODEL_NAMES]
+  if unknown:
+    parser.error(f"--models: unknown {unknown}; choose from student, teacher or {', '.join(models.MODEL_NAMES)}")
+  for role in roles:
+    print(f"\n== {role} ({model_name(role)}) ==" if role in MODEL_NAMES else f"\n== {role} ==", flush=True)
     forwards, steps = {}, {}
-    role_impls = list(impls)
-    chosen = None
-    if args.kernel_choice != "none":
-      chosen = chosen_kernels(role, args)
-      print(f"kernel choice ({args.kernel_choice}) for training: {chosen}", flush=True)
-      if chosen not in role_impls:
-        role_impls.append(chosen)
-    for impl in role_impls:
-      name = jax_name(*impl)
-      forwards[name], steps[name], compile_s = jax_callables(role, args, *impl)
+    for combination in combinations:
+      name = jax_name(*combination)
+      forwards[name], steps[name], compile_s = jax_callables(role, args, build_kernels(*combination))
       print(f"{name}: compiled and ran once in {compile_s:.1f} s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-      if "torch" in peers or "onnxruntime" in peers:
+      if role in MODEL_NAMES and ("torch" in peers or "onnxruntime" in peers):
         params, forwards["PyTorch"], steps["PyTorch"], torch_model, one = torch_callables(role, args)
         print(f"PyTorch: {params:,} params, channels-last", flush=True)
         if "torch" not in peers:
           del forwards["PyTorch"], steps["PyTorch"]
         if "onnxruntime" in peers:
           forwards["ONNX Runtime (PyTorch export)"] = onnxruntime_callable(torch_model, one, args, tmp)
-          forwards["ONNX Runtime (our export)"] = our_onnx_callable(role, args, tmp)
+      if "onnxruntime" in peers:
+        forwards["ONNX Runtime (our export)"] = our_onnx_callable(role, args, tmp)
       # Every contestant in turn, so that the ratios are taken under the same conditions.
       forward_s = timing.interleaved_median_seconds(forwards, warmup=args.warmup, iterations=args.iterations)
     step_s = timing.interleaved_median_seconds(steps, warmup=args.warmup, iterations=args.train_iterations)
     for name in forwards:
-      line = f"{name:36s} forward b1 {forward_s[name] * 1e3:8.2f} ms"
+      line = f"{name:46s} forward b1 {forward_s[name] * 1e3:8.2f} ms"
       if name in step_s:
         line += f"   train b{args.batch} {args.batch / step_s[name]:8.1f} img/s"
       print(line, flush=True)
-    for impl in role_impls:
-      name = jax_name(*impl)
+    for combination in combinations:
+      name = jax_name(*combination)
       ratios = []
       if "PyTorch" in forwards:
         ratios += [f"forward time JAX/PyTorch {forward_s[name] / forward_s['PyTorch']:.2f}x",
@@ -413,12 +473,13 @@ def main(argv=None):
         ratios.append(f"forward time JAX/ONNX Runtime {forward_s[name] / forward_s['ONNX Runtime (PyTorch export)']:.2f}x")
       if ratios:
         print(f"ratios {name}: " + ", ".join(ratios), flush=True)
-    if chosen is not None and len(role_impls) > 1:
-      others = [jax_name(*impl) for impl in role_impls if impl != chosen]
+    if len(combinations) > 1:
+      others = [jax_name(*combination) for combination in combinations if combination != training_names]
       fastest = min(others, key=lambda name: step_s[name])
-      print(f"kernel choice {jax_name(*chosen)}: train throughput {step_s[fastest] / step_s[jax_name(*chosen)]:.3f}x "
-            f"the fastest other combination timed ({fastest})", flush=True)
-    if "ONNX Runtime (our export)" in forwards:
+      name = jax_name(*training_names)
+      print(f"training kernels {name}: train throughput {step_s[fastest] / step_s[name]:.3f}x the fastest other "
+            f"combination timed ({fastest})", flush=True)
+    if "ONNX Runtime (our export)" in forwards and "ONNX Runtime (PyTorch export)" in forwards:
       print(f"our ONNX export / PyTorch's ONNX export, forward time: "
             f"{forward_s['ONNX Runtime (our export)'] / forward_s['ONNX Runtime (PyTorch export)']:.2f}x",
             flush=True)

@@ -2,10 +2,10 @@
 
 ``-march=native`` means different code on different machines: ``znver2``/``znver3`` tuning on an AMD EPYC,
 Haswell-class AVX2 elsewhere. Built that way with the kernels' old memcpy-based vector loads, GCC 12 went
-through the stack and the BatchNorm kernels ran ~20x slower (the 27% loss of ``norm_impl='native'`` on an EPYC
-in issue 14); ``native/common.h`` loads through an unaligned vector type instead. This builds the kernels once
-per ``--marches`` value (each in its own process and cache directory), times the BatchNorm moments and
-backward sums and the depthwise weight gradient at a MobileNetV2 layer's size, and prints each time and its
+through the stack and the BatchNorm kernels ran ~20x slower (the 27% loss of the native BatchNorm kernels on an
+AMD EPYC); ``native/common.h`` loads through an unaligned vector type instead. This builds the kernels once per
+``--marches`` value (each in its own process and cache directory), times the BatchNorm moments and backward
+sums and the depthwise weight gradient at a MobileNetV2 layer's size, and prints each time and its
 ratio to the ``-march=native`` build, in one run.
 
   taskset -c 0 python benchmarks/native_isa.py

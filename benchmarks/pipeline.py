@@ -207,9 +207,9 @@ def instrumented(records: list, *, warmup: int, steps: int, memory_sources: dict
   mean_nme = evaluate.mean_nme
   load_split = pipeline.load_split
 
-  def timed_compile(spec, mesh, **kwargs):
+  def timed_compile(spec, mesh):
     records.append(TrainRecord())
-    return _TimedStep(compile_train_step(spec, mesh, **kwargs), records[-1], warmup, steps, profile_dir)
+    return _TimedStep(compile_train_step(spec, mesh), records[-1], warmup, steps, profile_dir)
 
   def timed_iterator(*args, **kwargs):
     return _TimedIterator(make_train_iterator(*args, **kwargs), records[-1])
@@ -311,6 +311,7 @@ def load_config(args):
 def rehearse(args) -> dict:
   from kd_landmarks import pipeline
   from kd_landmarks.training import backend  # pylint: disable=g-import-not-at-top
+  from kd_landmarks.training import train  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   config = load_config(args)
   workdir = args.workdir
@@ -321,9 +322,9 @@ def rehearse(args) -> dict:
   resolved = backend.resolve(config)
   result = {"platform": backend.describe(), "dtype": resolved.dtype, "jax": jax.__version__,
             "host": f"{machine.cpu_description()['name']}, {os.cpu_count()} cores",
-            "args": vars(args), "auto_kernels": backend.auto_kernels(), "phases": {}}
+            "args": vars(args), "train_kernels": train.training_kernels(resolved).description, "phases": {}}
   print(f"[rehearsal] {result['platform']}, dtype {resolved.dtype}, jax {jax.__version__}, host "
-        f"{result['host']}; auto kernels {result['auto_kernels']}", flush=True)
+        f"{result['host']}; training kernels {result['train_kernels']}", flush=True)
   result["prepare_s"] = prepare_s
   print(f"[rehearsal] synthetic set ({config.synthetic.num_train} train / {config.synthetic.num_test} test "
         f"at {args.stored_size} px) prepared in {result['prepare_s']:.1f} s", flush=True)
@@ -449,7 +450,7 @@ def print_projection(result, args):
 # ---------------------------------------------------------------------------------------- decode question
 
 def decode_costs(config, workdir, *, batches: int = 20) -> dict:
-  """The JPEG question of issue 15 on this host: PIL's decode per stored crop (JPEG q95, as real datasets
+  """What storing crops as JPEG costs on this host: PIL's decode per stored crop (JPEG q95, as real datasets
   are stored; PNG, as the synthetic set), and host examples/s of the input pipeline over the stored split
   against the split decoded once into memory (no device: the host's side alone)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -528,13 +529,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  if config_lib.runs_on_cpu_before_start(args.platform):
-    from kd_landmarks.cpu import allocator  # pylint: disable=g-import-not-at-top  (before JAX, as main does)
+  args.data_dir = args.data_dir or ""
+  if load_config(args).cpu_kernels and config_lib.runs_on_cpu_before_start(args.platform):
+    # Before JAX allocates anything, as kd_landmarks.main does: glibc's malloc keeps freed memory.
+    from kd_landmarks.cpu import allocator  # pylint: disable=g-import-not-at-top
     allocator.retain_freed_memory()
   temporary = args.workdir is None
   if temporary:
     args.workdir = tempfile.mkdtemp(prefix="kd_rehearsal_")
-  args.data_dir = args.data_dir or ""
   start = time.perf_counter()
   try:
     if args.decode_only:
