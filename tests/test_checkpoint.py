@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kd_landmarks import models
 from kd_landmarks.training import checkpoint
 
 
@@ -72,7 +73,8 @@ def test_best_keeps_lowest_nme_and_loader_prefers_it(tmp_path, patched_models):
 
   module, variables, meta = checkpoint.load_inference_variables(model_dir)
   assert meta["checkpoint"] == ("best", 20)
-  assert patched_models == [("tiny", 3, {"dtype": jnp.float32})]
+  # Loaded for inference: the portable kernels (evaluation, export and predict never take the CPU training ones).
+  assert patched_models == [("tiny", 3, {"kernels": models.PORTABLE, "dtype": jnp.float32})]
   np.testing.assert_array_equal(variables["params"]["Dense_0"]["kernel"],
                                 candidates[20][0]["params"]["Dense_0"]["kernel"])
   out = module.apply(variables, jnp.ones((2, 8, 8, 3)), train=False)

@@ -24,7 +24,8 @@ API_SCRIPT = r"""
 import json, os, sys
 import numpy as np
 import kd_landmarks
-from kd_landmarks import Predictor, export
+from kd_landmarks import Predictor
+from kd_landmarks.deploy import export
 from kd_landmarks.datasets import images, readers
 from kd_landmarks import coords
 site, model_dir = sys.argv[1], sys.argv[2]

@@ -38,13 +38,13 @@ def _wiring_config(**overrides):
 
 def _hand_step_loss(spec, state, batch, rng, sets, *, loss_fn, gt_key, tough_key=None, tolerant_key=None,
                     variant="paper"):
-  """The step's loss written out: augment every set in ``sets`` as train_step does (device 0 of the
-  'data' axis), the train-mode forward, then ``loss_fn`` on the named targets."""
+  """The step's loss written out: augment every set in ``sets`` as the train steps do (device 0 of the
+  'data' axis, the spec's augmentation kernels), the train-mode forward, then ``loss_fn`` on the named targets."""
   augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, 0))
   images, targets, _ = augment.augment(augment_rng, jnp.asarray(batch["image"]),
                                        {k: jnp.asarray(v) for k, v in sets.items()}, reference="landmarks",
                                        out_size=spec.image_size, flip_permutation=spec.flip_permutation,
-                                       config=spec.augment_config)
+                                       config=spec.augment_config, kernels=spec.augment_kernels)
   pred, _ = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=True,
                            mutable=["batch_stats"], rngs={"dropout": dropout_rng})
   gt = targets[gt_key]
