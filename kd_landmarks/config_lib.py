@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Models (Section 3.2): teachers are EfficientNet-B3, the student MobileNetV2, inputs 224 x 224.
   config.image_size = 224
   # > 0: the student's own input size (the teachers keep image_size), e.g. 160 for a lighter student to
-  # ship to phones (README, Performance). The teacher cache holds stored-crop pixels, so it serves any size.
+  # ship to phones (docs/deploy.md, "Measured"). The teacher cache holds stored-crop pixels, so it serves any size.
   config.student_image_size = 0
   config.teacher_model = "efficientnet_b3"
   config.student_model = "mobilenet_v2"

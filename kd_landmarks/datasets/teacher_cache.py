@@ -4,7 +4,7 @@
 into ``WORKDIR/teacher_cache``; the dataset folder is
 ``WORKDIR/teacher_cache/kd_landmarks_teachers/<dataset>/<version>``. It is array_record, so any tfds user
 reads it without TensorFlow and without this package (``tfds.builder_from_directory(folder)
-.as_data_source('train')``; README, "Reading prepared data from other tools"). One row per example of the
+.as_data_source('train')``; docs/datasets.md, "Reading prepared data from other tools"). One row per example of the
 dataset's train split, ``disable_shuffling`` so that row ``i`` is the example whose ``index`` is ``i``:
 
   ``index`` int64 and ``image_id`` str: the join keys (the dataset's fields of the same names);

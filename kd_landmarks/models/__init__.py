@@ -26,7 +26,7 @@ def _efficientnet(variant):
 _REGISTRY = {
     "mobilenet_v2": (MobileNetV2, {}),
     # Keras' narrower MobileNetV2s (alpha 0.75 / 0.5 / 0.35): lighter students for phones, where the
-    # paper's 224 px network is 2.5-3x MediaPipe's latency (README, Performance).
+    # paper's 224 px network is 2.5-3x MediaPipe's latency (docs/deploy.md, "Measured").
     **{f"mobilenet_v2_{tag}": (MobileNetV2, dict(width_multiplier=alpha))
        for tag, alpha in (("075", 0.75), ("050", 0.5), ("035", 0.35))},
     "mobilenet_v2_tiny": (MobileNetV2, dict(width_multiplier=0.25, depth_multiplier=0.34,
