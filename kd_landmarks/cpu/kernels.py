@@ -1,6 +1,7 @@
 """The CPU training kernels: the models' depthwise convolution, 1x1 convolution and training BatchNorm, and the
 augmentation's warp and noise, computed faster on XLA's CPU backend than the portable forms, with the same
-parameters and mathematics (tests/test_cpu.py compares each with its portable form by value).
+parameters and mathematics (tests/test_depthwise.py, test_models.py and test_augment.py compare each with its
+portable form by value).
 
 * Depthwise convolution as ``k*k`` shifted, strided slices of the padded input, each scaled per channel
   (XLA fuses the sum into one loop; its own grouped convolution is a slow generic loop on CPU), with a
