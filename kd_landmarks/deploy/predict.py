@@ -413,7 +413,7 @@ def predict_clip(predictor: Predictor, path: str, out_dir: str, stem: str, *, fp
       rate = video.DEFAULT_FPS if fps is None else float(fps)
       frames, total = video.read_frame_folder(path, fps=rate), len(video.frame_files(path))
     else:
-      rate, frames, total = video.video_fps(path), video.read_video(path), None
+      (rate, total), frames = video.video_rate_and_length(path), video.read_video(path)
     tracker = video.VideoTracker(predictor, rule=rule, smoothing=smoothing)
     with open(jsonl_path, "w") as lines, video.VideoWriter(overlay_path, fps=rate) as writer:
       for time, frame in tqdm(frames, desc=os.path.basename(os.path.normpath(path)), unit="frame", total=total,

@@ -133,15 +133,18 @@ def read_frame_folder(folder: str, *, fps: float = DEFAULT_FPS) -> Iterator[tupl
     yield index / fps, frame
 
 
-def video_fps(path: str) -> float:
-  """The average frame rate a video declares (``DEFAULT_FPS`` where it declares none)."""
+def video_rate_and_length(path: str) -> tuple[float, int | None]:
+  """The average frame rate a video declares (``DEFAULT_FPS`` where it declares none) and its frame count
+  (None where the container does not say)."""
   av = _require_av(f"reading the video {path}")
   try:
     with av.open(path) as container:
-      rate = container.streams.video[0].average_rate if container.streams.video else None
+      stream = container.streams.video[0] if container.streams.video else None
+      rate = stream.average_rate if stream is not None else None
+      frames = int(stream.frames) if stream is not None and stream.frames else None
   except (av.error.FFmpegError, OSError, ValueError) as error:
     raise VideoReadError(f"{path}: cannot open the video ({error})") from None
-  return float(rate) if rate else DEFAULT_FPS
+  return (float(rate) if rate else DEFAULT_FPS), frames
 
 
 class VideoWriter:
