@@ -46,6 +46,8 @@ EXTRAS = {
     "tflite": ["tensorflow>=2.18", "ai-edge-litert>=1.2"],
     # Landmarks on your own photos: dlib's HOG face detector (its model is inside the wheel).
     "predict": ["dlib-bin>=19.24"],
+    # Landmarks on video files: PyAV reads and writes them (FFmpeg, with libx264, is inside its wheel).
+    "video": ["av>=18.1"],
     # Side-by-side comparisons with peer frameworks and detectors people use today.
     "bench": [
         "torch==2.13.0",

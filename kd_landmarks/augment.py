@@ -270,16 +270,21 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
 
 
 def preprocess_eval(images_uint8, landmark_sets: Mapping[str, jax.Array], *, reference="landmarks",
-                    out_size=224):
+                    out_size=224, box_perturbation=None):
   """Deterministic evaluation crop: the landmark box scaled by EVAL_BOX_SCALE, no flip/rotation/jitter.
 
-  Same arguments and outputs as :func:`augment` (without rng and randomness).
+  Same arguments and outputs as :func:`augment` (without rng and randomness). ``box_perturbation``
+  ``(shift_x, shift_y, scale)`` moves that crop box's centre by ``shift`` times its side and scales its side
+  by ``scale`` (the same for every image; ``(0, 0, 1)`` is the evaluation crop): the box-robustness table.
   """
   _validate(images_uint8, landmark_sets, reference, None, False)
+  perturbation = jnp.asarray((0.0, 0.0, 1.0) if box_perturbation is None else box_perturbation, jnp.float32)
 
   def one_example(image, sets):
     centre, base_side = _landmark_box(sets[reference])
-    out_to_input = _out_to_input_affine(centre, base_side * EVAL_BOX_SCALE, 0.0, 1.0, out_size)
+    side = base_side * EVAL_BOX_SCALE
+    centre = centre + perturbation[:2] * side
+    out_to_input = _out_to_input_affine(centre, side * perturbation[2], 0.0, 1.0, out_size)
     warped = warp_image(image, out_to_input, out_size)
     new_sets = _transform_landmark_sets(sets, out_to_input, False, None, out_size)
     return warped, new_sets, out_to_input.astype(jnp.float32)

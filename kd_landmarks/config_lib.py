@@ -149,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.val_holdout_seed = 0
   config.eval_splits = ""            # Comma-separated; empty: every split but train.
   config.eval_batch_size = 64
+  # The NME with the evaluation crop's box shifted and scaled (16 perturbations, the whole test set only;
+  # evaluate.box_perturbations), for the report's box-robustness table.
+  config.box_robustness = True
   config.prefetch = -1               # Host batches prepared ahead of the device; -1: 2 on CPU, 4 on GPU/TPU.
   # Hold the training split decoded in memory when it fits this many MiB (decoding is the input pipeline's
   # main cost, paid every epoch otherwise; input_pipeline.InMemorySource). -1: a quarter of the machine's

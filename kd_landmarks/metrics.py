@@ -27,6 +27,10 @@ NORMALIZATIONS = ("inter_ocular", "inter_pupil")
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
 SELECTION_KEY = "selection"
+# MODEL_DIR/eval/box_robustness.json: the NME with the evaluation crop's box shifted and scaled.
+BOX_ROBUSTNESS_FILE = "box_robustness.json"
+# The percentiles of the per-image NME the report prints beside the mean.
+NME_PERCENTILES = (50, 90, 95, 99)
 
 
 def normalizing_distance(gt, *, dataset, normalization="inter_ocular"):
@@ -150,3 +154,12 @@ def attribute_subsets(attributes, *, dataset: str, split: str) -> dict[str, np.n
     if rows.size:
       subsets[subset] = rows
   return subsets
+
+
+def nme_percentiles(nmes) -> dict[str, float]:
+  """``{'p50': ..., 'p90': ..., 'p95': ..., 'p99': ...}`` of per-image NMEs (numpy's linear interpolation
+  between order statistics)."""
+  nmes = np.asarray(nmes, dtype=np.float64).reshape(-1)
+  if nmes.size == 0:
+    raise ValueError("need at least one NME value")
+  return {f"p{q}": float(v) for q, v in zip(NME_PERCENTILES, np.percentile(nmes, NME_PERCENTILES))}

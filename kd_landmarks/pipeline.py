@@ -420,7 +420,7 @@ def evaluate_all(config, workdir, *, skip_current: bool = False):
       continue
     results[os.path.basename(model_dir)] = evaluate.evaluate_model(
         model_dir, splits=evaluate.eval_splits(config), load_split_fn=lambda s: load_split(config, workdir, s),
-        batch_size=int(config.eval_batch_size))
+        batch_size=int(config.eval_batch_size), box_robustness_on=bool(config.box_robustness))
   return results
 
 

@@ -17,3 +17,16 @@ def require_native_kernels():
   if os.environ.get("CI", "").lower() in ("true", "1"):
     pytest.fail(f"CI=true: {reason}", pytrace=False)
   pytest.skip(reason)
+
+
+def require_video():
+  """Skips a test that reads or writes video files where PyAV (extra ``video``) is missing, except in CI
+  (``CI=true``), where the extra is installed and the test must run."""
+  import importlib.util
+  import pytest
+  if importlib.util.find_spec("av") is not None:
+    return
+  reason = "PyAV is not installed: pip install -e '.[video]'"
+  if os.environ.get("CI", "").lower() in ("true", "1"):
+    pytest.fail(f"CI=true: {reason}", pytrace=False)
+  pytest.skip(reason)

@@ -166,3 +166,33 @@ def test_cli_runs_an_exported_file(run, tmp_path, monkeypatch):
   (face,) = json.loads((out / "takeo.json").read_text())["faces"]
   expected = Predictor.load(onnx_path).predict(image, boxes=boxes[:1])[0]
   np.testing.assert_allclose(face["landmarks"], expected, atol=2e-3)
+
+
+def test_video_tracking_is_the_same_in_jax_and_onnx(run):
+  # The tracker calls the Predictor only (detector, box map, landmarks on boxes), so every backend tracks
+  # alike: the same frames detected, the same identities, landmarks within the exports' tolerance.
+  _, model_dir, onnx_path = run
+  image, boxes = _takeo()
+
+  class _First:
+    name = "dlib_hog"
+
+    def detect(self, frame):
+      return [detect.Detection(tuple(boxes[0]), 1.0)]
+
+  frames = [np.roll(image, shift, axis=1) for shift in range(6)]
+  # The untrained student's landmark box changes size about 10x from frame to frame, which the default rule
+  # calls lost: a lenient rule keeps every second frame on the tracked box.
+  rule = predict.video.TrackingRule(redetect_every=2, max_scale_change=30.0, max_shift=30.0, min_inside=0.0)
+  tracks, schedules = {}, {}
+  for path in (model_dir, onnx_path):
+    predictor = Predictor.load(path, detector=_First())
+    results = list(predictor.predict_video(frames, rule=rule, smoothing=True))
+    schedules[predictor.backend] = [(r.detector_ran, [f.track_id for f in r.faces]) for r in results]
+    tracks[predictor.backend] = np.stack([r.faces[0].landmarks for r in results])
+  # Identities: the tracked box outgrows the next detection's, so each detection starts a new face.
+  assert schedules["onnx"] == schedules["jax"] == [(True, [0]), (False, [0]), (True, [1]), (False, [1]),
+                                                   (True, [2]), (False, [2])]
+  # The tolerance in pixels of the largest crop (a tracked one) and twice for the smoothing's two inputs.
+  crop_side = max(max(r.faces[0].crop_box[2] for r in results) * 1.05, 200.0)
+  np.testing.assert_allclose(tracks["onnx"], tracks["jax"], atol=2 * export.FP32_TOLERANCE * crop_side)

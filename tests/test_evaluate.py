@@ -108,3 +108,59 @@ def test_evaluate_model_writes_the_files_the_report_reads(tmp_path, monkeypatch)
   events = b"".join(open(os.path.join(model_dir, "events", name), "rb").read()
                     for name in os.listdir(os.path.join(model_dir, "events")))
   assert b"eval/test/nme" in events
+
+
+def test_nme_percentiles_by_hand():
+  # NMEs 0.001 .. 0.100: the q-th percentile sits at index q/100 * 99 between order statistics.
+  percentiles = metrics.nme_percentiles(np.arange(1, 101) / 1000)
+  assert percentiles == pytest.approx({"p50": 0.0505, "p90": 0.0901, "p95": 0.09505, "p99": 0.09901})
+
+
+def test_box_perturbations_are_fixed_and_the_same_for_every_model():
+  rows = evaluate.box_perturbations()
+  assert rows.shape == (16, 3)
+  np.testing.assert_allclose(rows[:4], [[0.05, 0, 1], [-0.05, 0, 1], [0, 0.05, 1], [0, -0.05, 1]])
+  np.testing.assert_allclose(rows[-4:], [[0, 0, 0.9], [0, 0, 0.95], [0, 0, 1.05], [0, 0, 1.1]])
+  assert evaluate.box_robustness_split("300w") == "test_full" and evaluate.box_robustness_split("cofw") == "test"
+
+
+def test_box_robustness_table_of_an_oracle_by_hand(tmp_path, monkeypatch):
+  # The oracle predicts each face's truth in the *unperturbed* crop's normalised coordinates. On a crop
+  # whose box moved by d of its side s (s = 1.05 x the landmark box), every landmark lands d * s off:
+  # NME = |d| * s / iod. On a crop scaled by c about the box centre m, landmark k lands (c - 1)(x_k - m)
+  # off: NME = |c - 1| * mean_k |x_k - m| / iod. (Stored-crop pixels; the crop -> original scale cancels.)
+  from kd_landmarks.evaluation import report
+  from kd_landmarks.training import checkpoint
+  import test_report
+  source = _RowSource(6)
+  module = _OracleModule(_truth_norm(source))
+  meta = dict(model="oracle", num_landmarks=fx.NUM_LANDMARKS, image_size=fx.IMAGE_SIZE, dataset="synthetic",
+              overrides={}, dtype="float32", role="student", loss="kd")
+  monkeypatch.setattr(checkpoint, "load_inference_variables",
+                      lambda model_dir: (module, {}, dict(meta, checkpoint=("best", 7))))
+  model_dir = tmp_path / "student_kd"
+  model_dir.mkdir()
+  (model_dir / "model.json").write_text(json.dumps(meta))
+  evaluate.evaluate_model(str(model_dir), splits=["test"], load_split_fn=lambda split: source, batch_size=4)
+
+  landmarks = np.stack([source[i]["landmarks"] for i in range(6)]).astype(np.float64)
+  lo, hi = landmarks.min(axis=1), landmarks.max(axis=1)
+  centre, side = (lo + hi) / 2, (hi - lo).max(axis=1) * 1.05
+  iod = np.linalg.norm(landmarks[:, 36] - landmarks[:, 45], axis=-1)
+  spread = np.linalg.norm(landmarks - centre[:, None], axis=-1).mean(axis=1)
+  expected = {f"shift {p}%": np.mean(p / 100 * side / iod) for p in (5, 10, 15)}
+  expected |= {f"scale {c:g}": np.mean(abs(c - 1) * spread / iod) for c in (0.9, 0.95, 1.05, 1.1)}
+
+  written = json.loads((model_dir / "eval" / "box_robustness.json").read_text())
+  assert written["split"] == "test" and written["count"] == 6 and len(written["perturbations"]) == 16
+  for row in written["perturbations"]:
+    shift = max(abs(row["shift_x"]), abs(row["shift_y"]))
+    hand = (np.mean(shift * side / iod) if shift else np.mean(abs(row["scale"] - 1) * spread / iod))
+    assert row["nme"] == pytest.approx(hand, rel=2e-3), row
+
+  text = report.build_report(tmp_path).read_text()
+  (row,) = test_report.parse_table(text, "### Box robustness, split `test`")
+  assert row["NME (%)"] == "0.00" and row["P50"] == row["P99"] == "0.00"   # the oracle itself is exact
+  for column, value in expected.items():
+    assert row[column] == f"{100 * value:.2f}", column
+  assert (tmp_path / "figures" / "box_robustness_test.png").stat().st_size > 0

@@ -330,8 +330,8 @@ def test_exit_status_is_non_zero_only_when_every_input_failed(model_dir, tmp_pat
   assert predict.main(["--checkpoint", model_dir, str(folder), str(tmp_path / "missing.jpg"),
                        "--out", str(tmp_path / "out")]) == 1
   captured = capsys.readouterr()
-  assert captured.out.startswith("0 image(s) with faces, 0 without a face, 2 unreadable, 1 skipped")
-  assert captured.err.strip().splitlines()[-1] == "error: all 3 input(s) failed (none could be read as an image)"
+  assert captured.out.startswith("0 input(s) with faces, 0 without a face, 2 unreadable, 1 skipped")
+  assert captured.err.strip().splitlines()[-1] == "error: all 3 input(s) failed (none could be read as an image or video)"
   # One readable photo (faceless) among the failures: exit 0.
   Image.fromarray(np.full((120, 90, 3), 128, np.uint8)).save(folder / "blank.png")
   assert predict.main(["--checkpoint", model_dir, str(folder), "--out", str(tmp_path / "out2")]) == 0

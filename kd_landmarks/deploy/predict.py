@@ -5,12 +5,17 @@ Usage::
   python -m kd_landmarks.deploy.predict --workdir RUN [--model student_kd] [--checkpoint MODEL_DIR_OR_FILE] \
       IMAGE_OR_DIR ... [--out DIR] [--detector dlib_hog] [--threads N]
   kd-landmarks-predict ...      (the same, as the installed console script)
+  python -m kd_landmarks.deploy.predict --workdir RUN clip.mp4 [--frame_folders FRAMES_DIR] [--redetect_every 30] \
+      [--no_smoothing | --min_cutoff HZ --beta B] [--fps 30]
   python -m kd_landmarks.deploy.predict fit-box-map --workdir RUN [--model student_kd] --data_dir DATA \
       [--detector dlib_hog] [--split train] [--max_images N]
 
 For each image ``--out`` receives ``<name>.json`` (per face: detector box and score, the crop box, the
 landmarks in original-image pixels) and ``<name>.png`` (an overlay); ``summary.json`` lists every input with
 its status (``ok``, ``no_face``, ``error`` with the reason, or ``skipped`` for non-image files in a folder).
+A video file (``video.VIDEO_EXTENSIONS``; extra ``video``), or with ``--frame_folders`` a folder of frames,
+is tracked frame by frame (:mod:`kd_landmarks.deploy.video`): ``<name>.jsonl`` (one record per frame) and
+``<name>.mp4`` (the overlay).
 
 The crop reproduces evaluation (paper Section 4.3, ``augment.preprocess_eval``): the square landmark box
 scaled by ``EVAL_BOX_SCALE``. A photo has no landmarks, so the landmark box is predicted from the detector's
@@ -41,6 +46,7 @@ from kd_landmarks import coords
 from kd_landmarks import datasets
 from kd_landmarks.deploy import detect
 from kd_landmarks.deploy import runtimes
+from kd_landmarks.deploy import video
 from kd_landmarks.datasets import images as image_io
 from kd_landmarks.datasets import info
 
@@ -217,6 +223,32 @@ class Predictor:
                           crop_box=tuple(float(v) for v in landmark_box), landmarks=points)
             for (box, score), landmark_box, points in zip(found, landmark_boxes, landmarks)]
 
+  def predict_video(self, source, *, fps: float | None = None, redetect_every: int | None = None,
+                    smoothing: bool = True, min_cutoff: float = video.DEFAULT_MIN_CUTOFF,
+                    beta: float = video.DEFAULT_BETA, rule: video.TrackingRule | None = None):
+    """Landmarks on every frame of a video, tracked (:mod:`kd_landmarks.deploy.video`); yields
+    :class:`kd_landmarks.deploy.video.FrameResult` (per face: identity, box, landmarks ``[K, 2]`` frame
+    pixels, ``source`` 'detection' or 'tracking').
+
+    ``source``: a video file (extra ``video``), a folder of frames (name order), or an iterable of RGB uint8
+    frames. ``fps`` times the frames of a folder or an iterable (default ``video.DEFAULT_FPS``); a video file
+    has its own timestamps. The detector runs on the first frame, every ``redetect_every`` frames and where
+    tracking is lost (``rule``: :class:`kd_landmarks.deploy.video.TrackingRule`). ``smoothing``: the One Euro
+    filter with ``min_cutoff`` (Hz) and ``beta``."""
+    rule = rule or video.TrackingRule()
+    if redetect_every is not None:
+      rule = dataclasses.replace(rule, redetect_every=int(redetect_every))
+    filter_params = video.Smoothing(min_cutoff, beta) if smoothing else None
+    rate = video.DEFAULT_FPS if fps is None else float(fps)
+    if not rate > 0:
+      raise ValueError(f"fps must be positive; got {fps}")
+    if isinstance(source, (str, os.PathLike)):
+      path = os.fspath(source)
+      frames = (video.read_frame_folder(path, fps=rate) if os.path.isdir(path) else video.read_video(path))
+    else:
+      frames = ((index / rate, _check_photo(frame)) for index, frame in enumerate(source))
+    return video.track_frames(self, frames, rule=rule, smoothing=filter_params)
+
   def predict(self, image: np.ndarray, boxes=None) -> np.ndarray:
     """Landmarks ``[F, K, 2]`` in pixels of ``image`` (RGB uint8 ``[H, W, 3]``; pixel centres on integers,
     0-based), one row per face: per box of ``boxes`` (``[F, 4]`` face boxes (x0, y0, x1, y1), framed as
@@ -264,20 +296,25 @@ def draw_overlay(image: np.ndarray, faces: Sequence[FaceLandmarks]):
   return overlay
 
 
-def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
-  """Files to run on (folders expanded, sorted) and the records of what was skipped and why."""
+def expand_inputs(inputs: Sequence[str], *, frame_folders: bool = False) -> tuple[list[str], list[dict]]:
+  """Files to run on (folders expanded, sorted; with ``frame_folders`` a folder is one clip of frames and
+  stays whole) and the records of what was skipped and why."""
   files, skipped = [], []
   for entry in inputs:
-    if os.path.isdir(entry):
+    if os.path.isdir(entry) and frame_folders:
+      files.append(entry)
+    elif os.path.isdir(entry):
       for name in sorted(os.listdir(entry)):
         path = os.path.join(entry, name)
         if os.path.isdir(path):
-          skipped.append({"image": path, "status": "skipped", "reason": "a folder (not searched)"})
-        elif name.lower().endswith(IMAGE_EXTENSIONS):
+          skipped.append({"image": path, "status": "skipped",
+                          "reason": "a folder (not searched; --frame_folders reads a folder as a clip)"})
+        elif name.lower().endswith(IMAGE_EXTENSIONS + video.VIDEO_EXTENSIONS):
           files.append(path)
         else:
           skipped.append({"image": path, "status": "skipped",
-                          "reason": f"not an image extension {IMAGE_EXTENSIONS}"})
+                          "reason": f"not an image {IMAGE_EXTENSIONS} or video {video.VIDEO_EXTENSIONS} "
+                                    "extension"})
     else:
       # Named explicitly: try it whatever its extension; a missing file is reported as an error.
       files.append(entry)
@@ -291,29 +328,40 @@ def _output_stem(path: str, used: dict) -> str:
   return stem if count == 0 else f"{stem}_{count}"  # Two inputs named alike must not overwrite each other.
 
 
-def check_out_dir(out_dir: str, inputs: Sequence[str]) -> None:
-  """Raises ValueError when ``out_dir`` holds an input photo: the overlays (``<name>.png``), JSON files and
-  ``summary.json`` written there could overwrite it, and a later run on the folder would read them back."""
-  files, _ = expand_inputs(inputs)
+def check_out_dir(out_dir: str, inputs: Sequence[str], *, frame_folders: bool = False) -> None:
+  """Raises ValueError when ``out_dir`` holds an input photo, video or frame: the overlays (``<name>.png``,
+  ``<name>.mp4``), JSON files and ``summary.json`` written there could overwrite it, and a later run on the
+  folder would read them back."""
+  files, _ = expand_inputs(inputs, frame_folders=frame_folders)
   out_real = os.path.realpath(out_dir)
   for path in files:
+    if os.path.isdir(path) and os.path.realpath(path) == out_real:
+      raise ValueError(f"--out {out_dir} is the frame folder {path}: predict writes <name>.png, <name>.mp4 "
+                       "and <name>.json(l) there, which would add files to the clip; choose another --out")
     if os.path.dirname(os.path.realpath(path)) == out_real:
       raise ValueError(f"--out {out_dir} is the folder of the input {path}: predict writes <name>.png overlays "
                        "and <name>.json there, which would overwrite photos; choose another --out")
 
 
 def predict_files(predictor: Predictor, inputs: Sequence[str], out_dir: str, *,
-                  progress: bool = True) -> dict:
-  """Runs :class:`Predictor` on files and folders; writes per-image JSON + PNG and
-  ``summary.json`` into ``out_dir``. Never raises for a bad image: it is reported in the summary.
+                  progress: bool = True, frame_folders: bool = False, fps: float | None = None,
+                  rule: video.TrackingRule | None = None,
+                  smoothing: video.Smoothing | None = video.Smoothing()) -> dict:
+  """Runs :class:`Predictor` on files and folders; writes per-image JSON + PNG, per video (a video file,
+  or a folder of frames with ``frame_folders``) JSON lines + an overlay ``.mp4`` (:func:`predict_clip`), and
+  ``summary.json`` into ``out_dir``. Never raises for a bad image or video: it is reported in the summary.
   Raises ValueError before any work when ``out_dir`` holds an input (:func:`check_out_dir`)."""
-  check_out_dir(out_dir, inputs)
+  check_out_dir(out_dir, inputs, frame_folders=frame_folders)
   os.makedirs(out_dir, exist_ok=True)
-  files, records = expand_inputs(inputs)
+  files, records = expand_inputs(inputs, frame_folders=frame_folders)
   box_map_note = {"detector": predictor.detector_name, **predictor.box_map.to_json(),
                   "fitted": predictor.box_map.fitted}
   used_stems: dict = {}
-  for path in tqdm(files, desc="predict", unit="image", disable=not progress or len(files) < 2):
+  for path in tqdm(files, desc="predict", unit="input", disable=not progress or len(files) < 2):
+    if os.path.isdir(path) or path.lower().endswith(video.VIDEO_EXTENSIONS):
+      records.append(predict_clip(predictor, path, out_dir, _output_stem(path, used_stems), fps=fps,
+                                  rule=rule, smoothing=smoothing, progress=progress))
+      continue
     record: dict[str, Any] = {"image": path}
     try:
       image = read_photo(path)
@@ -341,9 +389,51 @@ def predict_files(predictor: Predictor, inputs: Sequence[str], out_dir: str, *,
              "counts": {status: sum(r["status"] == status for r in records)
                         for status in ("ok", "no_face", "error", "skipped")},
              "images": records}
+  if any("video" in r for r in records):
+    summary["video"] = {"tracking": (rule or video.TrackingRule()).to_json(),
+                        "smoothing": smoothing.to_json() if smoothing else None}
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   return summary
+
+
+def predict_clip(predictor: Predictor, path: str, out_dir: str, stem: str, *, fps: float | None = None,
+                 rule: video.TrackingRule | None = None, smoothing: video.Smoothing | None = video.Smoothing(),
+                 progress: bool = True) -> dict:
+  """Tracks the faces of a video file or frame folder; writes ``<stem>.jsonl`` (one JSON record per frame:
+  ``frame``, ``time`` s, ``detector_ran``, ``lost``, ``faces`` with ``id``, ``source``, ``box``, ``score``,
+  ``crop_box``, ``landmarks``) and ``<stem>.mp4`` (the overlay) into ``out_dir``. Returns the summary record;
+  a video that cannot be read, or a missing ``video`` extra, is an ``error`` record naming the reason."""
+  record: dict[str, Any] = {"video": path}
+  jsonl_path = os.path.join(out_dir, stem + ".jsonl")
+  overlay_path = os.path.join(out_dir, stem + ".mp4")
+  frames_done = detector_frames = face_frames = 0
+  try:
+    if os.path.isdir(path):
+      rate = video.DEFAULT_FPS if fps is None else float(fps)
+      frames, total = video.read_frame_folder(path, fps=rate), len(video.frame_files(path))
+    else:
+      (rate, total), frames = video.video_rate_and_length(path), video.read_video(path)
+    tracker = video.VideoTracker(predictor, rule=rule, smoothing=smoothing)
+    with open(jsonl_path, "w") as lines, video.VideoWriter(overlay_path, fps=rate) as writer:
+      for time, frame in tqdm(frames, desc=os.path.basename(os.path.normpath(path)), unit="frame", total=total,
+                              disable=not progress, dynamic_ncols=True):
+        result = tracker.update(frame, time)
+        lines.write(json.dumps(result.to_json()) + "\n")
+        writer.write(np.asarray(draw_overlay(frame, result.faces)))
+        frames_done += 1
+        detector_frames += result.detector_ran
+        face_frames += bool(result.faces)
+  except (video.VideoReadError, ImportError) as error:
+    return {**record, "status": "error", "reason": str(error), "frames": frames_done}
+  except (ValueError, RuntimeError) as error:  # e.g. a dlib failure on an odd frame
+    return {**record, "status": "error", "reason": f"{path}: frame {frames_done}: {type(error).__name__}: {error}",
+            "frames": frames_done}
+  if frames_done == 0:
+    return {**record, "status": "error", "reason": f"{path}: the video holds no frame", "frames": 0}
+  return {**record, "status": "ok" if face_frames else "no_face", "frames": frames_done,
+          "detector_frames": detector_frames, "frames_with_faces": face_frames,
+          "identities": tracker.next_id, "jsonl": jsonl_path, "video_overlay": overlay_path}
 
 
 def resolve_model_dir(workdir: str | None, model: str, checkpoint: str | None) -> str:
@@ -408,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _fit_main(argv[1:])
   parser = argparse.ArgumentParser(
       prog="python -m kd_landmarks.deploy.predict",
-      description="Facial landmarks on photos with a trained student (see also: fit-box-map).")
+      description="Facial landmarks on photos and videos with a trained student (see also: fit-box-map).")
   parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
   parser.add_argument("--workdir")
   parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory name inside the workdir")
@@ -417,10 +507,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", default="predictions")
   parser.add_argument("--detector", default=detect.DEFAULT_DETECTOR, choices=sorted(detect.DETECTORS))
   parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime / LiteRT threads")
+  clips = parser.add_argument_group("video", "video files (extra 'video') and, with --frame_folders, folders "
+                                    "of frames: tracked, smoothed, one JSON line per frame and an overlay .mp4")
+  clips.add_argument("--frame_folders", action="store_true",
+                     help="read each folder input as the frames of one video, in name order")
+  clips.add_argument("--fps", type=float, default=video.DEFAULT_FPS,
+                     help="frame rate of a folder of frames (a video file has its own)")
+  clips.add_argument("--redetect_every", type=int, default=video.TrackingRule.redetect_every,
+                     help="run the detector every N frames besides the first and lost frames (0: never)")
+  clips.add_argument("--no_smoothing", action="store_true", help="turn the One Euro landmark filter off")
+  clips.add_argument("--min_cutoff", type=float, default=video.DEFAULT_MIN_CUTOFF,
+                     help="One Euro minimum cutoff frequency, Hz (lower: steadier at rest)")
+  clips.add_argument("--beta", type=float, default=video.DEFAULT_BETA,
+                     help="One Euro speed coefficient, per face side per second (higher: less lag in motion)")
   args = parser.parse_args(argv)
   model_dir = resolve_model_dir(args.workdir, args.model, args.checkpoint)
   try:
-    check_out_dir(args.out, args.inputs)  # Before loading the model: a refused --out costs nothing.
+    # Before loading the model: a refused --out or a bad video setting costs nothing.
+    check_out_dir(args.out, args.inputs, frame_folders=args.frame_folders)
+    if not args.fps > 0:
+      raise ValueError(f"--fps {args.fps}: a frame rate must be positive")
+    rule = video.TrackingRule(redetect_every=args.redetect_every)
+    smoothing = None if args.no_smoothing else video.Smoothing(args.min_cutoff, args.beta)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
@@ -434,17 +542,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not predictor.box_map.fitted:
     print(f"note: no box map fitted for {args.detector} in {model_dir}; using the {predictor.box_map.source}."
           " Run `python -m kd_landmarks.deploy.predict fit-box-map` for accurate crops.", file=sys.stderr)
-  summary = predict_files(predictor, args.inputs, args.out)
+  summary = predict_files(predictor, args.inputs, args.out, frame_folders=args.frame_folders, fps=args.fps,
+                          rule=rule, smoothing=smoothing)
   counts = summary["counts"]
-  print(f"{counts['ok']} image(s) with faces, {counts['no_face']} without a face, {counts['error']} "
+  print(f"{counts['ok']} input(s) with faces, {counts['no_face']} without a face, {counts['error']} "
         f"unreadable, {counts['skipped']} skipped -> {os.path.join(args.out, 'summary.json')}")
   for record in summary["images"]:
     if record["status"] in ("error", "no_face"):
       # An error's reason already names the file.
-      print(f"  {record['status']}: {record.get('reason', record['image'])}")
+      print(f"  {record['status']}: {record.get('reason', record.get('image', record.get('video')))}")
   failed = counts["error"] + counts["skipped"]
   if counts["ok"] + counts["no_face"] == 0:  # Nothing was processed: a script must see the failure.
-    print(f"error: all {failed} input(s) failed (none could be read as an image)", file=sys.stderr)
+    print(f"error: all {failed} input(s) failed (none could be read as an image or video)", file=sys.stderr)
     return 1
   return 0
 

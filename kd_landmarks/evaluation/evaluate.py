@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -32,11 +33,35 @@ from kd_landmarks.datasets import info
 
 
 
-def predict_crop_pixels(module, variables, images_uint8, landmarks_crop, *, image_size: int):
+# The box-robustness table: the evaluation crop's box shifted by these fractions of its side, along +x,
+# -x, +y and -y, and its side scaled by these factors. The same 16 perturbations for every model.
+BOX_SHIFTS = (0.05, 0.10, 0.15)
+BOX_SCALES = (0.9, 0.95, 1.05, 1.1)
+
+
+def box_perturbations() -> np.ndarray:
+  """``[16, 3]`` (shift_x, shift_y, scale): each shift of ``BOX_SHIFTS`` along +x, -x, +y, -y, then each
+  scale of ``BOX_SCALES``."""
+  rows = [row for shift in BOX_SHIFTS for row in ((shift, 0.0, 1.0), (-shift, 0.0, 1.0), (0.0, shift, 1.0),
+                                                  (0.0, -shift, 1.0))]
+  rows += [(0.0, 0.0, scale) for scale in BOX_SCALES]
+  return np.array(rows, dtype=np.float32)
+
+
+def box_robustness_split(dataset: str) -> str:
+  """The split the box-robustness table is measured on: the dataset's whole test set."""
+  splits = info.get_info(dataset).splits
+  return "test_full" if "test_full" in splits else "test"
+
+
+def predict_crop_pixels(module, variables, images_uint8, landmarks_crop, *, image_size: int,
+                        box_perturbation=None):
   """Predictions in stored-crop pixels for a batch, using the deterministic eval crop around the
-  ground-truth box (as the paper evaluates)."""
+  ground-truth box (as the paper evaluates), optionally with that box shifted and scaled
+  (``augment.preprocess_eval``'s ``box_perturbation``)."""
   images, _, out_to_input = augment.preprocess_eval(
-      images_uint8, {"landmarks": landmarks_crop}, reference="landmarks", out_size=image_size)
+      images_uint8, {"landmarks": landmarks_crop}, reference="landmarks", out_size=image_size,
+      box_perturbation=box_perturbation)
   prediction = module.apply(variables, images, train=False).astype(jnp.float32)
   prediction_out_px = coords.to_pixels(prediction, image_size)
   return coords.apply_affine(out_to_input.astype(jnp.float32), prediction_out_px)
@@ -53,6 +78,19 @@ def _predict_block(variables, images, landmarks, *, module, image_size):
   return predict_crop_pixels(module, variables, images, landmarks, image_size=image_size)
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_predict_perturbed(module, image_size, mesh):
+  # The perturbation is an argument, not a constant: one compile serves all 16.
+  step = functools.partial(_predict_block_perturbed, module=module, image_size=image_size)
+  return parallel.compile_step(step, mesh, in_specs=(P(), P(parallel.AXIS), P(parallel.AXIS), P()),
+                               out_specs=P(parallel.AXIS))
+
+
+def _predict_block_perturbed(variables, images, landmarks, perturbation, *, module, image_size):
+  return predict_crop_pixels(module, variables, images, landmarks, image_size=image_size,
+                             box_perturbation=perturbation)
+
+
 # What one evaluation reads of each example; all but the image id are gathered from every process.
 _EVAL_KEYS = ("image", "landmarks", "landmarks_original", "crop_to_original", "image_id", "attributes",
               "occluded", "index")
@@ -61,9 +99,11 @@ _GATHERED_DTYPES = {"mask": bool, "landmarks_original": np.float32, "crop_to_ori
 
 
 def predict_source(module, variables, source, *, image_size: int, batch_size: int, mesh=None,
-                   desc: str = "predict") -> dict:
+                   desc: str = "predict", box_perturbations=None) -> dict:
   """Runs the model over a whole data source; returns numpy arrays for every example in order:
-  pred_crop, pred (original px), gt (original px), image_id, attributes, occluded, index."""
+  pred_crop, pred (original px), gt (original px), image_id, attributes, occluded, index; with
+  ``box_perturbations`` ``[P, 3]`` (:func:`box_perturbations`) also ``pred_perturbed`` ``[P, N, K, 2]``
+  (original px), the predictions on the perturbed crops of the same batches (the data is read once)."""
   mesh = mesh or parallel.make_mesh()
   devices = mesh.devices.size
   # One fixed batch shape (a compile per shape costs seconds): round up to the device count; the
@@ -71,6 +111,11 @@ def predict_source(module, variables, source, *, image_size: int, batch_size: in
   batch_size = max(devices, -(-batch_size // devices) * devices)
   parallel.check_batch_size(batch_size, mesh)
   predict = _compiled_predict(module, int(image_size), mesh)
+  perturbed_keys = []
+  if box_perturbations is not None:
+    predict_perturbed = _compiled_predict_perturbed(module, int(image_size), mesh)
+    box_perturbations = np.asarray(box_perturbations, np.float32).reshape(-1, 3)
+    perturbed_keys = [f"pred_crop_perturbed{i}" for i in range(len(box_perturbations))]
   variables = parallel.replicate(variables, mesh)
   num_processes = jax.process_count()
   # Process p reads the p-th contiguous block of the split; a global batch is the processes' batches
@@ -81,9 +126,11 @@ def predict_source(module, variables, source, *, image_size: int, batch_size: in
   gathered, local_ids = [], []
   for batch in tqdm(batches, total=len(batches), desc=desc, unit="batch",
                     disable=jax.process_index() != 0, dynamic_ncols=True):
-    inputs = (batch["image"], batch["landmarks"].astype(np.float32))
-    pred_crop = predict(variables, *parallel.shard_host_batch(inputs, mesh))
-    gathered.append(parallel.fetch_batch(dict({k: batch[k] for k in _GATHERED_DTYPES}, pred_crop=pred_crop)))
+    inputs = parallel.shard_host_batch((batch["image"], batch["landmarks"].astype(np.float32)), mesh)
+    outputs = {"pred_crop": predict(variables, *inputs)}
+    for key, perturbation in zip(perturbed_keys, box_perturbations if perturbed_keys else ()):
+      outputs[key] = predict_perturbed(variables, *inputs, parallel.replicate(perturbation, mesh))
+    gathered.append(parallel.fetch_batch(dict({k: batch[k] for k in _GATHERED_DTYPES}, **outputs)))
     local_ids.append(batch["image_id"])
 
   def in_order(key):
@@ -103,7 +150,21 @@ def predict_source(module, variables, source, *, image_size: int, batch_size: in
   result["image_id"] = np.array([images.as_str(image_id) for image_id in image_ids])
   result["pred"] = coords.apply_affine(result["crop_to_original"].astype(np.float64),
                                        result["pred_crop"].astype(np.float64)).astype(np.float32)
+  if perturbed_keys:
+    result["pred_perturbed"] = np.stack([
+        coords.apply_affine(result["crop_to_original"].astype(np.float64),
+                            in_order(key)[mask].astype(np.float64)).astype(np.float32) for key in perturbed_keys])
   return result
+
+
+def box_robustness(pred_perturbed, gt, perturbations, *, dataset: str) -> list[dict]:
+  """Per perturbation: its (shift_x, shift_y, scale), the mean NME and its percentiles."""
+  rows = []
+  for (shift_x, shift_y, scale), pred in zip(np.asarray(perturbations, np.float64), pred_perturbed):
+    nmes = metrics.image_nmes(pred, gt, dataset=dataset)
+    rows.append({"shift_x": round(float(shift_x), 6), "shift_y": round(float(shift_y), 6),
+                 "scale": round(float(scale), 6), "nme": float(nmes.mean()), **metrics.nme_percentiles(nmes)})
+  return rows
 
 
 def mean_nme(module, variables, *, source, dataset: str, image_size: int, batch_size: int, mesh=None) -> float:
@@ -121,18 +182,32 @@ def eval_splits(config) -> list[str]:
 
 
 def evaluate_model(model_dir: str, *, splits, load_split_fn: Callable[[str], Any], batch_size: int,
-                   mesh=None) -> dict:
-  """Evaluates the best (else newest) checkpoint of ``model_dir`` on ``splits``; writes eval/ files."""
+                   mesh=None, box_robustness_on: bool = True) -> dict:
+  """Evaluates the best (else newest) checkpoint of ``model_dir`` on ``splits``; writes eval/ files.
+
+  With ``box_robustness_on``, the split of :func:`box_robustness_split` (when evaluated) is also predicted
+  on the 16 perturbed crops of :func:`box_perturbations`; ``eval/box_robustness.json`` receives the split,
+  the rows of :func:`box_robustness` and the seconds they added."""
   module, variables, meta = checkpoint.load_inference_variables(model_dir)
   dataset = meta["dataset"]
   out_dir = os.path.join(model_dir, metrics.EVAL_DIR)
   is_chief = jax.process_index() == 0
   os.makedirs(out_dir, exist_ok=True)
   all_metrics = {}
+  robustness_split = box_robustness_split(dataset) if box_robustness_on else None
   for split in splits:
+    perturbations = box_perturbations() if split == robustness_split else None
+    start = time.perf_counter()
     result = predict_source(module, variables, load_split_fn(split), image_size=int(meta["image_size"]),
-                            batch_size=batch_size, mesh=mesh,
+                            batch_size=batch_size, mesh=mesh, box_perturbations=perturbations,
                             desc=f"eval {os.path.basename(os.path.normpath(model_dir))} {split}")
+    if perturbations is not None and is_chief:
+      robustness = {"split": split, "count": int(len(result["gt"])),
+                    "seconds_with_perturbations": round(time.perf_counter() - start, 2),
+                    "perturbations": box_robustness(result["pred_perturbed"], result["gt"], perturbations,
+                                                    dataset=dataset)}
+      with open(os.path.join(out_dir, metrics.BOX_ROBUSTNESS_FILE), "w") as f:
+        json.dump(robustness, f, indent=1)
     all_metrics[split] = metrics.split_metrics(result["pred"], result["gt"], dataset=dataset)
     if is_chief:
       np.savez(os.path.join(out_dir, f"{split}.npz"), pred=result["pred"], gt=result["gt"],

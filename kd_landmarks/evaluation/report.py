@@ -8,6 +8,8 @@
   the Tough teacher efn), each of our numbers next to the paper's published one (``paper_results``) for the
   real datasets, plus one table per evaluated split with every model;
 * ``DIR/figures/ced_<split>.png``: cumulative error distribution curves (Fig. 10), one curve per model;
+* ``DIR/figures/box_robustness_<split>.png``: the NME against the shift and the scale of the evaluation
+  crop's box, one curve per model (``eval/box_robustness.json`` of the evaluate step);
 * ``DIR/figures/qualitative_<split>.png``: the best, median and worst faces of a split (Figs. 11, 12, 14),
   each predicted landmark green, or red where its error divided by the inter-ocular distance is above
   the 0.1 failure threshold (the rule of the captions of Figs. 11, 12 and 14).
@@ -307,6 +309,42 @@ def read_selection(model: ModelEntry) -> dict | None:
   except (json.JSONDecodeError, AttributeError):
     return None  # load_model_results reports the malformed file.
   return value if isinstance(value, dict) else None
+
+
+def read_box_robustness(model: ModelEntry) -> dict | None:
+  """``eval/box_robustness.json`` of the evaluate step (None when absent: evaluated before it existed, or
+  with ``config.box_robustness`` off)."""
+  path = model.path / metrics.EVAL_DIR / metrics.BOX_ROBUSTNESS_FILE
+  if not path.exists():
+    return None
+  try:
+    value = json.loads(path.read_text())
+    rows = value["perturbations"]
+    for row in rows:
+      for key in ("shift_x", "shift_y", "scale", "nme"):
+        float(row[key])
+    str(value["split"])
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    raise ValueError(f"{path}: malformed box-robustness file ({type(error).__name__}: {error}); re-run the "
+                     "eval phase") from None
+  return value
+
+
+def box_robustness_columns(rows: Sequence[Mapping]) -> dict[str, float]:
+  """The table's columns from the perturbation rows: ``shift 5%`` etc. (the mean NME over the box moved
+  by that fraction of its side along +x, -x, +y and -y) and ``scale 0.9`` etc."""
+  shifts: dict[float, list[float]] = {}
+  columns: dict[str, float] = {}
+  for row in rows:
+    shift = max(abs(float(row["shift_x"])), abs(float(row["shift_y"])))
+    if shift > 0:
+      shifts.setdefault(round(shift, 6), []).append(float(row["nme"]))
+  for shift in sorted(shifts):
+    columns[f"shift {100 * shift:g}%"] = float(np.mean(shifts[shift]))
+  for row in rows:
+    if float(row["shift_x"]) == 0 and float(row["shift_y"]) == 0:
+      columns[f"scale {float(row['scale']):g}"] = float(row["nme"])
+  return columns
 
 
 def selection_text(selection: dict | None) -> str:
@@ -650,6 +688,44 @@ def _paired_lines(tables: _Tables, splits) -> list[str]:
   return lines + [""]
 
 
+def _box_robustness_lines(models, results, robustness, workdir: Path, figures_dir: Path) -> list[str]:
+  """The box-robustness table (NME and its percentiles beside the mean, then the perturbed NMEs) and its
+  figure, per split measured."""
+  measured = [(m, robustness[m.dir_name]) for m in models if robustness.get(m.dir_name)]
+  if not measured:
+    return []
+  lines = ["## Robustness to the face box", "",
+           "The NME (%) when the evaluation crop's box (the landmark box x 1.05) is moved by a fraction of its "
+           "side (each *shift* column: the mean over +x, −x, +y and −y) or its side is scaled about its centre; "
+           "the same 16 perturbations for every model (`evaluate.box_perturbations`). P50–P99: percentiles of "
+           "the per-image NME on the unperturbed crop.", ""]
+  for split in sorted({value["split"] for _, value in measured}):
+    entries = [(m, value) for m, value in measured if value["split"] == split]
+    column_names = list(box_robustness_columns(entries[0][1]["perturbations"]))
+    header = ["Method", "Directory", "NME (%)"] + [f"P{q}" for q in metrics.NME_PERCENTILES] + column_names
+    rows, curves, seconds = [], [], 0.0
+    for model, value in entries:
+      columns = box_robustness_columns(value["perturbations"])
+      result = results[model.dir_name].get(split)
+      plain = None if result is None else result.nme
+      if result is not None and result.nmes is not None:
+        percentiles = metrics.nme_percentiles(result.nmes)
+        cells = [f"{100 * percentiles[f'p{q}']:.2f}" for q in metrics.NME_PERCENTILES]
+      else:
+        cells = ["—"] * len(metrics.NME_PERCENTILES)
+      rows.append([model.label, model.dir_name, _fmt(None if plain is None else 100 * plain, "nme")] + cells
+                  + [_fmt(100 * columns[name], "nme") if name in columns else "—" for name in column_names])
+      curves.append((f"{model.label} ({model.dir_name})", plain, columns))
+      seconds += float(value.get("seconds_with_perturbations", 0.0))
+    figure = plot_box_robustness(curves, figures_dir / f"box_robustness_{split}.png",
+                                 title=f"NME against the face box, {split}")
+    lines += [f"### Box robustness, split `{split}`", ""] + _markdown_table(header, rows)
+    lines += [f"The evaluation pass with the perturbations took {seconds:.1f} s for these {len(entries)} "
+              f"models together (plain crop + 16 perturbed, {entries[0][1].get('count', '?')} faces each).", "",
+              f"![box robustness {split}]({figure.relative_to(workdir).as_posix()})", ""]
+  return lines
+
+
 # ----------------------------------------------------------------------------------------------------
 # Figures.
 
@@ -680,6 +756,31 @@ def plot_ced(curves: Sequence[tuple[str, SplitEval]], path: Path, *, title: str,
   ax.set_title(title)
   ax.grid(True, alpha=0.3)
   ax.legend(loc="lower right", fontsize=8)
+  figure.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path)
+  return path
+
+
+def plot_box_robustness(curves: Sequence[tuple[str, float | None, dict[str, float]]], path: Path, *,
+                        title: str) -> Path:
+  """NME against the box's shift (left) and scale (right), one curve per model: (label, unperturbed NME,
+  :func:`box_robustness_columns`)."""
+  figure = _new_figure(9.6, 4.0, dpi=120)
+  shift_ax, scale_ax = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+  for label, plain, columns in curves:
+    shifts = [(0.0, plain)] + [(float(k.split()[1][:-1]), v) for k, v in columns.items() if k.startswith("shift")]
+    scales = [(1.0, plain)] + [(float(k.split()[1]), v) for k, v in columns.items() if k.startswith("scale")]
+    for ax, points in ((shift_ax, shifts), (scale_ax, scales)):
+      points = sorted((x, 100 * y) for x, y in points if y is not None)
+      ax.plot([x for x, _ in points], [y for _, y in points], marker="o", linewidth=1.5, label=label)
+  shift_ax.set_xlabel("box shift (% of its side; mean of +x, -x, +y, -y)")
+  scale_ax.set_xlabel("box side scale")
+  for ax in (shift_ax, scale_ax):
+    ax.set_ylabel("NME (%)")
+    ax.grid(True, alpha=0.3)
+  scale_ax.legend(loc="best", fontsize=7)
+  figure.suptitle(title, fontsize=10)
   figure.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(path)
@@ -924,6 +1025,8 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
                     "(config.val_split), so their numbers on that split are optimistic")
   lines += _seed_lines(tables, test_splits)
   lines += _paired_lines(tables, test_splits)
+  robustness = {m.dir_name: read_box_robustness(m) for m in models}
+  lines += _box_robustness_lines(models, results, robustness, workdir, figures_dir)
   paper_lines = _paper_tables(tables, test_splits)
   if paper_lines:
     lines += ["## Tables in the paper's layout", ""] + paper_lines
