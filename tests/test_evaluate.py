@@ -164,3 +164,36 @@ def test_box_robustness_table_of_an_oracle_by_hand(tmp_path, monkeypatch):
   for column, value in expected.items():
     assert row[column] == f"{100 * value:.2f}", column
   assert (tmp_path / "figures" / "box_robustness_test.png").stat().st_size > 0
+
+
+def test_evaluation_takes_the_kernels_it_is_given_and_they_compute_the_same(tmp_path, monkeypatch):
+  """The pipeline evaluates with its training kernels (faster on a CPU): the metrics equal the portable
+  kernels' within float32 rounding, and the kernels asked for are the ones the model ran with."""
+  from kd_landmarks import cpu
+  from kd_landmarks import models
+  from kd_landmarks.training import checkpoint
+  source = fx.InMemorySource(6)
+  module = models.create_model("mobilenet_v2_tiny", num_landmarks=fx.NUM_LANDMARKS)
+  variables = jax.jit(lambda x: module.init(jax.random.PRNGKey(0), x, train=False))(
+      jnp.zeros((1, fx.IMAGE_SIZE, fx.IMAGE_SIZE, 3)))
+  meta = dict(model="mobilenet_v2_tiny", num_landmarks=fx.NUM_LANDMARKS, image_size=fx.IMAGE_SIZE,
+              dataset="synthetic", overrides={}, dtype="float32", checkpoint=("latest", 3))
+  monkeypatch.setattr(checkpoint, "load_inference_variables", lambda model_dir: (module, variables, meta))
+  applied = []
+  original_apply = type(module).apply
+
+  def recording_apply(self, *args, **kwargs):
+    applied.append(self.kernels)
+    return original_apply(self, *args, **kwargs)
+
+  monkeypatch.setattr(type(module), "apply", recording_apply)
+  results = {}
+  cpu_kernels = cpu.training_kernels(use_native=False).model
+  for name, kernels in (("portable", models.PORTABLE), ("cpu", cpu_kernels)):
+    applied.clear()
+    results[name] = evaluate.evaluate_model(str(tmp_path / name), splits=["test"], load_split_fn=lambda s: source,
+                                            batch_size=4, box_robustness_on=False, kernels=kernels)
+    assert applied and all(k is kernels for k in applied), name
+  for field in ("nme", "fr", "auc"):
+    np.testing.assert_allclose(results["cpu"]["test"][field], results["portable"]["test"][field], rtol=1e-4,
+                               atol=1e-6)

@@ -35,8 +35,7 @@ def serving_function(module, variables):
   # Conv; the CPU-training kernels (shifted slices, channel dots) would export as dozens of Slice/Mul nodes and
   # as Einsums between layout transposes, which ONNX Runtime cannot fuse (2.5x slower). Same parameters, same
   # mathematics.
-  if "kernels" in getattr(module, "__dataclass_fields__", {}):
-    module = module.clone(kernels=models.PORTABLE)
+  module = models.with_kernels(module, models.PORTABLE)
   # A model trained on an accelerator computes in bfloat16; mobile runtimes (and ONNX Runtime's CPU Conv)
   # want float32, and the parameters are float32 already.
   if "dtype" in getattr(module, "__dataclass_fields__", {}):

@@ -27,6 +27,7 @@ from kd_landmarks.training import checkpoint
 from kd_landmarks import coords
 from kd_landmarks.training import input_pipeline
 from kd_landmarks import metrics
+from kd_landmarks import models
 from kd_landmarks.training import parallel
 from kd_landmarks.datasets import images
 from kd_landmarks.datasets import info
@@ -182,13 +183,17 @@ def eval_splits(config) -> list[str]:
 
 
 def evaluate_model(model_dir: str, *, splits, load_split_fn: Callable[[str], Any], batch_size: int,
-                   mesh=None, box_robustness_on: bool = True) -> dict:
+                   mesh=None, box_robustness_on: bool = True, kernels: models.Kernels = models.PORTABLE) -> dict:
   """Evaluates the best (else newest) checkpoint of ``model_dir`` on ``splits``; writes eval/ files.
+
+  ``kernels`` computes the model (:class:`kd_landmarks.models.Kernels`: the same function of the same
+  variables whichever set; the pipeline passes the ones its training used, faster on a CPU).
 
   With ``box_robustness_on``, the split of :func:`box_robustness_split` (when evaluated) is also predicted
   on the 16 perturbed crops of :func:`box_perturbations`; ``eval/box_robustness.json`` receives the split,
   the rows of :func:`box_robustness` and the seconds they added."""
   module, variables, meta = checkpoint.load_inference_variables(model_dir)
+  module = models.with_kernels(module, kernels)
   dataset = meta["dataset"]
   out_dir = os.path.join(model_dir, metrics.EVAL_DIR)
   is_chief = jax.process_index() == 0

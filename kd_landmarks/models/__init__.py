@@ -62,4 +62,12 @@ def create_model(name: str, *, num_landmarks: int, kernels: Kernels = PORTABLE, 
   return module_class(num_landmarks=num_landmarks, kernels=kernels, **{**defaults, **overrides})
 
 
-__all__ = ["create_model", "MODEL_NAMES", "Kernels", "PORTABLE", "MobileNetV2", "EfficientNet"]
+def with_kernels(module, kernels: Kernels):
+  """``module`` computing with ``kernels`` (the same variables and function); a module of another kind (a test
+  stand-in, an exported graph's wrapper) is returned as it is."""
+  if "kernels" in getattr(module, "__dataclass_fields__", {}):
+    return module.clone(kernels=kernels)
+  return module
+
+
+__all__ = ["create_model", "with_kernels", "MODEL_NAMES", "Kernels", "PORTABLE", "MobileNetV2", "EfficientNet"]
