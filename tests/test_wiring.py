@@ -260,3 +260,18 @@ def test_phase_all_skips(tmp_path, monkeypatch):
   # A single phase runs whatever the skips would say.
   assert recorder.run(tmp_path, phase="cache_teachers", student_loss="l2") == ["cache"]
   assert recorder.run(tmp_path, phase="eval") == ["eval(skip_current=False)"]
+
+
+def test_the_pipeline_evaluates_with_its_training_kernels(tmp_path, monkeypatch):
+  """phase eval on a CPU computes with the kernels training used (config.cpu_kernels), the portable ones when
+  they are off."""
+  from kd_landmarks import models
+  from kd_landmarks.evaluation import evaluate
+  monkeypatch.setattr(pipeline, "trained_model_dirs", lambda workdir: [str(tmp_path / "student_kd")])
+  seen = []
+  monkeypatch.setattr(evaluate, "evaluate_model", lambda model_dir, **kwargs: seen.append(kwargs["kernels"]))
+  for cpu_kernels in (True, False):
+    config = _wiring_config(cpu_kernels=cpu_kernels)
+    pipeline.evaluate_all(config, str(tmp_path))
+    assert seen[-1] == train.training_kernels(config).model
+  assert seen[0] != models.PORTABLE and seen[1] == models.PORTABLE
