@@ -313,7 +313,7 @@ def test_data_of_an_older_builder_version_is_refused_with_the_command(tmp_path, 
   assert load_split("300w", "train", built_300w[0]).metadata["soft_landmarks"]["keep_mode"] == "variance"
 
 
-# ------------------------------------------------------------------- bad input (issue 17, items 4, 6)
+# ------------------------------------------------------------------------------------------- bad input
 
 
 def test_empty_manual_dir_is_one_line_not_a_tfds_assertion(tmp_path, capsys):

@@ -178,7 +178,7 @@ def test_sigkill_mid_run_then_restart_ends_like_an_uninterrupted_run(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Damaged files (issue 17, items 3 and 6).
+# Damaged files.
 
 
 def _largest_file(directory):

@@ -1,5 +1,5 @@
 """The package as a user gets it: a wheel built from the source, installed outside the checkout, run with the
-working directory elsewhere and neither the checkout nor tests/ importable (issue 16).
+working directory elsewhere and neither the checkout nor tests/ importable.
 
 One wheel build (pip, setuptools in pip's isolated build environment) and three processes: the export
 console script (ONNX float32 + int8, calibrated on the photo shipped in the package), the Python API, and

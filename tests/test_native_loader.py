@@ -1,4 +1,4 @@
-"""How the native CPU kernels are built, cached and loaded (issue 17, item 8): one compile for concurrent
+"""How the native CPU kernels are built, cached and loaded: one compile for concurrent
 first use, a cache key covering jaxlib and the FFI headers, a broken cached library rebuilt once, a cache
 outside a read-only home, no compile for inference, and CI failing instead of skipping."""
 import os
@@ -20,11 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fake_compiler(tmp_path, body):
-  """A 'C++ compiler' script: logs each run to compiles.log, then runs ``body`` with $OUT the -o path."""
+  """A 'C++ compiler' script: logs each run to compiles.log, then runs ``body`` with $LIBRARY the -o path."""
   log = tmp_path / "compiles.log"
   script = tmp_path / "fakecxx"
   script.write_text("#!/bin/bash\n"
-                    'while [ "$#" -gt 0 ]; do if [ "$1" = "-o" ]; then OUT="$2"; fi; shift; done\n'
+                    'while [ "$#" -gt 0 ]; do if [ "$1" = "-o" ]; then LIBRARY="$2"; fi; shift; done\n'
                     f'echo run >> "{log}"\n{body}\n')
   script.chmod(0o755)
   return str(script), log
@@ -41,7 +41,7 @@ def fresh_native(monkeypatch, tmp_path):
 
 
 def test_concurrent_first_use_compiles_once(tmp_path, fresh_native):
-  compiler, log = _fake_compiler(tmp_path, 'sleep 2; echo library > "$OUT"')
+  compiler, log = _fake_compiler(tmp_path, 'sleep 2; echo library > "$LIBRARY"')
   env = dict(os.environ, PYTHONPATH=ROOT, CXX=compiler, JAX_PLATFORMS="cpu")
   code = "from kd_landmarks.cpu import native; print(native._build(native.compiler()))"
   processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
@@ -56,7 +56,7 @@ def test_concurrent_first_use_compiles_once(tmp_path, fresh_native):
 def test_threads_share_one_load_and_a_broken_library_is_rebuilt_once(tmp_path, fresh_native, monkeypatch):
   # The "compiler" writes a file that is no shared library: the first load fails, one rebuild, then the
   # kernels are reported unavailable, to every thread alike.
-  compiler, log = _fake_compiler(tmp_path, 'echo "not an ELF file" > "$OUT"')
+  compiler, log = _fake_compiler(tmp_path, 'echo "not an ELF file" > "$LIBRARY"')
   monkeypatch.setenv("CXX", compiler)
   results = []
   threads = [threading.Thread(target=lambda: results.append(native._load())) for _ in range(4)]  # pylint: disable=protected-access
@@ -76,7 +76,7 @@ def test_cached_library_that_fails_to_load_is_rebuilt(tmp_path, fresh_native, mo
   require_native_kernels()
   real = native.library_path(native.compiler())
   monkeypatch.setenv("KD_LANDMARKS_NATIVE_CACHE", str(fresh_native))
-  compiler, log = _fake_compiler(tmp_path, f'cp "{real}" "$OUT"')
+  compiler, log = _fake_compiler(tmp_path, f'cp "{real}" "$LIBRARY"')
   broken = native.library_path(compiler)
   os.makedirs(os.path.dirname(broken), exist_ok=True)
   with open(broken, "wb") as f:

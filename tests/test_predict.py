@@ -302,7 +302,7 @@ def _reject_constant(name):
   raise AssertionError(f"{name} is not valid JSON")
 
 
-# ------------------------------------------------------------------------ bad use (issue 17, item 5)
+# ---------------------------------------------------------------------------------------------- bad use
 
 
 def test_out_folder_holding_the_inputs_is_refused_and_nothing_is_written(model_dir, tmp_path, capsys):

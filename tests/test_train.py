@@ -250,7 +250,7 @@ def _host_tree():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Divergence (issue 17, item 2) and best-checkpoint selection.
+# Divergence and best-checkpoint selection.
 
 
 def _scripted_validation(values):

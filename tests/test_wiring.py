@@ -1,4 +1,4 @@
-"""Tests that pin the pipeline's wiring (issue 17, item 7): which teacher learns which target, what the
+"""Tests that pin the pipeline's wiring: which teacher learns which target, what the
 teacher cache holds, how cached predictions are augmented, online against cached teachers, the
 author_code variant through a step, and phase=all's skips. Every expected value is computed here from the
 batch, independently of kd_landmarks.pipeline."""

@@ -1,4 +1,4 @@
-"""Tests of kd_landmarks.training.workdir_lock: one run per workdir (issue 17, item 1)."""
+"""Tests of kd_landmarks.training.workdir_lock: one run per workdir."""
 import json
 import os
 import socket
