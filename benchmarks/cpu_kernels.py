@@ -2,13 +2,13 @@
 
 Times the demo teacher's compiled train step (mobilenet_v2_tiny, 96 px stored crops augmented to 64 px,
 batch 32, the demo's augmentation, L2) as ``fit`` runs it, for each configuration below, every one in a
-fresh process (the malloc setting holds for a whole process), the configurations taken in turn round after
+fresh process (each compiles its own step from scratch), the configurations taken in turn round after
 round so that a slow spell of a shared machine slows all of them alike:
 
   portable            --config.cpu_kernels=False: the models' portable kernels (lax grouped and 1x1
-                      convolutions, flax BatchNorm), the jax.numpy augmentation, glibc's default malloc
+                      convolutions, flax BatchNorm), the jax.numpy augmentation
   cpu_xla             the CPU kernels in their XLA forms (what a machine without a C++ compiler gets)
-  cpu                 the default: the CPU kernels with every native piece, malloc retained
+  cpu                 the default: the CPU kernels with every native piece
   cpu - <piece>       the default with one piece put back to its XLA or portable form
 
 and prints img/s (median over rounds) and each configuration's ratio to the default. A piece earns its place
@@ -41,19 +41,18 @@ CONFIGURATIONS = {
     "cpu - 1x1 as dot": ("dot",),
     "cpu - shifted depthwise": ("shifted_depthwise",),
     "cpu - closed-form BatchNorm": ("closed_form_norm",),
-    "cpu - malloc retained": ("malloc",),
 }
 BATCH, STORED, OUT, LANDMARKS = 32, 96, 64, 68
 
 
 def configuration(removed):
-  """(models.Kernels, augment.AugmentKernels, retain malloc?) of a configuration."""
-  from kd_landmarks import augment  # pylint: disable=g-import-not-at-top  (after the malloc setting)
+  """(models.Kernels, augment.AugmentKernels) of a configuration."""
+  from kd_landmarks import augment  # pylint: disable=g-import-not-at-top  (in the worker process only)
   from kd_landmarks import cpu
   from kd_landmarks import models
   from kd_landmarks.cpu import kernels
   if removed is None:
-    return models.PORTABLE, augment.PORTABLE, False
+    return models.PORTABLE, augment.PORTABLE
   default = cpu.training_kernels(use_native="native" not in removed)
   model, augment_kernels = default.model, default.augment
   fields = {}
@@ -71,15 +70,12 @@ def configuration(removed):
                                                                 "batch_norm_train")}, **fields})
   if "native_augment" in removed:
     augment_kernels = augment.PORTABLE
-  return model, augment_kernels, "malloc" not in removed
+  return model, augment_kernels
 
 
 def worker(name: str, steps: int, warmup: int) -> dict:
   """Runs in its own process: compiles the step of configuration ``name`` and times ``steps`` steps."""
   removed = CONFIGURATIONS[name]
-  if removed is None or "malloc" not in removed:
-    from kd_landmarks.cpu import allocator  # pylint: disable=g-import-not-at-top  (before JAX allocates)
-    allocator.retain_freed_memory()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -87,7 +83,7 @@ def worker(name: str, steps: int, warmup: int) -> dict:
   from kd_landmarks import config_lib, losses, models  # pylint: disable=g-import-not-at-top
   from kd_landmarks.datasets import flips  # pylint: disable=g-import-not-at-top
   from kd_landmarks.training import parallel, train  # pylint: disable=g-import-not-at-top
-  model_kernels, augment_kernels, _ = configuration(removed)
+  model_kernels, augment_kernels = configuration(removed)
   demo = config_lib.base_config()
   demo.augment.max_rotation_degrees = 15.0  # configs/demo.py
   model = models.create_model("mobilenet_v2_tiny", num_landmarks=LANDMARKS, kernels=model_kernels, bn_momentum=0.9)

@@ -16,7 +16,6 @@ dot), and prints the training kernels' train throughput against the fastest othe
 
 CPU (pin the cores so every framework gets the same ones; the figures are medians):
   taskset -c 0,1 python benchmarks/models.py                # full run
-  python benchmarks/models.py --malloc default              # glibc's malloc as it comes (see allocator.py)
   python benchmarks/models.py --quick                       # a few iterations at 64 px: checks it runs
   python benchmarks/models.py --models student --peers torch --depthwise all --norm all --pointwise all
 GPU (JAX only; peers need a CUDA PyTorch, use --peers torch to try):
@@ -365,10 +364,6 @@ def main(argv=None):
                       help="comma-separated: torch, onnxruntime (default both on CPU, none elsewhere)")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="threads for PyTorch / ONNX Runtime (default: the cores this process may use)")
-  parser.add_argument("--malloc", default="retain", choices=["retain", "default"],
-                      help="'retain': glibc keeps freed memory for reuse, as kd_landmarks.main does on CPU with "
-                           "config.cpu_kernels (kd_landmarks/cpu/allocator.py); process-wide, so every framework "
-                           "timed here gets it. 'default': glibc as it comes. A preloaded tcmalloc overrides both.")
   parser.add_argument("--native_march", default="native",
                       help="-march for the native kernels (e.g. haswell or znver3: another CPU's build, timed "
                            "here; with XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2 "
@@ -379,13 +374,8 @@ def main(argv=None):
     os.environ["KD_LANDMARKS_NATIVE_MARCH"] = args.native_march
     os.environ["KD_LANDMARKS_NATIVE_CACHE"] = os.path.join(tempfile.gettempdir(),
                                                            f"kd_landmarks-native-{args.native_march}")
-  # Before any framework allocates: only memory allocated afterwards is retained.
-  from kd_landmarks.cpu import allocator
-  if args.malloc == "retain":
-    malloc = allocator.retain_freed_memory()
-  else:
-    preloaded = allocator.preloaded_allocator()
-    malloc = f"{preloaded} (LD_PRELOAD)" if preloaded else "glibc default"
+  # The same malloc for every framework timed here: glibc's, or the one LD_PRELOAD names (e.g. tcmalloc).
+  malloc = f"{os.environ['LD_PRELOAD']} (LD_PRELOAD)" if os.environ.get("LD_PRELOAD") else "glibc default"
   args.image_size = args.image_size or (64 if args.quick else 224)
   args.iterations = args.iterations or (3 if args.quick else 50)
   args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)

@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from kd_landmarks import config_lib  # noqa: E402  (no JAX: the allocator must be set before JAX starts)
+from kd_landmarks import config_lib  # noqa: E402  (no JAX: flags answer before JAX's import)
 from kd_landmarks.training import machine  # noqa: E402  (no JAX either)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +123,7 @@ class _TimedStep:
     self._t0 = None
 
   def __call__(self, *args):
-    import jax  # pylint: disable=g-import-not-at-top  (JAX starts after the allocator is set, see main)
+    import jax  # pylint: disable=g-import-not-at-top  (flags answer before JAX's import, see main)
     record = self._record
     self._calls += 1
     # The window: steps first..last, each with its own next(batches) (fit calls it just before the step).
@@ -530,10 +530,6 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   args.data_dir = args.data_dir or ""
-  if load_config(args).cpu_kernels and config_lib.runs_on_cpu_before_start(args.platform):
-    # Before JAX allocates anything, as kd_landmarks.main does: glibc's malloc keeps freed memory.
-    from kd_landmarks.cpu import allocator  # pylint: disable=g-import-not-at-top
-    allocator.retain_freed_memory()
   temporary = args.workdir is None
   if temporary:
     args.workdir = tempfile.mkdtemp(prefix="kd_rehearsal_")

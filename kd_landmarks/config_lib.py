@@ -9,9 +9,6 @@ config files import it the same way wherever they are run from.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
-import importlib.util
-import os
 
 import ml_collections
 
@@ -166,8 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.platform = "auto"
   config.dtype = "auto"
   # Training on the CPU uses the CPU kernels of kd_landmarks/cpu (the same mathematics, computed faster on XLA's
-  # CPU backend; native C++ where a compiler builds them) and keeps glibc's malloc from returning freed memory.
-  # Accelerators and inference (evaluation, export, predict) always run the models' portable kernels.
+  # CPU backend; native C++ where a compiler builds them), and so do the pipeline's evaluation and teacher
+  # outputs there. Accelerators, export and predict always run the models' portable kernels.
   # docs/performance.md has the measurement of each piece.
   config.cpu_kernels = True
 
@@ -214,25 +211,3 @@ def set_platform(config: ml_collections.ConfigDict, platform: str) -> None:
   if platform not in PLATFORMS:
     raise ValueError(f"unknown platform {platform!r}; choose from {PLATFORMS}")
   config.platform = platform
-
-
-def runs_on_cpu_before_start(platform: str) -> bool:
-  """Whether ``platform`` will resolve to the CPU, known before JAX initialises a backend.
-
-  For what must happen before then (the malloc setting of kd_landmarks/cpu). True for 'cpu', and for 'auto' when
-  JAX_PLATFORMS starts with cpu or no accelerator plugin (jax_plugins entry points or namespace modules,
-  or libtpu) is installed. False when unsure: the caller then leaves the CPU-only settings alone.
-  """
-  if platform == "cpu":
-    return True
-  if platform != "auto":
-    return False
-  restricted = os.environ.get("JAX_PLATFORMS", "").strip()
-  if restricted:
-    return restricted.split(",")[0].strip() == "cpu"
-  if importlib.metadata.entry_points(group="jax_plugins") or importlib.util.find_spec("libtpu"):
-    return False
-  spec = importlib.util.find_spec("jax_plugins")  # The namespace package plugins may also install into.
-  return not (spec and spec.submodule_search_locations and
-              any(os.listdir(path) for path in spec.submodule_search_locations if os.path.isdir(path)))
-

@@ -35,13 +35,7 @@ def main(argv):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   # The package is imported here, not at the top: flag parsing (a config typo, --help) answers before the
   # ~2 s import of jax, flax, orbax and grain (measured: `import kd_landmarks.pipeline`, 1.9 s on this
-  # 2-core Xeon), and malloc is configured before JAX's first allocation.
-  from kd_landmarks import config_lib
-  if FLAGS.config.cpu_kernels and config_lib.runs_on_cpu_before_start(FLAGS.config.platform):
-    # Before JAX allocates anything: only memory allocated afterwards is retained (so decided before any
-    # backend starts: with platform 'auto', from JAX_PLATFORMS and the installed plugins).
-    from kd_landmarks import cpu
-    logging.info("%s", cpu.prepare_process())
+  # 2-core Xeon).
   from kd_landmarks.training import parallel
   # Before anything touches a device: joins the other hosts when there are any.
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

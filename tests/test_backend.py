@@ -93,15 +93,6 @@ def test_pipeline_stops_before_any_work_on_a_missing_backend(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
-@pytest.mark.parametrize("env,platform,expected", [
-    ({"JAX_PLATFORMS": "cpu"}, "auto", True), ({"JAX_PLATFORMS": "cuda,cpu"}, "auto", False),
-    ({"JAX_PLATFORMS": "cuda"}, "cpu", True), ({"JAX_PLATFORMS": "cpu"}, "gpu", False)])
-def test_cpu_is_known_before_start_from_the_request_and_jax_platforms(monkeypatch, env, platform, expected):
-  for key, value in env.items():
-    monkeypatch.setenv(key, value)
-  assert config_lib.runs_on_cpu_before_start(platform) is expected
-
-
 def _main(*args):
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "kd_landmarks.main", *args], capture_output=True, text=True,
@@ -137,15 +128,3 @@ def test_main_logs_the_same_resolved_platform_for_both_forms(tmp_path):
     lines.append(_resolved_line(result.stderr))
   assert lines[0] == lines[1] == lines[2]
   assert lines[0].startswith("platform cpu: 1 x cpu") and "dtype float32, prefetch 2" in lines[0]
-
-
-def test_cpu_is_known_before_start_from_the_installed_plugins(monkeypatch):
-  """No JAX_PLATFORMS: 'auto' is the CPU exactly when no accelerator plugin is installed (this venv has none)."""
-  import importlib.metadata
-  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-  assert config_lib.runs_on_cpu_before_start("auto") is True
-  plugin = importlib.metadata.EntryPoint(name="xla_cuda12", value="jax_plugins.xla_cuda12", group="jax_plugins")
-  monkeypatch.setattr(importlib.metadata, "entry_points",
-                      lambda group=None: [plugin] if group == "jax_plugins" else [])
-  assert config_lib.runs_on_cpu_before_start("auto") is False
-  assert config_lib.runs_on_cpu_before_start("cpu") is True

@@ -4,8 +4,7 @@ The models and the augmentation compute with portable JAX by default (``models.P
 ``augment.PORTABLE``): what accelerators, evaluation, export and predict run. Training on the CPU takes
 instead the kernels of :mod:`kd_landmarks.cpu.kernels` (the same mathematics, the same parameters, computed
 faster on XLA's CPU backend), with the native C++ pieces (:mod:`kd_landmarks.cpu.native`) where this
-machine's compiler builds them, and glibc's malloc kept from returning freed memory
-(:mod:`kd_landmarks.cpu.allocator`). Only ``kd_landmarks.training.train`` and ``kd_landmarks.main`` import
+machine's compiler builds them. Only ``kd_landmarks.training.train`` and ``kd_landmarks.main`` import
 this package (tests/test_imports.py). Each piece is here because it measured faster on the demo's training
 loop (docs/performance.md, ``benchmarks/cpu_kernels.py``).
 """
@@ -15,7 +14,6 @@ import dataclasses
 
 from kd_landmarks import augment
 from kd_landmarks import models
-from kd_landmarks.cpu import allocator
 from kd_landmarks.cpu import kernels
 from kd_landmarks.cpu import native
 
@@ -46,7 +44,3 @@ def training_kernels(*, use_native: bool | None = None) -> TrainingKernels:
                            batch_norm_train=kernels.batch_norm_train_xla),
       description=f"cpu (XLA forms; native kernels unavailable: {native.unavailable_reason()})")
 
-
-def prepare_process() -> str:
-  """Before JAX allocates anything: glibc's malloc keeps freed memory (allocator module). Returns a log line."""
-  return allocator.retain_freed_memory()
