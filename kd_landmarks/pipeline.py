@@ -199,7 +199,7 @@ def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase,
   meta["train_kernels"] = train_kernels(config, meta, batch_size // mesh.devices.size)
   model = build_model(meta, meta["train_kernels"])
   steps = num_train_steps(phase_config, len(train_source), batch_size, int(config.augment_copies))
-  learning_rate_fn = train.create_learning_rate_fn(config)
+  learning_rate_fn = train.create_learning_rate_fn(config, steps)
   spec = train.StepSpec(target=target, loss_fn=losses.get_student_loss(loss_name), loss_variant=config.loss_variant,
                   image_size=int(meta["image_size"]), flip_permutation=flips.flip_permutation(config.dataset),
                   augment_config=augment_config(config),

@@ -81,14 +81,45 @@ class StepSpec:
 # Train state, learning rate, steps.
 
 
-def create_learning_rate_fn(config: ml_collections.ConfigDict) -> Callable:
-  """Keras' time-based decay used by the authors (Section 4.3): lr_t = lr / (1 + decay * t), t = step."""
-  base = float(config.optimizer.learning_rate)
-  decay = float(config.optimizer.decay)
+LR_SCHEDULES = ("paper", "cosine")
 
-  def learning_rate_fn(step):
-    return base / (1.0 + decay * jnp.asarray(step, jnp.float32))
-  return learning_rate_fn
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, num_train_steps: int | None = None) -> Callable:
+  """The learning rate at step t (0-based) for ``config.optimizer.schedule``.
+
+  'paper': Keras' time-based decay used by the authors (Section 4.3), lr_t = lr / (1 + decay * t).
+  'cosine' (not the paper's; configs/demo.py): a linear warm-up from lr / warmup_steps over the first
+  ``warmup_steps`` steps, lr_t = lr * (t + 1) / warmup_steps, then a half cosine from lr to
+  lr * final_lr_fraction at ``num_train_steps``: lr_t = lr * (f + (1 - f) * (1 + cos(pi * p)) / 2) with
+  p = (t - warmup_steps) / (num_train_steps - warmup_steps), clipped to [0, 1]. It needs the phase's
+  ``num_train_steps``, so that a teacher and a student with different budgets each end their decay.
+  """
+  opt = config.optimizer
+  base = float(opt.learning_rate)
+  schedule = opt.get("schedule", "paper")
+  if schedule not in LR_SCHEDULES:
+    raise ValueError(f"unknown config.optimizer.schedule {schedule!r}; choose from {LR_SCHEDULES}")
+  if schedule == "paper":
+    decay = float(opt.decay)
+
+    def learning_rate_fn(step):
+      return base / (1.0 + decay * jnp.asarray(step, jnp.float32))
+    return learning_rate_fn
+  warmup = int(opt.warmup_steps)
+  final = float(opt.final_lr_fraction)
+  if num_train_steps is None or not warmup < int(num_train_steps):
+    raise ValueError(f"the cosine schedule needs num_train_steps ({num_train_steps}) above "
+                     f"config.optimizer.warmup_steps ({warmup})")
+  decay_steps = float(int(num_train_steps) - warmup)
+
+  def cosine_fn(step):
+    step = jnp.asarray(step, jnp.float32)
+    progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+    cosine = base * (final + (1.0 - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+    if warmup <= 0:
+      return cosine
+    return jnp.where(step < warmup, base * (step + 1.0) / warmup, cosine)
+  return cosine_fn
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: Callable):

@@ -30,6 +30,47 @@ def test_learning_rate_is_keras_time_based_decay():
   assert float(fn(250_000)) == pytest.approx(1e-3 / 1.25)
 
 
+def test_paper_schedule_is_the_default_and_ignores_the_step_count():
+  config = _config()
+  assert config.optimizer.get("schedule", "paper") == "paper"
+  from kd_landmarks import config_lib
+  base = config_lib.base_config().optimizer
+  assert (base.schedule, base.warmup_steps, base.final_lr_fraction) == ("paper", 0, 0.0)
+  short, long = train.create_learning_rate_fn(config, 10), train.create_learning_rate_fn(config, 10**6)
+  assert float(short(250_000)) == float(long(250_000)) == pytest.approx(1e-3 / 1.25)
+
+
+def test_cosine_schedule_by_value():
+  # lr 1e-2, warm-up 10 steps, final fraction 0.1, 110 steps: warm-up lr * (t + 1) / 10; then
+  # lr * (0.1 + 0.9 * (1 + cos(pi * (t - 10) / 100)) / 2).
+  config = _config(learning_rate=1e-2, schedule="cosine", warmup_steps=10, final_lr_fraction=0.1)
+  fn = train.create_learning_rate_fn(config, 110)
+  expected = {0: 1e-3, 4: 5e-3, 9: 1e-2, 10: 1e-2, 35: 1e-2 * (0.1 + 0.45 * (1 + np.cos(np.pi / 4))),
+              60: 5.5e-3, 85: 1e-2 * (0.1 + 0.45 * (1 - np.cos(np.pi / 4))), 110: 1e-3, 500: 1e-3}
+  for step, value in expected.items():
+    assert float(fn(step)) == pytest.approx(value, rel=1e-5), step
+  # Without warm-up the decay starts at lr and reaches final * lr at the last step.
+  config = _config(learning_rate=2e-3, schedule="cosine", warmup_steps=0, final_lr_fraction=0.0)
+  fn = train.create_learning_rate_fn(config, 100)
+  assert [float(fn(t)) for t in (0, 50, 100)] == pytest.approx([2e-3, 1e-3, 0.0], abs=1e-9)
+  # The optimiser follows it: Adam's first step is -lr_0 * sign(g), here lr_0 = lr / warmup_steps.
+  config = _config(learning_rate=0.1, schedule="cosine", warmup_steps=4, final_lr_fraction=0.0)
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 20))
+  params = {"w": jnp.array([1.0, -2.0])}
+  updates, _ = tx.update({"w": jnp.array([0.5, -4.0])}, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], [-0.025, 0.025], rtol=1e-3)
+
+
+def test_cosine_schedule_needs_the_step_count_and_known_names():
+  config = _config(schedule="cosine", warmup_steps=10, final_lr_fraction=0.0)
+  with pytest.raises(ValueError, match="needs num_train_steps"):
+    train.create_learning_rate_fn(config)
+  with pytest.raises(ValueError, match="needs num_train_steps"):
+    train.create_learning_rate_fn(config, 10)
+  with pytest.raises(ValueError, match="unknown config.optimizer.schedule 'step'"):
+    train.create_learning_rate_fn(_config(schedule="step"), 100)
+
+
 def test_optimizer_first_step_is_adam():
   # Adam's first update is -lr * g / (|g| + eps') = -lr * sign(g) (bias-corrected m/sqrt(v) = sign).
   config = _config(learning_rate=0.1)
