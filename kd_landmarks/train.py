@@ -313,6 +313,9 @@ def fit(setup: FitSetup) -> dict:
                   desc=os.path.basename(os.path.normpath(setup.model_dir)), unit="step", dynamic_ncols=True)
   started = time.time()
   first_step_seconds = None
+  # Validation NME per step (the report's convergence figure); a resumed run keeps the points up to its
+  # start and drops later ones, which the steps it is about to retrain replace.
+  curve = [point for point in read_validation_curve(setup.model_dir) if point["step"] <= start_step]
   try:
     for step in range(start_step, end_step):
       batch = parallel.shard_host_batch(step_batch(setup.spec, next(batches)), mesh)
@@ -350,6 +353,8 @@ def fit(setup: FitSetup) -> dict:
         last_saved = done
       if validate:
         checkpoint.save_best(best, done, variables, val_nme)
+        if is_chief:
+          curve = record_validation(setup.model_dir, done, val_nme, curve)
         progress.write(f"{setup.model_dir}: step {done} validation NME {val_nme:.5f}")
         if writer is not None:
           writer.add_scalar("val/nme", val_nme, done)
@@ -368,6 +373,30 @@ def fit(setup: FitSetup) -> dict:
 
 
 SPEED_FILE = "train_speed.json"
+# Every validation of a run: [{"step": s, "val_nme": v}, ...] in step order, rewritten after each one.
+VALIDATION_CURVE_FILE = "validation_curve.json"
+
+
+def read_validation_curve(model_dir) -> list[dict]:
+  """``model_dir``'s validation points ``[{"step", "val_nme"}]`` by step; [] when none was recorded."""
+  path = os.path.join(model_dir, VALIDATION_CURVE_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    points = json.load(f)
+  return sorted(({"step": int(p["step"]), "val_nme": float(p["val_nme"])} for p in points),
+                key=lambda p: p["step"])
+
+
+def record_validation(model_dir, step: int, val_nme: float, curve: list[dict]) -> list[dict]:
+  """Appends (step, val_nme) to ``curve`` and writes it to ``model_dir/validation_curve.json`` atomically;
+  returns the new curve."""
+  curve = [p for p in curve if p["step"] != int(step)] + [{"step": int(step), "val_nme": float(val_nme)}]
+  path = os.path.join(model_dir, VALIDATION_CURVE_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(curve, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return curve
 
 
 def _write_speed(model_dir, *, first_step_seconds: float, steps: int, seconds: float, global_batch_size: int):

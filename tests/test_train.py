@@ -385,6 +385,28 @@ def test_best_checkpoint_is_the_lowest_scripted_validation_nme(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, dict(stored["params"]), dict(state_at_4["params"]))
   # The variables validated at step 4 are those saved: the validate_fn saw exactly them.
   jax.tree.map(np.testing.assert_array_equal, dict(calls[1]["params"]), dict(state_at_4["params"]))
+  # Every validation is recorded for the report's convergence figure.
+  assert train.read_validation_curve(model_dir) == [
+      {"step": 2, "val_nme": 0.3}, {"step": 4, "val_nme": 0.1}, {"step": 6, "val_nme": 0.2}]
+
+
+def test_a_resumed_run_keeps_the_validation_points_up_to_its_start(tmp_path):
+  # Killed after step 4 (checkpoint at 4) with a point at 6 recorded by an earlier, longer attempt: the
+  # resumed run keeps 2 and 4, and step 6 is validated again (0.05), replacing the stale 0.9.
+  model_dir = str(tmp_path / "m")
+  setup = fx.fit_setup(model_dir, num_train_steps=6, checkpoint_every=2, validate=True)
+  setup.validate_fn, _ = _scripted_validation([0.3, 0.1])
+  setup.eval_every_steps = 2
+  setup.stop_after_steps = 4
+  train.fit(setup)
+  train.record_validation(model_dir, 6, 0.9, train.read_validation_curve(model_dir))
+  setup = fx.fit_setup(model_dir, num_train_steps=6, checkpoint_every=2, validate=True)
+  setup.validate_fn, calls = _scripted_validation([0.05])
+  setup.eval_every_steps = 2
+  train.fit(setup)
+  assert len(calls) == 1
+  assert train.read_validation_curve(model_dir) == [
+      {"step": 2, "val_nme": 0.3}, {"step": 4, "val_nme": 0.1}, {"step": 6, "val_nme": 0.05}]
 
 
 def test_fit_from_memory_trains_the_same_model_and_writes_its_speed(tmp_path, caplog):
