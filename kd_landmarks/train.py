@@ -92,7 +92,8 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, num_train_steps: 
   ``warmup_steps`` steps, lr_t = lr * (t + 1) / warmup_steps, then a half cosine from lr to
   lr * final_lr_fraction at ``num_train_steps``: lr_t = lr * (f + (1 - f) * (1 + cos(pi * p)) / 2) with
   p = (t - warmup_steps) / (num_train_steps - warmup_steps), clipped to [0, 1]. It needs the phase's
-  ``num_train_steps``, so that a teacher and a student with different budgets each end their decay.
+  ``num_train_steps``, so that a teacher and a student with different budgets each end their decay. A run no
+  longer than the warm-up (a smoke test of a few steps) is all warm-up.
   """
   opt = config.optimizer
   base = float(opt.learning_rate)
@@ -107,10 +108,9 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, num_train_steps: 
     return learning_rate_fn
   warmup = int(opt.warmup_steps)
   final = float(opt.final_lr_fraction)
-  if num_train_steps is None or not warmup < int(num_train_steps):
-    raise ValueError(f"the cosine schedule needs num_train_steps ({num_train_steps}) above "
-                     f"config.optimizer.warmup_steps ({warmup})")
-  decay_steps = float(int(num_train_steps) - warmup)
+  if num_train_steps is None or int(num_train_steps) < 1:
+    raise ValueError(f"the cosine schedule needs the phase's num_train_steps (>= 1), got {num_train_steps}")
+  decay_steps = float(max(1, int(num_train_steps) - warmup))
 
   def cosine_fn(step):
     step = jnp.asarray(step, jnp.float32)

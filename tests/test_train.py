@@ -63,10 +63,14 @@ def test_cosine_schedule_by_value():
 
 def test_cosine_schedule_needs_the_step_count_and_known_names():
   config = _config(schedule="cosine", warmup_steps=10, final_lr_fraction=0.0)
-  with pytest.raises(ValueError, match="needs num_train_steps"):
+  with pytest.raises(ValueError, match="needs the phase's num_train_steps"):
     train.create_learning_rate_fn(config)
-  with pytest.raises(ValueError, match="needs num_train_steps"):
-    train.create_learning_rate_fn(config, 10)
+  with pytest.raises(ValueError, match="needs the phase's num_train_steps"):
+    train.create_learning_rate_fn(config, 0)
+  # A run shorter than the warm-up (a smoke test) is all warm-up: lr * (t + 1) / warmup_steps.
+  fn = train.create_learning_rate_fn(_config(learning_rate=1e-2, schedule="cosine", warmup_steps=100,
+                                             final_lr_fraction=0.0), 3)
+  assert [float(fn(t)) for t in (0, 1, 2)] == pytest.approx([1e-4, 2e-4, 3e-4])
   with pytest.raises(ValueError, match="unknown config.optimizer.schedule 'step'"):
     train.create_learning_rate_fn(_config(schedule="step"), 100)
 
