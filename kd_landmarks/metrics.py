@@ -27,6 +27,9 @@ NORMALIZATIONS = ("inter_ocular", "inter_pupil")
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
 SELECTION_KEY = "selection"
+# Each model directory's validation NME per step, written by training after every validation and read by the
+# report: [{"step": s, "val_nme": v}, ...] in step order.
+VALIDATION_CURVE_FILE = "validation_curve.json"
 # MODEL_DIR/eval/box_robustness.json: the NME with the evaluation crop's box shifted and scaled.
 BOX_ROBUSTNESS_FILE = "box_robustness.json"
 # The percentiles of the per-image NME the report prints beside the mean.

@@ -175,7 +175,7 @@ def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase,
   if teacher_modules is not None:  # Online teachers compute their forward pass with the same kernels.
     teacher_modules = {name: models.with_kernels(module, kernels.model) for name, module in teacher_modules.items()}
   steps = num_train_steps(phase_config, len(train_source), batch_size, int(config.augment_copies))
-  learning_rate_fn = train.create_learning_rate_fn(config)
+  learning_rate_fn = train.create_learning_rate_fn(config, steps)
   spec = train.StepSpec(target=target, loss_fn=losses.get_student_loss(loss_name), loss_variant=config.loss_variant,
                         image_size=int(meta["image_size"]), flip_permutation=flips.flip_permutation(config.dataset),
                         augment_config=augment_config(config), learning_rate_fn=learning_rate_fn,

@@ -22,6 +22,7 @@ def test_dataset_configs_hold_the_papers_hyper_parameters(name, dataset):
   assert config.optimizer.learning_rate == 1e-3
   assert (config.optimizer.b1, config.optimizer.b2) == (0.9, 0.999)
   assert config.optimizer.decay == 1e-6
+  assert config.optimizer.schedule == "paper"  # Keras' time-based decay, not the demo's cosine.
   assert config.teacher.batch_size == 40 and config.student.batch_size == 70
   assert config.teacher.num_epochs == 250 and config.student.num_epochs == 250
   assert (config.teacher_model, config.student_model, config.image_size) == (
@@ -99,3 +100,20 @@ def test_augment_copies_multiplies_the_epoch_length():
   assert pipeline.num_train_steps(phase, 2991, 70, augment_copies=4) == 250 * (4 * 2991 // 70)
   with pytest.raises(ValueError, match="augment_copies"):
     pipeline.num_train_steps(phase, 2991, 70, augment_copies=0)
+
+
+def test_demo_schedule_warms_up_then_decays_to_zero_at_each_phases_last_step():
+  from kd_landmarks.training import train
+  demo = _load("demo").get_config()
+  assert (demo.optimizer.schedule, demo.optimizer.learning_rate) == ("cosine", 1e-2)
+  warmup = demo.optimizer.warmup_steps
+  for phase in (demo.teacher, demo.student):
+    steps = phase.num_train_steps
+    assert 0 < warmup < steps // 5  # The warm-up is a small part of either budget.
+    fn = train.create_learning_rate_fn(demo, steps)
+    assert float(fn(warmup)) == pytest.approx(1e-2)
+    assert float(fn(steps)) == pytest.approx(0.0, abs=1e-9)
+    # The validation curve has a point at least every tenth of the run, and one at the last step.
+    assert 0 < demo.eval_every_steps <= steps // 10 and steps % demo.eval_every_steps == 0
+  # The teachers' lead comes from their longer budget (configs/demo.py): same network, more steps.
+  assert demo.teacher_model == demo.student_model and demo.teacher.num_train_steps > demo.student.num_train_steps

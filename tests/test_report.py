@@ -669,3 +669,96 @@ def test_report_names_the_split_that_chose_each_checkpoint(tmp_path):
   assert "selected on test: the checkpoints of student_l2" in text.split("## Warnings")[1]
   # The selection record is not mistaken for a split.
   assert "### Split `selection`" not in text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Teachers against students, and the validation curves.
+
+
+def _write_curve(model_dir, points):
+  (model_dir / metrics.VALIDATION_CURVE_FILE).write_text(
+      json.dumps([{"step": step, "val_nme": nme} for step, nme in points]))
+
+
+def test_teachers_against_students_table_by_hand(tmp_path):
+  """Teachers 2 % and 3 % off, L2 students 5 % and 7 % (mean 6), KD 4 % and 4 %: NME / L2 is 2/6, 3/6,
+  6/6, 4/6. Half the Tolerant teacher's faces fail (0.2 and 0.04 off: NME 12 %, FR 50 %)."""
+  gt = make_faces("synthetic", 10)
+  write_model(tmp_path, "teacher_tough", dataset="synthetic", role="teacher_tough", network="mobilenet_v2_035",
+              splits={"test": (shifted(gt, 0.02), gt)})
+  mixed = np.concatenate([shifted(gt[:5], 0.2), shifted(gt[5:], 0.04)])
+  write_model(tmp_path, "teacher_tolerant", dataset="synthetic", role="teacher_tolerant",
+              network="mobilenet_v2_035", splits={"test": (mixed, gt)})
+  for seed, (l2, kd) in enumerate(((0.05, 0.04), (0.07, 0.04))):
+    suffix = "" if seed == 0 else f"_seed{seed}"
+    _set_seed(write_model(tmp_path, f"student_l2{suffix}", dataset="synthetic", role="student", loss="l2",
+                          splits={"test": (shifted(gt, l2), gt)}), seed)
+    _set_seed(write_model(tmp_path, f"student_kd{suffix}", dataset="synthetic", role="student", loss="kd",
+                          splits={"test": (shifted(gt, kd), gt)}), seed)
+  text = report.build_report(tmp_path).read_text()
+  rows = parse_table(text, "### Teachers against students, split `test`")
+  assert [r["Method"] for r in rows] == ["mnv2 (Tough teacher)", "mnv2 (Tolerant teacher)", "mnv2 (L2)",
+                                         "mnv2_KD"]
+  assert row_of(rows, Method="mnv2 (Tough teacher)") == {
+      "Method": "mnv2 (Tough teacher)", "Role": "teacher", "Seeds": "1", "NME (%)": "2.00", "FR (%)": "0.00",
+      "NME / L2": "0.33"}
+  assert row_of(rows, Method="mnv2 (Tolerant teacher)")["NME (%)"] == "12.00"
+  assert row_of(rows, Method="mnv2 (Tolerant teacher)")["FR (%)"] == "50.00"
+  assert row_of(rows, Method="mnv2 (Tolerant teacher)")["NME / L2"] == "2.00"
+  assert row_of(rows, Method="mnv2 (L2)") == {
+      "Method": "mnv2 (L2)", "Role": "student", "Seeds": "2", "NME (%)": "6.00 ± 1.41", "FR (%)": "0.00 ± 0.00",
+      "NME / L2": "1.00"}
+  assert row_of(rows, Method="mnv2_KD")["NME / L2"] == "0.67"
+  # The section comes before the seed tables (the premise at a glance) and has no curves without files.
+  assert text.index("## Teachers against students") < text.index("## Seeds")
+  assert "## Convergence" not in text and not (tmp_path / "figures" / "validation_curves.png").exists()
+
+
+def test_no_teachers_no_premise_table(cofw_workdir):
+  import shutil
+  shutil.rmtree(cofw_workdir / "teacher_tough")
+  assert "## Teachers against students" not in report.build_report(cofw_workdir).read_text()
+
+
+def test_validation_curves_figure_and_convergence_table(tmp_path):
+  """One curve per model directory that recorded validations, in the data it was given; the table's
+  last-quarter fall is (NME at or before 3/4 of the last step - last NME) / last NME."""
+  gt = make_faces("synthetic", 4)
+  tough = write_model(tmp_path, "teacher_tough", dataset="synthetic", role="teacher_tough",
+                      network="mobilenet_v2_035", splits={"test": (gt, gt)})
+  l2 = write_model(tmp_path, "student_l2", dataset="synthetic", role="student", loss="l2",
+                   splits={"test": (shifted(gt, 0.05), gt)})
+  write_model(tmp_path, "student_kd", dataset="synthetic", role="student", loss="kd",
+              splits={"test": (shifted(gt, 0.04), gt)})  # No curve recorded: no line, no row.
+  # Still falling: at 300 (= 3/4 of 400) 0.12, last 0.08 -> 50 %. Flat: 0.0505 at 600, 0.05 at 800 -> 1 %.
+  _write_curve(l2, [(100, 0.2), (200, 0.15), (300, 0.12), (400, 0.08)])
+  _write_curve(tough, [(800, 0.05), (200, 0.1), (400, 0.06), (600, 0.0505)])  # Any order on disk.
+  text = report.build_report(tmp_path).read_text()
+  rows = parse_table(text, "## Convergence")
+  assert [r["Method"] for r in rows] == ["mnv2 (L2)", "mnv2 (Tough teacher)"]
+  assert row_of(rows, Method="mnv2 (L2)") == {
+      "Method": "mnv2 (L2)", "Validations": "4", "Last step": "400", "Last NME (%)": "8.00",
+      "Best NME (%)": "8.00 (step 400)", "Last-quarter fall": "50.0%"}
+  assert row_of(rows, Method="mnv2 (Tough teacher)")["Last-quarter fall"] == "1.0%"
+  assert row_of(rows, Method="mnv2 (Tough teacher)")["Best NME (%)"] == "5.00 (step 800)"
+  png = tmp_path / "figures" / "validation_curves.png"
+  assert "![validation curves](figures/validation_curves.png)" in text
+  assert png_pixels(png).shape[2] == 3 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # The data behind the figure: two lines, steps and NME in % as recorded, the teacher dashed.
+  figure = report.validation_figure(
+      [(m.label, m.role, report.read_validation_curve(m)) for m in report.find_models(tmp_path)
+       if report.read_validation_curve(m)], title="t")
+  lines = figure.axes[0].get_lines()
+  assert len(lines) == 2
+  by_label = {line.get_label(): line for line in lines}
+  np.testing.assert_allclose(by_label["mnv2 (L2)"].get_xdata(), [100, 200, 300, 400])
+  np.testing.assert_allclose(by_label["mnv2 (L2)"].get_ydata(), [20.0, 15.0, 12.0, 8.0])
+  np.testing.assert_allclose(by_label["mnv2 (Tough teacher)"].get_xdata(), [200, 400, 600, 800])
+  assert by_label["mnv2 (Tough teacher)"].get_linestyle() == "--"
+  assert by_label["mnv2 (L2)"].get_linestyle() == "-"
+
+
+def test_flattening_needs_a_point_before_three_quarters():
+  assert report.flattening([(100, 0.1)]) is None
+  assert report.flattening([(400, 0.1), (500, 0.09)]) is None   # 400 > 0.75 * 500
+  assert report.flattening([(300, 0.11), (400, 0.1)]) == pytest.approx(0.1)

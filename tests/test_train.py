@@ -30,6 +30,51 @@ def test_learning_rate_is_keras_time_based_decay():
   assert float(fn(250_000)) == pytest.approx(1e-3 / 1.25)
 
 
+def test_paper_schedule_is_the_default_and_ignores_the_step_count():
+  config = _config()
+  assert config.optimizer.get("schedule", "paper") == "paper"
+  from kd_landmarks import config_lib
+  base = config_lib.base_config().optimizer
+  assert (base.schedule, base.warmup_steps, base.final_lr_fraction) == ("paper", 0, 0.0)
+  short, long = train.create_learning_rate_fn(config, 10), train.create_learning_rate_fn(config, 10**6)
+  assert float(short(250_000)) == float(long(250_000)) == pytest.approx(1e-3 / 1.25)
+
+
+def test_cosine_schedule_by_value():
+  # lr 1e-2, warm-up 10 steps, final fraction 0.1, 110 steps: warm-up lr * (t + 1) / 10; then
+  # lr * (0.1 + 0.9 * (1 + cos(pi * (t - 10) / 100)) / 2).
+  config = _config(learning_rate=1e-2, schedule="cosine", warmup_steps=10, final_lr_fraction=0.1)
+  fn = train.create_learning_rate_fn(config, 110)
+  expected = {0: 1e-3, 4: 5e-3, 9: 1e-2, 10: 1e-2, 35: 1e-2 * (0.1 + 0.45 * (1 + np.cos(np.pi / 4))),
+              60: 5.5e-3, 85: 1e-2 * (0.1 + 0.45 * (1 - np.cos(np.pi / 4))), 110: 1e-3, 500: 1e-3}
+  for step, value in expected.items():
+    assert float(fn(step)) == pytest.approx(value, rel=1e-5), step
+  # Without warm-up the decay starts at lr and reaches final * lr at the last step.
+  config = _config(learning_rate=2e-3, schedule="cosine", warmup_steps=0, final_lr_fraction=0.0)
+  fn = train.create_learning_rate_fn(config, 100)
+  assert [float(fn(t)) for t in (0, 50, 100)] == pytest.approx([2e-3, 1e-3, 0.0], abs=1e-9)
+  # The optimiser follows it: Adam's first step is -lr_0 * sign(g), here lr_0 = lr / warmup_steps.
+  config = _config(learning_rate=0.1, schedule="cosine", warmup_steps=4, final_lr_fraction=0.0)
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 20))
+  params = {"w": jnp.array([1.0, -2.0])}
+  updates, _ = tx.update({"w": jnp.array([0.5, -4.0])}, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], [-0.025, 0.025], rtol=1e-3)
+
+
+def test_cosine_schedule_needs_the_step_count_and_known_names():
+  config = _config(schedule="cosine", warmup_steps=10, final_lr_fraction=0.0)
+  with pytest.raises(ValueError, match="needs the phase's num_train_steps"):
+    train.create_learning_rate_fn(config)
+  with pytest.raises(ValueError, match="needs the phase's num_train_steps"):
+    train.create_learning_rate_fn(config, 0)
+  # A run shorter than the warm-up (a smoke test) is all warm-up: lr * (t + 1) / warmup_steps.
+  fn = train.create_learning_rate_fn(_config(learning_rate=1e-2, schedule="cosine", warmup_steps=100,
+                                             final_lr_fraction=0.0), 3)
+  assert [float(fn(t)) for t in (0, 1, 2)] == pytest.approx([1e-4, 2e-4, 3e-4])
+  with pytest.raises(ValueError, match="unknown config.optimizer.schedule 'step'"):
+    train.create_learning_rate_fn(_config(schedule="step"), 100)
+
+
 def test_optimizer_first_step_is_adam():
   # Adam's first update is -lr * g / (|g| + eps') = -lr * sign(g) (bias-corrected m/sqrt(v) = sign).
   config = _config(learning_rate=0.1)
@@ -344,6 +389,28 @@ def test_best_checkpoint_is_the_lowest_scripted_validation_nme(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, dict(stored["params"]), dict(state_at_4["params"]))
   # The variables validated at step 4 are those saved: the validate_fn saw exactly them.
   jax.tree.map(np.testing.assert_array_equal, dict(calls[1]["params"]), dict(state_at_4["params"]))
+  # Every validation is recorded for the report's convergence figure.
+  assert train.read_validation_curve(model_dir) == [
+      {"step": 2, "val_nme": 0.3}, {"step": 4, "val_nme": 0.1}, {"step": 6, "val_nme": 0.2}]
+
+
+def test_a_resumed_run_keeps_the_validation_points_up_to_its_start(tmp_path):
+  # Killed after step 4 (checkpoint at 4) with a point at 6 recorded by an earlier, longer attempt: the
+  # resumed run keeps 2 and 4, and step 6 is validated again (0.05), replacing the stale 0.9.
+  model_dir = str(tmp_path / "m")
+  setup = fx.fit_setup(model_dir, num_train_steps=6, checkpoint_every=2, validate=True)
+  setup.validate_fn, _ = _scripted_validation([0.3, 0.1])
+  setup.eval_every_steps = 2
+  setup.stop_after_steps = 4
+  train.fit(setup)
+  train.record_validation(model_dir, 6, 0.9, train.read_validation_curve(model_dir))
+  setup = fx.fit_setup(model_dir, num_train_steps=6, checkpoint_every=2, validate=True)
+  setup.validate_fn, calls = _scripted_validation([0.05])
+  setup.eval_every_steps = 2
+  train.fit(setup)
+  assert len(calls) == 1
+  assert train.read_validation_curve(model_dir) == [
+      {"step": 2, "val_nme": 0.3}, {"step": 4, "val_nme": 0.1}, {"step": 6, "val_nme": 0.05}]
 
 
 def test_fit_from_memory_trains_the_same_model_and_writes_its_speed(tmp_path, caplog):

@@ -7,6 +7,9 @@
   whichever rows exist), our models side by side as the paper compares them (mnv2 trained with L2, mnv2_KD,
   the Tough teacher efn), each of our numbers next to the paper's published one (``paper_results``) for the
   real datasets, plus one table per evaluated split with every model;
+  a "Teachers against students" table (the premise of distillation at a glance: each model's NME over the
+  L2 student's) and a "Convergence" table from each model's ``validation_curve.json``;
+* ``DIR/figures/validation_curves.png``: validation NME against training step, one curve per model;
 * ``DIR/figures/ced_<split>.png``: cumulative error distribution curves (Fig. 10), one curve per model;
 * ``DIR/figures/box_robustness_<split>.png``: the NME against the shift and the scale of the evaluation
   crop's box, one curve per model (``eval/box_robustness.json`` of the evaluate step);
@@ -726,6 +729,85 @@ def _box_robustness_lines(models, results, robustness, workdir: Path, figures_di
   return lines
 
 
+def _premise_lines(tables: _Tables, splits) -> list[str]:
+  """Teachers against students on each test split: the premise of KD (Section 3) is teachers well ahead
+  of the student trained alone (L2). NME and FR are mean ± std over seeds; the last column divides each
+  model's (mean) NME by the L2 student's mean NME."""
+  groups = [(label, members) for label, members in _groups(tables)]
+  teachers = [g for g in groups if g[1][0].role in _ROLE_TO_METHOD]
+  students = [g for g in groups if g[1][0].role == "student"]
+  if not teachers or not students:
+    return []
+  lines = ["## Teachers against students", "",
+           "The premise of distillation: teachers well ahead of the student trained alone on the same faces. "
+           "NME and FR in % (mean ± std over seeds where there are several); *NME / L2* is the model's mean "
+           "NME over the L2 student's mean NME.", ""]
+  for split in splits:
+    means, rows = {}, []
+    for label, members in teachers + students:
+      found = [tables.results[m.dir_name].get(split) for m in members]
+      found = [r for r in found if r is not None and r.nme is not None and r.fr is not None]
+      if found:
+        means[label] = float(np.mean([r.nme for r in found]))
+        rows.append((label, members[0], found))
+    l2 = next((means[label] for label, members in students
+               if members[0].method == _BASELINE_METHOD and label in means), None)
+    if not rows:
+      continue
+    table = [[label, "teacher" if first.role in _ROLE_TO_METHOD else "student", str(len(found)),
+              _mean_std_cell([r.nme for r in found], "nme"), _mean_std_cell([r.fr for r in found], "fr"),
+              f"{means[label] / l2:.2f}" if l2 else "—"] for label, first, found in rows]
+    lines += [f"### Teachers against students, split `{split}`", ""]
+    lines += _markdown_table(["Method", "Role", "Seeds", "NME (%)", "FR (%)", "NME / L2"], table)
+  return lines
+
+
+def read_validation_curve(model: ModelEntry) -> list[tuple[int, float]]:
+  """``[(step, validation NME)]`` by step from the model directory's validation_curve.json ([] if absent)."""
+  path = model.path / metrics.VALIDATION_CURVE_FILE
+  if not path.exists():
+    return []
+  try:
+    points = json.loads(path.read_text())
+    return sorted((int(p["step"]), float(p["val_nme"])) for p in points)
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path}: expected [{{\"step\": s, \"val_nme\": v}}, ...] ({e}); training writes it") from None
+
+
+def flattening(points: Sequence[tuple[int, float]]) -> float | None:
+  """How much the validation NME still fell over the last quarter of the run: (NME at 3/4 of the last step,
+  the last point at or before it, minus the last NME) over the last NME. Near 0: the curve has flattened;
+  None with fewer than two points before 3/4 of the run."""
+  if len(points) < 2:
+    return None
+  last_step, last_nme = points[-1]
+  earlier = [nme for step, nme in points if step <= 0.75 * last_step]
+  if not earlier:
+    return None
+  return (earlier[-1] - last_nme) / last_nme
+
+
+def _convergence_lines(models, curves) -> list[str]:
+  """Per model: validated steps, the best step and NME, and the fall over the last quarter of the run."""
+  rows = []
+  for model in models:
+    points = curves.get(model.dir_name)
+    if not points:
+      continue
+    best_step, best_nme = min(points, key=lambda p: (p[1], p[0]))
+    fall = flattening(points)
+    rows.append([model.label, str(len(points)), str(points[-1][0]), f"{100 * points[-1][1]:.2f}",
+                 f"{100 * best_nme:.2f} (step {best_step})", "—" if fall is None else f"{100 * fall:.1f}%"])
+  if not rows:
+    return []
+  return (["## Convergence", "",
+           "Validation NME (%) on the held-out faces that choose the checkpoint, during training. *Last-quarter "
+           "fall*: how much the validation NME fell between 3/4 of the run and its end, relative to the end "
+           "(a few %: the curve has flattened; tens of %: stopped while still falling).", ""]
+          + _markdown_table(["Method", "Validations", "Last step", "Last NME (%)", "Best NME (%)",
+                             "Last-quarter fall"], rows))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Figures.
 
@@ -782,6 +864,35 @@ def plot_box_robustness(curves: Sequence[tuple[str, float | None, dict[str, floa
   scale_ax.legend(loc="best", fontsize=7)
   figure.suptitle(title, fontsize=10)
   figure.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path)
+  return path
+
+
+def validation_figure(curves: Sequence[tuple[str, str, Sequence[tuple[int, float]]]], *, title: str):
+  """Validation NME (%) against step, one line per model: ``curves`` is ``[(label, role, points)]``.
+  Teachers are dashed; models of one method (its seeds) share a colour."""
+  figure = _new_figure(7.2, 4.8, dpi=120)
+  ax = figure.add_subplot(1, 1, 1)
+  colours = {}
+  for label, role, points in curves:
+    group = label.split(" (seed ")[0]
+    colour = colours.setdefault(group, f"C{len(colours) % 10}")
+    steps, nmes = zip(*points)
+    ax.plot(steps, 100.0 * np.asarray(nmes), color=colour, marker=".", linewidth=1.5,
+            linestyle="--" if role in _ROLE_TO_METHOD else "-", label=label)
+  ax.set_xlabel("Training step")
+  ax.set_ylabel("Validation NME (%)")
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  ax.legend(loc="upper right", fontsize=7)
+  figure.tight_layout()
+  return figure
+
+
+def plot_validation_curves(curves, path: Path, *, title: str) -> Path:
+  """Writes :func:`validation_figure` to ``path`` (PNG)."""
+  figure = validation_figure(curves, title=title)
   path.parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(path)
   return path
@@ -998,6 +1109,15 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
         get_image=get_image, per_group=per_group, image_errors=image_errors)
     figure_lines += [f"![qualitative {split}]({qualitative.relative_to(workdir).as_posix()})", ""]
 
+  curves = {m.dir_name: read_validation_curve(m) for m in models}
+  curves = {name: points for name, points in curves.items() if points}
+  curve_lines = []
+  if curves:
+    drawn = plot_validation_curves([(m.label, m.role, curves[m.dir_name]) for m in models if m.dir_name in curves],
+                                   figures_dir / "validation_curves.png",
+                                   title=f"Validation NME during training, {dataset}")
+    curve_lines = [f"![validation curves]({drawn.relative_to(workdir).as_posix()})", ""]
+
   tables = _Tables(dataset, models, results)
   lines = [f"# Evaluation report: {dataset}", ""]
   lines += [f"Workdir `{workdir}`. NME is normalised by the inter-ocular distance (outer eye corners) and "
@@ -1023,10 +1143,12 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
   if on_test:
     warnings.append(f"selected on test: the checkpoints of {', '.join(on_test)} were chosen on a test split "
                     "(config.val_split), so their numbers on that split are optimistic")
+  lines += _premise_lines(tables, test_splits)
   lines += _seed_lines(tables, test_splits)
   lines += _paired_lines(tables, test_splits)
   robustness = {m.dir_name: read_box_robustness(m) for m in models}
   lines += _box_robustness_lines(models, results, robustness, workdir, figures_dir)
+  lines += _convergence_lines(models, curves) + curve_lines
   paper_lines = _paper_tables(tables, test_splits)
   if paper_lines:
     lines += ["## Tables in the paper's layout", ""] + paper_lines

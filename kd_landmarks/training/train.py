@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from kd_landmarks import augment
 from kd_landmarks import cpu
+from kd_landmarks.metrics import VALIDATION_CURVE_FILE
 from kd_landmarks.training import checkpoint
 from kd_landmarks.training import input_pipeline
 from kd_landmarks.training import machine
@@ -85,14 +86,45 @@ class StepSpec:
 # Train state, learning rate, steps.
 
 
-def create_learning_rate_fn(config: ml_collections.ConfigDict) -> Callable:
-  """Keras' time-based decay used by the authors (Section 4.3): lr_t = lr / (1 + decay * t), t = step."""
-  base = float(config.optimizer.learning_rate)
-  decay = float(config.optimizer.decay)
+LR_SCHEDULES = ("paper", "cosine")
 
-  def learning_rate_fn(step):
-    return base / (1.0 + decay * jnp.asarray(step, jnp.float32))
-  return learning_rate_fn
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, num_train_steps: int | None = None) -> Callable:
+  """The learning rate at step t (0-based) for ``config.optimizer.schedule``.
+
+  'paper': Keras' time-based decay used by the authors (Section 4.3), lr_t = lr / (1 + decay * t).
+  'cosine' (not the paper's; configs/demo.py): a linear warm-up from lr / warmup_steps over the first
+  ``warmup_steps`` steps, lr_t = lr * (t + 1) / warmup_steps, then a half cosine from lr to
+  lr * final_lr_fraction at ``num_train_steps``: lr_t = lr * (f + (1 - f) * (1 + cos(pi * p)) / 2) with
+  p = (t - warmup_steps) / (num_train_steps - warmup_steps), clipped to [0, 1]. It needs the phase's
+  ``num_train_steps``, so that a teacher and a student with different budgets each end their decay. A run no
+  longer than the warm-up (a smoke test of a few steps) is all warm-up.
+  """
+  opt = config.optimizer
+  base = float(opt.learning_rate)
+  schedule = opt.get("schedule", "paper")
+  if schedule not in LR_SCHEDULES:
+    raise ValueError(f"unknown config.optimizer.schedule {schedule!r}; choose from {LR_SCHEDULES}")
+  if schedule == "paper":
+    decay = float(opt.decay)
+
+    def learning_rate_fn(step):
+      return base / (1.0 + decay * jnp.asarray(step, jnp.float32))
+    return learning_rate_fn
+  warmup = int(opt.warmup_steps)
+  final = float(opt.final_lr_fraction)
+  if num_train_steps is None or int(num_train_steps) < 1:
+    raise ValueError(f"the cosine schedule needs the phase's num_train_steps (>= 1), got {num_train_steps}")
+  decay_steps = float(max(1, int(num_train_steps) - warmup))
+
+  def cosine_fn(step):
+    step = jnp.asarray(step, jnp.float32)
+    progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+    cosine = base * (final + (1.0 - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+    if warmup <= 0:
+      return cosine
+    return jnp.where(step < warmup, base * (step + 1.0) / warmup, cosine)
+  return cosine_fn
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: Callable):
@@ -305,6 +337,9 @@ def fit(setup: FitSetup) -> dict:
                   desc=os.path.basename(os.path.normpath(setup.model_dir)), unit="step", dynamic_ncols=True)
   started = time.time()
   first_step_seconds = None
+  # Validation NME per step (the report's convergence figure); a resumed run keeps the points up to its
+  # start and drops later ones, which the steps it is about to retrain replace.
+  curve = [point for point in read_validation_curve(setup.model_dir) if point["step"] <= start_step]
   try:
     for step in range(start_step, end_step):
       batch = parallel.shard_host_batch(step_batch(setup.spec, next(batches)), mesh)
@@ -342,6 +377,8 @@ def fit(setup: FitSetup) -> dict:
         last_saved = done
       if validate:
         checkpoint.save_best(best, done, variables, val_nme)
+        if is_chief:
+          curve = record_validation(setup.model_dir, done, val_nme, curve)
         progress.write(f"{setup.model_dir}: step {done} validation NME {val_nme:.5f}")
         if writer is not None:
           writer.add_scalar("val/nme", val_nme, done)
@@ -360,6 +397,28 @@ def fit(setup: FitSetup) -> dict:
 
 
 SPEED_FILE = "train_speed.json"
+
+
+def read_validation_curve(model_dir) -> list[dict]:
+  """``model_dir``'s validation points ``[{"step", "val_nme"}]`` by step; [] when none was recorded."""
+  path = os.path.join(model_dir, VALIDATION_CURVE_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    points = json.load(f)
+  return sorted(({"step": int(p["step"]), "val_nme": float(p["val_nme"])} for p in points),
+                key=lambda p: p["step"])
+
+
+def record_validation(model_dir, step: int, val_nme: float, curve: list[dict]) -> list[dict]:
+  """Appends (step, val_nme) to ``curve`` and writes it to ``model_dir/validation_curve.json`` atomically;
+  returns the new curve."""
+  curve = [p for p in curve if p["step"] != int(step)] + [{"step": int(step), "val_nme": float(val_nme)}]
+  path = os.path.join(model_dir, VALIDATION_CURVE_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(curve, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return curve
 
 
 def _write_speed(model_dir, *, first_step_seconds: float, steps: int, seconds: float, global_batch_size: int):
