@@ -108,3 +108,34 @@ def test_int8_input_is_raw_bytes_even_when_calibration_crops_lack_the_extremes(e
   path.write_bytes(export_tflite.to_tflite_int8(module, variables, 64, crops))
   (detail,) = litert.Interpreter(model_path=str(path)).get_input_details()
   assert detail["quantization"] == (1.0, 0)
+
+
+def test_litert_tracks_a_video_like_the_jax_predictor(exported):
+  # The tracker calls the Predictor only (detector, box map, landmarks on boxes): the LiteRT backend detects
+  # on the same frames, keeps the same identities and gives the JAX landmarks within the export's tolerance.
+  from kd_landmarks.deploy import detect
+  from kd_landmarks.deploy import predict
+  from kd_landmarks.datasets import images as image_io
+  _, _, meta, report = exported
+  model_dir = os.path.dirname(os.path.dirname(report["tflite_float32"]["path"]))
+  image = image_io.read_image(predict_fixtures.TAKEO_DIR / "takeo.ppm")
+  box = (35.5, 75.5, 126.5, 166.5)
+
+  class _First:
+    name = "dlib_hog"
+
+    def detect(self, frame):
+      return [detect.Detection(box, 1.0)]
+
+  frames = [np.roll(image, shift, axis=1) for shift in range(4)]
+  # The untrained student's landmark box changes size a lot between frames: a lenient rule keeps tracking.
+  rule = predict.video.TrackingRule(redetect_every=2, max_scale_change=30.0, max_shift=30.0, min_inside=0.0)
+  tracks, schedules = {}, {}
+  for path, backend in ((model_dir, "jax"), (report["tflite_float32"]["path"], "litert")):
+    predictor = Predictor.load(path, backend=backend, detector=_First())
+    results = list(predictor.predict_video(frames, rule=rule, smoothing=False))
+    schedules[backend] = [(r.detector_ran, [f.track_id for f in r.faces]) for r in results]
+    tracks[backend] = np.stack([r.faces[0].landmarks for r in results])
+  assert schedules["litert"] == schedules["jax"] and schedules["jax"][0] == (True, [0])
+  crop_side = max(max(r.faces[0].crop_box[2] for r in results) * 1.05, 200.0)
+  np.testing.assert_allclose(tracks["litert"], tracks["jax"], atol=2 * export.FP32_TOLERANCE * crop_side)
