@@ -12,7 +12,9 @@ import pytest
 import predict_fixtures
 from kd_landmarks.training import checkpoint
 from kd_landmarks.evaluation import evaluate
+from kd_landmarks import models
 from kd_landmarks import pipeline
+from kd_landmarks.training import train
 from kd_landmarks.datasets import builder
 from kd_landmarks.datasets import teacher_cache as tc
 
@@ -126,12 +128,16 @@ def test_cache_teachers_writes_a_dataset_that_plain_tfds_reads(tmp_path, data_di
                           cwd=tmp_path, env=env, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   read = json.loads(result.stdout.strip().splitlines()[-1])
-  # Expected: each teacher run directly on the train split; the split's position is its `index`.
+  # Expected: each teacher run directly on the train split, with the kernels the pipeline computes with (the
+  # same function as the portable ones up to float32 summation order, tests/test_models.py); the split's
+  # position is its `index`.
   source = pipeline.load_split(config, str(workdir), "train")
+  kernels = train.training_kernels(config).model
   expected = {}
   for teacher in pipeline.TEACHERS:
     module, variables, _ = checkpoint.load_inference_variables(str(workdir / f"teacher_{teacher}"))
-    expected[teacher] = evaluate.predict_source(module, variables, source, image_size=32, batch_size=4)
+    expected[teacher] = evaluate.predict_source(models.with_kernels(module, kernels), variables, source,
+                                                image_size=32, batch_size=4)
   assert sorted(row["index"] for row in read["rows"]) == list(range(6))
   for row in read["rows"]:
     example = source[row["index"]]
