@@ -77,7 +77,6 @@ def worker(name: str, steps: int, warmup: int) -> dict:
   """Runs in its own process: compiles the step of configuration ``name`` and times ``steps`` steps."""
   removed = CONFIGURATIONS[name]
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from kd_landmarks import config_lib, losses, models  # pylint: disable=g-import-not-at-top
@@ -114,7 +113,6 @@ def worker(name: str, steps: int, warmup: int) -> dict:
     state, metrics = step(state, batches[i % 4], jax.random.fold_in(jax.random.PRNGKey(3), i))
   jax.block_until_ready((state, metrics))
   seconds = time.perf_counter() - started
-  del jnp
   return {"name": name, "first_step_seconds": round(first, 2), "images_per_second": round(steps * BATCH / seconds, 1)}
 
 

@@ -21,8 +21,8 @@ LAYERS = [
     {"deploy"},
     {"pipeline", "main"},
 ]
-# The CPU door (kd_landmarks/cpu) serves CPU training alone: the training step and the driver that starts it.
-CPU_DOOR_USERS = ("kd_landmarks.cpu", "kd_landmarks.training.train", "kd_landmarks.main")
+# The CPU door (kd_landmarks/cpu) is reached through training alone (train.training_kernels).
+CPU_DOOR_USERS = ("kd_landmarks.cpu", "kd_landmarks.training.train")
 
 
 def _module_name(path):

@@ -156,7 +156,7 @@ def regression_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.
   if "target" not in batch:
     raise ValueError(f"a regression step (target {spec.target!r}) fits batch['target']; build the batch with "
                      "train.step_batch(spec, batch)")
-  images, sets, dropout_rng = _augment(state, batch, rng, spec, {"target": batch["target"]})
+  images, sets, dropout_rng = _augment(batch, rng, spec, {"target": batch["target"]})
   target = sets["target"]
   # The baseline losses ignore the teacher slots; the target fills them to keep one loss signature.
   return _optimise(state, images, dropout_rng, spec,
@@ -171,7 +171,7 @@ def distillation_step(state: TrainState, batch: Mapping[str, jax.Array], rng: ja
   or, with ``spec.teacher_modules``, from the teachers run on the student's augmented images."""
   online = spec.teacher_modules is not None
   cached = {} if online else {"tough": batch["tough"], "tolerant": batch["tolerant"]}
-  images, sets, dropout_rng = _augment(state, batch, rng, spec, cached)
+  images, sets, dropout_rng = _augment(batch, rng, spec, cached)
   if online:
     # The teachers see exactly the student's augmented images; frozen: no gradient, eval mode.
     for name, module in spec.teacher_modules.items():
@@ -181,10 +181,9 @@ def distillation_step(state: TrainState, batch: Mapping[str, jax.Array], rng: ja
                                                     variant=spec.loss_variant, reduction="mean"))
 
 
-def _augment(state, batch, rng, spec: StepSpec, extra_sets: Mapping[str, jax.Array]):
+def _augment(batch, rng, spec: StepSpec, extra_sets: Mapping[str, jax.Array]):
   """Augments the images and every landmark set together on device (Section 4.3): ``(images, sets, dropout
   rng)``. Each device draws its own augmentation; the step index is already folded into ``rng``."""
-  del state
   rng = jax.random.fold_in(rng, lax.axis_index(parallel.AXIS))
   augment_rng, dropout_rng = jax.random.split(rng)
   images, sets, _ = augment.augment(augment_rng, batch["image"], {"landmarks": batch["landmarks"], **extra_sets},
@@ -237,18 +236,11 @@ def step_batch(spec: StepSpec, host_batch: Mapping[str, np.ndarray]) -> dict:
 def compile_train_step(spec: StepSpec, mesh):
   """The step ``spec`` calls for, compiled with jit(shard_map): state replicated, batch split along 'data',
   state donated. Online teachers take their variables as a fourth, replicated argument."""
-  if not spec.distill:
-    step, in_specs = functools.partial(regression_step, spec=spec), (P(), P(parallel.AXIS), P())
-  elif spec.teacher_modules is not None:
-    step, in_specs = functools.partial(distillation_step, spec=spec), (P(), P(parallel.AXIS), P(), P())
-  else:
-    step = functools.partial(_cached_distillation_step, spec=spec)
-    in_specs = (P(), P(parallel.AXIS), P())
+  step = functools.partial(distillation_step if spec.distill else regression_step, spec=spec)
+  in_specs = (P(), P(parallel.AXIS), P())
+  if spec.distill and spec.teacher_modules is not None:
+    in_specs += (P(),)  # The online teachers' variables, replicated.
   return parallel.compile_step(step, mesh, in_specs=in_specs, out_specs=(P(), P()), donate_argnums=(0,))
-
-
-def _cached_distillation_step(state, batch, rng, *, spec):
-  return distillation_step(state, batch, rng, spec=spec)
 
 
 # ----------------------------------------------------------------------------------------------------------
