@@ -69,25 +69,15 @@ def predict_crop_pixels(module, variables, images_uint8, landmarks_crop, *, imag
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_predict(module, image_size, mesh):
+def _compiled_predict(module, image_size, mesh, perturbed: bool = False):
+  """The batch prediction compiled over ``mesh``; ``perturbed`` takes the box perturbation as a fourth,
+  replicated argument (an argument, not a constant: one compile serves all 16)."""
   step = functools.partial(_predict_block, module=module, image_size=image_size)
-  return parallel.compile_step(step, mesh, in_specs=(P(), P(parallel.AXIS), P(parallel.AXIS)),
-                               out_specs=P(parallel.AXIS))
+  in_specs = (P(), P(parallel.AXIS), P(parallel.AXIS)) + ((P(),) if perturbed else ())
+  return parallel.compile_step(step, mesh, in_specs=in_specs, out_specs=P(parallel.AXIS))
 
 
-def _predict_block(variables, images, landmarks, *, module, image_size):
-  return predict_crop_pixels(module, variables, images, landmarks, image_size=image_size)
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled_predict_perturbed(module, image_size, mesh):
-  # The perturbation is an argument, not a constant: one compile serves all 16.
-  step = functools.partial(_predict_block_perturbed, module=module, image_size=image_size)
-  return parallel.compile_step(step, mesh, in_specs=(P(), P(parallel.AXIS), P(parallel.AXIS), P()),
-                               out_specs=P(parallel.AXIS))
-
-
-def _predict_block_perturbed(variables, images, landmarks, perturbation, *, module, image_size):
+def _predict_block(variables, images, landmarks, perturbation=None, *, module, image_size):
   return predict_crop_pixels(module, variables, images, landmarks, image_size=image_size,
                              box_perturbation=perturbation)
 
@@ -114,7 +104,7 @@ def predict_source(module, variables, source, *, image_size: int, batch_size: in
   predict = _compiled_predict(module, int(image_size), mesh)
   perturbed_keys = []
   if box_perturbations is not None:
-    predict_perturbed = _compiled_predict_perturbed(module, int(image_size), mesh)
+    predict_perturbed = _compiled_predict(module, int(image_size), mesh, perturbed=True)
     box_perturbations = np.asarray(box_perturbations, np.float32).reshape(-1, 3)
     perturbed_keys = [f"pred_crop_perturbed{i}" for i in range(len(box_perturbations))]
   variables = parallel.replicate(variables, mesh)
