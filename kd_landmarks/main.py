@@ -14,6 +14,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from kd_landmarks import errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config (configs/*.py[:phase=...,platform=...]).",
                                 lock_config=True)
@@ -41,10 +43,7 @@ def main(argv):
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax
   from kd_landmarks.training import backend
-  from kd_landmarks.training import checkpoint
   from kd_landmarks import pipeline
-  from kd_landmarks.training import train
-  from kd_landmarks.training import workdir_lock
   try:
     # The platform JAX has ('auto') or the one asked for, which must exist ("install .[gpu]" otherwise);
     # dtype and prefetch follow it whether it came from ':platform=' or '--config.platform='.
@@ -53,11 +52,10 @@ def main(argv):
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
     backend.log_resolved(config)
     pipeline.run(config, FLAGS.workdir, break_lock=FLAGS.break_lock)
-  except (backend.PlatformUnavailableError, workdir_lock.WorkdirLockedError, checkpoint.CheckpointError,
-          checkpoint.ModelJsonError, train.DivergedError) as error:
-    # Their messages say it all (the extra to install; the other run's pid, host and start time; the
-    # unreadable files and what to delete; the step, the value and the last good checkpoint): one line.
-    sys.exit(f"error: {error}")
+  except errors.UserError as error:
+    # A mistake the user can fix (a config value, a missing or corrupt file, a locked workdir, a diverged
+    # run): its message names the field or file and the fix, so one line and no traceback.
+    sys.exit(errors.report(error))
 
 
 def parse_flags(argv):

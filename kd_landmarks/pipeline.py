@@ -24,6 +24,7 @@ from kd_landmarks.training import backend
 from kd_landmarks.training import checkpoint
 from kd_landmarks import config_lib
 from kd_landmarks import datasets
+from kd_landmarks import errors
 from kd_landmarks.evaluation import evaluate
 from kd_landmarks.training import input_pipeline
 from kd_landmarks import losses
@@ -70,27 +71,37 @@ def needs_teachers(loss_name: str) -> bool:
 
 
 def validate_config(config) -> None:
-  """Stops at once on an unknown phase, loss, platform or dataset, with what to set instead."""
+  """Stops at once on a config that cannot run, with one :class:`errors.ConfigError` naming the field and the
+  fix (the lookups below raise ValueError from their own tables; they reach the user the same way)."""
+  try:
+    _check_config(config)
+  except errors.UserError:
+    raise
+  except ValueError as error:
+    raise errors.ConfigError(errors.one_line(error)) from None
+
+
+def _check_config(config) -> None:
   if config.phase not in PHASES:
-    raise ValueError(f"unknown phase {config.phase!r}; choose from {PHASES}")
+    raise errors.ConfigError(f"unknown phase {config.phase!r}; choose from {PHASES}")
   if config.platform not in config_lib.PLATFORMS:
-    raise ValueError(f"unknown platform {config.platform!r}; choose from {config_lib.PLATFORMS}")
+    raise errors.ConfigError(f"unknown platform {config.platform!r}; choose from {config_lib.PLATFORMS}")
   try:
     losses.get_variant(config.loss_variant)
   except ValueError as error:  # Name the config field to fix, and the variants to choose from.
-    raise ValueError(f"config.loss_variant: {error}") from None
+    raise errors.ConfigError(f"config.loss_variant: {error}") from None
   info.get_info(config.dataset)
   student_losses(config)
   student_seeds(config)
   selection(config)
   student_size = int(config.student_image_size)
   if student_size < 0 or (0 < student_size < 16):
-    raise ValueError(f"config.student_image_size must be 0 (= image_size) or at least 16, got {student_size}")
+    raise errors.ConfigError(f"config.student_image_size must be 0 (= image_size) or at least 16, got {student_size}")
   if config.teachers_online and config.teacher_cache_dir:
-    raise ValueError("config.teacher_cache_dir gives cached teacher outputs, config.teachers_online=True runs the "
+    raise errors.ConfigError("config.teacher_cache_dir gives cached teacher outputs, config.teachers_online=True runs the "
                      "teachers instead: set one of them")
   if config.teachers_online and student_size > 0 and student_size != int(config.image_size):
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.teachers_online runs the teachers on the student's {student_size} px batch, but they were "
         f"trained at config.image_size={config.image_size}: use the teacher cache (teachers_online=False, the "
         "default) for a student of another size")

@@ -58,6 +58,15 @@ def test_unknown_phase_or_loss_override_fails_before_any_work(tmp_path):
   assert not os.path.exists(tmp_path / "a")
 
 
+def test_a_config_value_that_cannot_run_is_one_error_line_and_exit_2(tmp_path):
+  """A bad value (not a bad key) reaches the user through the one error path: `error: ...`, exit 2."""
+  result = _main("--config", "configs/demo.py", "--config.student_loss=kd,l3", "--workdir", str(tmp_path))
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "'l3'" in last and "choose from" in last, last
+
+
 def test_kd_student_without_teacher_cache_says_what_to_run(tmp_path):
   with pytest.raises(FileNotFoundError, match="phase=cache_teachers"):
     pipeline.run(_config(phase="student", student_loss="kd"), str(tmp_path))

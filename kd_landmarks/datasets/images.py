@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from kd_landmarks import coords
+from kd_landmarks import errors
 
 # The margin around the landmark box kept on disk (contract: docs/contracts.md, "Stored examples").
 STORED_CROP_SCALE = 1.7
@@ -23,7 +24,7 @@ STORED_CROP_SCALE = 1.7
 STORED_CROP_SIZE = 360
 
 
-class ImageReadError(ValueError):
+class ImageReadError(errors.UserError, ValueError):
   """An image file that is missing or cannot be decoded."""
 
 

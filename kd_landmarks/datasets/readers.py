@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from kd_landmarks import errors
 from kd_landmarks.datasets import images as images_lib
 from kd_landmarks.datasets import info as info_lib
 
@@ -69,7 +70,7 @@ WFLW_ANNOTATION_DIR = "WFLW_annotations/list_98pt_rect_attr_train_test"
 WFLW_IMAGE_DIR = "WFLW_images"
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(errors.UserError, ValueError):
   """Input that does not follow the official layout; the message names the file (and line) and the fix."""
 
 

@@ -34,6 +34,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kd_landmarks import errors
 from kd_landmarks.datasets import info as info_lib
 
 BUILDER_NAME = "kd_landmarks_teachers"
@@ -43,7 +44,7 @@ _KEYS = ("tough", "tolerant")
 LEGACY_NPZ = os.path.join("teacher_cache", "train.npz")
 
 
-class TeacherCacheError(ValueError):
+class TeacherCacheError(errors.UserError, ValueError):
   """Teacher outputs that are missing, malformed or do not match the split they are joined with."""
 
 

@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from kd_landmarks import coords
+from kd_landmarks import errors
 from kd_landmarks import metrics
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
@@ -58,7 +59,7 @@ DEFAULT_BETA = 3.0
 DEFAULT_D_CUTOFF = 1.0
 
 
-class VideoReadError(Exception):
+class VideoReadError(errors.UserError):
   """A video or frame folder that cannot be read; the message names the file and the fix."""
 
 

@@ -20,6 +20,7 @@ import ml_collections
 from jax._src import xla_bridge  # Private, but JAX has no public "are backends initialised" query.
 
 from kd_landmarks import config_lib
+from kd_landmarks import errors
 
 # What to install for a backend JAX lacks (setup.py's extras; README "Installing for a GPU or a TPU").
 INSTALL_HINTS = {
@@ -33,7 +34,7 @@ PREFETCH = {"cpu": 2, "gpu": 4, "tpu": 4}   # Host batches read ahead: deeper wh
 _BACKEND_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
 
-class PlatformUnavailableError(RuntimeError):
+class PlatformUnavailableError(errors.UserError, RuntimeError):
   """config.platform asks for a backend this JAX installation does not have."""
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from kd_landmarks import errors
 from kd_landmarks import models
 
 MODEL_JSON = "model.json"
@@ -46,11 +47,11 @@ RESUME_KEYS = ("model", "overrides", "num_landmarks", "image_size", "dataset")
 UNREADABLE_DIR = "checkpoints_unreadable"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """No saved step of a model directory can be read; the message says which files and what to delete."""
 
 
-class ModelJsonError(ValueError):
+class ModelJsonError(errors.UserError, ValueError):
   """model.json is not valid JSON, or describes another network than the checkpoint holds."""
 
 

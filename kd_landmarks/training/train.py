@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from kd_landmarks import augment
 from kd_landmarks import cpu
+from kd_landmarks import errors
 from kd_landmarks.metrics import VALIDATION_CURVE_FILE
 from kd_landmarks.training import checkpoint
 from kd_landmarks.training import input_pipeline
@@ -38,7 +39,7 @@ class TrainState(flax_train_state.TrainState):
   batch_stats: Any = None
 
 
-class DivergedError(FloatingPointError):
+class DivergedError(errors.UserError, FloatingPointError):
   """Training blew up (see :data:`PREDICTION_BOUND`, :data:`LOSS_BLOWUP_FACTOR`, :data:`VAL_NME_BOUND`);
   the last good checkpoint is left as it was, and the model is neither marked done nor saved as best."""
 

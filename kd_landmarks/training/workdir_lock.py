@@ -27,10 +27,12 @@ from typing import Callable
 from jax.experimental import multihost_utils
 import numpy as np
 
+from kd_landmarks import errors
+
 LOCK_FILE = ".kd_landmarks.lock"
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(errors.UserError, RuntimeError):
   """Another run holds the workdir."""
 
 
