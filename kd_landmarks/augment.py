@@ -25,6 +25,7 @@ import math
 from typing import Callable, Mapping
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -212,11 +213,13 @@ def _add_batch_noise(rng, images, config, batch_noise):
 
 def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, reference="landmarks",
             out_size=224, flip_permutation, config: AugmentConfig = AugmentConfig(),
-            kernels: AugmentKernels = PORTABLE):
+            kernels: AugmentKernels = PORTABLE, first_example=0, global_batch_size: int | None = None):
   """Random geometric + photometric augmentation of a batch and all of its landmark sets (Section 4.3).
 
   Args:
-    rng: a JAX PRNG key; each example gets its own split.
+    rng: a JAX PRNG key; example ``i`` of the global batch draws with ``jax.random.split(rng, G)[i]``
+      (``G = global_batch_size``). The split is partitionable (an example's key depends on its row only), so a
+      row is augmented alike whether the batch sits on one device or is split over eight.
     images_uint8: uint8 [B, S, S, 3] stored face crops.
     landmark_sets: dict name -> [B, K, 2] in stored-crop pixels (ground truth, soft landmarks, teacher
       predictions...); all go through the same transform.
@@ -225,6 +228,9 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
     flip_permutation: int [K] from ``flips.flip_permutation`` (may be None only if config.flip is off).
     config: an :class:`AugmentConfig`.
     kernels: an :class:`AugmentKernels` (the portable jax.numpy forms by default).
+    first_example: the global row of this block's first example (a device's offset in a sharded batch; may
+      be traced).
+    global_batch_size: rows of the global batch (None: this block is the whole batch).
 
   Returns:
     (images float32 [B, out, out, 3] in [0, 1], dict of the same keys with [B, K, 2] in normalised
@@ -261,11 +267,16 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
     new_sets = _transform_landmark_sets(sets, out_to_input, flip, perm, out_size)
     return warped, new_sets, out_to_input.astype(jnp.float32)
 
-  keys = jax.random.split(rng, batch_size)
+  keys = jax.random.split(rng, global_batch_size or batch_size)
+  if global_batch_size is not None:
+    keys = lax.dynamic_slice_in_dim(keys, first_example, batch_size)
   sets = {key: jnp.asarray(value, dtype=jnp.float32) for key, value in landmark_sets.items()}
   images, new_sets, out_to_input = jax.vmap(one_example)(keys, jnp.asarray(images_uint8), sets)
   if batch_noise:
-    images = _add_batch_noise(rng, images, config, kernels.batch_noise)
+    # One draw for this block (the CPU kernels' batch noise): other blocks of the global batch fold in their
+    # offset, so no two devices add the same noise.
+    noise_rng = rng if global_batch_size is None else jax.random.fold_in(rng, first_example)
+    images = _add_batch_noise(noise_rng, images, config, kernels.batch_noise)
   return images, new_sets, out_to_input
 
 

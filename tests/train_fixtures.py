@@ -11,6 +11,7 @@ from kd_landmarks import augment
 from kd_landmarks import losses
 from kd_landmarks.training import train
 from kd_landmarks.datasets import flips
+from kd_landmarks.models import layers
 
 NUM_LANDMARKS = 68  # The synthetic (iBUG) layout, so that NME's eye corners exist.
 STORED_SIZE = 16
@@ -22,11 +23,13 @@ class TinyModel(nn.Module):
   num_landmarks: int = NUM_LANDMARKS
 
   @nn.compact
-  def __call__(self, images, train=False):
+  def __call__(self, images, train=False, batch_mask=None, sync_axis=None):
     # No conv bias: BatchNorm cancels it, leaving a zero gradient whose Adam sign is pure rounding noise.
     x = nn.Conv(4, (3, 3), strides=(2, 2), use_bias=False)(images)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-    x = nn.relu(x).mean(axis=(1, 2))
+    # The models' BatchNorm (synchronised over devices and masked on padding rows in training).
+    norm = layers.batch_norm(train=train, momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
+                             param_dtype=jnp.float32, batch_mask=batch_mask, axis_name=sync_axis)
+    x = norm(activation="relu6", name="BatchNorm_0")(x).mean(axis=(1, 2))
     return nn.Dense(self.num_landmarks * 2)(x).reshape(images.shape[0], self.num_landmarks, 2) * 0.1
 
 

@@ -3,6 +3,7 @@
   python tests/train_worker.py fit OUT.npz MODEL_DIR [MODEL_DIR ...] [--steps N] [--devices D]
       [--process_id I --num_processes P --coordinator HOST:PORT]
   python tests/train_worker.py pmap_vs_shard_map OUT.npz --devices 2
+  python tests/train_worker.py device_counts OUT.npz --devices 8 [--model NAME] [--batch B] [--dtype bfloat16]
   python tests/train_worker.py lock OUT.json WORKDIR --process_id I --num_processes P --coordinator HOST:PORT
   python tests/train_worker.py evaluate OUT.npz [--process_id I --num_processes P --coordinator HOST:PORT]
 
@@ -16,7 +17,7 @@ import sys
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=["fit", "pmap_vs_shard_map", "evaluate", "lock"])
+  parser.add_argument("mode", choices=["fit", "pmap_vs_shard_map", "device_counts", "evaluate", "lock"])
   parser.add_argument("out")
   parser.add_argument("model_dirs", nargs="*")
   parser.add_argument("--steps", type=int, default=6)
@@ -25,6 +26,9 @@ def main():
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--coordinator", default="")
+  parser.add_argument("--model", default="mobilenet_v2_tiny")
+  parser.add_argument("--batch", type=int, default=70)
+  parser.add_argument("--dtype", default="float32")
   args = parser.parse_args()
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -49,6 +53,8 @@ def main():
             for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
   elif args.mode == "evaluate":
     flat = evaluate_in_memory()
+  elif args.mode == "device_counts":
+    flat = step_on_each_device_count(args.model, args.batch, args.dtype)
   else:
     flat = pmap_vs_shard_map()
   np.savez(args.out, **flat)
@@ -140,6 +146,52 @@ def pmap_vs_shard_map():
       out[f"{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
   out["pmap_loss"] = np.asarray(pmap_metrics["loss"][0])
   out["shard_map_loss"] = np.asarray(shard_metrics["loss"])
+  return out
+
+
+def step_on_each_device_count(model_name, batch_size, dtype):
+  """One train step (SGD, so the update is the gradient) of the same ``batch_size`` examples on meshes of 1,
+  2, 4 and 8 devices: the loss, the updated params (``-lr * grad``) and the batch statistics of each."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  import train_fixtures as fx
+  from kd_landmarks import models
+  from kd_landmarks.training import input_pipeline
+  from kd_landmarks.training import parallel
+  from kd_landmarks.training import train
+  import dataclasses
+  source = fx.InMemorySource(batch_size + 5)
+  # 32 px: the tiny networks keep a 2x2 map to their last stage (at 8 px BatchNorm sees 1x1 maps, and
+  # float32 rounding alone moves the early layers' gradients by up to 1%).
+  spec = dataclasses.replace(fx.make_spec(), image_size=32)
+  if model_name == "fixture":
+    model = fx.TinyModel()
+  else:
+    model = models.create_model(model_name, num_landmarks=fx.NUM_LANDMARKS, dtype=jnp.dtype(dtype))
+  tx = optax.sgd(1.0)
+  state0 = train.create_train_state(jax.random.PRNGKey(0), model, spec.image_size, tx)
+  rng = jax.random.PRNGKey(3)
+  out = {}
+  for devices in (1, 2, 4, 8):
+    if devices > jax.device_count():
+      continue
+    mesh = parallel.make_mesh(jax.devices()[:devices])
+    rows = parallel.padded_batch_size(batch_size, devices)
+    batches = input_pipeline.make_train_iterator(
+        source, global_batch_size=batch_size, seed=0, num_steps=1, num_threads=0, keys=("image", "landmarks"),
+        padded_batch_size=rows if rows > batch_size else None)
+    batch = train.step_batch(spec, next(batches))
+    out[f"rows_{devices}"] = np.asarray(rows)
+    step = train.compile_train_step(spec, mesh)
+    state, metrics = step(jax.tree.map(jnp.copy, state0), parallel.shard_host_batch(batch, mesh), rng)
+    out[f"loss_{devices}"] = np.asarray(metrics["loss"])
+    for name, tree in (("params", state.params), ("stats", state.batch_stats)):
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        out[f"{name}_{devices}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state0.params):
+      out[f"params_init{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
   return out
 
 

@@ -132,11 +132,15 @@ class EfficientNet(nn.Module):
   bn_epsilon: float = 1e-3
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False):
+  def __call__(self, images, *, train: bool = False, batch_mask=None, sync_axis: str | None = None):
+    """``[B, H, W, 3]`` RGB in [0, 1] -> ``[B, K, 2]``. In training, ``batch_mask`` ([B], 0 on padding rows)
+    and ``sync_axis`` (the mesh axis the batch is split over) give BatchNorm the statistics of the whole
+    global batch's valid examples (:func:`kd_landmarks.models.layers.batch_norm_train`)."""
     width = self.width_coefficient * self.width_multiplier
     depth = self.depth_coefficient * self.depth_multiplier
     norm = layers.batch_norm(train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
+                             dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels,
+                             batch_mask=batch_mask, axis_name=sync_axis)
     x = layers.normalize_images(images, self.dtype)
     x = nn.Conv(round_filters(32, width), (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
                 dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=layers.conv_init,

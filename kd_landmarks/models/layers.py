@@ -51,6 +51,67 @@ def pointwise_conv(x, kernel):
   return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+ACTIVATIONS = (None, "relu6", "swish")
+
+
+def check_activation(activation):
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {activation!r}; choose from {ACTIVATIONS}")
+
+
+def activation_fn(z, activation):
+  """``activation`` (one of :data:`ACTIVATIONS`) applied to ``z``."""
+  if activation == "relu6":
+    return jnp.minimum(jnp.maximum(z, 0.0), 6.0)
+  if activation == "swish":
+    return z * jax.nn.sigmoid(z)
+  return z
+
+
+def batch_norm_train(x, scale, bias, epsilon, activation, *, mask=None, axis_name=None):
+  """Training-mode BatchNorm then ``activation``, with statistics over the valid examples of the global batch.
+
+  The statistics are sums, so that they add up exactly over devices and padding: with ``S1 = sum(m x)``,
+  ``S2 = sum(m x^2)`` and ``N = sum(m) * H * W`` over this device's block (``m`` the example mask, 1 where
+  ``mask`` is None), summed over ``axis_name`` with ``lax.psum`` when given, ``mean = S1 / N`` and
+  ``var = max(0, S2 / N - mean^2)`` (flax's fast variance). A global batch of 70 therefore normalises with the
+  same statistics on 1 device as on 8 devices holding 9 rows each, 2 of them padding. Under ``jax.grad`` the
+  transpose of ``psum`` sums each device's cotangent, which is the gradient of the sum of the devices' losses.
+
+  Args:
+    x: ``[B, ..., C]``.
+    scale, bias: ``[C]``.
+    epsilon: added to the variance.
+    activation: one of :data:`ACTIVATIONS`.
+    mask: optional ``[B]``, nonzero for the examples that count (padding rows are 0).
+    axis_name: the mesh axis the global batch is split over (None: this block is the whole batch).
+
+  Returns:
+    ``(y float32, mean [C], var [C])``.
+  """
+  check_activation(activation)
+  axes = tuple(range(x.ndim - 1))
+  x32 = x.astype(jnp.float32)
+  pixels_per_example = 1
+  for size in x.shape[1:-1]:
+    pixels_per_example *= size
+  if mask is None:
+    weighted = x32
+    count = jnp.float32(x.shape[0] * pixels_per_example)
+  else:
+    weights = jnp.asarray(mask, jnp.float32).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+    weighted = x32 * weights
+    count = jnp.sum(weights) * pixels_per_example
+  sums = (jnp.sum(weighted, axes), jnp.sum(weighted * x32, axes), count)
+  if axis_name is not None:
+    sums = lax.psum(sums, axis_name)
+  sum_x, sum_sq, count = sums
+  mean = sum_x / count
+  var = jnp.maximum(0.0, sum_sq / count - jnp.square(mean))
+  z = (x32 - mean) * (lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+  return activation_fn(z, activation), mean, var
+
+
 @dataclasses.dataclass(frozen=True)
 class Kernels:
   """The compute primitives the models' layers call, swappable without changing parameters or mathematics.
@@ -65,11 +126,13 @@ class Kernels:
     pointwise_conv: ``(x [B, H, W, Cin], kernel [1, 1, Cin, Cout]) -> y`` (:func:`pointwise_conv`).
     batch_norm_train: ``(x, scale, bias, epsilon, activation) -> (y float32, batch mean, biased batch
       variance)``, the training-mode BatchNorm then ``activation`` over all axes but the last, with the
-      variance as ``E[x^2] - E[x]^2`` clipped at 0 (as ``flax.linen.BatchNorm``); None: flax's BatchNorm.
+      variance as ``E[x^2] - E[x]^2`` clipped at 0 (as ``flax.linen.BatchNorm``), on one device's whole block.
+      A step that pads its batch or spans several devices computes it with :func:`batch_norm_train` instead
+      (masked, synchronised), whatever this field holds.
   """
   depthwise_conv: Callable = depthwise.depthwise_conv
   pointwise_conv: Callable = pointwise_conv
-  batch_norm_train: Callable | None = None
+  batch_norm_train: Callable = batch_norm_train
 
 
 PORTABLE = Kernels()
@@ -94,25 +157,9 @@ class PointwiseConv(nn.Module):
     return y
 
 
-ACTIVATIONS = (None, "relu6", "swish")
-
-
-def check_activation(activation):
-  if activation not in ACTIVATIONS:
-    raise ValueError(f"unknown activation {activation!r}; choose from {ACTIVATIONS}")
-
-
-def activation_fn(z, activation):
-  """``activation`` (one of :data:`ACTIVATIONS`) applied to ``z``."""
-  if activation == "relu6":
-    return jnp.minimum(jnp.maximum(z, 0.0), 6.0)
-  if activation == "swish":
-    return z * jax.nn.sigmoid(z)
-  return z
-
-
 class BatchNormAct(nn.Module):
-  """Training-mode BatchNorm through ``batch_norm_train`` (a :class:`Kernels` field), then the activation.
+  """Training-mode BatchNorm then the activation, through ``batch_norm_train`` (a :class:`Kernels` field), or
+  through the masked, synchronised :func:`batch_norm_train` where ``mask`` or ``axis_name`` is given.
 
   The variables of ``flax.linen.BatchNorm`` under the same names (params ``scale``, ``bias``; batch_stats
   ``mean``, ``var``, float32) and its running-average update, so that evaluation reads them with flax's own
@@ -124,6 +171,8 @@ class BatchNormAct(nn.Module):
   epsilon: float = 1e-3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  mask: Any = None
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -132,26 +181,33 @@ class BatchNormAct(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype)
     running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
     running_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
-    y, mean, var = self.batch_norm_train(x, scale, bias, self.epsilon, self.activation)
+    if self.mask is None and self.axis_name is None:
+      y, mean, var = self.batch_norm_train(x, scale, bias, self.epsilon, self.activation)
+    else:
+      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.activation, mask=self.mask,
+                                      axis_name=self.axis_name)
     if not self.is_initializing():
       running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
       running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
     return y.astype(self.dtype)
 
 
-def batch_norm(*, train: bool, momentum: float, epsilon: float, dtype, param_dtype, kernels: Kernels = PORTABLE):
+def batch_norm(*, train: bool, momentum: float, epsilon: float, dtype, param_dtype, kernels: Kernels = PORTABLE,
+               batch_mask=None, axis_name: str | None = None):
   """The models' BatchNorm + activation: ``norm(activation=..., name=...)(x)``.
 
-  ``flax.linen.BatchNorm`` (batch statistics in training, the running ones in evaluation), then the
-  activation: the module exporters recognise (jax2onnx emits an ONNX BatchNormalization, which ONNX Runtime
-  folds into the preceding Conv). In training, where ``kernels.batch_norm_train`` is set, that function
-  computes it instead (:class:`BatchNormAct`, same variables and values).
+  In evaluation ``flax.linen.BatchNorm`` with the running statistics, then the activation: the module
+  exporters recognise (jax2onnx emits an ONNX BatchNormalization, which ONNX Runtime folds into the preceding
+  Conv). In training :class:`BatchNormAct` (same variables and values) with ``kernels.batch_norm_train``, or,
+  for a padded batch (``batch_mask``) or one split over devices (``axis_name``), with the statistics of the
+  whole global batch's valid examples (:func:`batch_norm_train`).
   """
   def norm(activation=None, name=None):
     check_activation(activation)
-    if train and kernels.batch_norm_train is not None:
-      return BatchNormAct(kernels.batch_norm_train, activation, momentum, epsilon, dtype, param_dtype, name=name)
-    module = nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype,
+    if train:
+      return BatchNormAct(kernels.batch_norm_train, activation, momentum, epsilon, dtype, param_dtype,
+                          batch_mask, axis_name, name=name)
+    module = nn.BatchNorm(use_running_average=True, momentum=momentum, epsilon=epsilon, dtype=dtype,
                           param_dtype=param_dtype, name=name)
     return lambda x: activation_fn(module(x), activation)
 

@@ -38,6 +38,8 @@ from tqdm import tqdm
 # few cores a thread lets the next batch load while the device runs the step.
 DEFAULT_NUM_THREADS = min(8, os.cpu_count() or 1)
 TEACHER_KEYS = ("tough", "tolerant")
+# Training batches padded to a multiple of the device count carry it: False on the padding rows.
+EXAMPLE_MASK = "example_mask"
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -49,7 +51,8 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, start_step
                         num_processes: int = 1, process_index: int = 0,
                         teacher_cache: Mapping[str, np.ndarray] | None = None,
                         keys: Sequence[str] | None = None, num_steps: int | None = None,
-                        num_threads: int = DEFAULT_NUM_THREADS, prefetch_batches: int = 2):
+                        num_threads: int = DEFAULT_NUM_THREADS, prefetch_batches: int = 2,
+                        padded_batch_size: int | None = None):
   """This process' training batches from ``start_step`` on (endless unless ``num_steps`` is given).
 
   Args:
@@ -64,13 +67,21 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, start_step
     num_steps: stop after this many steps (endless when None).
     num_threads: threads building batches (0: build them in the consuming thread).
     prefetch_batches: how many batches are read ahead (at least num_threads).
+    padded_batch_size: rows of the global batch as the devices hold it (``parallel.padded_batch_size``);
+      rows ``global_batch_size`` and up repeat the batch's first example, and every batch then carries
+      ``example_mask`` (bool, False on those rows). None: no padding, no mask.
 
   Returns:
     A grain ``DatasetIterator`` (also checkpointable with ``get_state``/``set_state``) of dicts of
-    numpy arrays with leading dimension ``global_batch_size // num_processes``.
+    numpy arrays with leading dimension ``padded_batch_size // num_processes``. Which examples a global
+    batch holds depends on ``global_batch_size`` and ``seed`` only, never on the padding.
   """
   num_examples = _check_source(source)
-  local_batch_size = _local_batch_size(global_batch_size, num_processes, process_index)
+  rows = padded_batch_size or global_batch_size
+  if rows < global_batch_size:
+    raise ValueError(f"padded_batch_size={padded_batch_size} is smaller than global_batch_size={global_batch_size}")
+  padded = rows > global_batch_size
+  local_batch_size = _local_batch_size(rows, num_processes, process_index)
   epoch_steps = steps_per_epoch(num_examples, global_batch_size)
   if epoch_steps == 0:
     raise ValueError(f"the split has {num_examples} examples, fewer than one global batch of "
@@ -87,12 +98,17 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, start_step
 
   def load_batch(step: int) -> dict:
     epoch, batch_in_epoch = divmod(step, epoch_steps)
-    start = (epoch * num_examples + batch_in_epoch * global_batch_size
-             + process_index * local_batch_size)
-    positions = [order[position] for position in range(start, start + local_batch_size)]
+    batch_start = epoch * num_examples + batch_in_epoch * global_batch_size
+    rows_here = range(process_index * local_batch_size, (process_index + 1) * local_batch_size)
+    # A padding row reads the batch's first example (finite values); the mask keeps it out of everything.
+    positions = [order[batch_start + (row if row < global_batch_size else 0)] for row in rows_here]
     if isinstance(source, InMemorySource):  # Decoded already: one gather per field, no per-example work.
-      return join.batch(source.take(positions))
-    return _stack([join(example) for example in _read(source, positions)])
+      batch = join.batch(source.take(positions))
+    else:
+      batch = _stack([join(example) for example in _read(source, positions)])
+    if padded:
+      batch[EXAMPLE_MASK] = np.array([row < global_batch_size for row in rows_here])
+    return batch
 
   stop = start_step + num_steps if num_steps is not None else _ENDLESS
   read_options = _read_options(num_threads, prefetch_batches)

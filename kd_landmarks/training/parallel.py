@@ -84,13 +84,32 @@ def replicated_sharding(mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch_size: int, mesh) -> None:
-  """The global batch must split evenly over devices and processes; say how to fix it if not."""
+  """A batch that is cut into equal blocks as it is (evaluation pads its own batches up to this)."""
   devices = mesh.devices.size
   if global_batch_size % devices or global_batch_size % jax.process_count():
     raise ValueError(
         f"global batch size {global_batch_size} does not split over {devices} devices in "
         f"{jax.process_count()} processes; set --config.per_device_batch_size or a batch_size that is a "
         f"multiple of {devices}")
+
+
+def padded_batch_size(global_batch_size: int, num_devices: int) -> int:
+  """The rows a training batch of ``global_batch_size`` examples occupies on ``num_devices`` devices: the next
+  multiple of the device count. The extra rows are padding that the step masks out (loss, gradient and
+  BatchNorm statistics), so any batch size trains as that batch on any device count (70, the paper's student
+  batch, is 72 rows on 8 devices, 2 of them padding)."""
+  if global_batch_size < 1 or num_devices < 1:
+    raise ValueError(f"a batch of {global_batch_size} examples on {num_devices} devices")
+  return -(-global_batch_size // num_devices) * num_devices
+
+
+def describe_batch(global_batch_size: int, num_devices: int) -> str:
+  """The log line of a training batch's layout over the devices."""
+  padded = padded_batch_size(global_batch_size, num_devices)
+  text = f"global batch {global_batch_size} over {num_devices} device(s): {padded // num_devices} rows per device"
+  if padded > global_batch_size:
+    text += f", {padded - global_batch_size} padding row(s) masked out of the loss and BatchNorm"
+  return text
 
 
 def shard_host_batch(local_batch: Any, mesh) -> Any:

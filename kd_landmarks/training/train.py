@@ -62,6 +62,9 @@ PREDICTION_BOUND = 10.0
 LOSS_BLOWUP_FACTOR = 100.0
 LOSS_FLOOR = 1.0
 VAL_NME_BOUND = 10.0
+# The batch field, present only when the global batch was padded to a multiple of the device count: True on
+# the real examples, False on the padding rows.
+EXAMPLE_MASK = input_pipeline.EXAMPLE_MASK
 _DIVERGED_ADVICE = ("Lower --config.optimizer.learning_rate, check the data (landmarks inside the crop?) or "
                     "use platform=cpu (float32) to rule out bfloat16 overflow.")
 
@@ -160,9 +163,9 @@ def regression_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.
   images, sets, dropout_rng = _augment(batch, rng, spec, {"target": batch["target"]})
   target = sets["target"]
   # The baseline losses ignore the teacher slots; the target fills them to keep one loss signature.
-  return _optimise(state, images, dropout_rng, spec,
+  return _optimise(state, images, batch.get(EXAMPLE_MASK), dropout_rng, spec,
                    lambda prediction: spec.loss_fn(prediction, target, target, target,
-                                                    variant=spec.loss_variant, reduction="mean"))
+                                                    variant=spec.loss_variant, reduction="none"))
 
 
 def distillation_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
@@ -177,38 +180,68 @@ def distillation_step(state: TrainState, batch: Mapping[str, jax.Array], rng: ja
     # The teachers see exactly the student's augmented images; frozen: no gradient, eval mode.
     for name, module in spec.teacher_modules.items():
       sets[name] = lax.stop_gradient(module.apply(teacher_variables[name], images, train=False).astype(jnp.float32))
-  return _optimise(state, images, dropout_rng, spec,
+  return _optimise(state, images, batch.get(EXAMPLE_MASK), dropout_rng, spec,
                    lambda prediction: spec.loss_fn(prediction, sets["landmarks"], sets["tough"], sets["tolerant"],
-                                                    variant=spec.loss_variant, reduction="mean"))
+                                                    variant=spec.loss_variant, reduction="none"))
 
 
 def _augment(batch, rng, spec: StepSpec, extra_sets: Mapping[str, jax.Array]):
   """Augments the images and every landmark set together on device (Section 4.3): ``(images, sets, dropout
-  rng)``. Each device draws its own augmentation; the step index is already folded into ``rng``."""
-  rng = jax.random.fold_in(rng, lax.axis_index(parallel.AXIS))
-  augment_rng, dropout_rng = jax.random.split(rng)
+  rng)``. The step index is already folded into ``rng``. Each example draws from its row of the global batch
+  (``augment``'s ``first_example``), so its augmentation does not depend on the number of devices; dropout
+  and stochastic depth draw per device."""
+  num_devices = lax.axis_size(parallel.AXIS)
+  augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, 0))
+  block = {}
+  if num_devices > 1:
+    device = lax.axis_index(parallel.AXIS)
+    dropout_rng = jax.random.fold_in(dropout_rng, device)
+    local = batch["image"].shape[0]
+    block = dict(first_example=device * local, global_batch_size=local * num_devices)
   images, sets, _ = augment.augment(augment_rng, batch["image"], {"landmarks": batch["landmarks"], **extra_sets},
                                     reference="landmarks", out_size=spec.image_size,
                                     flip_permutation=spec.flip_permutation, config=spec.augment_config,
-                                    kernels=spec.augment_kernels)
+                                    kernels=spec.augment_kernels, **block)
   return images, sets, dropout_rng
 
 
-def _optimise(state: TrainState, images, dropout_rng, spec: StepSpec, loss_of_prediction: Callable):
-  """The gradient of ``loss_of_prediction(model(images))`` averaged over devices with ``lax.pmean`` (as are the
-  batch statistics and the metrics), and one optimiser update."""
+def _optimise(state: TrainState, images, example_mask, dropout_rng, spec: StepSpec, loss_of_prediction: Callable):
+  """One optimiser update with the gradient of the global batch's mean loss.
+
+  ``loss_of_prediction`` returns the loss per coordinate (``reduction='none'``, ``[B, K, 2]``). The global
+  mean is ``sum(m * loss) / (sum(m) * 2K)`` over the valid examples of every device (``m`` the example mask:
+  0 on the rows that pad a batch to a multiple of the device count), each device contributing its own sum;
+  the gradient is therefore the ``psum`` of the devices' gradients, and BatchNorm normalises with the global
+  batch's statistics (:func:`kd_landmarks.models.layers.batch_norm_train`). On one device without padding
+  this is the plain mean and the one-device step; on any device count and padding, the step of the unpadded
+  global batch (tests/test_parallel.py).
+  """
+  num_devices = lax.axis_size(parallel.AXIS)
+  sync_axis = parallel.AXIS if num_devices > 1 else None
+  weights = None if example_mask is None else example_mask.astype(jnp.float32)
+  local_count = jnp.float32(images.shape[0]) if weights is None else jnp.sum(weights)
+  global_count = lax.psum(local_count, parallel.AXIS)
+
   def loss_of(params):
     prediction, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        {"params": params, "batch_stats": state.batch_stats}, images, train=True, batch_mask=example_mask,
+        sync_axis=sync_axis, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
     prediction = prediction.astype(jnp.float32)
-    return loss_of_prediction(prediction), (updates, prediction)
+    per_coordinate = loss_of_prediction(prediction)
+    per_example = jnp.sum(per_coordinate.reshape(per_coordinate.shape[0], -1), axis=1)
+    if weights is not None:
+      per_example = per_example * weights
+    coordinates = per_coordinate.size // per_coordinate.shape[0]
+    return jnp.sum(per_example) / (global_count * coordinates), (updates, prediction)
 
-  (loss, (updates, prediction)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-  grads = lax.pmean(grads, parallel.AXIS)
-  batch_stats = lax.pmean(updates.get("batch_stats", state.batch_stats), parallel.AXIS)
+  (local_loss, (updates, prediction)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+  grads = lax.psum(grads, parallel.AXIS)
+  # Synchronised BatchNorm gave every device the same statistics, hence the same running averages.
+  batch_stats = updates.get("batch_stats", state.batch_stats)
+  if weights is not None:  # Padding rows copy a real example; keep them out of the divergence bound anyway.
+    prediction = prediction * weights[:, None, None]
   metrics = {
-      "loss": lax.pmean(loss, parallel.AXIS),
+      "loss": lax.psum(local_loss, parallel.AXIS),
       "grad_norm": optax.tree.norm(grads),
       "learning_rate": spec.learning_rate_fn(state.step),
       # The divergence rule's bound on normalised coordinates (PREDICTION_BOUND).
@@ -279,7 +312,7 @@ def fit(setup: FitSetup) -> dict:
   """Trains until ``num_train_steps``, resuming from ``model_dir/checkpoints``; returns the final variables
   (numpy). Raises :class:`NonFiniteLossError` on a NaN/inf loss without saving the bad state."""
   mesh = setup.mesh or parallel.make_mesh()
-  parallel.check_batch_size(setup.global_batch_size, mesh)
+  padded_rows = parallel.padded_batch_size(setup.global_batch_size, mesh.devices.size)
   is_chief = jax.process_index() == 0
   # Before model.json is rewritten: a reused workdir must not silently resume another dataset or network.
   checkpoint.check_resumable(setup.model_dir, setup.meta)
@@ -304,6 +337,7 @@ def fit(setup: FitSetup) -> dict:
     logging.info("%s: resuming from step %d", setup.model_dir, start_step)
 
   with_teachers = setup.spec.teacher_modules is not None
+  logging.info("%s: %s", setup.model_dir, parallel.describe_batch(setup.global_batch_size, mesh.devices.size))
   step_fn = compile_train_step(setup.spec, mesh)
   state = parallel.replicate(_state_tree(state), mesh)
   state = TrainState(apply_fn=setup.model.apply, tx=setup.tx, **state)
@@ -322,7 +356,8 @@ def fit(setup: FitSetup) -> dict:
       train_source, global_batch_size=setup.global_batch_size, seed=setup.seed,
       start_step=start_step, num_steps=end_step - start_step, num_processes=jax.process_count(),
       process_index=jax.process_index(), teacher_cache=setup.teacher_cache,
-      keys=keys, prefetch_batches=setup.prefetch)
+      keys=keys, prefetch_batches=setup.prefetch,
+      padded_batch_size=padded_rows if padded_rows > setup.global_batch_size else None)
   pending = []  # Device metrics not yet checked for NaN (fetched in bulk to keep the device busy).
   last_saved = start_step if restored is not None else None
   first_loss = None  # The run's own early loss (first check window of this process): the blow-up yardstick.
