@@ -212,7 +212,7 @@ def _add_batch_noise(rng, images, config, batch_noise):
 
 def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, reference="landmarks",
             out_size=224, flip_permutation, config: AugmentConfig = AugmentConfig(),
-            kernels: AugmentKernels = PORTABLE):
+            kernels: AugmentKernels = PORTABLE, point_masks: Mapping[str, jax.Array] | None = None):
   """Random geometric + photometric augmentation of a batch and all of its landmark sets (Section 4.3).
 
   Args:
@@ -225,10 +225,14 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
     flip_permutation: int [K] from ``flips.flip_permutation`` (may be None only if config.flip is off).
     config: an :class:`AugmentConfig`.
     kernels: an :class:`AugmentKernels` (the portable jax.numpy forms by default).
+    point_masks: dict name -> [B, K] per-point flags (e.g. ``visible``: which points are annotated); a
+      flipped example's flags are relabelled with the flip permutation like its landmarks, so that flag i
+      stays with landmark i. Returned in the landmark dict under the same names.
 
   Returns:
     (images float32 [B, out, out, 3] in [0, 1], dict of the same keys with [B, K, 2] in normalised
-    output coordinates, out_to_input float32 [B, 2, 3] mapping output pixels to stored-crop pixels).
+    output coordinates (and the point masks, [B, K], their dtype kept), out_to_input float32 [B, 2, 3]
+    mapping output pixels to stored-crop pixels).
   """
   batch_size = _validate(images_uint8, landmark_sets, reference, flip_permutation, config.flip)
   batch_noise = config.noise and kernels.batch_noise is not None
@@ -237,7 +241,7 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
   if config.flip:
     perm = jnp.asarray(np.asarray(flip_permutation), dtype=jnp.int32)
 
-  def one_example(key, image, sets):
+  def one_example(key, image, sets, masks):
     box_key, shift_key, angle_key, flip_key, photo_key = jax.random.split(key, 5)
     centre, base_side = _landmark_box(sets[reference])
     if config.box_expansion:
@@ -259,11 +263,18 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
     warped = warp(image, out_to_input, out_size, config.fill_mode, config.fill_value)
     warped = _photometric(photo_key, warped, config, noise=not batch_noise)
     new_sets = _transform_landmark_sets(sets, out_to_input, flip, perm, out_size)
+    for name, mask in masks.items():
+      new_sets[name] = jnp.where(flip, mask[perm], mask) if perm is not None else mask
     return warped, new_sets, out_to_input.astype(jnp.float32)
 
   keys = jax.random.split(rng, batch_size)
   sets = {key: jnp.asarray(value, dtype=jnp.float32) for key, value in landmark_sets.items()}
-  images, new_sets, out_to_input = jax.vmap(one_example)(keys, jnp.asarray(images_uint8), sets)
+  masks = {key: jnp.asarray(value) for key, value in (point_masks or {}).items()}
+  for name, mask in masks.items():
+    if mask.shape != (batch_size, landmark_sets[reference].shape[-2]):
+      raise ValueError(f"augment: point mask {name!r} has shape {tuple(mask.shape)}; expected "
+                       f"({batch_size}, {landmark_sets[reference].shape[-2]}), one flag per landmark")
+  images, new_sets, out_to_input = jax.vmap(one_example)(keys, jnp.asarray(images_uint8), sets, masks)
   if batch_noise:
     images = _add_batch_noise(rng, images, config, kernels.batch_noise)
   return images, new_sets, out_to_input

@@ -91,10 +91,12 @@ def render(meta: dict, report: dict, *, metrics: dict | None, box_map=None, dete
                 f"{box_map.side_scale:.4f} x width; {box_map.source}" if box_map is not None else "none") + ".",
             f"* Output `landmarks`: float32 `[B, {count}, 2]` (x, y) in normalised crop coordinates; crop "
             f"pixels are `(n + 0.5) * {size} - 0.5`, and the crop's affine maps them back to the photo "
-            "(`kd_landmarks.deploy.predict.landmarks_to_image`). Pixel centres are on integers, 0-based.", "",
-            "## Evaluation", ""]
+            "(`kd_landmarks.deploy.predict.landmarks_to_image`). Pixel centres are on integers, 0-based.", ""]
+  lines += scheme_lines(meta.get("scheme"), count)
+  lines += ["## Evaluation", ""]
   if metrics:
-    lines += ["From the run's `eval/metrics.json` (inter-ocular NME; FR and AUC at NME 0.1):", "",
+    normaliser = _normaliser_text(meta.get("scheme") or {"normalization": "inter_ocular"})
+    lines += [f"From the run's `eval/metrics.json` (NME normalised by {normaliser}; FR and AUC at NME 0.1):", "",
               "| split | faces | NME % | FR % | AUC |", "|---|---|---|---|---|"]
     for split, values in sorted(metrics.items()):
       if not isinstance(values, dict) or "nme" not in values:
@@ -143,6 +145,31 @@ def render(meta: dict, report: dict, *, metrics: dict | None, box_map=None, dete
       "## Citation", "", "See `CITATION.cff` of kd_landmarks: the paper (doi:10.1016/j.cviu.2021.103316) and "
       "this implementation.", ""]
   return "\n".join(lines)
+
+
+def _normaliser_text(scheme: dict) -> str:
+  if scheme.get("normalization") == "box":
+    return "the face box's sqrt(width x height)"
+  points = scheme.get("normalizing_points")
+  if scheme.get("dataset") == "custom" and points:
+    return f"the distance between points {points[0]} and {points[1]}"
+  return "the inter-ocular distance (outer eye corners)"
+
+
+def scheme_lines(scheme: dict | None, count: int) -> list[str]:
+  """The card's "Landmark scheme" section from model.json's ``scheme`` (what each output point is)."""
+  lines = ["## Landmark scheme", ""]
+  if not scheme:
+    return lines + [f"{count} points; model.json records no scheme (trained before schemes were recorded).", ""]
+  pairs = scheme.get("flip_pairs") or []
+  paired = {i for pair in pairs for i in pair}
+  midline = [i for i in range(int(scheme.get("num_landmarks", count))) if i not in paired]
+  return lines + [
+      f"* `{scheme.get('label', scheme.get('dataset'))}` ({scheme.get('dataset')}): "
+      f"{scheme.get('num_landmarks', count)} points, 0-based in the output's order.",
+      f"* Left/right pairs (swapped by a horizontal flip): `{json.dumps(pairs)}`; on the midline: "
+      f"`{json.dumps(midline)}`.",
+      f"* NME normalised by {_normaliser_text(scheme)}.", ""]
 
 
 def write_model_card(out_dir: str, meta: dict, report: dict, *, model_dir: str | None, box_map=None,

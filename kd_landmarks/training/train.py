@@ -81,6 +81,8 @@ class StepSpec:
   distill: bool = False
   teacher_modules: Mapping[str, Any] | None = None   # Distillation only, set: the frozen teachers run online.
   augment_kernels: Any = augment.PORTABLE           # augment.AugmentKernels (CPU training: kd_landmarks/cpu).
+  # The batch carries 'visible' [B, K] (a custom set's annotated points): missing points leave every loss term.
+  masked: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,7 +164,8 @@ def regression_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.
   # The baseline losses ignore the teacher slots; the target fills them to keep one loss signature.
   return _optimise(state, images, dropout_rng, spec,
                    lambda prediction: spec.loss_fn(prediction, target, target, target,
-                                                    variant=spec.loss_variant, reduction="mean"))
+                                                    variant=spec.loss_variant, reduction="mean",
+                                                    weights=sets.get("visible")))
 
 
 def distillation_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
@@ -179,7 +182,8 @@ def distillation_step(state: TrainState, batch: Mapping[str, jax.Array], rng: ja
       sets[name] = lax.stop_gradient(module.apply(teacher_variables[name], images, train=False).astype(jnp.float32))
   return _optimise(state, images, dropout_rng, spec,
                    lambda prediction: spec.loss_fn(prediction, sets["landmarks"], sets["tough"], sets["tolerant"],
-                                                    variant=spec.loss_variant, reduction="mean"))
+                                                    variant=spec.loss_variant, reduction="mean",
+                                                    weights=sets.get("visible")))
 
 
 def _augment(batch, rng, spec: StepSpec, extra_sets: Mapping[str, jax.Array]):
@@ -190,8 +194,15 @@ def _augment(batch, rng, spec: StepSpec, extra_sets: Mapping[str, jax.Array]):
   images, sets, _ = augment.augment(augment_rng, batch["image"], {"landmarks": batch["landmarks"], **extra_sets},
                                     reference="landmarks", out_size=spec.image_size,
                                     flip_permutation=spec.flip_permutation, config=spec.augment_config,
-                                    kernels=spec.augment_kernels)
+                                    kernels=spec.augment_kernels, point_masks=point_masks(batch))
   return images, sets, dropout_rng
+
+
+def point_masks(batch) -> dict:
+  """The per-point flags augmentation carries with the landmarks (relabelled on a flip): ``visible`` [B, K] of
+  a custom set with missing points; none otherwise. The augmented ``sets['visible']`` weighs each point in the
+  loss (``losses.point_weights`` turns it into per-coordinate weights)."""
+  return {"visible": batch["visible"]} if "visible" in batch else {}
 
 
 def _optimise(state: TrainState, images, dropout_rng, spec: StepSpec, loss_of_prediction: Callable):
@@ -219,7 +230,8 @@ def _optimise(state: TrainState, images, dropout_rng, spec: StepSpec, loss_of_pr
 
 def batch_keys(spec: StepSpec) -> tuple:
   """The example fields the step reads (the teacher cache adds 'tough'/'tolerant' itself)."""
-  return ("image", "landmarks", "soft_landmarks") if spec.target == "soft_landmarks" else ("image", "landmarks")
+  keys = ("image", "landmarks", "soft_landmarks") if spec.target == "soft_landmarks" else ("image", "landmarks")
+  return keys + ("visible",) if spec.masked else keys
 
 
 def step_batch(spec: StepSpec, host_batch: Mapping[str, np.ndarray]) -> dict:
