@@ -62,7 +62,8 @@ def test_derived_flip_pairs_match_the_hand_written_tables():
 
 
 def test_flip_pairs_that_are_no_involution_are_refused_naming_the_file(tmp_path):
-  ff.write_custom(tmp_path, form="csv", num_faces=4, description={"flip_pairs": [[0, 1], [1, 3]]})
+  ff.write_custom(tmp_path, form="csv", num_faces=4, splits=["train"] * 3 + ["test"],
+                  description={"flip_pairs": [[0, 1], [1, 3]]})
   with pytest.raises(errors.DataError) as caught:
     _prepare(tmp_path, tmp_path / "data")
   message = str(caught.value)

@@ -290,7 +290,10 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     if never:
       raise errors.DataError(f"{self._custom_set.source}: points {never} are missing in every face of the train "
                              "split; annotate them in some faces, or drop them from the scheme")
-    stack = lambda rows: (np.stack([r.landmarks for r in rows]), np.stack([r.visible for r in rows]))
+
+    def stack(rows):
+      return np.stack([row.landmarks for row in rows]), np.stack([row.visible for row in rows])
+
     landmarks, visible = stack(train)
     shape_model, filled_train = shapes.fit_shape_model_with_missing(
         landmarks, visible, keep=SOFT_LANDMARKS_KEEP, keep_mode=SOFT_LANDMARKS_KEEP_MODE)

@@ -11,7 +11,7 @@ The manual dir (``--manual_dir M``) holds the photos, one annotation file and, o
   "visible": [1, 0, ...] (optional), "box": [x0, y0, x1, y1] (optional), "split": ... (optional)}``.
 * or no annotation file: iBUG ``.pts`` files beside the images (``face.jpg`` + ``face.pts``, 1-based as
   300W's; a point written ``-1 -1`` is missing). A ``.pts`` file's split is its first folder under the manual
-  dir when ``dataset.json`` lists that folder among its ``splits`` (e.g. ``train/``, ``test/``).
+  dir when that folder is one of the ``splits`` (by default ``train/`` and ``test/``).
 
 ``dataset.json`` (every field optional): ``name``, ``num_landmarks`` (checked against the rows),
 ``flip_pairs`` (``[[a, b], ...]``, or ``"derive"``, the default: from the mean shape's mirror symmetry),
@@ -78,9 +78,6 @@ def read_description(manual_dir) -> dict:
   unknown = sorted(set(description) - set(DESCRIPTION_FIELDS))
   if unknown:
     raise errors.DataError(f"{path}: unknown fields {unknown}; the fields are {list(DESCRIPTION_FIELDS)}")
-  if "flip_pairs" in description and description["flip_pairs"] != "derive":
-    info_lib.check_flip_pairs(description["flip_pairs"], int(description.get("num_landmarks") or 10**9),
-                              where=f"{path}: flip_pairs")
   fraction = description.get("test_fraction", DEFAULT_TEST_FRACTION)
   if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
     raise errors.DataError(f"{path}: test_fraction must be a number in (0, 1), got {fraction!r}")
@@ -113,13 +110,13 @@ def read_custom(manual_dir) -> CustomSet:
   resolved = {
       "name": str(description.get("name") or manual_dir.resolve().name),
       "num_landmarks": num_landmarks,
-      "flip_pairs": None if description.get("flip_pairs", "derive") == "derive" else
-                    [list(pair) for pair in description["flip_pairs"]],
+      "flip_pairs": None if description.get("flip_pairs", "derive") == "derive" else description["flip_pairs"],
       "normalization": normalization,
       "splits": list(splits),
       "format": "pts" if annotation is None else annotation.suffix[1:],
   }
-  info_lib.custom_info(dict(resolved, flip_pairs=resolved["flip_pairs"] or []), where=where)  # field checks
+  # Every field checked here, the flip pairs (an involution over 0..K-1) included, naming dataset.json.
+  info_lib.custom_info(dict(resolved, flip_pairs=resolved["flip_pairs"] or []), where=where)
   if isinstance(normalization, dict):
     _check_normalizing_points_visible(splits, normalization["points"])
   return CustomSet(description=resolved, splits=splits, source=source)
@@ -302,7 +299,7 @@ def _read_jsonl(path: pathlib.Path) -> list[readers.RawExample]:
 
 
 def _read_pts_tree(manual_dir: pathlib.Path, description: dict) -> list[readers.RawExample]:
-  split_folders = set(description.get("splits") or ())
+  split_folders = set(description.get("splits") or DEFAULT_SPLITS)
   examples, first = [], None
   for pts_path in sorted(manual_dir.rglob("*.pts")):
     where = str(pts_path)
