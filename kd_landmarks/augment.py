@@ -213,7 +213,8 @@ def _add_batch_noise(rng, images, config, batch_noise):
 
 def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, reference="landmarks",
             out_size=224, flip_permutation, config: AugmentConfig = AugmentConfig(),
-            kernels: AugmentKernels = PORTABLE, first_example=0, global_batch_size: int | None = None):
+            kernels: AugmentKernels = PORTABLE, point_masks: Mapping[str, jax.Array] | None = None,
+            first_example=0, global_batch_size: int | None = None):
   """Random geometric + photometric augmentation of a batch and all of its landmark sets (Section 4.3).
 
   Args:
@@ -228,13 +229,17 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
     flip_permutation: int [K] from ``flips.flip_permutation`` (may be None only if config.flip is off).
     config: an :class:`AugmentConfig`.
     kernels: an :class:`AugmentKernels` (the portable jax.numpy forms by default).
+    point_masks: dict name -> [B, K] per-point flags (e.g. ``visible``: which points are annotated); a
+      flipped example's flags are relabelled with the flip permutation like its landmarks, so that flag i
+      stays with landmark i. Returned in the landmark dict under the same names.
     first_example: the global row of this block's first example (a device's offset in a sharded batch; may
       be traced).
     global_batch_size: rows of the global batch (None: this block is the whole batch).
 
   Returns:
     (images float32 [B, out, out, 3] in [0, 1], dict of the same keys with [B, K, 2] in normalised
-    output coordinates, out_to_input float32 [B, 2, 3] mapping output pixels to stored-crop pixels).
+    output coordinates (and the point masks, [B, K], their dtype kept), out_to_input float32 [B, 2, 3]
+    mapping output pixels to stored-crop pixels).
   """
   batch_size = _validate(images_uint8, landmark_sets, reference, flip_permutation, config.flip)
   batch_noise = config.noise and kernels.batch_noise is not None
@@ -243,7 +248,7 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
   if config.flip:
     perm = jnp.asarray(np.asarray(flip_permutation), dtype=jnp.int32)
 
-  def one_example(key, image, sets):
+  def one_example(key, image, sets, masks):
     box_key, shift_key, angle_key, flip_key, photo_key = jax.random.split(key, 5)
     centre, base_side = _landmark_box(sets[reference])
     if config.box_expansion:
@@ -265,13 +270,20 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
     warped = warp(image, out_to_input, out_size, config.fill_mode, config.fill_value)
     warped = _photometric(photo_key, warped, config, noise=not batch_noise)
     new_sets = _transform_landmark_sets(sets, out_to_input, flip, perm, out_size)
+    for name, mask in masks.items():
+      new_sets[name] = jnp.where(flip, mask[perm], mask) if perm is not None else mask
     return warped, new_sets, out_to_input.astype(jnp.float32)
 
   keys = jax.random.split(rng, global_batch_size or batch_size)
   if global_batch_size is not None:
     keys = lax.dynamic_slice_in_dim(keys, first_example, batch_size)
   sets = {key: jnp.asarray(value, dtype=jnp.float32) for key, value in landmark_sets.items()}
-  images, new_sets, out_to_input = jax.vmap(one_example)(keys, jnp.asarray(images_uint8), sets)
+  masks = {key: jnp.asarray(value) for key, value in (point_masks or {}).items()}
+  for name, mask in masks.items():
+    if mask.shape != (batch_size, landmark_sets[reference].shape[-2]):
+      raise ValueError(f"augment: point mask {name!r} has shape {tuple(mask.shape)}; expected "
+                       f"({batch_size}, {landmark_sets[reference].shape[-2]}), one flag per landmark")
+  images, new_sets, out_to_input = jax.vmap(one_example)(keys, jnp.asarray(images_uint8), sets, masks)
   if batch_noise:
     # One draw for this block (the CPU kernels' batch noise): other blocks of the global batch fold in their
     # offset, so no two devices add the same noise.

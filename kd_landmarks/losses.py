@@ -6,6 +6,12 @@ Every loss works per coordinate on arrays ``[..., K, 2]`` of zero-centred normal
 ``1/(N k) sum`` with each x and y coordinate counted as one term (as the authors' code does with
 ``tf.reduce_mean``).
 
+``weights`` (optional, ``reduction='mean'`` only): one weight per point, ``[..., K]`` broadcastable to the
+batch (e.g. a face's visibility mask: 0 for a point its annotation leaves out). The mean becomes
+``sum(w * v) / sum(w)`` over every coordinate (both coordinates of a point share its weight), so a missing
+point neither contributes nor dilutes the others; all-ones weights give the plain mean. Every term of KD-Loss
+(Loss_main and both ALoss) is reduced with the same weights.
+
 Equations as implemented (``d_Pr = |P_Pr - P_Gt|``, ``d_Te = |P_Te - P_Gt|``, per coordinate):
 
 * Eq. 4  ``P_Te' = P_Gt + sign(P_Pr - P_Gt) d_Te``      (teacher mirrored to the prediction's side)
@@ -119,33 +125,54 @@ def _check(name, reduction, *arrays):
   return arrays
 
 
-def _reduce(values, reduction):
-  return jnp.mean(values) if reduction == "mean" else values
+def _reduce(values, reduction, weights=None):
+  if weights is None:
+    return jnp.mean(values) if reduction == "mean" else values
+  if reduction != "mean":
+    raise ValueError("weights apply to reduction='mean'; with reduction='none' multiply the per-coordinate "
+                     "values by the weights yourself")
+  return weighted_mean(values, weights)
 
 
-def l2_loss(pred, gt, *, reduction="mean"):
+def point_weights(weights, values_shape):
+  """Per-point weights ``[..., K]`` as per-coordinate weights broadcast to ``values_shape`` ``[..., K, 2]``."""
+  weights = jnp.asarray(weights, jnp.float32)
+  if weights.shape[-1:] != tuple(values_shape[-2:-1]):
+    raise ValueError(f"weights must be per point [..., K] with K={values_shape[-2]}, got shape {weights.shape}")
+  return jnp.broadcast_to(weights[..., None], values_shape)
+
+
+def weighted_mean(values, weights):
+  """``sum(w * v) / sum(w)`` with per-point ``weights`` ``[..., K]`` over per-coordinate ``values`` ``[..., K, 2]``
+  (0 when every weight is 0)."""
+  coordinate_weights = point_weights(weights, values.shape)
+  total = jnp.sum(coordinate_weights)
+  return jnp.sum(coordinate_weights * values) / jnp.where(total > 0, total, 1.0)
+
+
+def l2_loss(pred, gt, *, reduction="mean", weights=None):
   """Squared error per coordinate (Table 8 "L2 Loss"; also how the teachers are trained)."""
   pred, gt = _check("l2_loss", reduction, pred, gt)
-  return _reduce(jnp.square(pred - gt), reduction)
+  return _reduce(jnp.square(pred - gt), reduction, weights)
 
 
-def l1_loss(pred, gt, *, reduction="mean"):
+def l1_loss(pred, gt, *, reduction="mean", weights=None):
   """Absolute error per coordinate (Table 8 "L1 Loss")."""
   pred, gt = _check("l1_loss", reduction, pred, gt)
-  return _reduce(jnp.abs(pred - gt), reduction)
+  return _reduce(jnp.abs(pred - gt), reduction, weights)
 
 
-def smooth_l1_loss(pred, gt, *, beta=SMOOTH_L1_BETA, reduction="mean"):
+def smooth_l1_loss(pred, gt, *, beta=SMOOTH_L1_BETA, reduction="mean", weights=None):
   """Smooth-L1 (Table 8): ``0.5 x^2 / beta`` for ``|x| < beta``, else ``|x| - 0.5 beta``."""
   pred, gt = _check("smooth_l1_loss", reduction, pred, gt)
   if not beta > 0:
     raise ValueError(f"smooth_l1_loss: beta must be > 0, got {beta}")
   error = jnp.abs(pred - gt)
   values = jnp.where(error < beta, 0.5 * jnp.square(error) / beta, error - 0.5 * beta)
-  return _reduce(values, reduction)
+  return _reduce(values, reduction, weights)
 
 
-def main_loss(pred, gt, *, delta=0.5, l1_scale=1.0, reduction="mean"):
+def main_loss(pred, gt, *, delta=0.5, l1_scale=1.0, reduction="mean", weights=None):
   """Loss_main (Eqs. 12-13): ``l1_scale * Delta`` for ``Delta <= delta``, else ``Delta^2 + C``.
 
   ``C = l1_scale * delta - delta^2`` joins the pieces continuously (the paper: ``l1_scale = 1``,
@@ -157,7 +184,7 @@ def main_loss(pred, gt, *, delta=0.5, l1_scale=1.0, reduction="mean"):
   delta = jnp.asarray(delta, dtype=error.dtype)
   offset = l1_scale * delta - jnp.square(delta)
   values = jnp.where(error <= delta, l1_scale * error, jnp.square(error) + offset)
-  return _reduce(values, reduction)
+  return _reduce(values, reduction, weights)
 
 
 def assistive_weight(pred, gt, teacher, *, sigma=0.4, positive_weight=1.0, negative_weight=-0.5,
@@ -201,7 +228,7 @@ def assistive_weight(pred, gt, teacher, *, sigma=0.4, positive_weight=1.0, negat
 
 
 def assistive_loss(pred, gt, teacher, *, sigma=0.4, positive_weight=1.0, negative_weight=-0.5,
-                   low_influence="ramp", regions="paper", reduction="mean"):
+                   low_influence="ramp", regions="paper", reduction="mean", weights=None):
   """ALoss_Te (Eqs. 4-10): ``omega_Te |P_Te' - P_Pr|`` per coordinate.
 
   Defaults are the paper's; the authors' code uses ``sigma=0.15``, weights (1.9, -0.45) or (1.8, -0.4),
@@ -211,11 +238,11 @@ def assistive_loss(pred, gt, teacher, *, sigma=0.4, positive_weight=1.0, negativ
   omega, mirrored = assistive_weight(
       pred, gt, teacher, sigma=sigma, positive_weight=positive_weight, negative_weight=negative_weight,
       low_influence=low_influence, regions=regions)
-  return _reduce(omega * jnp.abs(mirrored - pred), reduction)  # Eq. 10
+  return _reduce(omega * jnp.abs(mirrored - pred), reduction, weights)  # Eq. 10
 
 
 def kd_loss_terms(pred, gt, tough, tolerant, *, variant="paper", phi=None, sigma=None,
-                  use_tough=True, use_tolerant=True, reduction="mean"):
+                  use_tough=True, use_tolerant=True, reduction="mean", weights=None):
   """The terms of Eq. 14 as a dict: ``main`` (Loss_main, unweighted), ``tough``, ``tolerant`` (ALoss,
   zero when the teacher is not used) and ``total = phi * main + tough + tolerant``.
 
@@ -249,11 +276,11 @@ def kd_loss_terms(pred, gt, tough, tolerant, *, variant="paper", phi=None, sigma
   tolerant_term = aloss(tolerant, config.tolerant_weights) if use_tolerant else zero
   total = phi * main + tough_term + tolerant_term  # Eq. 14
   terms = {"main": main, "tough": tough_term, "tolerant": tolerant_term, "total": total}
-  return {name: _reduce(value, reduction) for name, value in terms.items()}
+  return {name: _reduce(value, reduction, weights) for name, value in terms.items()}
 
 
 def kd_loss(pred, gt, tough, tolerant, *, variant="paper", phi=None, sigma=None, use_tough=True,
-            use_tolerant=True, reduction="mean"):
+            use_tolerant=True, reduction="mean", weights=None):
   """KD-Loss (Eq. 14): ``phi * Loss_main + ALoss_Tou + ALoss_Tol``.
 
   Args:
@@ -264,35 +291,38 @@ def kd_loss(pred, gt, tough, tolerant, *, variant="paper", phi=None, sigma=None,
     phi, sigma: override the variant's values when given.
     use_tough, use_tolerant: the Table 7 ablations drop one ALoss term (phi unchanged).
     reduction: ``'mean'`` or ``'none'`` (per coordinate).
+    weights: optional per-point weights ``[..., K]`` (``'mean'`` only; module docstring).
 
   With the paper's constants the per-coordinate value can be negative near P_Gt when both teachers
   are away from it (minimum ``-0.025 H`` at ``0.1 H`` from P_Gt, H the harmonic mean of the teacher
   distances); see the module docstring.
   """
   return kd_loss_terms(pred, gt, tough, tolerant, variant=variant, phi=phi, sigma=sigma,
-                       use_tough=use_tough, use_tolerant=use_tolerant, reduction=reduction)["total"]
+                       use_tough=use_tough, use_tolerant=use_tolerant, reduction=reduction, weights=weights)["total"]
 
 
 # --- The table the training config selects from ------------------------------------------------------
 
 
-def _student_kd(pred, gt, tough, tolerant, *, variant="paper", reduction="mean"):
-  return kd_loss(pred, gt, tough, tolerant, variant=variant, reduction=reduction)
+def _student_kd(pred, gt, tough, tolerant, *, variant="paper", reduction="mean", weights=None):
+  return kd_loss(pred, gt, tough, tolerant, variant=variant, reduction=reduction, weights=weights)
 
 
-def _student_kd_tough_only(pred, gt, tough, tolerant, *, variant="paper", reduction="mean"):
-  return kd_loss(pred, gt, tough, tolerant, variant=variant, use_tolerant=False, reduction=reduction)
+def _student_kd_tough_only(pred, gt, tough, tolerant, *, variant="paper", reduction="mean", weights=None):
+  return kd_loss(pred, gt, tough, tolerant, variant=variant, use_tolerant=False, reduction=reduction,
+                 weights=weights)
 
 
-def _student_kd_tolerant_only(pred, gt, tough, tolerant, *, variant="paper", reduction="mean"):
-  return kd_loss(pred, gt, tough, tolerant, variant=variant, use_tough=False, reduction=reduction)
+def _student_kd_tolerant_only(pred, gt, tough, tolerant, *, variant="paper", reduction="mean", weights=None):
+  return kd_loss(pred, gt, tough, tolerant, variant=variant, use_tough=False, reduction=reduction,
+                 weights=weights)
 
 
 def _baseline(loss_fn):
-  def student_loss(pred, gt, tough=None, tolerant=None, *, variant="paper", reduction="mean"):
+  def student_loss(pred, gt, tough=None, tolerant=None, *, variant="paper", reduction="mean", weights=None):
     del tough, tolerant  # Baselines do not use the teachers.
     get_variant(variant)  # Still reject a misspelt variant rather than ignore it silently.
-    return loss_fn(pred, gt, reduction=reduction)
+    return loss_fn(pred, gt, reduction=reduction, weights=weights)
   student_loss.__name__ = f"student_{loss_fn.__name__}"
   student_loss.__doc__ = f"{loss_fn.__doc__} (teachers and variant ignored)"
   return student_loss
@@ -309,7 +339,8 @@ STUDENT_LOSSES: dict[str, Callable] = {
 
 
 def get_student_loss(name: str) -> Callable:
-  """``(pred, gt, tough, tolerant, *, variant='paper', reduction='mean') -> loss`` for a config name."""
+  """``(pred, gt, tough, tolerant, *, variant='paper', reduction='mean', weights=None) -> loss`` for a config
+  name."""
   try:
     return STUDENT_LOSSES[name]
   except (KeyError, TypeError):

@@ -90,6 +90,8 @@ def _check_config(config) -> None:
     losses.get_variant(config.loss_variant)
   except ValueError as error:  # Name the config field to fix, and the variants to choose from.
     raise errors.ConfigError(f"config.loss_variant: {error}") from None
+  if config.dataset == info.CUSTOM:
+    register_custom(config)
   info.get_info(config.dataset)
   student_losses(config)
   student_seeds(config)
@@ -105,6 +107,33 @@ def _check_config(config) -> None:
         f"config.teachers_online runs the teachers on the student's {student_size} px batch, but they were "
         f"trained at config.image_size={config.image_size}: use the teacher cache (teachers_online=False, the "
         "default) for a student of another size")
+
+
+def register_custom(config) -> info.DatasetInfo:
+  """Reads the scheme of the custom set in ``config.data_dir`` (points, flip pairs, normaliser, splits) into the
+  dataset table, so that every phase knows it from ``--config.dataset=custom --config.data_dir=D`` alone."""
+  if not config.data_dir:
+    raise errors.ConfigError(
+        "config.dataset=custom reads its landmark scheme from the prepared data: set --config.data_dir=D, where "
+        "`python -m kd_landmarks.datasets prepare --dataset custom --manual_dir M --data_dir D` wrote it")
+  try:
+    return datasets.register_custom(os.path.expanduser(config.data_dir))
+  except FileNotFoundError as error:
+    raise errors.ConfigError(f"config.data_dir: {error}") from None
+
+
+def landmark_scheme(dataset: str) -> dict:
+  """What a model's K outputs mean (model.json's ``scheme``, which the model card prints): the dataset, its
+  point count, the left/right pairs a horizontal flip swaps and the NME's normaliser."""
+  dataset_info = info.get_info(dataset)
+  permutation = flips.flip_permutation(dataset)
+  scheme = {"dataset": dataset_info.name, "label": dataset_info.label or dataset_info.name,
+            "num_landmarks": dataset_info.num_landmarks,
+            "flip_pairs": [[int(i), int(j)] for i, j in enumerate(permutation) if i < j],
+            "normalization": dataset_info.normalization}
+  if dataset_info.normalization == "inter_ocular":
+    scheme["normalizing_points"] = list(dataset_info.outer_eye_corners)
+  return scheme
 
 
 def data_dir_of(config, workdir) -> str:
@@ -148,7 +177,7 @@ def model_meta(config, *, model_name, overrides, phase, loss=None, seed=None, se
               image_size=phase_image_size(config, phase), dataset=config.dataset, overrides=dict(overrides),
               dtype=config.dtype, phase=phase, loss=loss, loss_variant=config.loss_variant,
               teachers_online=bool(config.teachers_online), selection=selection(config),
-              config=json.loads(config.to_json_best_effort()))
+              scheme=landmark_scheme(config.dataset), config=json.loads(config.to_json_best_effort()))
 
 
 def global_batch_size(config, phase_config, mesh) -> int:
@@ -191,7 +220,8 @@ def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase,
                         image_size=int(meta["image_size"]), flip_permutation=flips.flip_permutation(config.dataset),
                         augment_config=augment_config(config), learning_rate_fn=learning_rate_fn,
                         distill=target == "student" and needs_teachers(loss_name),
-                        teacher_modules=teacher_modules, augment_kernels=kernels.augment)
+                        teacher_modules=teacher_modules, augment_kernels=kernels.augment,
+                        masked=config.dataset == info.CUSTOM)
   validate_fn = functools.partial(
       evaluate.mean_nme, model, source=val_source, dataset=config.dataset, image_size=int(meta["image_size"]),
       batch_size=int(config.eval_batch_size), mesh=mesh)

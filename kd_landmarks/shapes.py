@@ -20,6 +20,16 @@ where only the first ``m~`` eigenvectors are used. Two readings of "90%":
   Tolerant teacher would learn almost the ground truth (docs/method.md, "Soft-landmarks").
 
 This runs once at dataset-preparation time, so it is plain numpy in float64.
+
+**Missing points** (a custom set may leave some points of a face unannotated). The shape model needs complete
+shapes, so a missing point is *filled from the model* and the fill refined iteratively, an EM-style PCA with
+missing data (:func:`fit_shape_model_with_missing`): each incomplete shape is explained by the model through
+its visible points alone (:func:`reconstruct_missing`: a scale, a translation and the kept shape parameters,
+fitted by least squares), its missing points are set to that explanation, the model is refitted on the filled
+shapes, and so on until the fills stop moving. Fitting on complete shapes only would be simpler but biases the
+mean (faces with a point hidden are often the turned or occluded ones) and fails when every face misses a
+point; the fill uses every visible coordinate and no missing one. Filled points only complete the shapes
+(the stored crop box, the soft landmarks); their visibility flags keep them out of every loss and metric.
 """
 from __future__ import annotations
 
@@ -29,6 +39,8 @@ import os
 import numpy as np
 
 KEEP_MODES = ("variance", "eigenvectors")
+# A shape with missing points is placed by a scale and a translation (3 unknowns) from its visible points.
+MIN_VISIBLE_POINTS = 3
 DEFAULT_KEEP_MODE = "variance"  # The authors' code; see the module docstring and docs/method.md.
 
 
@@ -177,3 +189,122 @@ def load_shape_model(path) -> ShapeModel:
     raise FileNotFoundError(f"no shape model at {path}; fit one with kd_landmarks.shapes.fit_shape_model")
   with np.load(path) as data:
     return ShapeModel(mean=data["mean"], eigenvectors=data["eigenvectors"], eigenvalues=data["eigenvalues"])
+
+
+def reconstruct_missing(landmarks, visible, model: ShapeModel, *, keep=0.9, keep_mode=DEFAULT_KEEP_MODE) -> np.ndarray:
+  """Fills the missing points of each shape from the model, fitted to its visible points only.
+
+  Per shape with visible set S the model is placed by a scale ``a`` and translation ``t`` and shaped by the
+  kept parameters: ``p_k ~= a (f_bar_k + V_k b) + t`` for k in S. With ``z = a b`` this is linear in
+  ``(a, t, z)`` and solved by least squares (Eq. 2 with the pose unknown); the missing points are
+  ``a (f_bar + V_m b) + t``. The model's frame may differ from the shapes' by any scale and translation
+  (e.g. crop-normalised model, original-pixel shapes). ``b`` is not clipped (Eq. 3's limit): with the pose
+  free, ``b`` is not measured in the model frame's units, and the fill is the least-squares explanation of
+  what was annotated; the soft landmarks later clip the completed shape as usual. At most ``|S| - 3``
+  parameters are fitted, so that the equations outnumber the unknowns at least twice (at least 3 visible
+  points are needed).
+
+  Args:
+    landmarks: ``[N, K, 2]``; missing entries may hold anything (NaN included).
+    visible: ``[N, K]`` bool.
+    model: a :class:`ShapeModel` with the same K.
+
+  Returns:
+    ``[N, K, 2]`` float64: visible points unchanged, missing ones filled.
+  """
+  points = np.asarray(landmarks, dtype=np.float64)
+  visible = np.asarray(visible, dtype=bool)
+  if points.ndim != 3 or points.shape[-1] != 2 or visible.shape != points.shape[:2]:
+    raise ValueError(f"reconstruct_missing: landmarks [N, K, 2] and visible [N, K], got {points.shape} and "
+                     f"{visible.shape}")
+  num_landmarks = points.shape[1]
+  if num_landmarks != model.num_landmarks:
+    raise ValueError(f"reconstruct_missing: K={num_landmarks} points but the model has K={model.num_landmarks}")
+  num_kept = num_kept_components(model, keep, keep_mode)
+  mean = model.mean.reshape(num_landmarks, 2)
+  basis = model.eigenvectors[:, :num_kept].reshape(num_landmarks, 2, num_kept)
+  filled = points.copy()
+  for row in np.flatnonzero(~visible.all(axis=1)):
+    seen = np.flatnonzero(visible[row])
+    if seen.size < MIN_VISIBLE_POINTS:
+      raise ValueError(f"reconstruct_missing: shape {row} has {seen.size} visible point(s); at least "
+                       f"{MIN_VISIBLE_POINTS} place it")
+    components = min(num_kept, seen.size - 3)
+    # Unknowns (a, t_x, t_y, z_1..z_m); rows x then y of each visible point.
+    design = np.zeros((seen.size, 2, 3 + components))
+    design[:, :, 0] = mean[seen]
+    design[:, 0, 1] = 1.0
+    design[:, 1, 2] = 1.0
+    design[:, :, 3:] = basis[seen, :, :components]
+    solution = np.linalg.lstsq(design.reshape(-1, 3 + components), points[row, seen].reshape(-1), rcond=None)[0]
+    scale, translation, weighted = solution[0], solution[1:3], solution[3:]
+    shape = scale * mean + basis[:, :, :components] @ weighted + translation  # a (f_bar + V b) + t
+    missing = ~visible[row]
+    filled[row, missing] = shape[missing]
+  return filled
+
+
+def fit_shape_model_with_missing(landmarks, visible, *, keep=0.9, keep_mode=DEFAULT_KEEP_MODE,
+                                 max_iterations=200, tolerance=1e-7) -> tuple[ShapeModel, np.ndarray]:
+  """Fits the shape model (Eqs. 1-2) on shapes with missing points, filling them from the model iteratively.
+
+  Each shape is put in its own box frame (centre and side of its points' square box; the builder's
+  normalised-crop frame up to one scale and offset shared by all shapes, which leaves the kept components
+  and the fills unchanged). Start: the mean of each point over the shapes where it is visible, in the frame
+  of the visible points' box, placed on each shape by :func:`reconstruct_missing` (no components yet). Then
+  repeat: box-normalise the filled shapes, fit the model, refill the missing points from it with ``keep``
+  components, until no fill moves by more than ``tolerance`` box sides (or ``max_iterations``).
+
+  Args:
+    landmarks: ``[N, K, 2]`` training shapes in one unit (e.g. original-image pixels), N >= 2.
+    visible: ``[N, K]`` bool; every point must be visible in at least one shape and every shape must show
+      at least :data:`MIN_VISIBLE_POINTS` points.
+
+  Returns:
+    ``(model, filled)``: the model in the box frame and the filled ``[N, K, 2]`` shapes in the input unit
+    (visible points unchanged). Complete shapes give exactly ``fit_shape_model`` of their box-normalised
+    form.
+  """
+  points = np.asarray(landmarks, dtype=np.float64)
+  visible = np.asarray(visible, dtype=bool)
+  if points.ndim != 3 or points.shape[-1] != 2 or visible.shape != points.shape[:2]:
+    raise ValueError(f"fit_shape_model_with_missing: landmarks [N, K, 2] and visible [N, K], got "
+                     f"{points.shape} and {visible.shape}")
+  never = np.flatnonzero(~visible.any(axis=0))
+  if never.size:
+    raise ValueError(f"fit_shape_model_with_missing: points {never.tolist()} are missing in every shape; the "
+                     "model cannot place them")
+  if not np.all(np.isfinite(points[visible])):
+    raise ValueError("fit_shape_model_with_missing: visible points hold NaN/inf coordinates")
+  # Start: per-point mean over the shapes that show it, each in the frame of its visible points' box.
+  centre, side = _box_frames(points, visible)
+  in_box = (points - centre[:, None, :]) / side[:, None, None]
+  counts = visible.sum(axis=0)
+  start_mean = np.where(visible[..., None], in_box, 0.0).sum(axis=0) / counts[:, None]
+  start = ShapeModel(mean=start_mean.reshape(-1), eigenvectors=np.eye(start_mean.size),
+                     eigenvalues=np.zeros(start_mean.size))
+  filled = reconstruct_missing(points, visible, start, keep=0.0)
+  model = None
+  for _ in range(max_iterations):
+    centre, side = _box_frames(filled, np.ones_like(visible))
+    model = fit_shape_model((filled - centre[:, None, :]) / side[:, None, None])
+    refilled = reconstruct_missing(points, visible, model, keep=keep, keep_mode=keep_mode)
+    change = np.abs(refilled - filled).max(axis=(1, 2)) / side
+    filled = refilled
+    if not change.size or change.max() <= tolerance:
+      break
+  centre, side = _box_frames(filled, np.ones_like(visible))
+  model = fit_shape_model((filled - centre[:, None, :]) / side[:, None, None])
+  return model, filled
+
+
+def _box_frames(points: np.ndarray, visible: np.ndarray):
+  """Centre ``[N, 2]`` and side ``[N]`` of each shape's square box over its visible points."""
+  inf = np.where(visible[..., None], points, np.inf)
+  low = inf.min(axis=1)
+  high = np.where(visible[..., None], points, -np.inf).max(axis=1)
+  side = (high - low).max(axis=1)
+  if np.any(side <= 0):
+    bad = np.flatnonzero(side <= 0)
+    raise ValueError(f"shapes {bad[:10].tolist()} have all their visible points at one place (a zero-size box)")
+  return (low + high) / 2.0, side

@@ -188,3 +188,65 @@ def write_wflw(root, *, num_train: int, test_flags, seed: int = 0, size=(96, 88)
     (annotation_dir / f"list_98pt_rect_attr_{split}.txt").write_text("\n".join(lines) + "\n")
     written[split] = truth
   return written
+
+
+# -------------------------------------------------------------------------------------------- custom
+
+# Subsets of the iBUG 68 points (0-based) for custom schemes: 5 points (outer eye corners, nose tip, mouth
+# corners, as phones' face unlock annotates) and 21 (jaw, brows, nose, eye corners, mouth).
+POINTS_5 = (36, 45, 30, 48, 54)
+POINTS_21 = (0, 4, 8, 12, 16, 17, 21, 22, 26, 27, 30, 31, 35, 36, 39, 42, 45, 48, 51, 54, 57)
+
+
+def write_custom(root, *, form: str, points=POINTS_5, num_faces: int = 12, image_size: int = 64,
+                 splits=None, missing_per_face: int = 0, keep_visible=(), seed: int = 0, description=None):
+  """A custom set in ``form`` ('csv', 'jsonl' or 'pts'): synthetic faces (kd_landmarks.datasets.synthetic)
+  with ``points`` of their 68, ``missing_per_face`` of them (never those in ``keep_visible``) left out of each
+  face. ``splits``: one split name per face (None: no split column, test_fraction divides them).
+
+  Returns a list of dicts (``image`` relative path, ``split``, ``landmarks`` [K, 2] 0-based with NaN where
+  missing, ``visible`` [K]) in file order."""
+  from kd_landmarks.datasets import synthetic  # pylint: disable=g-import-not-at-top (renders only here)
+  import json  # pylint: disable=g-import-not-at-top (only the custom writer needs it)
+
+  root = pathlib.Path(root)
+  rng = np.random.default_rng(seed)
+  faces = []
+  for i, example in enumerate(synthetic.generate("train", num_examples=num_faces, image_size=image_size,
+                                                 seed=seed)):
+    split = None if splits is None else splits[i]
+    folder = f"{split}/" if form == "pts" and split is not None else ""
+    relative = f"{folder}face_{i:03d}.png"
+    (root / relative).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(example["image"])).save(root / relative)
+    landmarks = np.asarray(example["landmarks"], np.float64)[list(points)]
+    visible = np.ones(len(points), bool)
+    candidates = [k for k in range(len(points)) if k not in keep_visible]
+    visible[rng.choice(candidates, size=missing_per_face, replace=False)] = False
+    landmarks[~visible] = np.nan
+    faces.append({"image": relative, "split": split, "landmarks": landmarks, "visible": visible})
+  if form == "csv":
+    header = ["image"] + [f"{axis}{k}" for k in range(len(points)) for axis in "xy"]
+    header += ["split"] if splits is not None else []
+    lines = [",".join(header)]
+    for face in faces:
+      cells = [face["image"]] + ["" if np.isnan(v) else f"{v:.4f}" for v in face["landmarks"].reshape(-1)]
+      cells += [face["split"]] if splits is not None else []
+      lines.append(",".join(cells))
+    (root / "annotations.csv").write_text("\n".join(lines) + "\n")
+  elif form == "jsonl":
+    lines = []
+    for face in faces:
+      row = {"image": face["image"], "points": [None if not v else [float(x), float(y)]
+                                                for (x, y), v in zip(face["landmarks"], face["visible"])]}
+      if splits is not None:
+        row["split"] = face["split"]
+      lines.append(json.dumps(row))
+    (root / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+  else:
+    for face in faces:
+      missing_marked = np.where(face["visible"][:, None], face["landmarks"], -2.0)  # "-1 -1" in the 1-based file
+      (root / face["image"]).with_suffix(".pts").write_text(pts_text(missing_marked))
+  if description is not None:
+    (root / "dataset.json").write_text(json.dumps(description))
+  return faces

@@ -102,7 +102,7 @@ def test_errors_are_clear():
   with pytest.raises(ValueError, match="unknown dataset"):
     metrics.nme(gt, gt, dataset="aflw")
   with pytest.raises(ValueError, match="unknown normalization"):
-    metrics.nme(gt, gt, dataset="300w", normalization="box")
+    metrics.nme(gt, gt, dataset="300w", normalization="bbox")
   collapsed = gt.copy()
   collapsed[45] = collapsed[36]
   with pytest.raises(ValueError, match="zero inter_ocular distance"):

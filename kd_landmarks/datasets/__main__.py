@@ -1,8 +1,9 @@
-"""Command line: ``python -m kd_landmarks.datasets prepare --dataset {300w,cofw,wflw,synthetic} ...``.
+"""Command line: ``python -m kd_landmarks.datasets prepare --dataset {300w,cofw,wflw,synthetic,custom} ...``.
 
 Examples:
   python -m kd_landmarks.datasets prepare --dataset synthetic --data_dir ~/kd_data
   python -m kd_landmarks.datasets prepare --dataset 300w --manual_dir ~/downloads/300w --data_dir ~/kd_data
+  python -m kd_landmarks.datasets prepare --dataset custom --manual_dir ~/my_faces --data_dir ~/my_data
 
 `prepare` is the short form of tfds's build command, which writes the same files:
   python -m kd_landmarks.datasets.tfds_build kd_landmarks --imports kd_landmarks.datasets.builder \\
@@ -24,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
   prepare = commands.add_parser("prepare", help="build one dataset into --data_dir (tfds array_record)")
-  prepare.add_argument("--dataset", required=True, choices=sorted(info_lib.DATASETS))
+  prepare.add_argument("--dataset", required=True, choices=sorted(info_lib.DATASET_NAMES))
   prepare.add_argument("--data_dir", required=True, help="where the prepared dataset is written")
   prepare.add_argument("--manual_dir", default=None,
                        help="the extracted official archives (not needed for synthetic); `layout` prints it")
@@ -61,6 +62,12 @@ def main(argv=None) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 1
   print(f"prepared {args.dataset} in {prepared.data_path}")
+  if args.dataset == info_lib.CUSTOM:
+    scheme = info_lib.get_info(info_lib.CUSTOM)
+    print(f"  {scheme.label}: {scheme.num_landmarks} points, flip pairs {[list(p) for p in scheme.flip_pairs]}, "
+          f"NME normalised by " + ("the face box" if scheme.normalization == "box" else
+                                   f"points {list(scheme.outer_eye_corners)}")
+          + f"; train with --config.dataset=custom --config.data_dir={args.data_dir}")
   for name, split in prepared.info.splits.items():
     print(f"  {name}: {split.num_examples} examples")
   return 0

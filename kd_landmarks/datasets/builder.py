@@ -13,6 +13,15 @@ code, which works on normalised face crops.
 
 Written as array_record and read with ``as_data_source()`` (no TensorFlow); images are encoded with PIL
 (jpeg for real photos, png for synthetic renders) and decoded by tfds with OpenCV or PIL.
+
+The ``custom`` config is the user's own set (:mod:`kd_landmarks.datasets.custom`): K points of its own scheme,
+so its point fields have shape ``[None, 2]`` in the features and K is in the metadata (``custom``: the
+resolved description, flip pairs included), which :func:`register_custom` reads to put the scheme in the
+dataset table. Its examples add ``visible`` (bool ``[K]``: annotated points) and ``face_box`` (float32 ``[4]``,
+x0, y0, x1, y1 in original pixels: the annotated face box, else the visible points' bounding box). Missing
+points are filled from the shape model before anything uses the coordinates
+(:func:`kd_landmarks.shapes.fit_shape_model_with_missing`), so the crop box and the soft landmarks are those of
+a complete face; ``visible`` keeps the filled points out of every loss and metric.
 """
 from __future__ import annotations
 
@@ -31,7 +40,10 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from kd_landmarks import coords
+from kd_landmarks import errors
 from kd_landmarks import shapes
+from kd_landmarks.datasets import custom
+from kd_landmarks.datasets import flips
 from kd_landmarks.datasets import images as images_lib
 from kd_landmarks.datasets import info as info_lib
 from kd_landmarks.datasets import readers
@@ -88,6 +100,8 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
       LandmarksConfig(name="wflw", dataset="wflw", description="WFLW, 98 points, 6 attribute subsets"),
       LandmarksConfig(name="synthetic", dataset="synthetic", image_encoding="png",
                       description="procedurally rendered 68-point faces (no download needed)"),
+      LandmarksConfig(name=info_lib.CUSTOM, dataset=info_lib.CUSTOM,
+                      description="your own annotated faces: any K >= 3 points, missing points allowed"),
   ]
   DEFAULT_CONFIG_NAME = "synthetic"
 
@@ -99,7 +113,8 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)
 
   def __init__(self, *, allow_partial: bool = False, synthetic_options: Optional[dict] = None,
-               num_workers: Optional[int] = None, show_progress: bool = True, **kwargs):
+               num_workers: Optional[int] = None, show_progress: bool = True,
+               custom_set: Optional[custom.CustomSet] = None, **kwargs):
     """Extra options (preparation only; reading needs none of them).
 
     Args:
@@ -107,6 +122,8 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
       synthetic_options: overrides of :data:`SYNTHETIC_DEFAULTS` for the ``synthetic`` config.
       num_workers: threads decoding and cropping images (PIL releases the GIL); default min(4, cores).
       show_progress: one tqdm bar per split.
+      custom_set: the ``custom`` config's faces, already read from the manual dir (``prepare`` reads them
+        first to compare options); read in ``_split_generators`` when None (``tfds build``).
       **kwargs: ``data_dir``, ``config``, ``version``, ``file_format`` of tfds (``file_format`` defaults
         to ``array_record``).
     """
@@ -119,6 +136,7 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     self._synthetic_options = {**SYNTHETIC_DEFAULTS, **(synthetic_options or {})}
     self._num_workers = num_workers or min(4, os.cpu_count() or 1)
     self._show_progress = show_progress
+    self._custom_set = custom_set
     super().__init__(**kwargs)
 
   @classmethod
@@ -150,7 +168,14 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
   # ------------------------------------------------------------------------------------------- info
 
   @property
+  def is_custom(self) -> bool:
+    return self.builder_config.dataset == info_lib.CUSTOM
+
+  @property
   def dataset_info(self) -> info_lib.DatasetInfo:
+    if self.is_custom and self._custom_set is not None:  # Being prepared: its scheme, flip pairs still open.
+      return info_lib.custom_info(dict(self._custom_set.description,
+                                       flip_pairs=self._custom_set.description["flip_pairs"] or []))
     return info_lib.get_info(self.builder_config.dataset)
 
   @property
@@ -169,12 +194,19 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
                "allow_partial": self._allow_partial}
     if self.builder_config.dataset == "synthetic":
       options["synthetic"] = {k: int(v) for k, v in self._synthetic_options.items()}
+    if self.is_custom:
+      # As given (flip pairs None: derived at build time, stored in the metadata's `custom`).
+      options["custom_given"] = dict(self._custom_set.description)
     return options
 
   def _info(self) -> tfds.core.DatasetInfo:
-    num_landmarks = self.dataset_info.num_landmarks
+    # A custom set's K is known from its files only (`tfds build` names the config before reading them).
+    num_landmarks = None if self.is_custom else self.dataset_info.num_landmarks
     points = tfds.features.Tensor(shape=(num_landmarks, 2), dtype=np.float32)
+    custom_features = {"visible": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
+                       "face_box": tfds.features.Tensor(shape=(4,), dtype=np.float32)} if self.is_custom else {}
     features = tfds.features.FeaturesDict({
+        **custom_features,
         "image": tfds.features.Image(shape=(None, None, 3), encoding_format=self.builder_config.image_encoding),
         "landmarks": points,
         "soft_landmarks": points,
@@ -195,6 +227,10 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
 
   def _read_raw_splits(self, manual_dir) -> dict[str, list[readers.RawExample]]:
     dataset = self.builder_config.dataset
+    if self.is_custom:
+      if self._custom_set is None:
+        self._custom_set = custom.read_custom(manual_dir)
+      return self._custom_set.splits
     splits = self.dataset_info.splits
     if dataset == "synthetic":
       return {split: self._read_synthetic(split) for split in splits}
@@ -227,6 +263,8 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     manual_dir = None if self.builder_config.dataset == "synthetic" else dl_manager.manual_dir
     raw_splits = self._read_raw_splits(manual_dir)
     size = self.stored_size
+    if self.is_custom:
+      raw_splits = self._fill_missing_points(raw_splits)
     # Fit the shape model on the train split, in the normalised stored-crop frame (see module docstring).
     train_crop_landmarks = np.stack([_crop_landmarks(raw.landmarks, size)
                                      for raw in raw_splits[self.dataset_info.train_split]])
@@ -235,12 +273,57 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     # `keep` can be recomputed without the official archives: see `load_shape_model`.
     shapes.save_shape_model(pathlib.Path(self.data_path) / SHAPE_MODEL_FILE, shape_model)
     metadata = self.preparation_options()
+    if self.is_custom:
+      metadata["custom"] = self._resolve_custom(shape_model, raw_splits)
     metadata["split_sizes"] = {split: len(raw) for split, raw in raw_splits.items()}
     if manual_dir is not None:  # `prepare` compares it with the manual dir of a later call.
       metadata["manual_dir"] = manual_dir_fingerprint(manual_dir)
     self.info.metadata.update(metadata)
     return {split: self._generate_examples(raw, shape_model=shape_model, split=split)
             for split, raw in raw_splits.items()}
+
+  def _fill_missing_points(self, raw_splits):
+    """The custom set with every missing point filled from the shape model (module docstring of
+    kd_landmarks.shapes): fitted with the fills on the train split, then filling the other splits."""
+    train = raw_splits[self.dataset_info.train_split]
+    never = custom.missing_everywhere(train)
+    if never:
+      raise errors.DataError(f"{self._custom_set.source}: points {never} are missing in every face of the train "
+                             "split; annotate them in some faces, or drop them from the scheme")
+
+    def stack(rows):
+      return np.stack([row.landmarks for row in rows]), np.stack([row.visible for row in rows])
+
+    landmarks, visible = stack(train)
+    shape_model, filled_train = shapes.fit_shape_model_with_missing(
+        landmarks, visible, keep=SOFT_LANDMARKS_KEEP, keep_mode=SOFT_LANDMARKS_KEEP_MODE)
+    filled = {}
+    for split, rows in raw_splits.items():
+      if split == self.dataset_info.train_split:
+        points = filled_train
+      else:
+        points = shapes.reconstruct_missing(*stack(rows), shape_model, keep=SOFT_LANDMARKS_KEEP,
+                                            keep_mode=SOFT_LANDMARKS_KEEP_MODE)
+      filled[split] = [dataclasses.replace(row, landmarks=point.astype(np.float32)) for row, point in zip(rows, points)]
+    return filled
+
+  def _resolve_custom(self, shape_model, raw_splits) -> dict:
+    """The custom description as stored: flip pairs given or derived from the mean shape (printed), the
+    counts of missing points; then the scheme is registered in the dataset table."""
+    description = dict(self._custom_set.description)
+    num_landmarks = description["num_landmarks"]
+    description["flip_pairs_derived"] = description["flip_pairs"] is None
+    if description["flip_pairs"] is None:
+      pairs = flips.derive_flip_pairs(shape_model.mean.reshape(num_landmarks, 2))
+      description["flip_pairs"] = [list(pair) for pair in pairs]
+      midline = sorted(set(range(num_landmarks)) - {i for pair in pairs for i in pair})
+      print(f"custom set {description['name']!r}: flip pairs derived from the mean shape's mirror symmetry: "
+            f"{description['flip_pairs']}, on the midline: {midline}. Check them; to change them, write "
+            f"\"flip_pairs\" in {custom.DESCRIPTION_FILE} and prepare again with --overwrite.", flush=True)
+    description["missing_points"] = {split: int(sum(int((~row.visible).sum()) for row in rows))
+                                     for split, rows in raw_splits.items()}
+    info_lib.register_custom(info_lib.custom_info(description))
+    return description
 
   def _generate_examples(self, raw_examples, *, shape_model, split):
     size = self.stored_size
@@ -268,8 +351,7 @@ def _crop_landmarks(landmarks_original: np.ndarray, size: int) -> np.ndarray:
 def make_example(raw: readers.RawExample, *, index: int, size: int, encoding: str, shape_model,
                  dataset: str) -> dict[str, Any]:
   """One stored example (keys of docs/contracts.md) from an official-format face."""
-  info = info_lib.get_info(dataset)
-  num_landmarks = info.num_landmarks
+  num_landmarks = info_lib.get_info(dataset).num_landmarks
   landmarks_original = np.asarray(raw.landmarks, dtype=np.float64)
   if landmarks_original.shape != (num_landmarks, 2):
     raise readers.DatasetFormatError(f"{raw.image_id}: landmarks of shape {landmarks_original.shape}, "
@@ -284,7 +366,15 @@ def make_example(raw: readers.RawExample, *, index: int, size: int, encoding: st
                             size)
   attributes = np.zeros(NUM_ATTRIBUTES, np.int32) if raw.attributes is None else raw.attributes
   occluded = np.zeros(num_landmarks, np.int32) if raw.occluded is None else raw.occluded
+  custom_fields = {}
+  if dataset == info_lib.CUSTOM:
+    visible = np.asarray(raw.visible, dtype=bool)
+    face_box = raw.face_box
+    if face_box is None:  # The visible points' bounding box (x0, y0, x1, y1).
+      face_box = np.concatenate([landmarks_original[visible].min(0), landmarks_original[visible].max(0)])
+    custom_fields = {"visible": visible, "face_box": np.asarray(face_box, dtype=np.float32)}
   return {
+      **custom_fields,
       "image": images_lib.encode_image(crop, encoding),
       "landmarks": landmarks.astype(np.float32),
       "soft_landmarks": np.asarray(soft, dtype=np.float32),
@@ -301,7 +391,28 @@ def make_example(raw: readers.RawExample, *, index: int, size: int, encoding: st
 
 
 def _config_name(dataset: str) -> str:
+  if dataset.lower() == info_lib.CUSTOM:
+    return info_lib.CUSTOM
   return info_lib.get_info(dataset).name
+
+
+def _metadata_path(data_dir, config_name: str) -> pathlib.Path:
+  """Where tfds keeps a prepared config's metadata (``<data_dir>/kd_landmarks/<config>/<version>``)."""
+  return pathlib.Path(data_dir) / KdLandmarks.name / config_name / str(KdLandmarks.VERSION) / "metadata.json"
+
+
+def register_custom(data_dir) -> info_lib.DatasetInfo:
+  """Reads the custom set prepared in ``data_dir`` and puts its scheme in the dataset table (``info.get_info(
+  'custom')`` then answers); FileNotFoundError naming the prepare command when none is prepared there."""
+  path = _metadata_path(os.path.expanduser(os.fspath(data_dir)), info_lib.CUSTOM)
+  if not path.exists():
+    raise FileNotFoundError(
+        f"no custom set is prepared in {data_dir} (no {path}); run: "
+        + PREPARE_COMMAND.format(dataset=info_lib.CUSTOM, data_dir=data_dir))
+  description = json.loads(path.read_text()).get(info_lib.CUSTOM)
+  if not isinstance(description, dict):
+    raise errors.DataError(f"{path}: no '{info_lib.CUSTOM}' description; prepare the set again with --overwrite")
+  return info_lib.register_custom(info_lib.custom_info(description, where=str(path)))
 
 
 def _stored_options(builder: KdLandmarks) -> Optional[dict]:
@@ -343,8 +454,11 @@ def prepare(dataset: str, *, data_dir, manual_dir=None, allow_partial: bool = Fa
   name = _config_name(dataset)
   if name != "synthetic":
     readers.check_manual_dir(manual_dir, name)
+  # A custom set is read first: its options (the description as given) decide whether a build is reused.
+  custom_set = custom.read_custom(manual_dir) if name == info_lib.CUSTOM else None
   builder = KdLandmarks(config=name, data_dir=os.fspath(data_dir), allow_partial=allow_partial,
-                        synthetic_options=synthetic_options, num_workers=num_workers, show_progress=show_progress)
+                        synthetic_options=synthetic_options, num_workers=num_workers, show_progress=show_progress,
+                        custom_set=custom_set)
   mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   if is_prepared(builder):
     stored = _stored_options(builder)
@@ -367,6 +481,8 @@ def prepare(dataset: str, *, data_dir, manual_dir=None, allow_partial: bool = Fa
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=None if manual_dir is None else os.fspath(manual_dir), download_mode=mode,
       compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  if name == info_lib.CUSTOM:  # A reused build registers the scheme it was built with.
+    register_custom(data_dir)
   return builder
 
 
@@ -403,6 +519,8 @@ class LandmarkSource:
 
 
 def _prepared_builder(dataset: str, data_dir) -> KdLandmarks:
+  if dataset.lower() == info_lib.CUSTOM:
+    register_custom(data_dir)
   info = info_lib.get_info(dataset)
   builder = KdLandmarks(config=info.name, data_dir=os.fspath(data_dir), show_progress=False)
   if not is_prepared(builder):
@@ -440,6 +558,8 @@ def load_shape_model(dataset: str, data_dir) -> shapes.ShapeModel:
 
 def load_split(dataset: str, split: str, data_dir) -> LandmarkSource:
   """The prepared ``split`` of ``dataset`` in ``data_dir`` as a random-access source (docs/contracts.md)."""
+  if dataset.lower() == info_lib.CUSTOM:
+    register_custom(data_dir)
   info = info_lib.get_info(dataset)
   if split not in info.splits:
     raise ValueError(f"unknown split {split!r} of {info.name}; choose from {list(info.splits)}")

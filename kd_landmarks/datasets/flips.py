@@ -9,6 +9,9 @@ Each table below is written as left/right *pairs* read off the published layout;
 pair lies on the face's vertical midline and maps to itself. The permutation is therefore an
 involution (``perm[perm] == arange(K)``), which the tests check along with the real-shape symmetry.
 Indices are 0-based.
+
+A custom set (``info.CUSTOM``) brings its own pairs, given in its description or derived by
+:func:`derive_flip_pairs` from the mirror symmetry of its mean shape.
 """
 from __future__ import annotations
 
@@ -99,13 +102,16 @@ def flip_permutation(dataset_or_num_landmarks) -> np.ndarray:
 
   Args:
     dataset_or_num_landmarks: a dataset name known to :func:`info.get_info` (``'300w'``, ``'cofw'``,
-      ``'wflw'``, ``'synthetic'``) or a landmark count (68, 29 or 98).
+      ``'wflw'``, ``'synthetic'``, a registered ``'custom'``) or a landmark count (68, 29 or 98).
 
   Returns:
     int32 array of length K; an involution.
   """
   if isinstance(dataset_or_num_landmarks, str):
-    num_landmarks = info_lib.get_info(dataset_or_num_landmarks).num_landmarks
+    dataset_info = info_lib.get_info(dataset_or_num_landmarks)
+    if dataset_info.flip_pairs is not None:
+      return _permutation_from_pairs(dataset_info.num_landmarks, list(dataset_info.flip_pairs)).astype(np.int32)
+    num_landmarks = dataset_info.num_landmarks
   else:
     num_landmarks = int(dataset_or_num_landmarks)
   try:
@@ -117,3 +123,54 @@ def flip_permutation(dataset_or_num_landmarks) -> np.ndarray:
         "(AugmentConfig(flip=False)) or add the layout's left/right pairs to kd_landmarks/datasets/flips.py"
     ) from None
   return _permutation_from_pairs(num_landmarks, pairs).astype(np.int32)
+
+
+def derive_flip_pairs(mean_shape) -> tuple[tuple[int, int], ...]:
+  """Left/right pairs read off the mirror symmetry of a mean shape ``[K, 2]`` (x to the right, upright face).
+
+  For a vertical mirror line ``x = x0`` each point is paired with the point nearest to its mirror image, a
+  point nearest to its own mirror image staying on the midline: pairs are taken greedily by the symmetric
+  cost ``c(i, j) = |mirror(p_i) - p_j|^2 + |mirror(p_j) - p_i|^2``, cheapest first, each point once, so the
+  result is an involution by construction. The line is the one whose pairing costs least in total, searched
+  over the points' x range (a scheme with more points on one side than the other would bias the mean x).
+
+  Returns:
+    the pairs ``(a, b)`` with ``a < b``, sorted; every index not in a pair lies on the midline.
+  """
+  points = np.asarray(mean_shape, dtype=np.float64)
+  if points.ndim != 2 or points.shape[1] != 2 or not np.all(np.isfinite(points)):
+    raise ValueError(f"derive_flip_pairs: mean_shape must be finite [K, 2], got shape {points.shape}")
+  low, high = points[:, 0].min(), points[:, 0].max()
+  best = None
+  for axis in np.linspace(low, high, _AXIS_CANDIDATES):
+    total, pairs = _mirror_pairs(points, float(axis))
+    if best is None or total < best[0] - 1e-12:
+      best = (total, pairs)
+  return best[1]
+
+
+# Candidate mirror lines across the shape's width: 1/400 of the width apart.
+_AXIS_CANDIDATES = 401
+
+
+def _mirror_pairs(points: np.ndarray, axis: float) -> tuple[float, tuple[tuple[int, int], ...]]:
+  """(total cost, pairs) of the greedy pairing about the line ``x = axis``."""
+  mirrored = points.copy()
+  mirrored[:, 0] = 2.0 * axis - points[:, 0]
+  # cost[i, j]: how far p_j lies from p_i's mirror image; symmetrised so that (i, j) and (j, i) cost the same.
+  cost = np.square(mirrored[:, None, :] - points[None, :, :]).sum(-1)
+  cost = cost + cost.T
+  rows, cols = np.triu_indices(len(points))
+  order = np.lexsort((cols, rows, cost[rows, cols]))  # cheapest first; ties by index (deterministic)
+  taken = np.zeros(len(points), bool)
+  pairs = []
+  total = 0.0
+  for i, j in zip(rows[order], cols[order]):
+    if taken[i] or taken[j]:
+      continue
+    taken[i] = taken[j] = True
+    # A self-pair costs 2 |mirror(p_i) - p_i|^2; a pair counts once for each of its two points.
+    total += cost[i, j] * (1 if i == j else 2) / 2
+    if i != j:
+      pairs.append((int(i), int(j)))
+  return total, tuple(sorted(pairs))

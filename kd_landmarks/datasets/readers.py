@@ -46,6 +46,11 @@ wflw: WFLW (Wu et al. 2018, https://wywu.github.io/projects/LAB/WFLW.html): extr
         <manual_dir>/WFLW_images/<event folder>/*.jpg
         <manual_dir>/WFLW_annotations/list_98pt_rect_attr_train_test/list_98pt_rect_attr_train.txt  (7500)
         <manual_dir>/WFLW_annotations/list_98pt_rect_attr_train_test/list_98pt_rect_attr_test.txt   (2500)
+custom: your own photos, any number of points K >= 3, missing points allowed (docs/datasets.md):
+        <manual_dir>/annotations.csv    image,x0,y0,...,x{K-1},y{K-1}[,v0..v{K-1}][,box_x0,box_y0,box_x1,box_y1][,split]
+     or <manual_dir>/annotations.jsonl  {"image": ..., "points": [[x, y] or null, ...], "split": ...}
+     or <manual_dir>/<split>/**/face.jpg + face.pts   (iBUG .pts beside each image; "-1 -1" = missing)
+        <manual_dir>/dataset.json       optional: name, flip_pairs, normalization, splits, test_fraction
 """
 
 # Official sizes (paper Section 4.1); 300W per source folder so that an error can say which part is missing.
@@ -83,6 +88,13 @@ class RawExample:
   image: Optional[np.ndarray] = None        # uint8 [H, W, 3] when the format embeds the pixels (COFW)
   attributes: Optional[np.ndarray] = None   # int32 [6] (WFLW)
   occluded: Optional[np.ndarray] = None     # int32 [K] (COFW)
+  # A custom set (kd_landmarks.datasets.custom): which points are annotated (bool [K]; missing ones hold NaN
+  # until the shape model fills them), the annotated face box (x0, y0, x1, y1), the split the file names and
+  # where the face was read (file:line, for errors).
+  visible: Optional[np.ndarray] = None
+  face_box: Optional[np.ndarray] = None
+  split: Optional[str] = None
+  where: str = ""
 
   def load_image(self) -> np.ndarray:
     if self.image is not None:

@@ -68,7 +68,7 @@ class KdLandmarksTeachers(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Replaces the .npz teacher cache."}
   BUILDER_CONFIGS = [TeacherOutputsConfig(name=name, dataset=name,
                                           description=f"teacher outputs on kd_landmarks/{name} train")
-                     for name in info_lib.DATASETS]
+                     for name in info_lib.DATASET_NAMES]
 
   @tfds.core.utils.classproperty
   @classmethod

@@ -330,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   module, variables, meta = checkpoint.load_inference_variables(model_dir)
   calibration = None
   if args.quantize and args.data_dir:
+    if meta["dataset"] == info.CUSTOM:  # Its splits are the prepared set's.
+      datasets.register_custom(args.data_dir)
     calibration = dataset_crops(meta["dataset"], info.get_info(meta["dataset"]).train_split,
                                 args.data_dir, int(meta["image_size"]), count=args.calibration_images)
   out_dir = args.out or os.path.join(model_dir, "export")

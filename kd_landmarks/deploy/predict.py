@@ -461,6 +461,8 @@ def fit_box_map_for_model(model_dir: str, *, detector_name: str = detect.DEFAULT
   image + ground-truth landmarks in crop pixels) and stores it in ``model_dir/box_map.json``."""
   meta = checkpoint.read_model_json(model_dir)
   dataset = dataset or meta["dataset"]
+  if dataset == info.CUSTOM and data_dir is not None:  # Its splits are the prepared set's.
+    datasets.register_custom(data_dir)
   split = split or info.get_info(dataset).train_split
   detector = detect.get_detector(detector_name)
   examples = _training_examples(dataset, split, data_dir, max_images)

@@ -4,7 +4,7 @@ A prediction travels back through every crop it came out of:
   normalised model output -> output pixels (``coords.to_pixels``) -> stored-crop pixels (the eval crop's
   ``out_to_input`` affine) -> original-image pixels (the example's ``crop_to_original`` affine).
 Per model directory this writes ``eval/<split>.npz`` (pred, gt [N, K, 2] original px, image_id, attributes,
-occluded) and ``eval/metrics.json`` {split: {nme, nme_inter_pupil (300w/synthetic), fr, auc, count},
+occluded; a custom set adds visible [N, K] and face_box [N, 4], which its NME reads) and ``eval/metrics.json`` {split: {nme, nme_inter_pupil (300w/synthetic), fr, auc, count},
 "selection": {split, on_test, checkpoint, step}} (which split chose the checkpoint, and its step), which
 the report reads, and the same figures to TensorBoard (``events/``).
 """
@@ -87,6 +87,9 @@ _EVAL_KEYS = ("image", "landmarks", "landmarks_original", "crop_to_original", "i
               "occluded", "index")
 _GATHERED_DTYPES = {"mask": bool, "landmarks_original": np.float32, "crop_to_original": np.float32,
                     "attributes": np.int32, "occluded": np.int32, "index": np.int64}
+# A custom set's fields, read (and gathered) when its examples have them: the annotated points and the face box.
+_OPTIONAL_DTYPES = {"visible": bool, "face_box": np.float32}
+assert tuple(_OPTIONAL_DTYPES) == metrics.NME_FIELDS
 
 
 def predict_source(module, variables, source, *, image_size: int, batch_size: int, mesh=None,
@@ -101,6 +104,8 @@ def predict_source(module, variables, source, *, image_size: int, batch_size: in
   # pipeline pads the last batches and masks the padding.
   batch_size = max(devices, -(-batch_size // devices) * devices)
   parallel.check_batch_size(batch_size, mesh)
+  optional = {key: dtype for key, dtype in _OPTIONAL_DTYPES.items() if key in source[0]}
+  gathered_dtypes = dict(_GATHERED_DTYPES, **optional)
   predict = _compiled_predict(module, int(image_size), mesh)
   perturbed_keys = []
   if box_perturbations is not None:
@@ -113,7 +118,7 @@ def predict_source(module, variables, source, *, image_size: int, batch_size: in
   # side by side.
   batches = input_pipeline.make_eval_iterator(
       source, batch_size=batch_size // num_processes, num_processes=num_processes,
-      process_index=jax.process_index(), keys=_EVAL_KEYS)
+      process_index=jax.process_index(), keys=_EVAL_KEYS + tuple(optional))
   gathered, local_ids = [], []
   for batch in tqdm(batches, total=len(batches), desc=desc, unit="batch",
                     disable=jax.process_index() != 0, dynamic_ncols=True):
@@ -121,7 +126,7 @@ def predict_source(module, variables, source, *, image_size: int, batch_size: in
     outputs = {"pred_crop": predict(variables, *inputs)}
     for key, perturbation in zip(perturbed_keys, box_perturbations if perturbed_keys else ()):
       outputs[key] = predict_perturbed(variables, *inputs, parallel.replicate(perturbation, mesh))
-    gathered.append(parallel.fetch_batch(dict({k: batch[k] for k in _GATHERED_DTYPES}, **outputs)))
+    gathered.append(parallel.fetch_batch(dict({k: batch[k] for k in gathered_dtypes}, **outputs)))
     local_ids.append(batch["image_id"])
 
   def in_order(key):
@@ -131,7 +136,7 @@ def predict_source(module, variables, source, *, image_size: int, batch_size: in
     return np.swapaxes(stacked, 0, 1).reshape((-1,) + stacked.shape[3:])
 
   mask = in_order("mask").astype(bool)
-  dtypes = dict(_GATHERED_DTYPES, pred_crop=np.float32)
+  dtypes = dict(gathered_dtypes, pred_crop=np.float32)
   result = {key: in_order(key)[mask].astype(dtype) for key, dtype in dtypes.items() if key != "mask"}
   result["gt"] = result.pop("landmarks_original")
   if num_processes == 1:
@@ -148,11 +153,11 @@ def predict_source(module, variables, source, *, image_size: int, batch_size: in
   return result
 
 
-def box_robustness(pred_perturbed, gt, perturbations, *, dataset: str) -> list[dict]:
+def box_robustness(pred_perturbed, gt, perturbations, *, dataset: str, visible=None, face_box=None) -> list[dict]:
   """Per perturbation: its (shift_x, shift_y, scale), the mean NME and its percentiles."""
   rows = []
   for (shift_x, shift_y, scale), pred in zip(np.asarray(perturbations, np.float64), pred_perturbed):
-    nmes = metrics.image_nmes(pred, gt, dataset=dataset)
+    nmes = metrics.image_nmes(pred, gt, dataset=dataset, visible=visible, face_box=face_box)
     rows.append({"shift_x": round(float(shift_x), 6), "shift_y": round(float(shift_y), 6),
                  "scale": round(float(scale), 6), "nme": float(nmes.mean()), **metrics.nme_percentiles(nmes)})
   return rows
@@ -162,7 +167,7 @@ def mean_nme(module, variables, *, source, dataset: str, image_size: int, batch_
   """Mean inter-ocular NME of ``variables`` on ``source`` (the validation score for the best checkpoint)."""
   result = predict_source(module, variables, source, image_size=image_size, batch_size=batch_size,
                           mesh=mesh, desc="validate")
-  return float(np.mean(metrics.image_nmes(result["pred"], result["gt"], dataset=dataset)))
+  return float(np.mean(metrics.image_nmes(result["pred"], result["gt"], dataset=dataset, **metrics.nme_fields(result))))
 
 
 def eval_splits(config) -> list[str]:
@@ -200,13 +205,14 @@ def evaluate_model(model_dir: str, *, splits, load_split_fn: Callable[[str], Any
       robustness = {"split": split, "count": int(len(result["gt"])),
                     "seconds_with_perturbations": round(time.perf_counter() - start, 2),
                     "perturbations": box_robustness(result["pred_perturbed"], result["gt"], perturbations,
-                                                    dataset=dataset)}
+                                                    dataset=dataset, **metrics.nme_fields(result))}
       with open(os.path.join(out_dir, metrics.BOX_ROBUSTNESS_FILE), "w") as f:
         json.dump(robustness, f, indent=1)
-    all_metrics[split] = metrics.split_metrics(result["pred"], result["gt"], dataset=dataset)
+    all_metrics[split] = metrics.split_metrics(result["pred"], result["gt"], dataset=dataset, **metrics.nme_fields(result))
     if is_chief:
       np.savez(os.path.join(out_dir, f"{split}.npz"), pred=result["pred"], gt=result["gt"],
-               image_id=result["image_id"], attributes=result["attributes"], occluded=result["occluded"])
+               image_id=result["image_id"], attributes=result["attributes"], occluded=result["occluded"],
+               **metrics.nme_fields(result))
     # Subsets by attribute flag (Table 4), unless the builder stored them as their own splits.
     for subset, rows in metrics.attribute_subsets(result["attributes"], dataset=dataset, split=split).items():
       if subset not in splits:

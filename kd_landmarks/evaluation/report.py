@@ -118,6 +118,8 @@ class SplitEval:
   image_id: np.ndarray | None = None
   # Where the images live: split and row of the stored dataset (differs for derived WFLW subsets).
   image_split: str | None = None
+  # A custom set's visible points [N, K] and face boxes [N, 4] (metrics.NME_FIELDS), when the npz has them.
+  nme_fields: dict | None = None
   image_rows: np.ndarray | None = None
   source: str = ""
 
@@ -226,7 +228,7 @@ def load_npz(path: Path, *, num_landmarks: int | None) -> dict[str, np.ndarray]:
   if "image_id" not in arrays:
     arrays["image_id"] = np.array([str(i) for i in range(n)])
   arrays["image_id"] = arrays["image_id"].astype(str)
-  for field in ("image_id", "attributes", "occluded"):
+  for field in ("image_id", "attributes", "occluded") + metrics.NME_FIELDS:
     if field in arrays and arrays[field].shape[0] != n:
       raise ValueError(f"{path}: field {field!r} has {arrays[field].shape[0]} rows; 'gt' has {n}")
   return arrays
@@ -234,12 +236,14 @@ def load_npz(path: Path, *, num_landmarks: int | None) -> dict[str, np.ndarray]:
 
 def _evaluate_arrays(arrays, *, dataset, split, image_split, image_rows, source):
   """Per-image NMEs and the split's metrics from prediction arrays, as the evaluate step computes them."""
-  nmes = metrics.image_nmes(arrays["pred"], arrays["gt"], dataset=dataset)
+  fields = metrics.nme_fields(arrays)
+  nmes = metrics.image_nmes(arrays["pred"], arrays["gt"], dataset=dataset, **fields)
   values = metrics.split_metrics(arrays["pred"], arrays["gt"], dataset=dataset, nmes=nmes)
   return SplitEval(
       split=split, count=values["count"], nme=values["nme"], fr=values["fr"], auc=values["auc"],
       nme_inter_pupil=values.get("nme_inter_pupil"), nmes=nmes, pred=arrays["pred"], gt=arrays["gt"],
-      image_id=arrays["image_id"], image_split=image_split, image_rows=image_rows, source=source)
+      image_id=arrays["image_id"], image_split=image_split, image_rows=image_rows, source=source,
+      nme_fields=fields)
 
 
 def load_model_results(model: ModelEntry, *, dataset: str, warnings: list[str]) -> dict[str, SplitEval]:
@@ -833,7 +837,7 @@ def plot_ced(curves: Sequence[tuple[str, SplitEval]], path: Path, *, title: str,
             label=f"{label}: FR {100 * result.fr:.2f}%, AUC {result.auc:.4f}")
   ax.set_xlim(0.0, threshold)
   ax.set_ylim(0.0, 1.0)
-  ax.set_xlabel("NME (inter-ocular)")
+  ax.set_xlabel("NME")
   ax.set_ylabel("Proportion of images")
   ax.set_title(title)
   ax.grid(True, alpha=0.3)
@@ -898,18 +902,21 @@ def plot_validation_curves(curves, path: Path, *, title: str) -> Path:
   return path
 
 
-def landmark_failures(pred, gt, *, dataset: str, threshold: float = FAILURE_THRESHOLD) -> np.ndarray:
-  """Figs. 11/12/14 rule: landmark k fails when ||pred_k - gt_k|| / inter-ocular distance > threshold.
+def landmark_failures(pred, gt, *, dataset: str, threshold: float = FAILURE_THRESHOLD, visible=None,
+                      face_box=None) -> np.ndarray:
+  """Figs. 11/12/14 rule: landmark k fails when ||pred_k - gt_k|| / normalising distance > threshold.
 
-  ``pred``, ``gt``: ``[..., K, 2]`` pixels. Returns bool ``[..., K]``. The inter-ocular distance is the one
-  the NME uses (Section 4.2, ``kd_landmarks.metrics.normalizing_distance``).
+  ``pred``, ``gt``: ``[..., K, 2]`` pixels. Returns bool ``[..., K]``. The distance is the one the NME uses
+  (Section 4.2: inter-ocular; a custom set's own, ``kd_landmarks.metrics.normalizing_distance``); a missing
+  point (``visible`` False) never fails.
   """
   gt = np.asarray(gt, dtype=np.float64)
-  inter_ocular = metrics.normalizing_distance(gt, dataset=dataset, normalization="inter_ocular")
-  if np.any(inter_ocular <= 0):
-    raise ValueError("ground truth with coincident outer eye corners: the inter-ocular distance is 0")
+  distance = metrics.normalizing_distance(gt, dataset=dataset, visible=visible, face_box=face_box)
+  if np.any(distance <= 0):
+    raise ValueError("ground truth whose normalising distance is 0 (coincident outer eye corners)")
   errors = np.linalg.norm(np.asarray(pred, dtype=np.float64) - gt, axis=-1)
-  return errors / inter_ocular[..., None] > threshold
+  failed = errors / distance[..., None] > threshold
+  return failed if visible is None else failed & np.asarray(visible, bool)
 
 
 def _select_rows(nmes: np.ndarray, per_group: int) -> list[tuple[str, int]]:
@@ -994,7 +1001,8 @@ def plot_qualitative(rows_of_models: Sequence[tuple[str, SplitEval]], path: Path
         ax.set_title(f"{group}: not evaluated", fontsize=7)
         continue
       pred, gt = result.pred[model_row], result.gt[model_row]
-      failed = landmark_failures(pred, gt, dataset=dataset)
+      fields = {key: value[model_row] for key, value in (result.nme_fields or {}).items()}
+      failed = landmark_failures(pred, gt, dataset=dataset, **fields)
       colors = np.where(failed[:, None], np.array(BAD_COLOR), np.array(GOOD_COLOR))
       loaded = images[column]
       if loaded is not None:
@@ -1062,6 +1070,8 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
   workdir = Path(workdir)
   models = find_models(workdir)
   dataset = (dataset or _detect_dataset(models)).lower()
+  if dataset == dataset_info.CUSTOM:  # The scheme (normaliser, splits) is the prepared set's.
+    datasets.register_custom(data_dir or workdir / DEFAULT_DATA_SUBDIR)
   dataset_info.get_info(dataset)  # a clear error for an unknown name
   models = [m for m in models if m.dataset == dataset]
   if not models:
@@ -1105,7 +1115,7 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
     qualitative = plot_qualitative(
         featured, figures_dir / f"qualitative_{split}.png", dataset=dataset,
         title=f"{dataset} {split}: best / median / worst by {featured[0][0]} NME "
-              f"(green: landmark error ≤ 0.1 inter-ocular, red: > 0.1)",
+              f"(green: landmark error ≤ 0.1 of the NME's normaliser, red: > 0.1)",
         get_image=get_image, per_group=per_group, image_errors=image_errors)
     figure_lines += [f"![qualitative {split}]({qualitative.relative_to(workdir).as_posix()})", ""]
 
@@ -1120,7 +1130,10 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
 
   tables = _Tables(dataset, models, results)
   lines = [f"# Evaluation report: {dataset}", ""]
-  lines += [f"Workdir `{workdir}`. NME is normalised by the inter-ocular distance (outer eye corners) and "
+  if dataset_info.get_info(dataset).label:
+    lines += [f"Custom set `{dataset_info.get_info(dataset).label}`, "
+              f"{dataset_info.get_info(dataset).num_landmarks} points; missing points count in no metric.", ""]
+  lines += [f"Workdir `{workdir}`. NME is normalised by {metrics.normalization_text(dataset)} and "
             "given in %, FR is the % of images with NME > 0.1, AUC is the area under the CED curve up to "
             "0.1 divided by 0.1, all in original-image pixels (Section 4.2)."]
   if tables.with_paper:
@@ -1158,8 +1171,8 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
   if figure_lines:
     lines += ["## Figures", "",
               "CED curves (Fig. 10) and qualitative results (Figs. 11, 12, 14): each predicted landmark is "
-              "green, or red where its distance to the ground truth over the inter-ocular distance exceeds "
-              "0.1 (the rule of the paper's captions).", ""] + figure_lines
+              "green, or red where its distance to the ground truth over the NME's normalising distance exceeds "
+              "0.1 (the rule of the paper's captions, with the inter-ocular distance).", ""] + figure_lines
     if get_image is None:
       lines += ["No images were available (pass data_dir or get_image): landmarks are drawn on grey.", ""]
     elif data_dir is not None:

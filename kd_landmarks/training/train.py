@@ -26,6 +26,7 @@ from tqdm import tqdm
 from kd_landmarks import augment
 from kd_landmarks import cpu
 from kd_landmarks import errors
+from kd_landmarks import losses
 from kd_landmarks.metrics import VALIDATION_CURVE_FILE
 from kd_landmarks.training import checkpoint
 from kd_landmarks.training import input_pipeline
@@ -84,6 +85,8 @@ class StepSpec:
   distill: bool = False
   teacher_modules: Mapping[str, Any] | None = None   # Distillation only, set: the frozen teachers run online.
   augment_kernels: Any = augment.PORTABLE           # augment.AugmentKernels (CPU training: kd_landmarks/cpu).
+  # The batch carries 'visible' [B, K] (a custom set's annotated points): missing points leave every loss term.
+  masked: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,7 +166,7 @@ def regression_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.
   images, sets, dropout_rng = _augment(batch, rng, spec, {"target": batch["target"]})
   target = sets["target"]
   # The baseline losses ignore the teacher slots; the target fills them to keep one loss signature.
-  return _optimise(state, images, batch.get(EXAMPLE_MASK), dropout_rng, spec,
+  return _optimise(state, images, batch.get(EXAMPLE_MASK), sets.get("visible"), dropout_rng, spec,
                    lambda prediction: spec.loss_fn(prediction, target, target, target,
                                                     variant=spec.loss_variant, reduction="none"))
 
@@ -180,7 +183,7 @@ def distillation_step(state: TrainState, batch: Mapping[str, jax.Array], rng: ja
     # The teachers see exactly the student's augmented images; frozen: no gradient, eval mode.
     for name, module in spec.teacher_modules.items():
       sets[name] = lax.stop_gradient(module.apply(teacher_variables[name], images, train=False).astype(jnp.float32))
-  return _optimise(state, images, batch.get(EXAMPLE_MASK), dropout_rng, spec,
+  return _optimise(state, images, batch.get(EXAMPLE_MASK), sets.get("visible"), dropout_rng, spec,
                    lambda prediction: spec.loss_fn(prediction, sets["landmarks"], sets["tough"], sets["tolerant"],
                                                     variant=spec.loss_variant, reduction="none"))
 
@@ -201,26 +204,32 @@ def _augment(batch, rng, spec: StepSpec, extra_sets: Mapping[str, jax.Array]):
   images, sets, _ = augment.augment(augment_rng, batch["image"], {"landmarks": batch["landmarks"], **extra_sets},
                                     reference="landmarks", out_size=spec.image_size,
                                     flip_permutation=spec.flip_permutation, config=spec.augment_config,
-                                    kernels=spec.augment_kernels, **block)
+                                    kernels=spec.augment_kernels, point_masks=point_masks(batch), **block)
   return images, sets, dropout_rng
 
 
-def _optimise(state: TrainState, images, example_mask, dropout_rng, spec: StepSpec, loss_of_prediction: Callable):
-  """One optimiser update with the gradient of the global batch's mean loss.
+def point_masks(batch) -> dict:
+  """The per-point flags augmentation carries with the landmarks (relabelled on a flip): ``visible`` [B, K] of
+  a custom set with missing points; none otherwise. The augmented ``sets['visible']`` weighs each point in the
+  loss (:func:`_optimise`)."""
+  return {"visible": batch["visible"]} if "visible" in batch else {}
 
-  ``loss_of_prediction`` returns the loss per coordinate (``reduction='none'``, ``[B, K, 2]``). The global
-  mean is ``sum(m * loss) / (sum(m) * 2K)`` over the valid examples of every device (``m`` the example mask:
-  0 on the rows that pad a batch to a multiple of the device count), each device contributing its own sum;
-  the gradient is therefore the ``psum`` of the devices' gradients, and BatchNorm normalises with the global
-  batch's statistics (:func:`kd_landmarks.models.layers.batch_norm_train`). On one device without padding
-  this is the plain mean and the one-device step; on any device count and padding, the step of the unpadded
-  global batch (tests/test_parallel.py).
+
+def _optimise(state: TrainState, images, example_mask, visible, dropout_rng, spec: StepSpec,
+              loss_of_prediction: Callable):
+  """One optimiser update with the gradient of the global batch's weighted mean loss.
+
+  ``loss_of_prediction`` returns the loss per coordinate (``reduction='none'``, ``[B, K, 2]``). Its global mean
+  is ``sum(w * loss) / sum(w)`` over every device, ``w`` the product of the example mask (0 on the rows that
+  pad a batch to a multiple of the device count) and the per-point visibility (0 on a custom set's missing
+  points), each device contributing its own sum: the gradient is therefore the ``psum`` of the devices'
+  gradients, and BatchNorm normalises with the global batch's statistics over its valid rows
+  (:func:`kd_landmarks.models.layers.batch_norm_train`). On one device, without padding nor missing points,
+  this is the plain mean and the one-device step; on any device count and padding it is the step of the
+  unpadded global batch (tests/test_parallel.py).
   """
   num_devices = lax.axis_size(parallel.AXIS)
   sync_axis = parallel.AXIS if num_devices > 1 else None
-  weights = None if example_mask is None else example_mask.astype(jnp.float32)
-  local_count = jnp.float32(images.shape[0]) if weights is None else jnp.sum(weights)
-  global_count = lax.psum(local_count, parallel.AXIS)
 
   def loss_of(params):
     prediction, updates = state.apply_fn(
@@ -228,18 +237,20 @@ def _optimise(state: TrainState, images, example_mask, dropout_rng, spec: StepSp
         sync_axis=sync_axis, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
     prediction = prediction.astype(jnp.float32)
     per_coordinate = loss_of_prediction(prediction)
-    per_example = jnp.sum(per_coordinate.reshape(per_coordinate.shape[0], -1), axis=1)
-    if weights is not None:
-      per_example = per_example * weights
-    coordinates = per_coordinate.size // per_coordinate.shape[0]
-    return jnp.sum(per_example) / (global_count * coordinates), (updates, prediction)
+    weights = _coordinate_weights(example_mask, visible, per_coordinate.shape)
+    if weights is None:
+      local_sum, local_weight = jnp.sum(per_coordinate), jnp.float32(per_coordinate.size)
+    else:
+      local_sum, local_weight = jnp.sum(per_coordinate * weights), jnp.sum(weights)
+    total_weight = lax.psum(local_weight, parallel.AXIS)  # No gradient flows here: the weights are data.
+    return local_sum / jnp.where(total_weight > 0, total_weight, 1.0), (updates, prediction)
 
   (local_loss, (updates, prediction)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
   grads = lax.psum(grads, parallel.AXIS)
   # Synchronised BatchNorm gave every device the same statistics, hence the same running averages.
   batch_stats = updates.get("batch_stats", state.batch_stats)
-  if weights is not None:  # Padding rows copy a real example; keep them out of the divergence bound anyway.
-    prediction = prediction * weights[:, None, None]
+  if example_mask is not None:  # Padding rows copy a real example; keep them out of the divergence bound anyway.
+    prediction = prediction * example_mask.astype(jnp.float32)[:, None, None]
   metrics = {
       "loss": lax.psum(local_loss, parallel.AXIS),
       "grad_norm": optax.tree.norm(grads),
@@ -250,9 +261,22 @@ def _optimise(state: TrainState, images, example_mask, dropout_rng, spec: StepSp
   return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
+def _coordinate_weights(example_mask, visible, shape):
+  """The loss weight of each coordinate ``[B, K, 2]``: example mask x point visibility (None: all ones)."""
+  if example_mask is None and visible is None:
+    return None
+  weights = jnp.ones(shape, jnp.float32)
+  if example_mask is not None:
+    weights = weights * example_mask.astype(jnp.float32)[:, None, None]
+  if visible is not None:
+    weights = weights * losses.point_weights(visible, shape)
+  return weights
+
+
 def batch_keys(spec: StepSpec) -> tuple:
   """The example fields the step reads (the teacher cache adds 'tough'/'tolerant' itself)."""
-  return ("image", "landmarks", "soft_landmarks") if spec.target == "soft_landmarks" else ("image", "landmarks")
+  keys = ("image", "landmarks", "soft_landmarks") if spec.target == "soft_landmarks" else ("image", "landmarks")
+  return keys + ("visible",) if spec.masked else keys
 
 
 def step_batch(spec: StepSpec, host_batch: Mapping[str, np.ndarray]) -> dict:
