@@ -25,6 +25,11 @@ class DataError(UserError, ValueError):
   """Data on disk that cannot be used as it is; the message names the file and what to do."""
 
 
+class MissingInputError(UserError, FileNotFoundError):
+  """An input a phase reads is not there yet (unprepared data, an untrained teacher, no teacher outputs); the
+  message names it and the command that makes it."""
+
+
 def one_line(error: BaseException) -> str:
   """The message of ``error`` folded onto one line (a message never needs a traceback to be understood)."""
   return " ".join(str(error).split()) or type(error).__name__

@@ -289,7 +289,7 @@ def train_teacher(config, workdir, teacher: str):
 def _require_teacher(workdir, teacher):
   model_dir = os.path.join(workdir, f"teacher_{teacher}")
   if not os.path.exists(os.path.join(model_dir, DONE_FILE)):
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
         f"the {teacher} teacher is not trained ({model_dir}/{DONE_FILE} missing): run "
         f"`python -m kd_landmarks.main --config <config>:phase=teacher_{teacher} --workdir {workdir}` "
         "(or phase=all) first")
@@ -390,6 +390,84 @@ def teacher_outputs_path(config, workdir):
   return teacher_cache.dataset_dir(os.path.join(workdir, CACHE_DIR), config.dataset)
 
 
+def _require_teacher_outputs(config, workdir, loss_name: str):
+  """The path of the teacher outputs a distilled student reads, which must exist."""
+  path = teacher_outputs_path(config, workdir)
+  if not (path / "dataset_info.json").exists():
+    legacy = os.path.join(workdir, teacher_cache.LEGACY_NPZ)
+    old = (f" ({legacy} is the .npz cache of earlier versions, which is no longer read)"
+           if not config.teacher_cache_dir and os.path.exists(legacy) else "")
+    raise errors.MissingInputError(
+        f"the student loss {loss_name!r} needs the teachers' outputs {path}, which are missing{old}: run "
+        f"`python -m kd_landmarks.main --config <config>:phase=cache_teachers --workdir {workdir}` after "
+        "both teachers (or phase=all), give another's with --config.teacher_cache_dir=DIR, or set "
+        "--config.teachers_online=True")
+  return path
+
+
+def preflight(config, workdir, mesh=None) -> None:
+  """Checks, before the first step of any phase, what every phase of this run will need, so that a run does
+  not stop hours in on something knowable at its start: the data and splits each phase reads, each training
+  phase's global batch against its training set (any batch runs on any device count: it is padded to a
+  multiple of the devices and the padding masked out, :func:`parallel.padded_batch_size`), the evaluation
+  batch, and the teachers or teacher outputs a distilled student reads when this run does not make them.
+  Logs each training phase's batch layout over the devices. Raises :class:`errors.UserError`.
+  """
+  mesh = mesh or parallel.make_mesh()
+  phases = ALL_PHASES if config.phase == "all" else (config.phase,)
+  run_all = config.phase == "all"
+  distilled = [name for name in student_losses(config) if needs_teachers(name)]
+  trains = {
+      "teacher": any(p.startswith("teacher_") for p in phases) and not (
+          run_all and (config.teacher_cache_dir or not distilled)),
+      "student": "student" in phases,
+  }
+  if int(config.eval_batch_size) < 1:
+    raise errors.ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be >= 1")
+  if any(trains.values()) or "cache_teachers" in phases:
+    try:
+      train_source, _ = train_and_val_sources(config, workdir)
+    except errors.UserError:
+      raise
+    except FileNotFoundError as error:
+      raise errors.MissingInputError(errors.one_line(error)) from None
+    for role, runs in trains.items():
+      if not runs:
+        continue
+      phase_config = config[role]
+      batch = global_batch_size(config, phase_config, mesh)
+      field = ("config.per_device_batch_size" if config.per_device_batch_size > 0
+               else f"config.{role}.batch_size")
+      if batch < 1:
+        raise errors.ConfigError(f"{field} gives a global {role} batch of {batch}; it must be >= 1")
+      if batch > len(train_source):
+        raise errors.ConfigError(
+            f"{field} gives a global {role} batch of {batch}, more than the {len(train_source)} training "
+            f"examples of {config.dataset} (after the held-out validation slice): lower it to at most "
+            f"{len(train_source)}")
+      logging.info("%s phases: %s", role, parallel.describe_batch(batch, mesh.devices.size))
+  if "eval" in phases:
+    for split in evaluate.eval_splits(config):
+      try:
+        load_split(config, workdir, split)
+      except FileNotFoundError as error:
+        raise errors.MissingInputError(errors.one_line(error)) from None
+      except (KeyError, ValueError) as error:
+        raise errors.ConfigError(f"config.eval_splits: {errors.one_line(error)}") from None
+  if trains["student"] and distilled:
+    if config.teachers_online:
+      if not run_all:
+        for teacher in TEACHERS:
+          _require_teacher(workdir, teacher)
+    elif config.teacher_cache_dir:
+      _load_checked_cache(config, workdir, _require_teacher_outputs(config, workdir, distilled[0]))
+    elif not run_all:
+      _require_teacher_outputs(config, workdir, distilled[0])
+  if config.phase == "cache_teachers":
+    for teacher in TEACHERS:
+      _require_teacher(workdir, teacher)
+
+
 def student_seeds(config) -> int:
   """``config.student_seeds``: how many seeds each student loss trains with (>= 1)."""
   count = int(config.student_seeds)
@@ -423,16 +501,7 @@ def train_student(config, workdir, loss_name: str, seed_index: int = 0):
         module, variables, _ = checkpoint.load_inference_variables(_require_teacher(workdir, teacher))
         teacher_modules[teacher], teacher_variables[teacher] = module, variables
     else:
-      path = teacher_outputs_path(config, workdir)
-      if not (path / "dataset_info.json").exists():
-        legacy = os.path.join(workdir, teacher_cache.LEGACY_NPZ)
-        old = (f" ({legacy} is the .npz cache of earlier versions, which is no longer read)"
-               if not config.teacher_cache_dir and os.path.exists(legacy) else "")
-        raise FileNotFoundError(
-            f"the student loss {loss_name!r} needs the teachers' outputs {path}, which are missing{old}: run "
-            f"`python -m kd_landmarks.main --config <config>:phase=cache_teachers --workdir {workdir}` after "
-            "both teachers (or phase=all), give another's with --config.teacher_cache_dir=DIR, or set "
-            "--config.teachers_online=True")
+      path = _require_teacher_outputs(config, workdir, loss_name)
       # Checked against the training split here, before any model is built or step compiled.
       cache = _load_checked_cache(config, workdir, path).as_cache()
   # Baselines (l2, l1, smooth_l1) take no teachers; the ground truth fills their slots.
@@ -455,7 +524,7 @@ def evaluate_all(config, workdir, *, skip_current: bool = False):
   """Phase eval: every trained model in the workdir on every evaluation split."""
   model_dirs = trained_model_dirs(workdir)
   if not model_dirs:
-    raise FileNotFoundError(f"no trained model in {workdir}: run the teacher/student phases (phase=all) first")
+    raise errors.MissingInputError(f"no trained model in {workdir}: run the teacher/student phases (phase=all) first")
   # The kernels training used (on a CPU, 5x the portable grouped convolution's forward speed on the demo's
   # model): the same function of the same variables.
   kernels = train.training_kernels(config).model
@@ -496,6 +565,7 @@ def _run_phases(config, workdir: str):
     # Teachers share shapes, so do the students: the persistent cache turns their recompiles into reads.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  preflight(config, workdir)
   phases = ALL_PHASES if config.phase == "all" else (config.phase,)
   run_all = config.phase == "all"
   for phase in phases:

@@ -182,7 +182,21 @@ def test_corrupt_model_json_of_a_resumed_model_is_one_line(tmp_path):
   checkpoint.save_state(checkpoint.state_manager(str(model_dir)), 1, {"w": np.zeros(2, np.float32)})
   result = _main("--config", "configs/demo.py:phase=teacher_tough", "--workdir", str(tmp_path),
                  "--config.synthetic.num_train=8", "--config.synthetic.num_test=4",
-                 "--config.synthetic.image_size=32", "--config.image_size=32")
-  assert result.returncode == 1 and "Traceback" not in result.stderr
+                 "--config.synthetic.image_size=32", "--config.image_size=32", "--config.teacher.batch_size=4")
+  assert result.returncode == 2 and "Traceback" not in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith(
       f"error: {model_dir}/model.json is not valid JSON (")
+
+
+def test_a_batch_larger_than_the_training_set_stops_before_any_phase(tmp_path):
+  """Checked for every phase of the run before the first one starts: the student's batch here, although
+  the teachers come first."""
+  result = _main("--config", "configs/demo.py", "--workdir", str(tmp_path),
+                 "--config.synthetic.num_train=20", "--config.synthetic.num_test=4",
+                 "--config.synthetic.image_size=32", "--config.image_size=32", "--config.teacher.batch_size=4",
+                 "--config.student.batch_size=70")
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: config.student.batch_size gives a global student batch of 70, more than the 19 training examples "
+      "of synthetic (after the held-out validation slice): lower it to at most 19")
+  assert not (tmp_path / "teacher_tough").exists()

@@ -38,6 +38,7 @@ def _config(**overrides):
     config.synthetic[key] = value
   config.image_size = 32
   config.eval_batch_size = 4
+  config.teacher.batch_size = config.student.batch_size = 4  # At most the tiny training split.
   for key, value in overrides.items():
     config[key] = value
   return config
@@ -274,6 +275,7 @@ print(json.dumps({k: batch[k].tolist() for k in ("index", "tough", "tolerant", "
 ])
 def test_phase_all_with_a_given_cache_trains_no_teachers(tmp_path, monkeypatch, given, current, expected):
   calls = []
+  monkeypatch.setattr(pipeline, "preflight", lambda c, w: None)  # The phases' order only; no data here.
   monkeypatch.setattr(pipeline, "train_teacher", lambda c, w, teacher: calls.append(f"teacher:{teacher}"))
   monkeypatch.setattr(pipeline, "cache_teachers", lambda c, w: calls.append("cache"))
   monkeypatch.setattr(pipeline, "_cache_is_current", lambda w, c: current)
