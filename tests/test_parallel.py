@@ -69,15 +69,6 @@ def test_a_batch_is_padded_to_the_next_multiple_of_the_device_count():
   assert "padding" not in parallel.describe_batch(40, 8)
 
 
-def test_batch_size_must_split_over_devices():
-  import jax
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  parallel.check_batch_size(3, mesh)
-  fake = type("FakeMesh", (), {"devices": np.zeros(4)})()
-  with pytest.raises(ValueError, match="per_device_batch_size"):
-    parallel.check_batch_size(6, fake)
-
-
 def test_initialize_distributed_is_a_no_op_for_one_process(monkeypatch):
   for name in (parallel.ENV_COORDINATOR, parallel.ENV_NUM_PROCESSES, parallel.ENV_PROCESS_ID,
                "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):

@@ -100,10 +100,10 @@ def predict_source(module, variables, source, *, image_size: int, batch_size: in
   (original px), the predictions on the perturbed crops of the same batches (the data is read once)."""
   mesh = mesh or parallel.make_mesh()
   devices = mesh.devices.size
-  # One fixed batch shape (a compile per shape costs seconds): round up to the device count; the
-  # pipeline pads the last batches and masks the padding.
-  batch_size = max(devices, -(-batch_size // devices) * devices)
-  parallel.check_batch_size(batch_size, mesh)
+  # One fixed batch shape (a compile per shape costs seconds), rounded up to the device count (the size of a
+  # batch changes no prediction: evaluation normalises with the running statistics); the input pipeline pads
+  # the last batches and masks the padding.
+  batch_size = parallel.padded_batch_size(batch_size, devices)
   optional = {key: dtype for key, dtype in _OPTIONAL_DTYPES.items() if key in source[0]}
   gathered_dtypes = dict(_GATHERED_DTYPES, **optional)
   predict = _compiled_predict(module, int(image_size), mesh)

@@ -83,16 +83,6 @@ def replicated_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_size(global_batch_size: int, mesh) -> None:
-  """A batch that is cut into equal blocks as it is (evaluation pads its own batches up to this)."""
-  devices = mesh.devices.size
-  if global_batch_size % devices or global_batch_size % jax.process_count():
-    raise ValueError(
-        f"global batch size {global_batch_size} does not split over {devices} devices in "
-        f"{jax.process_count()} processes; set --config.per_device_batch_size or a batch_size that is a "
-        f"multiple of {devices}")
-
-
 def padded_batch_size(global_batch_size: int, num_devices: int) -> int:
   """The rows a training batch of ``global_batch_size`` examples occupies on ``num_devices`` devices: the next
   multiple of the device count. The extra rows are padding that the step masks out (loss, gradient and
