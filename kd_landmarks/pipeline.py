@@ -25,6 +25,7 @@ from kd_landmarks.training import checkpoint
 from kd_landmarks import config_lib
 from kd_landmarks import datasets
 from kd_landmarks import errors
+from kd_landmarks import files
 from kd_landmarks.evaluation import evaluate
 from kd_landmarks.training import input_pipeline
 from kd_landmarks import losses
@@ -53,6 +54,8 @@ ROLE_SEED_OFFSETS = {"landmarks": 0, "soft_landmarks": 1, "student": 2}
 # Student seed k adds SEED_STRIDE * k: far from the role offsets, so no student seed repeats a teacher's.
 SEED_STRIDE = 1000
 DONE_FILE = checkpoint.DONE_FILE
+# The smallest input side a model takes (student_image_size too): MobileNetV2 and EfficientNet halve it 5 times.
+MIN_IMAGE_SIZE = 16
 
 
 def student_losses(config) -> list[str]:
@@ -93,10 +96,12 @@ def _check_config(config) -> None:
   info.get_info(config.dataset)
   student_losses(config)
   student_seeds(config)
+  _check_numbers(config)
   selection(config)
   student_size = int(config.student_image_size)
-  if student_size < 0 or (0 < student_size < 16):
-    raise errors.ConfigError(f"config.student_image_size must be 0 (= image_size) or at least 16, got {student_size}")
+  if student_size < 0 or (0 < student_size < MIN_IMAGE_SIZE):
+    raise errors.ConfigError(f"config.student_image_size must be 0 (= image_size) or at least {MIN_IMAGE_SIZE}, "
+                             f"got {student_size}")
   if config.teachers_online and config.teacher_cache_dir:
     raise errors.ConfigError("config.teacher_cache_dir gives cached teacher outputs, config.teachers_online=True runs the "
                      "teachers instead: set one of them")
@@ -105,6 +110,62 @@ def _check_config(config) -> None:
         f"config.teachers_online runs the teachers on the student's {student_size} px batch, but they were "
         f"trained at config.image_size={config.image_size}: use the teacher cache (teachers_online=False, the "
         "default) for a student of another size")
+
+
+def _require(condition: bool, field: str, value, wanted: str) -> None:
+  if not condition:
+    raise errors.ConfigError(f"config.{field} must be {wanted}, got {value!r}: set --config.{field}=...")
+
+
+def _check_numbers(config) -> None:
+  """The numeric fields, each on its own (no data read): sizes, steps, batch sizes, seeds, optimiser, the
+  held-out fraction and the augmentation ranges."""
+  size = int(config.image_size)
+  _require(size >= MIN_IMAGE_SIZE, "image_size", size,
+           f"at least {MIN_IMAGE_SIZE} (the networks downsample by 32; the paper uses 224)")
+  for phase in ("teacher", "student"):
+    phase_config = config[phase]
+    _require(int(phase_config.batch_size) >= 1, f"{phase}.batch_size", phase_config.batch_size, ">= 1")
+    steps = int(phase_config.num_train_steps)
+    _require(steps >= 1 or steps == -1, f"{phase}.num_train_steps", phase_config.num_train_steps,
+             ">= 1, or -1 to train for num_epochs")
+    if steps == -1:
+      epochs = float(phase_config.num_epochs)
+      _require(np.isfinite(epochs) and epochs > 0, f"{phase}.num_epochs", phase_config.num_epochs,
+               "> 0 when num_train_steps is -1")
+  _require(int(config.eval_batch_size) >= 1, "eval_batch_size", config.eval_batch_size, ">= 1")
+  for field in ("augment_copies", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    _require(int(config[field]) >= 1, field, config[field], ">= 1")
+  for field in ("seed", "val_holdout_seed"):
+    _require(int(config[field]) >= 0, field, config[field], ">= 0")
+  for field in ("input_cache_mb", "prefetch"):
+    _require(int(config[field]) >= -1, field, config[field], ">= 0, or -1 for the default")
+  try:
+    holdout.check_holdout(config.val_holdout)
+  except ValueError as error:
+    raise errors.ConfigError(f"{error}: set --config.val_holdout=0.05 (the default)") from None
+  optimizer = config.optimizer
+  rate = float(optimizer.learning_rate)
+  _require(np.isfinite(rate) and rate > 0, "optimizer.learning_rate", optimizer.learning_rate, "> 0")
+  for field in ("b1", "b2"):
+    _require(0 <= float(optimizer[field]) < 1, f"optimizer.{field}", optimizer[field], "in [0, 1)")
+  _require(float(optimizer.eps) > 0, "optimizer.eps", optimizer.eps, "> 0")
+  _require(float(optimizer.decay) >= 0, "optimizer.decay", optimizer.decay, ">= 0")
+  _require(optimizer.schedule in train.LR_SCHEDULES, "optimizer.schedule", optimizer.schedule,
+           f"one of {train.LR_SCHEDULES}")
+  _require(int(optimizer.warmup_steps) >= 0, "optimizer.warmup_steps", optimizer.warmup_steps, ">= 0")
+  _require(0 <= float(optimizer.final_lr_fraction) <= 1, "optimizer.final_lr_fraction",
+           optimizer.final_lr_fraction, "in [0, 1]")
+  try:
+    config_lib.AugmentConfig(**config.augment.to_dict())
+  except ValueError as error:  # Its message names AugmentConfig.<field>: the config field is augment.<field>.
+    raise errors.ConfigError(str(error).replace("AugmentConfig.", "config.augment.")) from None
+  dataset = info.get_info(config.dataset)
+  for split in filter(None, (name.strip() for name in str(config.eval_splits).split(","))):
+    _require(split in dataset.splits, "eval_splits", config.eval_splits,
+             f"empty or splits of {dataset.name} from {list(dataset.splits)}")
+  for field, value in config.synthetic.to_dict().items():
+    _require(int(value) >= 0, f"synthetic.{field}", value, ">= 0 (0: the builder's default)")
 
 
 def data_dir_of(config, workdir) -> str:
@@ -259,7 +320,7 @@ def train_teacher(config, workdir, teacher: str):
 def _require_teacher(workdir, teacher):
   model_dir = os.path.join(workdir, f"teacher_{teacher}")
   if not os.path.exists(os.path.join(model_dir, DONE_FILE)):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"the {teacher} teacher is not trained ({model_dir}/{DONE_FILE} missing): run "
         f"`python -m kd_landmarks.main --config <config>:phase=teacher_{teacher} --workdir {workdir}` "
         "(or phase=all) first")
@@ -398,7 +459,7 @@ def train_student(config, workdir, loss_name: str, seed_index: int = 0):
         legacy = os.path.join(workdir, teacher_cache.LEGACY_NPZ)
         old = (f" ({legacy} is the .npz cache of earlier versions, which is no longer read)"
                if not config.teacher_cache_dir and os.path.exists(legacy) else "")
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             f"the student loss {loss_name!r} needs the teachers' outputs {path}, which are missing{old}: run "
             f"`python -m kd_landmarks.main --config <config>:phase=cache_teachers --workdir {workdir}` after "
             "both teachers (or phase=all), give another's with --config.teacher_cache_dir=DIR, or set "
@@ -425,7 +486,7 @@ def evaluate_all(config, workdir, *, skip_current: bool = False):
   """Phase eval: every trained model in the workdir on every evaluation split."""
   model_dirs = trained_model_dirs(workdir)
   if not model_dirs:
-    raise FileNotFoundError(f"no trained model in {workdir}: run the teacher/student phases (phase=all) first")
+    raise errors.MissingFileError(f"no trained model in {workdir}: run the teacher/student phases (phase=all) first")
   # The kernels training used (on a CPU, 5x the portable grouped convolution's forward speed on the demo's
   # model): the same function of the same variables.
   kernels = train.training_kernels(config).model
@@ -448,17 +509,21 @@ def run(config, workdir: str, *, break_lock: bool = False):
   """Runs ``config.phase`` (or, for 'all', every phase in order, skipping finished ones) in ``workdir``.
 
   Holds the workdir's lock (:mod:`kd_landmarks.training.workdir_lock`) throughout: a second run on the same workdir
-  stops at once naming this one; ``break_lock`` takes over a lock its holder left behind.
+  stops at once naming this one; ``break_lock`` takes over a lock its holder left behind. A full disk or a
+  read-only workdir stops the run with one :class:`errors.WriteError` naming the file; every file a re-run
+  trusts (checkpoints, model.json, train_done.json, teacher outputs, prepared data) is written whole or
+  not at all.
   """
   validate_config(config)
   config = backend.resolve(config)  # platform 'auto', dtype 'auto', prefetch -1 -> concrete (idempotent).
-  os.makedirs(workdir, exist_ok=True)
-  lock = workdir_lock.acquire(workdir, break_lock=break_lock, process_index=jax.process_index(),
-                              process_count=jax.process_count())
-  try:
-    _run_phases(config, workdir)
-  finally:
-    lock.release()
+  with files.writing(workdir):
+    os.makedirs(workdir, exist_ok=True)
+    lock = workdir_lock.acquire(workdir, break_lock=break_lock, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    try:
+      _run_phases(config, workdir)
+    finally:
+      lock.release()
 
 
 def _run_phases(config, workdir: str):
