@@ -245,14 +245,16 @@ def test_command_line_prepare(tmp_path, capsys, built_300w):
   assert cli_main(["prepare", "--dataset", "cofw", "--data_dir", str(tmp_path), "--num_train", "3"]) == 2
 
 
-def _tfds_build(*args, timeout=300):
+def _tfds_build(*args, timeout=300, check=True):
   """tfds's own `build` command (kd_landmarks.datasets.tfds_build: the tfds CLI minus its TensorFlow-only
   start-up), in a fresh process, registering the builder the third-party way (--imports)."""
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   result = subprocess.run([sys.executable, "-m", "kd_landmarks.datasets.tfds_build", *args,
                            "--imports", "kd_landmarks.datasets.builder"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
-  assert result.returncode == 0, result.stderr[-3000:]
+  if check:
+    assert result.returncode == 0, result.stderr[-3000:]
+  return result
 
 
 def _assert_same_build(built, prepared, dataset):
@@ -441,3 +443,36 @@ def test_a_truncated_array_record_is_named_when_the_split_is_opened(tmp_path):
                           f"it again: python -m kd_landmarks.datasets prepare --dataset synthetic --data_dir "
                           f"{tmp_path} --overwrite")
   assert len(load_split("synthetic", "test", tmp_path)) == 2  # The other split is whole.
+
+
+@pytest.mark.parametrize("args, line", [
+    # Probe: a misspelt option printed tfds's 20-line usage before the error.
+    (["--data_dri", "DATA"], "error: unrecognized arguments: --data_dri DATA (did you mean --data_dir?); see --help"),
+    # Probe: JSON without quotes gave a JSONDecodeError traceback naming no flag.
+    (["--config", '{"name": "synthetic", num_train: 3}'],
+     "error: --config '{\"name\": \"synthetic\", num_train: 3}' is not valid JSON (Expecting property name enclosed "
+     "in double quotes: line 1 column 23 (char 22)); quote keys and strings with \", e.g. --config '{\"name\": "
+     "\"synthetic\", \"num_train\": 64}'"),
+    # Probe: a misspelt option inside the JSON gave a TypeError traceback.
+    (["--config", '{"name": "synthetic", "num_trian": 3}'],
+     "error: --config: kd_landmarks has no option 'num_trian' (did you mean 'num_train'?); choose from ['name', "
+     "'allow_partial', 'num_train', 'num_test', 'image_size', 'seed']"),
+    (["--download_config", "{compute_stats: skip}"],
+     "error: --download_config '{compute_stats: skip}' is not valid JSON (Expecting property name enclosed in "
+     "double quotes: line 1 column 2 (char 1)); quote keys and strings with \", e.g. --config '{\"name\": "
+     "\"synthetic\", \"num_train\": 64}'"),
+])
+def test_tfds_build_usage_mistakes_are_one_line(tmp_path, args, line):
+  result = _tfds_build("kd_landmarks", "--data_dir", str(tmp_path / "data"), *args, check=False)
+  assert result.returncode == errors.EXIT_CODE and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == line
+  assert not (tmp_path / "data").exists()
+
+
+def test_tfds_build_with_a_missing_manual_dir_is_one_line(tmp_path):
+  # Probe: tfds' bare AssertionError, after a traceback.
+  result = _tfds_build("kd_landmarks", "--config", "300w", "--manual_dir", str(tmp_path / "none"), "--data_dir",
+                       str(tmp_path / "data"), check=False)
+  assert result.returncode == errors.EXIT_CODE and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f"error: 300w: expected {tmp_path}/none but it does not exist. Download the official archives yourself")

@@ -234,7 +234,13 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     return examples
 
   def _split_generators(self, dl_manager):
-    manual_dir = None if self.builder_config.dataset == "synthetic" else dl_manager.manual_dir
+    manual_dir = None
+    if self.builder_config.dataset != "synthetic":
+      try:
+        manual_dir = dl_manager.manual_dir
+      except AssertionError:  # tfds' bare assertion for a missing or empty manual dir (`tfds build`).
+        readers.check_manual_dir(getattr(dl_manager, "_manual_dir", None), self.builder_config.dataset)
+        raise  # Not one of those: tfds' own message.
     raw_splits = self._read_raw_splits(manual_dir)
     size = self.stored_size
     # Fit the shape model on the train split, in the normalised stored-crop frame (see module docstring).
