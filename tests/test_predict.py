@@ -379,6 +379,8 @@ def test_boxes_of_any_shape_but_f_by_4_or_f_by_5_are_refused(tmp_path):
   np.testing.assert_array_equal(five[0].landmarks, four[0].landmarks)
   assert (four[0].score, five[0].score) == (None, 0.75)
   assert predictor.predict(photo, boxes=np.zeros((0, 4))).shape == (0, 2, 2)
+  with pytest.raises(errors.ArgumentError, match=r"a photo is RGB uint8 \[H, W, 3\]"):
+    predictor.predict(photo[..., 0], boxes=[[10, 20, 110, 120]])
 
 
 def test_existing_outputs_are_kept_unless_overwrite(model_dir, tmp_path, capsys):

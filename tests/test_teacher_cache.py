@@ -308,3 +308,21 @@ def test_damaged_teacher_outputs_are_named_and_rewritten_over(tmp_path):
                      "train split of kd_landmarks_teachers/synthetic cannot be read; the teacher outputs are "
                      "damaged. Rebuild them: `rebuild command`$"):
     tc.load_teacher_outputs(tmp_path, dataset="synthetic", rebuild="`rebuild command`")
+
+
+def test_mismatched_cache_through_main_is_one_line(tmp_path, data_dir):
+  # Probe: a mismatched teacher cache gave 26-31 lines of traceback through `python -m kd_landmarks.main`.
+  config = _config(data_dir=data_dir)
+  folder = _forge(tmp_path / "colleague", config, data_dir, num_rows=5)
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  overrides = [f"--config.{key}={value}" for key, value in (
+      ("data_dir", data_dir), ("teacher_cache_dir", folder), ("student_loss", "kd"), ("image_size", 32),
+      *((f"synthetic.{key}", value) for key, value in SYNTHETIC.items()))]
+  result = subprocess.run([sys.executable, "-m", "kd_landmarks.main", "--config", "configs/demo.py:phase=student",
+                           "--workdir", str(tmp_path / "run"), *overrides],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  assert result.returncode == errors.EXIT_CODE and "Traceback" not in result.stderr, result.stderr[-3000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith(f"error: {folder}: the teacher outputs do not match the training split: num_examples 5 "
+                         "(the training split: 6)"), line
+  assert not (tmp_path / "run" / "student_kd").exists()

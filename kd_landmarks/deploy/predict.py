@@ -244,7 +244,7 @@ class Predictor:
     filter_params = video.Smoothing(min_cutoff, beta) if smoothing else None
     rate = video.DEFAULT_FPS if fps is None else float(fps)
     if not rate > 0:
-      raise ValueError(f"fps must be positive; got {fps}")
+      raise errors.ArgumentError(f"fps must be positive; got {fps}")
     if isinstance(source, (str, os.PathLike)):
       path = os.fspath(source)
       frames = (video.read_frame_folder(path, fps=rate) if os.path.isdir(path) else video.read_video(path))
@@ -287,8 +287,8 @@ def check_boxes(boxes) -> np.ndarray:
 def _check_photo(image) -> np.ndarray:
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-    raise ValueError(f"a photo is RGB uint8 [H, W, 3] (read it with kd_landmarks.deploy.predict.read_photo); got "
-                     f"{image.dtype} {image.shape}")
+    raise errors.ArgumentError(f"a photo is RGB uint8 [H, W, 3] (read it with kd_landmarks.deploy.predict.read_photo); "
+                               f"got {image.dtype} {image.shape}")
   return image
 
 
