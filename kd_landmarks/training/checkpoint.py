@@ -14,10 +14,13 @@ Frozen teachers never enter a student's checkpoints: the student's train state h
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import time
 from typing import Any, Mapping
 
@@ -192,11 +195,54 @@ def tree_checksum(tree) -> str:
   return digest.hexdigest()
 
 
+# How tensorstore ends the message of a failed file operation: "... No space left on device [os_error_code='28']".
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+
+
+class _DropLogsMatching(logging.Filter):
+  """Drops error records whose message matches ``pattern`` (a failure that is raised and reported anyway)."""
+
+  def __init__(self, pattern: re.Pattern):
+    super().__init__()
+    self.pattern = pattern
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and self.pattern.search(record.getMessage()))
+
+
+@contextlib.contextmanager
+def _saving(manager: ocp.CheckpointManager, step: int):
+  """A full disk or a read-only folder while orbax saves ``step`` becomes one :class:`errors.WriteError`
+  naming the step, and orbax's temporary step folder is removed (it is never read as a step, but it holds
+  the space). tensorstore reports the failed write as a ValueError ending "[os_error_code='28']"
+  (measured: a 1 MB state saved into a 200 kB tmpfs)."""
+  step_dir = os.path.join(str(manager.directory), str(int(step)))
+  # Orbax's writer thread also logs the failure with its traceback (absl's logger); it is reported below.
+  quiet = _DropLogsMatching(_OS_ERROR_CODE)
+  logging.getLogger("absl").addFilter(quiet)
+  try:
+    yield
+  except (ValueError, OSError) as error:
+    code = _OS_ERROR_CODE.search(str(error))
+    os_error = error if isinstance(error, OSError) else OSError(int(code.group(1)), str(error)) if code else None
+    if os_error is None or errors.write_error(os_error, step_dir) is None:
+      raise
+    for leftover in os.listdir(str(manager.directory)):
+      if leftover.startswith(f"{int(step)}.orbax-checkpoint-tmp"):
+        shutil.rmtree(os.path.join(str(manager.directory), leftover), ignore_errors=True)
+    # Named by the step, not by tensorstore's chunk file inside orbax's temporary folder.
+    raise errors.write_error(OSError(os_error.errno, os_error.strerror, step_dir), step_dir) from None
+  finally:
+    logging.getLogger("absl").removeFilter(quiet)
+
+
 def save_state(manager: ocp.CheckpointManager, step: int, state_tree: Mapping[str, Any]) -> None:
   """Saves a train-state pytree (a dict) at ``step``, waits for it to be on disk, and writes the
-  checksum :func:`restore_state` verifies."""
-  manager.save(int(step), args=ocp.args.StandardSave(dict(state_tree)), force=True)
-  manager.wait_until_finished()
+  checksum :func:`restore_state` verifies. A full disk or a read-only folder is a :class:`errors.WriteError`
+  naming the step; nothing of the step is left to be read back."""
+  with _saving(manager, step):
+    manager.save(int(step), args=ocp.args.StandardSave(dict(state_tree)), force=True)
+    manager.wait_until_finished()
   _write_checksum(manager, step, state_tree)
 
 
@@ -274,9 +320,10 @@ def save_best(manager: ocp.CheckpointManager, step: int, variables: Mapping[str,
   """Offers inference variables scored by ``val_nme``; orbax keeps only the best. Returns True if saved."""
   if not np.isfinite(val_nme):
     return False  # A NaN score would be ranked arbitrarily; never let it displace a good model.
-  saved = manager.save(int(step), args=ocp.args.StandardSave(dict(variables)),
-                       metrics={"val_nme": float(val_nme)}, force=True)
-  manager.wait_until_finished()
+  with _saving(manager, step):
+    saved = manager.save(int(step), args=ocp.args.StandardSave(dict(variables)),
+                         metrics={"val_nme": float(val_nme)}, force=True)
+    manager.wait_until_finished()
   if saved:
     _write_checksum(manager, step, variables)
   return bool(saved)
