@@ -54,7 +54,8 @@ ROLE_SEED_OFFSETS = {"landmarks": 0, "soft_landmarks": 1, "student": 2}
 # Student seed k adds SEED_STRIDE * k: far from the role offsets, so no student seed repeats a teacher's.
 SEED_STRIDE = 1000
 DONE_FILE = checkpoint.DONE_FILE
-# The smallest input side a model takes (student_image_size too): MobileNetV2 and EfficientNet halve it 5 times.
+# The smallest input side a model trains at (student_image_size too): MobileNetV2 and EfficientNet halve it
+# five times ('SAME' padding), so 16 px ends as a 1 x 1 feature map.
 MIN_IMAGE_SIZE = 16
 
 
@@ -122,7 +123,7 @@ def _check_numbers(config) -> None:
   held-out fraction and the augmentation ranges."""
   size = int(config.image_size)
   _require(size >= MIN_IMAGE_SIZE, "image_size", size,
-           f"at least {MIN_IMAGE_SIZE} (the networks downsample by 32; the paper uses 224)")
+           f"at least {MIN_IMAGE_SIZE} (the paper uses 224)")
   for phase in ("teacher", "student"):
     phase_config = config[phase]
     _require(int(phase_config.batch_size) >= 1, f"{phase}.batch_size", phase_config.batch_size, ">= 1")

@@ -73,8 +73,7 @@ def test_a_config_value_that_cannot_run_is_one_error_line_and_exit_2(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"teacher.batch_size": 0}, "config.teacher.batch_size must be >= 1, got 0"),
     ({"student.batch_size": -8}, "config.student.batch_size must be >= 1, got -8"),
-    ({"image_size": 0}, "config.image_size must be at least 16 (the networks downsample by 32; the paper uses "
-                        "224), got 0"),
+    ({"image_size": 0}, "config.image_size must be at least 16 (the paper uses 224), got 0"),
     ({"teacher.num_train_steps": 0}, "config.teacher.num_train_steps must be >= 1, or -1 to train for "
                                      "num_epochs, got 0"),
     ({"student.num_train_steps": -1, "student.num_epochs": 0.0}, "config.student.num_epochs must be > 0 when "
