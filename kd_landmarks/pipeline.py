@@ -25,6 +25,7 @@ from kd_landmarks.training import checkpoint
 from kd_landmarks import config_lib
 from kd_landmarks import datasets
 from kd_landmarks import errors
+from kd_landmarks import files
 from kd_landmarks.evaluation import evaluate
 from kd_landmarks.training import input_pipeline
 from kd_landmarks import losses
@@ -53,6 +54,9 @@ ROLE_SEED_OFFSETS = {"landmarks": 0, "soft_landmarks": 1, "student": 2}
 # Student seed k adds SEED_STRIDE * k: far from the role offsets, so no student seed repeats a teacher's.
 SEED_STRIDE = 1000
 DONE_FILE = checkpoint.DONE_FILE
+# The smallest input side a model trains at (student_image_size too): MobileNetV2 and EfficientNet halve it
+# five times ('SAME' padding), so 16 px ends as a 1 x 1 feature map.
+MIN_IMAGE_SIZE = 16
 
 
 def student_losses(config) -> list[str]:
@@ -95,10 +99,12 @@ def _check_config(config) -> None:
   info.get_info(config.dataset)
   student_losses(config)
   student_seeds(config)
+  _check_numbers(config)
   selection(config)
   student_size = int(config.student_image_size)
-  if student_size < 0 or (0 < student_size < 16):
-    raise errors.ConfigError(f"config.student_image_size must be 0 (= image_size) or at least 16, got {student_size}")
+  if student_size < 0 or (0 < student_size < MIN_IMAGE_SIZE):
+    raise errors.ConfigError(f"config.student_image_size must be 0 (= image_size) or at least {MIN_IMAGE_SIZE}, "
+                             f"got {student_size}")
   if config.teachers_online and config.teacher_cache_dir:
     raise errors.ConfigError("config.teacher_cache_dir gives cached teacher outputs, config.teachers_online=True runs the "
                      "teachers instead: set one of them")
@@ -134,6 +140,62 @@ def landmark_scheme(dataset: str) -> dict:
   if dataset_info.normalization == "inter_ocular":
     scheme["normalizing_points"] = list(dataset_info.outer_eye_corners)
   return scheme
+
+
+def _require(condition: bool, field: str, value, wanted: str) -> None:
+  if not condition:
+    raise errors.ConfigError(f"config.{field} must be {wanted}, got {value!r}: set --config.{field}=...")
+
+
+def _check_numbers(config) -> None:
+  """The numeric fields, each on its own (no data read): sizes, steps, batch sizes, seeds, optimiser, the
+  held-out fraction and the augmentation ranges."""
+  size = int(config.image_size)
+  _require(size >= MIN_IMAGE_SIZE, "image_size", size,
+           f"at least {MIN_IMAGE_SIZE} (the paper uses 224)")
+  for phase in ("teacher", "student"):
+    phase_config = config[phase]
+    _require(int(phase_config.batch_size) >= 1, f"{phase}.batch_size", phase_config.batch_size, ">= 1")
+    steps = int(phase_config.num_train_steps)
+    _require(steps >= 1 or steps == -1, f"{phase}.num_train_steps", phase_config.num_train_steps,
+             ">= 1, or -1 to train for num_epochs")
+    if steps == -1:
+      epochs = float(phase_config.num_epochs)
+      _require(np.isfinite(epochs) and epochs > 0, f"{phase}.num_epochs", phase_config.num_epochs,
+               "> 0 when num_train_steps is -1")
+  _require(int(config.eval_batch_size) >= 1, "eval_batch_size", config.eval_batch_size, ">= 1")
+  for field in ("augment_copies", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    _require(int(config[field]) >= 1, field, config[field], ">= 1")
+  for field in ("seed", "val_holdout_seed"):
+    _require(int(config[field]) >= 0, field, config[field], ">= 0")
+  for field in ("input_cache_mb", "prefetch"):
+    _require(int(config[field]) >= -1, field, config[field], ">= 0, or -1 for the default")
+  try:
+    holdout.check_holdout(config.val_holdout)
+  except ValueError as error:
+    raise errors.ConfigError(f"{error}: set --config.val_holdout=0.05 (the default)") from None
+  optimizer = config.optimizer
+  rate = float(optimizer.learning_rate)
+  _require(np.isfinite(rate) and rate > 0, "optimizer.learning_rate", optimizer.learning_rate, "> 0")
+  for field in ("b1", "b2"):
+    _require(0 <= float(optimizer[field]) < 1, f"optimizer.{field}", optimizer[field], "in [0, 1)")
+  _require(float(optimizer.eps) > 0, "optimizer.eps", optimizer.eps, "> 0")
+  _require(float(optimizer.decay) >= 0, "optimizer.decay", optimizer.decay, ">= 0")
+  _require(optimizer.schedule in train.LR_SCHEDULES, "optimizer.schedule", optimizer.schedule,
+           f"one of {train.LR_SCHEDULES}")
+  _require(int(optimizer.warmup_steps) >= 0, "optimizer.warmup_steps", optimizer.warmup_steps, ">= 0")
+  _require(0 <= float(optimizer.final_lr_fraction) <= 1, "optimizer.final_lr_fraction",
+           optimizer.final_lr_fraction, "in [0, 1]")
+  try:
+    config_lib.AugmentConfig(**config.augment.to_dict())
+  except ValueError as error:  # Its message names AugmentConfig.<field>: the config field is augment.<field>.
+    raise errors.ConfigError(str(error).replace("AugmentConfig.", "config.augment.")) from None
+  dataset = info.get_info(config.dataset)
+  for split in filter(None, (name.strip() for name in str(config.eval_splits).split(","))):
+    _require(split in dataset.splits, "eval_splits", config.eval_splits,
+             f"empty or splits of {dataset.name} from {list(dataset.splits)}")
+  for field, value in config.synthetic.to_dict().items():
+    _require(int(value) >= 0, f"synthetic.{field}", value, ">= 0 (0: the builder's default)")
 
 
 def data_dir_of(config, workdir) -> str:
@@ -289,7 +351,7 @@ def train_teacher(config, workdir, teacher: str):
 def _require_teacher(workdir, teacher):
   model_dir = os.path.join(workdir, f"teacher_{teacher}")
   if not os.path.exists(os.path.join(model_dir, DONE_FILE)):
-    raise errors.MissingInputError(
+    raise errors.MissingFileError(
         f"the {teacher} teacher is not trained ({model_dir}/{DONE_FILE} missing): run "
         f"`python -m kd_landmarks.main --config <config>:phase=teacher_{teacher} --workdir {workdir}` "
         "(or phase=all) first")
@@ -397,7 +459,7 @@ def _require_teacher_outputs(config, workdir, loss_name: str):
     legacy = os.path.join(workdir, teacher_cache.LEGACY_NPZ)
     old = (f" ({legacy} is the .npz cache of earlier versions, which is no longer read)"
            if not config.teacher_cache_dir and os.path.exists(legacy) else "")
-    raise errors.MissingInputError(
+    raise errors.MissingFileError(
         f"the student loss {loss_name!r} needs the teachers' outputs {path}, which are missing{old}: run "
         f"`python -m kd_landmarks.main --config <config>:phase=cache_teachers --workdir {workdir}` after "
         "both teachers (or phase=all), give another's with --config.teacher_cache_dir=DIR, or set "
@@ -410,7 +472,7 @@ def preflight(config, workdir, mesh=None) -> None:
   not stop hours in on something knowable at its start: the data and splits each phase reads, each training
   phase's global batch against its training set (any batch runs on any device count: it is padded to a
   multiple of the devices and the padding masked out, :func:`parallel.padded_batch_size`), the evaluation
-  batch, and the teachers or teacher outputs a distilled student reads when this run does not make them.
+  splits, and the teachers or teacher outputs a distilled student reads when this run does not make them.
   Logs each training phase's batch layout over the devices. Raises :class:`errors.UserError`.
   """
   mesh = mesh or parallel.make_mesh()
@@ -422,15 +484,13 @@ def preflight(config, workdir, mesh=None) -> None:
           run_all and (config.teacher_cache_dir or not distilled)),
       "student": "student" in phases,
   }
-  if int(config.eval_batch_size) < 1:
-    raise errors.ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be >= 1")
   if any(trains.values()) or "cache_teachers" in phases:
     try:
       train_source, _ = train_and_val_sources(config, workdir)
     except errors.UserError:
       raise
     except FileNotFoundError as error:
-      raise errors.MissingInputError(errors.one_line(error)) from None
+      raise errors.MissingFileError(errors.one_line(error)) from None
     for role, runs in trains.items():
       if not runs:
         continue
@@ -438,8 +498,6 @@ def preflight(config, workdir, mesh=None) -> None:
       batch = global_batch_size(config, phase_config, mesh)
       field = ("config.per_device_batch_size" if config.per_device_batch_size > 0
                else f"config.{role}.batch_size")
-      if batch < 1:
-        raise errors.ConfigError(f"{field} gives a global {role} batch of {batch}; it must be >= 1")
       if batch > len(train_source):
         raise errors.ConfigError(
             f"{field} gives a global {role} batch of {batch}, more than the {len(train_source)} training "
@@ -451,7 +509,7 @@ def preflight(config, workdir, mesh=None) -> None:
       try:
         load_split(config, workdir, split)
       except FileNotFoundError as error:
-        raise errors.MissingInputError(errors.one_line(error)) from None
+        raise errors.MissingFileError(errors.one_line(error)) from None
       except (KeyError, ValueError) as error:
         raise errors.ConfigError(f"config.eval_splits: {errors.one_line(error)}") from None
   if trains["student"] and distilled:
@@ -524,7 +582,7 @@ def evaluate_all(config, workdir, *, skip_current: bool = False):
   """Phase eval: every trained model in the workdir on every evaluation split."""
   model_dirs = trained_model_dirs(workdir)
   if not model_dirs:
-    raise errors.MissingInputError(f"no trained model in {workdir}: run the teacher/student phases (phase=all) first")
+    raise errors.MissingFileError(f"no trained model in {workdir}: run the teacher/student phases (phase=all) first")
   # The kernels training used (on a CPU, 5x the portable grouped convolution's forward speed on the demo's
   # model): the same function of the same variables.
   kernels = train.training_kernels(config).model
@@ -547,17 +605,21 @@ def run(config, workdir: str, *, break_lock: bool = False):
   """Runs ``config.phase`` (or, for 'all', every phase in order, skipping finished ones) in ``workdir``.
 
   Holds the workdir's lock (:mod:`kd_landmarks.training.workdir_lock`) throughout: a second run on the same workdir
-  stops at once naming this one; ``break_lock`` takes over a lock its holder left behind.
+  stops at once naming this one; ``break_lock`` takes over a lock its holder left behind. A full disk or a
+  read-only workdir stops the run with one :class:`errors.WriteError` naming the file; every file a re-run
+  trusts (checkpoints, model.json, train_done.json, teacher outputs, prepared data) is written whole or
+  not at all.
   """
   validate_config(config)
   config = backend.resolve(config)  # platform 'auto', dtype 'auto', prefetch -1 -> concrete (idempotent).
-  os.makedirs(workdir, exist_ok=True)
-  lock = workdir_lock.acquire(workdir, break_lock=break_lock, process_index=jax.process_index(),
-                              process_count=jax.process_count())
-  try:
-    _run_phases(config, workdir)
-  finally:
-    lock.release()
+  with files.writing(workdir):
+    os.makedirs(workdir, exist_ok=True)
+    lock = workdir_lock.acquire(workdir, break_lock=break_lock, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    try:
+      _run_phases(config, workdir)
+    finally:
+      lock.release()
 
 
 def _run_phases(config, workdir: str):

@@ -13,6 +13,7 @@ from scipy import ndimage
 
 import fixtures_formats as ff
 from kd_landmarks import coords
+from kd_landmarks import errors
 from kd_landmarks import shapes
 from kd_landmarks.datasets import builder
 from kd_landmarks.datasets import info
@@ -238,20 +239,22 @@ def test_command_line_prepare(tmp_path, capsys, built_300w):
   assert "test_full: 5 examples" in out and "train: 8 examples" in out
   code = cli_main(["prepare", "--dataset", "wflw", "--manual_dir", str(tmp_path / "none"), "--data_dir",
                    str(tmp_path / "data")])
-  assert code == 1
+  assert code == errors.EXIT_CODE
   err = capsys.readouterr().err
   assert str(tmp_path / "none") in err and "WFLW_annotations" in err
   assert cli_main(["prepare", "--dataset", "cofw", "--data_dir", str(tmp_path), "--num_train", "3"]) == 2
 
 
-def _tfds_build(*args, timeout=300):
+def _tfds_build(*args, timeout=300, check=True):
   """tfds's own `build` command (kd_landmarks.datasets.tfds_build: the tfds CLI minus its TensorFlow-only
   start-up), in a fresh process, registering the builder the third-party way (--imports)."""
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   result = subprocess.run([sys.executable, "-m", "kd_landmarks.datasets.tfds_build", *args,
                            "--imports", "kd_landmarks.datasets.builder"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
-  assert result.returncode == 0, result.stderr[-3000:]
+  if check:
+    assert result.returncode == 0, result.stderr[-3000:]
+  return result
 
 
 def _assert_same_build(built, prepared, dataset):
@@ -321,7 +324,7 @@ def test_empty_manual_dir_is_one_line_not_a_tfds_assertion(tmp_path, capsys):
   code = cli_main(["prepare", "--dataset", "300w", "--manual_dir", str(tmp_path / "manual"),
                    "--data_dir", str(tmp_path / "data")])
   err = capsys.readouterr().err.strip()
-  assert code == 1 and "\n" not in err
+  assert code == errors.EXIT_CODE and "\n" not in err
   assert err.startswith(f"error: 300w: --manual_dir {tmp_path}/manual is empty")
 
 
@@ -368,3 +371,108 @@ def test_prepare_on_a_build_from_another_manual_dir_says_how_to_rebuild(tmp_path
   rebuilt = _prepare("300w", data_dir, manual_dir, overwrite=True)
   assert rebuilt.info.splits["train"].num_examples == 10
   assert len(load_split("300w", "train", data_dir)) == 10
+
+
+def _stored_landmarks(data_dir, image_id):
+  return [e["landmarks_original"] for e in _all(load_split("300w", "train", data_dir)) if e["image_id"] == image_id][0]
+
+
+def test_prepare_after_a_same_size_edit_of_an_annotation_names_the_file(tmp_path, capsys):
+  # Probe: a .pts coordinate changed in place (same size) was not noticed: exit 0, stored landmarks unchanged.
+  manual_dir = tmp_path / "manual"
+  ff.write_300w(manual_dir, COUNTS_300W)
+  data_dir = tmp_path / "data"
+  _prepare("300w", data_dir, manual_dir)
+  fingerprint = builder.content_fingerprint("300w", data_dir)
+  assert load_split("300w", "train", data_dir).metadata["content_fingerprint"] == fingerprint
+  pts = manual_dir / "afw" / "afw_0001.pts"
+  text = pts.read_text()
+  first_x = text.splitlines()[3].split()[0]  # "x y" of the first point, 1-based.
+  edited = text.replace(first_x, f"{float(first_x) + 1:.6f}"[:len(first_x)].rjust(len(first_x)), 1)
+  assert len(edited) == len(text) and edited != text
+  pts.write_text(edited)
+  code = cli_main(["prepare", "--dataset", "300w", "--manual_dir", str(manual_dir), "--data_dir", str(data_dir),
+                   "--allow_partial"])
+  err = capsys.readouterr().err.strip()
+  assert code == errors.EXIT_CODE and "\n" not in err
+  assert err.startswith(f"error: {data_dir}/kd_landmarks/300w/{builder.KdLandmarks.VERSION} was built from "
+                        f"{manual_dir} (")
+  assert "(afw/afw_0001.pts changed); pass --overwrite (overwrite=True) to rebuild it" in err
+  before = _stored_landmarks(data_dir, "afw/afw_0001.jpg")
+  _prepare("300w", data_dir, manual_dir, overwrite=True)
+  after = _stored_landmarks(data_dir, "afw/afw_0001.jpg")
+  np.testing.assert_allclose(after[0, 0] - before[0, 0], 1.0, atol=1e-4)  # The edited point, and only it.
+  np.testing.assert_array_equal(after[1:], before[1:])
+  assert builder.content_fingerprint("300w", data_dir) != fingerprint
+  _prepare("300w", data_dir, manual_dir)  # Unchanged since: reused.
+
+
+def test_a_damaged_dataset_info_is_named_and_overwrite_rebuilds(tmp_path, capsys):
+  # Probe: a corrupt dataset_info.json gave a protobuf ParseError naming no file, and --overwrite could not
+  # recover it.
+  options = {"num_train": 4, "num_test": 2, "image_size": 32}
+  _prepare("synthetic", tmp_path, synthetic_options=options)
+  info_file = tmp_path / "kd_landmarks" / "synthetic" / str(builder.KdLandmarks.VERSION) / "dataset_info.json"
+  info_file.write_text('{"name": ')
+  with pytest.raises(errors.DataError) as raised:
+    load_split("synthetic", "train", tmp_path)
+  message = errors.one_line(raised.value)
+  assert message.startswith(f"{info_file} cannot be read (Failed to load JSON: ")
+  assert message.endswith(f"the prepared synthetic in {tmp_path} is damaged; prepare it again: python -m "
+                          f"kd_landmarks.datasets prepare --dataset synthetic --data_dir {tmp_path} --overwrite")
+  command = ["prepare", "--dataset", "synthetic", "--data_dir", str(tmp_path)] + [
+      f"--{key}={value}" for key, value in options.items()]
+  assert cli_main(command) == errors.EXIT_CODE
+  assert capsys.readouterr().err.strip() == f"error: {message}"
+  assert cli_main(command + ["--overwrite"]) == 0
+  assert len(load_split("synthetic", "train", tmp_path)) == 4
+
+
+def test_a_truncated_array_record_is_named_when_the_split_is_opened(tmp_path):
+  # Probe: a truncated array_record file was found 73 s into training, by a RuntimeError naming no file.
+  _prepare("synthetic", tmp_path, synthetic_options={"num_train": 4, "num_test": 2, "image_size": 32})
+  folder = tmp_path / "kd_landmarks" / "synthetic" / str(builder.KdLandmarks.VERSION)
+  (record_file,) = folder.glob("kd_landmarks-train.array_record-*")
+  data = record_file.read_bytes()
+  record_file.write_bytes(data[:len(data) // 2])
+  with pytest.raises(errors.DataError) as raised:
+    load_split("synthetic", "train", tmp_path)
+  message = errors.one_line(raised.value)
+  assert message.startswith(f"{record_file} cannot be read (")
+  assert message.endswith("truncated or damaged): the train split of kd_landmarks/synthetic cannot be read; prepare "
+                          f"it again: python -m kd_landmarks.datasets prepare --dataset synthetic --data_dir "
+                          f"{tmp_path} --overwrite")
+  assert len(load_split("synthetic", "test", tmp_path)) == 2  # The other split is whole.
+
+
+@pytest.mark.parametrize("args, line", [
+    # Probe: a misspelt option printed tfds's 20-line usage before the error.
+    (["--data_dri", "DATA"], "error: unrecognized arguments: --data_dri DATA (did you mean --data_dir?); see --help"),
+    # Probe: JSON without quotes gave a JSONDecodeError traceback naming no flag.
+    (["--config", '{"name": "synthetic", num_train: 3}'],
+     "error: --config '{\"name\": \"synthetic\", num_train: 3}' is not valid JSON (Expecting property name enclosed "
+     "in double quotes: line 1 column 23 (char 22)); quote keys and strings with \", e.g. --config '{\"name\": "
+     "\"synthetic\", \"num_train\": 64}'"),
+    # Probe: a misspelt option inside the JSON gave a TypeError traceback.
+    (["--config", '{"name": "synthetic", "num_trian": 3}'],
+     "error: --config: kd_landmarks has no option 'num_trian' (did you mean 'num_train'?); choose from ['name', "
+     "'allow_partial', 'num_train', 'num_test', 'image_size', 'seed']"),
+    (["--download_config", "{compute_stats: skip}"],
+     "error: --download_config '{compute_stats: skip}' is not valid JSON (Expecting property name enclosed in "
+     "double quotes: line 1 column 2 (char 1)); quote keys and strings with \", e.g. --config '{\"name\": "
+     "\"synthetic\", \"num_train\": 64}'"),
+])
+def test_tfds_build_usage_mistakes_are_one_line(tmp_path, args, line):
+  result = _tfds_build("kd_landmarks", "--data_dir", str(tmp_path / "data"), *args, check=False)
+  assert result.returncode == errors.EXIT_CODE and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == line
+  assert not (tmp_path / "data").exists()
+
+
+def test_tfds_build_with_a_missing_manual_dir_is_one_line(tmp_path):
+  # Probe: tfds' bare AssertionError, after a traceback.
+  result = _tfds_build("kd_landmarks", "--config", "300w", "--manual_dir", str(tmp_path / "none"), "--data_dir",
+                       str(tmp_path / "data"), check=False)
+  assert result.returncode == errors.EXIT_CODE and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f"error: 300w: expected {tmp_path}/none but it does not exist. Download the official archives yourself")

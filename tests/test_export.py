@@ -309,3 +309,19 @@ def test_tflite_without_tensorflow_says_what_to_install(capsys):
   with pytest.raises(SystemExit):
     export.main(["--checkpoint", "unused", "--format", "tflite"])
   assert "pip install 'kd_landmarks[tflite]'" in capsys.readouterr().err
+
+
+def test_export_of_a_workdir_without_a_student_names_the_phase(tmp_path):
+  # Probe: `export` on a workdir with no student gave a traceback about model.json.
+  workdir = tmp_path / "run"
+  predict_fixtures.write_model_dir(workdir / "teacher_tough")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-m", "kd_landmarks.deploy.export", "--workdir", str(workdir)],
+                          capture_output=True, text=True, cwd=root, env=env, timeout=300)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: {workdir} has no trained student_kd ({workdir}/student_kd/model.json is missing); it has "
+      "teacher_tough (pass --model NAME). Train it: `python -m kd_landmarks.main --config <config>:phase=student "
+      f"--workdir {workdir} --config.student_loss=kd` (after the teachers)")
+  assert not (workdir / "student_kd").exists()

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from kd_landmarks import errors
 from kd_landmarks import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +66,95 @@ def test_a_config_value_that_cannot_run_is_one_error_line_and_exit_2(tmp_path):
   assert "Traceback" not in result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "'l3'" in last and "choose from" in last, last
+
+
+# Probes: each of these ran until a compile error (an MLIR error for a batch of -8), a ZeroDivisionError, or a
+# traceback from deep inside training. Each is now one line naming the field, before any work.
+@pytest.mark.parametrize("overrides, message", [
+    ({"teacher.batch_size": 0}, "config.teacher.batch_size must be >= 1, got 0"),
+    ({"student.batch_size": -8}, "config.student.batch_size must be >= 1, got -8"),
+    ({"image_size": 0}, "config.image_size must be at least 16 (the paper uses 224), got 0"),
+    ({"teacher.num_train_steps": 0}, "config.teacher.num_train_steps must be >= 1, or -1 to train for "
+                                     "num_epochs, got 0"),
+    ({"student.num_train_steps": -1, "student.num_epochs": 0.0}, "config.student.num_epochs must be > 0 when "
+                                                                  "num_train_steps is -1, got 0.0"),
+    ({"log_every_steps": 0}, "config.log_every_steps must be >= 1, got 0"),
+    ({"seed": -3}, "config.seed must be >= 0, got -3"),
+    ({"student_seeds": 0}, "config.student_seeds must be >= 1 (the number of seeds per student loss), got 0"),
+    ({"val_holdout": 1.5}, "config.val_holdout must be 0, a fraction in (0, 1) or a whole count >= 1, got 1.5"),
+    ({"val_holdout": -0.1}, "config.val_holdout must be 0, a fraction in (0, 1) or a whole count >= 1, got -0.1"),
+    ({"optimizer.learning_rate": 0.0}, "config.optimizer.learning_rate must be > 0, got 0.0"),
+    ({"optimizer.schedule": "cosin"}, "config.optimizer.schedule must be one of ('paper', 'cosine'), got 'cosin'"),
+    ({"augment.flip_probability": 2.0}, "config.augment.flip_probability must be in [0, 1], got 2.0"),
+    ({"eval_splits": "test,tset"}, "config.eval_splits must be empty or splits of synthetic from ['train', "
+                                   "'test'], got 'test,tset'"),
+    ({"dataset": "300W-LP"}, "unknown dataset"),
+    ({"platform": "cuda"}, "unknown platform 'cuda'"),
+    ({"phase": "teachers"}, "unknown phase 'teachers'"),
+])
+def test_config_values_that_cannot_run_are_one_config_error(tmp_path, overrides, message):
+  config = _config(**overrides)
+  with pytest.raises(errors.ConfigError) as raised:
+    pipeline.run(config, str(tmp_path / "run"))
+  assert errors.one_line(raised.value).startswith(message), errors.one_line(raised.value)
+  assert not (tmp_path / "run").exists()  # Nothing ran, not even the workdir.
+
+
+def test_batch_size_zero_through_main_is_one_line_before_any_work(tmp_path):
+  # Probe: --config.teacher.batch_size=0 gave 86 lines of traceback after 58 s.
+  result = _main("--config", "configs/demo.py", "--config.teacher.batch_size=0", "--workdir", str(tmp_path / "w"))
+  assert result.returncode == errors.EXIT_CODE and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: config.teacher.batch_size must be >= 1, got 0: set --config.teacher.batch_size=...")
+  assert not (tmp_path / "w").exists()
+
+
+def _tiny(phase="teacher_tough", **overrides):
+  return _config(phase=phase, **{"synthetic.num_train": 8, "synthetic.num_test": 4, "synthetic.image_size": 32,
+                                 "image_size": 32, "teacher_model": "mobilenet_v2_tiny", "teacher.batch_size": 4,
+                                 "teacher.num_train_steps": 2, "eval_batch_size": 4, **overrides})
+
+
+def test_a_read_only_workdir_is_one_line_naming_the_file(tmp_path, monkeypatch):
+  # Probe: a read-only workdir gave a PermissionError traceback. Simulated (tests may run as root, whom
+  # permissions do not stop): every file opened for writing under the workdir is refused.
+  import errno as errno_lib
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  real_open = os.open
+
+  def read_only_open(path, flags, *args, **kwargs):
+    if str(path).startswith(str(workdir)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+      raise OSError(errno_lib.EROFS, "Read-only file system", str(path))
+    return real_open(path, flags, *args, **kwargs)
+
+  monkeypatch.setattr(os, "open", read_only_open)
+  with pytest.raises(errors.WriteError) as raised:
+    pipeline.run(_tiny(), str(workdir))
+  assert str(raised.value) == (f"cannot write {workdir}/.kd_landmarks.lock: the file system is read-only: choose a "
+                               "writable folder")
+
+
+def test_a_full_disk_during_training_is_one_line_and_leaves_no_half_written_file(tmp_path, monkeypatch):
+  # Probe: a full disk during training gave 236 lines of traceback. The disk fills while model.json is written.
+  import errno as errno_lib
+  from kd_landmarks.training import checkpoint
+  real_dump = checkpoint.json.dump
+
+  def dump(value, f, **kwargs):
+    if os.path.basename(str(getattr(f, "name", ""))).startswith("model.json"):
+      f.write('{"model": ')
+      raise OSError(errno_lib.ENOSPC, "No space left on device")
+    return real_dump(value, f, **kwargs)
+
+  monkeypatch.setattr(checkpoint.json, "dump", dump)
+  workdir = tmp_path / "run"
+  with pytest.raises(errors.WriteError) as raised:
+    pipeline.run(_tiny(), str(workdir))
+  assert str(raised.value) == (f"cannot write {workdir}/teacher_tough/model.json: the disk is full: free space "
+                               "there or choose a folder on another disk")
+  assert os.listdir(workdir / "teacher_tough") == []  # Neither model.json nor its temporary file.
+  assert not os.path.exists(workdir / ".kd_landmarks.lock")  # The run let go of the workdir.
 
 
 def test_kd_student_without_teacher_cache_says_what_to_run(tmp_path):
@@ -183,7 +273,7 @@ def test_corrupt_model_json_of_a_resumed_model_is_one_line(tmp_path):
   result = _main("--config", "configs/demo.py:phase=teacher_tough", "--workdir", str(tmp_path),
                  "--config.synthetic.num_train=8", "--config.synthetic.num_test=4",
                  "--config.synthetic.image_size=32", "--config.image_size=32", "--config.teacher.batch_size=4")
-  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert result.returncode == errors.EXIT_CODE and "Traceback" not in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith(
       f"error: {model_dir}/model.json is not valid JSON (")
 
@@ -195,7 +285,7 @@ def test_a_batch_larger_than_the_training_set_stops_before_any_phase(tmp_path):
                  "--config.synthetic.num_train=20", "--config.synthetic.num_test=4",
                  "--config.synthetic.image_size=32", "--config.image_size=32", "--config.teacher.batch_size=4",
                  "--config.student.batch_size=70")
-  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.returncode == errors.EXIT_CODE and "Traceback" not in result.stderr, result.stderr[-3000:]
   assert result.stderr.strip().splitlines()[-1] == (
       "error: config.student.batch_size gives a global student batch of 70, more than the 19 training examples "
       "of synthetic (after the held-out validation slice): lower it to at most 19")

@@ -1,4 +1,5 @@
 """predict.py and detect.py: geometry worked by hand, the learned box map, and the CLI on real photos."""
+import errno
 import json
 import os
 import shutil
@@ -9,8 +10,10 @@ import pytest
 from PIL import Image
 
 from kd_landmarks import coords
+from kd_landmarks import errors
 from kd_landmarks.deploy import detect
 from kd_landmarks.deploy import predict
+from kd_landmarks.deploy import runtimes
 from kd_landmarks.datasets import readers
 import predict_fixtures
 
@@ -348,3 +351,176 @@ def test_cli_on_a_corrupt_model_json_is_one_line(model_dir, tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert "\n" not in err and err.startswith(f"error: {local_dir}/model.json is not valid JSON (")
   assert not (tmp_path / "out").exists()
+
+
+def _constant_predictor(points):
+  return predict.Predictor.from_module(_ConstantModel(points), {}, _meta(32, len(points)),
+                                       detector=_FixedDetector([]), box_map=detect.BoxMap(0.0, 0.0, 1.0,
+                                                                                          source="test"))
+
+
+def test_boxes_of_any_shape_but_f_by_4_or_f_by_5_are_refused(tmp_path):
+  # Probe: boxes of shape [1, 8] were reshaped into two faces.
+  points = np.array([[0.0, 0.0], [0.25, -0.25]])
+  predictor = _constant_predictor(points)
+  photo = np.zeros((200, 200, 3), np.uint8)
+  with pytest.raises(errors.ArgumentError, match=r"^boxes must have shape \[F, 4\] \(x0, y0, x1, y1\) or "
+                     r"\[F, 5\] \(with a score\), one row per face; got shape \[1, 8\]$"):
+    predictor.predict(photo, boxes=[[10, 10, 60, 60, 100, 100, 150, 150]])
+  with pytest.raises(errors.ArgumentError, match=r"got shape \[4\] \(one face: \[\[x0, y0, x1, y1\]\]\)"):
+    predictor.predict(photo, boxes=[10, 10, 60, 60])
+  with pytest.raises(errors.ArgumentError, match="finite"):
+    predictor.predict(photo, boxes=[[10, 10, np.nan, 60]])
+  # [F, 4] and [F, 5] give the same landmarks; the fifth column is recorded as the face's score only.
+  # Box (10, 20, 110, 120) with the identity box map: landmark box (60, 70, 100), crop side 105.
+  four = predictor.predict_faces(photo, boxes=[[10, 20, 110, 120]])
+  five = predictor.predict_faces(photo, boxes=[[10, 20, 110, 120, 0.75]])
+  np.testing.assert_allclose(four[0].landmarks, np.array([60.0, 70.0]) + points * 105.0, atol=0.01)
+  np.testing.assert_array_equal(five[0].landmarks, four[0].landmarks)
+  assert (four[0].score, five[0].score) == (None, 0.75)
+  assert predictor.predict(photo, boxes=np.zeros((0, 4))).shape == (0, 2, 2)
+  with pytest.raises(errors.ArgumentError, match=r"a photo is RGB uint8 \[H, W, 3\]"):
+    predictor.predict(photo[..., 0], boxes=[[10, 20, 110, 120]])
+
+
+def test_existing_outputs_are_kept_unless_overwrite(model_dir, tmp_path, capsys):
+  # Probe: files that --out already held were overwritten without notice.
+  photo = tmp_path / "photo.png"
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(photo)
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "photo.png").write_bytes(b"an overlay of an earlier run")
+  command = ["--checkpoint", model_dir, str(photo), "--out", str(out), "--detector", "dlib_hog"]
+  assert predict.main(command) == errors.EXIT_CODE
+  assert capsys.readouterr().err.strip() == (
+      f"error: --out {out} already holds {out}/photo.png: pass --overwrite (overwrite=True) to replace them, "
+      "or choose another --out")
+  assert os.listdir(out) == ["photo.png"] and (out / "photo.png").read_bytes() == b"an overlay of an earlier run"
+  # The library call refuses the same way; with overwrite the run replaces the file.
+  predictor = _constant_predictor(np.zeros((2, 2)))
+  with pytest.raises(errors.ArgumentError, match=f"already holds {out}/photo.png"):
+    predict.predict_files(predictor, [str(photo)], str(out), progress=False)
+  summary = predict.predict_files(predictor, [str(photo)], str(out), progress=False, overwrite=True)
+  assert summary["counts"]["no_face"] == 1
+  assert sorted(os.listdir(out)) == ["photo.json", "photo.png", "summary.json"]
+  with Image.open(out / "photo.png") as overlay:
+    assert overlay.size == (20, 20)
+
+
+def test_a_full_disk_during_predict_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+  # Probe: a full disk during predict left partial files and no summary.json, after a traceback.
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  for name in ("a.png", "b.png"):
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(photos / name)
+  out = tmp_path / "out"
+  real_dump = json.dump
+  written = []
+
+  def dump_until_full(value, f, **kwargs):
+    if written:  # The second JSON file finds the disk full, half-way through.
+      f.write('{"image": ')
+      raise OSError(errno.ENOSPC, "No space left on device")
+    written.append(f.name)
+    return real_dump(value, f, **kwargs)
+
+  monkeypatch.setattr(predict.json, "dump", dump_until_full)
+  with pytest.raises(errors.WriteError, match=rf"^cannot write {out}/b.json: the disk is full"):
+    predict.predict_files(_constant_predictor(np.zeros((2, 2))), [str(photos)], str(out), progress=False)
+  # a.* are whole; of b nothing, not even a temporary file.
+  assert sorted(os.listdir(out)) == ["a.json", "a.png"]
+  json.loads((out / "a.json").read_text())
+
+
+def test_model_json_image_size_disagreeing_with_the_checkpoint_is_refused(model_dir, tmp_path, capsys):
+  # Probe: a model.json whose image_size disagreed with the checkpoint was used (5.2 px off on average).
+  local_dir = tmp_path / "student_kd"
+  shutil.copytree(model_dir, local_dir)
+  meta = json.loads((local_dir / "model.json").read_text())
+  assert meta["image_size"] == predict_fixtures.TINY_IMAGE_SIZE == 64
+  (local_dir / "model.json").write_text(json.dumps(dict(meta, image_size=48)))
+  message = (f"{local_dir}/model.json says image_size=48 but the checkpoint {local_dir}/best/1 was trained with "
+             f"image_size=64: set \"image_size\": 64 in {local_dir}/model.json (or retrain)")
+  with pytest.raises(errors.UserError) as raised:
+    predict.Predictor.load(str(local_dir))
+  assert str(raised.value) == message
+  photo = tmp_path / "photo.png"
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(photo)
+  assert predict.main(["--workdir", str(tmp_path), str(photo), "--out", str(tmp_path / "out")]) == 2
+  assert capsys.readouterr().err.strip() == f"error: {message}"
+  (local_dir / "model.json").write_text(json.dumps(meta))
+  assert predict.Predictor.load(str(local_dir)).image_size == 64  # Consistent again: loads.
+
+
+def test_a_workdir_without_the_model_names_the_phase_that_trains_it(model_dir, tmp_path, capsys):
+  # Probe: export (and predict) on a workdir without a student: a traceback about model.json.
+  workdir = tmp_path / "run"
+  shutil.copytree(model_dir, workdir / "teacher_tough")
+  photo = tmp_path / "photo.png"
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(photo)
+  assert predict.main(["--workdir", str(workdir), str(photo), "--out", str(tmp_path / "out")]) == 2
+  assert capsys.readouterr().err.strip() == (
+      f"error: {workdir} has no trained student_kd ({workdir}/student_kd/model.json is missing); it has "
+      "teacher_tough (pass --model NAME). Train it: `python -m kd_landmarks.main --config <config>:phase=student "
+      f"--workdir {workdir} --config.student_loss=kd` (after the teachers)")
+  with pytest.raises(errors.MissingFileError, match="phase=teacher_tolerant"):
+    predict.Predictor.load(str(workdir), model="teacher_tolerant")
+
+
+def _truncated_onnx(tmp_path):
+  onnx = pytest.importorskip("onnx")
+  pytest.importorskip("onnxruntime")
+  from onnx import helper
+  graph = helper.make_graph(
+      [helper.make_node("Identity", ["crops"], ["landmarks"])], "g",
+      [helper.make_tensor_value_info("crops", onnx.TensorProto.UINT8, ["B", 8, 8, 3])],
+      [helper.make_tensor_value_info("landmarks", onnx.TensorProto.UINT8, ["B", 8, 8, 3])])
+  whole = helper.make_model(graph).SerializeToString()
+  path = tmp_path / "student_kd.onnx"
+  path.write_bytes(whole[:len(whole) // 2])
+  return path
+
+
+def test_a_truncated_exported_model_is_one_line_naming_the_file(tmp_path, capsys):
+  # Probe: a truncated .onnx / .tflite given to predict or Predictor.load gave a runtime's traceback.
+  onnx_path = _truncated_onnx(tmp_path)
+  with pytest.raises(runtimes.ModelFileError, match=rf"^{onnx_path}: ONNX Runtime cannot load it \(InvalidProtobuf: "
+                     r".*\): the file is truncated or not an ONNX model; export it again"):
+    predict.Predictor.load(str(onnx_path))
+  # A .tflite cut before its FlatBuffer identifier is refused before LiteRT (which may not be installed).
+  tflite_path = tmp_path / "student_kd.tflite"
+  tflite_path.write_bytes(b"\x1c\x00\x00")
+  photo = tmp_path / "photo.png"
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(photo)
+  assert predict.main(["--checkpoint", str(tflite_path), str(photo), "--out", str(tmp_path / "out")]) == 2
+  assert capsys.readouterr().err.strip() == (
+      f"error: {tflite_path}: not a TFLite model (its first 8 bytes b'\\x1c\\x00\\x00' lack the identifier "
+      "b'TFL3'): the file is truncated or of another format; export it again with `kd-landmarks-export` (or "
+      "copy the whole file again)")
+  assert not (tmp_path / "out").exists()
+
+
+def test_export_json_disagreeing_with_the_file_shapes_is_refused(tmp_path):
+  ort = pytest.importorskip("onnxruntime")
+  from onnx import helper, TensorProto
+  graph = helper.make_graph(
+      [helper.make_node("Reshape", ["crops", "shape"], ["flat"]),
+       helper.make_node("Slice", ["flat", "starts", "ends", "axes"], ["sliced"]),
+       helper.make_node("Cast", ["sliced"], ["cast"], to=TensorProto.FLOAT),
+       helper.make_node("Reshape", ["cast", "out_shape"], ["landmarks"])], "g",
+      [helper.make_tensor_value_info("crops", TensorProto.UINT8, ["B", 8, 8, 3])],
+      [helper.make_tensor_value_info("landmarks", TensorProto.FLOAT, ["B", 5, 2])],
+      initializer=[helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 192]),
+                   helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
+                   helper.make_tensor("ends", TensorProto.INT64, [1], [10]),
+                   helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+                   helper.make_tensor("out_shape", TensorProto.INT64, [3], [-1, 5, 2])])
+  path = tmp_path / "student_kd.onnx"
+  path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+  assert ort.InferenceSession(str(path)).get_outputs()[0].shape == ["B", 5, 2]
+  (tmp_path / "export.json").write_text(json.dumps({"image_size": 8, "num_landmarks": 68}))
+  with pytest.raises(runtimes.ModelFileError, match=rf"^{tmp_path}/export.json says num_landmarks=68 but {path} "
+                     r"has 5 \(its output shape\): the folder mixes exports of two models"):
+    runtimes.runner_for_file(str(path))
+  (tmp_path / "export.json").write_text(json.dumps({"image_size": 8, "num_landmarks": 5}))
+  assert runtimes.runner_for_file(str(path)).num_landmarks == 5

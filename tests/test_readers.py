@@ -363,3 +363,30 @@ def test_landmark_box_mostly_outside_the_photo_is_refused():
                      r"lies mostly outside the 96x80 photo \(49% inside\)"):
     images.check_box_inside(landmarks + [66, 0], (80, 96, 3), source="x.jpg")
   assert images.MIN_BOX_INSIDE == 0.5
+
+
+def test_a_dangling_pts_link_names_the_file_and_its_target(tmp_path):
+  # Probe: a .pts symlink to a missing file gave a FileNotFoundError traceback.
+  ff.write_300w(tmp_path, {"afw": 2})
+  pts = tmp_path / "afw" / "afw_0001.pts"
+  pts.unlink()
+  pts.symlink_to(tmp_path / "elsewhere" / "afw_0001.pts")
+  with pytest.raises(readers.DatasetFormatError) as raised:
+    readers.read_300w(tmp_path, "train", allow_partial=True)
+  assert str(raised.value) == (f"{pts}: cannot be read (a symbolic link to {tmp_path}/elsewhere/afw_0001.pts, which "
+                               "does not exist); restore it from the official archive")
+
+
+def test_two_images_for_one_annotation_are_an_error_naming_both(tmp_path):
+  # Probe: with e1.jpg and a mirrored e1.png beside one e1.pts, the .png was taken silently.
+  ff.write_300w(tmp_path, {"afw": 2})
+  jpg = tmp_path / "afw" / "afw_0001.jpg"
+  png = tmp_path / "afw" / "afw_0001.png"
+  Image.open(jpg).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(png)
+  with pytest.raises(readers.DatasetFormatError) as raised:
+    readers.read_300w(tmp_path, "train", allow_partial=True)
+  assert str(raised.value) == (f"{tmp_path}/afw/afw_0001.pts: 2 images for one annotation: {jpg} and {png}; keep "
+                               "the one the points belong to (the official archive's) and move the other out of "
+                               "the manual dir")
+  png.unlink()
+  assert len(readers.read_300w(tmp_path, "train", allow_partial=True)) == 2

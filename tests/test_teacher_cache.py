@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import predict_fixtures
+from kd_landmarks import errors
 from kd_landmarks.training import checkpoint
 from kd_landmarks.evaluation import evaluate
 from kd_landmarks import models
@@ -287,3 +288,43 @@ def test_phase_all_with_a_given_cache_trains_no_teachers(tmp_path, monkeypatch, 
                    write_report=True, student_seeds=1)
   pipeline.run(config, str(tmp_path / "run"))
   assert calls == expected
+
+
+def test_damaged_teacher_outputs_are_named_and_rewritten_over(tmp_path):
+  # Probe: a corrupt dataset_info.json in the teacher outputs gave a ParseError naming no file, and rebuilding
+  # them failed on it too; a truncated record file was found only when read.
+  tough, tolerant = _predictions()
+  kwargs = dict(dataset="synthetic", index=np.arange(5), image_id=list("abcde"), metadata={})
+  folder = tc.write_teacher_outputs(tmp_path, tough=tough, tolerant=tolerant, **kwargs)
+  (folder / "dataset_info.json").write_text('{"name": ')
+  with pytest.raises(tc.TeacherCacheError) as raised:
+    tc.load_teacher_outputs(tmp_path, dataset="synthetic", rebuild="`rebuild command`")
+  assert errors.one_line(raised.value).startswith(f"{folder}/dataset_info.json (or features.json, metadata.json "
+                                                  "beside it) cannot be read (Failed to load JSON: ")
+  assert errors.one_line(raised.value).endswith("the teacher outputs are damaged. Rebuild them: `rebuild command`")
+  tc.write_teacher_outputs(tmp_path, tough=tough, tolerant=tolerant, **kwargs)  # Rewritten over the damage.
+  np.testing.assert_array_equal(tc.load_teacher_outputs(tmp_path, dataset="synthetic").tough, tough)
+  (record_file,) = folder.glob("*.array_record*")
+  record_file.write_bytes(record_file.read_bytes()[:100])
+  with pytest.raises(tc.TeacherCacheError, match=rf"^{record_file} cannot be read \(.*truncated or damaged\): the "
+                     "train split of kd_landmarks_teachers/synthetic cannot be read; the teacher outputs are "
+                     "damaged. Rebuild them: `rebuild command`$"):
+    tc.load_teacher_outputs(tmp_path, dataset="synthetic", rebuild="`rebuild command`")
+
+
+def test_mismatched_cache_through_main_is_one_line(tmp_path, data_dir):
+  # Probe: a mismatched teacher cache gave 26-31 lines of traceback through `python -m kd_landmarks.main`.
+  config = _config(data_dir=data_dir)
+  folder = _forge(tmp_path / "colleague", config, data_dir, num_rows=5)
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  overrides = [f"--config.{key}={value}" for key, value in (
+      ("data_dir", data_dir), ("teacher_cache_dir", folder), ("student_loss", "kd"), ("image_size", 32),
+      *((f"synthetic.{key}", value) for key, value in SYNTHETIC.items()))]
+  result = subprocess.run([sys.executable, "-m", "kd_landmarks.main", "--config", "configs/demo.py:phase=student",
+                           "--workdir", str(tmp_path / "run"), *overrides],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  assert result.returncode == errors.EXIT_CODE and "Traceback" not in result.stderr, result.stderr[-3000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith(f"error: {folder}: the teacher outputs do not match the training split: num_examples 5 "
+                         "(the training split: 6)"), line
+  assert not (tmp_path / "run" / "student_kd").exists()

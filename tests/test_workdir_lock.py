@@ -108,7 +108,7 @@ def test_main_prints_one_line_and_exits_non_zero_on_a_held_workdir(tmp_path):
   result = subprocess.run([sys.executable, "-m", "kd_landmarks.main", "--config", "configs/demo.py:phase=eval",
                            "--workdir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=300)
-  assert result.returncode == 1
+  assert result.returncode == 2  # errors.EXIT_CODE
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: {tmp_path} is in use by pid 4242 on node-17") and "--break_lock" in last
   assert "Traceback" not in result.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kd_landmarks import errors
 from kd_landmarks.datasets import builder
 from kd_landmarks.datasets import info as info_lib
 from kd_landmarks.datasets import readers
@@ -42,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """The command line; a mistake the user can fix is one ``error:`` line and exit ``errors.EXIT_CODE``."""
+  try:
+    return _main(argv)
+  except errors.UserError as error:
+    return errors.report(error)
+
+
+def _main(argv) -> int:
   args = _parser().parse_args(argv)
   if args.command == "layout":
     print(readers.MANUAL_DOWNLOAD_INSTRUCTIONS)
@@ -50,17 +59,11 @@ def main(argv=None) -> int:
                      "seed": args.seed}
   synthetic_options = {key: value for key, value in synthetic_flags.items() if value is not None}
   if synthetic_options and args.dataset != "synthetic":
-    print(f"error: --{' --'.join(sorted(synthetic_options))} only apply to --dataset synthetic "
-          f"(the official datasets have fixed splits and stored size {builder.STORED_CROP_SIZE})",
-          file=sys.stderr)
-    return 2
-  try:
-    prepared = builder.prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                               allow_partial=args.allow_partial, overwrite=args.overwrite,
-                               synthetic_options=synthetic_options or None, num_workers=args.num_workers)
-  except (readers.DatasetFormatError, FileExistsError, ValueError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 1
+    raise errors.ArgumentError(f"--{' --'.join(sorted(synthetic_options))} only apply to --dataset synthetic "
+                               f"(the official datasets have fixed splits and stored size {builder.STORED_CROP_SIZE})")
+  prepared = builder.prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                             allow_partial=args.allow_partial, overwrite=args.overwrite,
+                             synthetic_options=synthetic_options or None, num_workers=args.num_workers)
   print(f"prepared {args.dataset} in {prepared.data_path}")
   if args.dataset == info_lib.CUSTOM:
     scheme = info_lib.get_info(info_lib.CUSTOM)

@@ -16,14 +16,20 @@ import numpy as np
 HOLDOUT_NAME = "train_holdout"
 
 
+def check_holdout(holdout) -> float:
+  """``holdout`` as a float, if it is 0, a fraction in (0, 1) or a whole count >= 1; else ValueError."""
+  holdout = float(holdout)
+  if not np.isfinite(holdout) or holdout < 0 or (holdout >= 1 and holdout != int(holdout)):
+    raise ValueError(f"config.val_holdout must be 0, a fraction in (0, 1) or a whole count >= 1, got {holdout}")
+  return holdout
+
+
 def holdout_size(num_examples: int, holdout) -> int:
   """Number of examples held out: ``holdout`` in (0, 1) is a fraction (rounded, at least 1), >= 1 a count.
 
   The result leaves at least one training example; 0 holds nothing out.
   """
-  holdout = float(holdout)
-  if holdout < 0 or (holdout >= 1 and holdout != int(holdout)):
-    raise ValueError(f"config.val_holdout must be 0, a fraction in (0, 1) or a whole count >= 1, got {holdout}")
+  holdout = check_holdout(holdout)
   if holdout == 0:
     return 0
   size = int(round(holdout * num_examples)) if holdout < 1 else int(holdout)

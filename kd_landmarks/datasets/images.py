@@ -61,6 +61,13 @@ def to_rgb8(image: Image.Image, *, source: str) -> np.ndarray:
                          "8-bit RGB PNG or JPEG") from None
 
 
+def unreadable_reason(path, error: OSError) -> str:
+  """Why ``path`` cannot be opened, in words: a symbolic link to nothing says where it points."""
+  if os.path.islink(path) and not os.path.exists(path):
+    return f"a symbolic link to {os.readlink(path)}, which does not exist"
+  return error.strerror or type(error).__name__
+
+
 def read_image(path) -> np.ndarray:
   """Reads an image file as uint8 RGB ``[H, W, 3]`` (every mode converted by :func:`to_rgb8`)."""
   path = os.fspath(path)
@@ -69,8 +76,8 @@ def read_image(path) -> np.ndarray:
       return to_rgb8(image, source=path)
   except ImageReadError:
     raise
-  except FileNotFoundError:
-    raise ImageReadError(f"{path}: image file not found") from None
+  except FileNotFoundError as error:
+    raise ImageReadError(f"{path}: image file not found ({unreadable_reason(path, error)})") from None
   except (OSError, ValueError, Image.DecompressionBombError) as error:
     raise ImageReadError(f"{path}: cannot decode the image ({error}); replace the file with the "
                          "official one (re-extract the archive)") from None
@@ -92,7 +99,7 @@ def stored_crop_affine(landmarks_px, *, size: int, scale: float = STORED_CROP_SC
   """The ``[2, 3]`` affine mapping stored-crop pixels to original-image pixels, from the landmark box."""
   box = coords.square_box_from_landmarks(landmarks_px, scale=scale)
   if not box[2] > 0:
-    raise ValueError(f"the landmarks span a zero-size box ({box.tolist()}); cannot crop a face from them")
+    raise errors.DataError(f"the landmarks span a zero-size box ({box.tolist()}); cannot crop a face from them")
   return coords.crop_affine(box, size)
 
 

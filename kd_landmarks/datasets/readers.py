@@ -151,8 +151,12 @@ def read_pts(path) -> np.ndarray:
   Returns float32 ``[K, 2]`` in 0-based pixels (the file's 1-based values minus 1).
   """
   path = os.fspath(path)
-  with open(path, encoding="utf-8", errors="replace") as f:
-    lines = f.read().splitlines()
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      lines = f.read().splitlines()
+  except OSError as error:
+    raise DatasetFormatError(f"{path}: cannot be read ({images_lib.unreadable_reason(path, error)}); restore it "
+                             "from the official archive") from None
   num_points = None
   line_number = 0
   # Header: key: value lines until "{".
@@ -203,8 +207,13 @@ def read_pts(path) -> np.ndarray:
   return np.asarray(points, dtype=np.float32).reshape(-1, 2) - 1.0
 
 
-def _images_by_stem(folder: pathlib.Path) -> dict[str, pathlib.Path]:
-  return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+def _images_by_stem(folder: pathlib.Path) -> dict[str, list[pathlib.Path]]:
+  """Image files of ``folder`` by stem; a stem may have several (``e1.jpg`` and ``e1.png``)."""
+  images: dict[str, list[pathlib.Path]] = {}
+  for path in sorted(folder.iterdir()):
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+      images.setdefault(path.stem, []).append(path)
+  return images
 
 
 def read_300w(manual_dir, split: str, *, allow_partial: bool = False) -> list[RawExample]:
@@ -226,7 +235,7 @@ def read_300w(manual_dir, split: str, *, allow_partial: bool = False) -> list[Ra
     unannotated = sorted(set(images_by_stem) - {p.stem for p in pts_files})
     if unannotated:
       logging.warning("300w: %d images in %s have no .pts file and are not part of 300W (e.g. %s)",
-                      len(unannotated), folder_path, images_by_stem[unannotated[0]].name)
+                      len(unannotated), folder_path, images_by_stem[unannotated[0]][0].name)
     if len(pts_files) != FOLDER_COUNTS_300W[folder]:
       shortfalls.append(f"{folder}: {len(pts_files)} of {FOLDER_COUNTS_300W[folder]}")
     for pts_path in pts_files:
@@ -235,7 +244,12 @@ def read_300w(manual_dir, split: str, *, allow_partial: bool = False) -> list[Ra
       if pts_path.stem not in images_by_stem:
         raise DatasetFormatError(f"{pts_path}: no image next to it (expected {pts_path.stem} with one of "
                                  f"{', '.join(IMAGE_EXTENSIONS)})")
-      image_path = images_by_stem[pts_path.stem]
+      candidates = images_by_stem[pts_path.stem]
+      if len(candidates) > 1:  # Which photo the points belong to cannot be told: never pick one silently.
+        raise DatasetFormatError(f"{pts_path}: {len(candidates)} images for one annotation: "
+                                 f"{' and '.join(str(p) for p in candidates)}; keep the one the points belong to "
+                                 "(the official archive's) and move the other out of the manual dir")
+      image_path = candidates[0]
       examples.append(RawExample(image_id=image_path.relative_to(manual_dir).as_posix(),
                                  landmarks=landmarks, image_path=str(image_path)))
   detail = f" ({'; '.join(shortfalls)} .pts files)" if shortfalls else ""

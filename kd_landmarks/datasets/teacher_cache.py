@@ -31,10 +31,12 @@ import shutil
 from typing import Any, Mapping, Optional
 
 from etils import epath
+from google.protobuf import json_format
 import numpy as np
 import tensorflow_datasets as tfds
 
 from kd_landmarks import errors
+from kd_landmarks.datasets import builder as builder_lib
 from kd_landmarks.datasets import info as info_lib
 
 BUILDER_NAME = "kd_landmarks_teachers"
@@ -205,12 +207,13 @@ def write_teacher_outputs(cache_dir, *, dataset: str, index, image_id, tough, to
 
 def _write_rows(cache_dir, dataset: str, rows: Mapping[str, Any], metadata: dict) -> pathlib.Path:
   """Builds the dataset from ``rows`` as given (no checks: tests forge bad caches with it)."""
-  builder = KdLandmarksTeachers(config=dataset, data_dir=os.fspath(cache_dir), rows=rows, metadata=metadata)
-  folder = pathlib.Path(builder.data_path)
+  folder = dataset_dir(cache_dir, dataset)
   if folder.exists():
-    # The teachers changed (or the data): replace the whole folder. tfds writes into a temporary folder and
-    # renames it, so an interrupted build never leaves a dataset_info.json beside partial records.
+    # The teachers changed (or the data): replace the whole folder, before tfds opens it (it would read a
+    # damaged dataset_info.json there). tfds writes into a temporary folder and renames it, so an
+    # interrupted build never leaves a dataset_info.json beside partial records.
     shutil.rmtree(folder)
+  builder = KdLandmarksTeachers(config=dataset, data_dir=os.fspath(cache_dir), rows=rows, metadata=metadata)
   tfds.disable_progress_bar()
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       compute_stats=tfds.download.ComputeStatsMode.SKIP))
@@ -247,13 +250,22 @@ def _load(folder: pathlib.Path) -> TeacherOutputs:
   where = os.fspath(folder)
   if not (folder / "dataset_info.json").is_file():
     raise TeacherCacheError(f"{where}: no teacher outputs (no dataset_info.json)")
-  builder = tfds.builder_from_directory(where)
+  try:
+    builder = tfds.builder_from_directory(where)
+  except (json_format.ParseError, ValueError) as error:  # tfds' errors for a damaged JSON name no file.
+    raise TeacherCacheError(f"{where}/dataset_info.json (or features.json, metadata.json beside it) cannot be "
+                            f"read ({errors.one_line(error)}): the teacher outputs are damaged") from None
   if SPLIT not in builder.info.splits:
     raise TeacherCacheError(f"{where}: no {SPLIT!r} split (has {list(builder.info.splits)}); not a "
                             f"{BUILDER_NAME} dataset")
   missing = [key for key in ("index", "image_id") + _KEYS if key not in builder.info.features]
   if missing:
     raise TeacherCacheError(f"{where}: features {missing} missing; not a {BUILDER_NAME} dataset")
+  try:
+    builder_lib.check_records(builder.info.splits[SPLIT], folder, SPLIT, builder_name=BUILDER_NAME,
+                              fix="the teacher outputs are damaged")
+  except errors.DataError as error:
+    raise TeacherCacheError(str(error)) from None
   source = builder.as_data_source(split=SPLIT)
   rows = source.__getitems__(list(range(len(source)))) if len(source) else []
   if not rows:

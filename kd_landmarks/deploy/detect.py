@@ -31,6 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 from kd_landmarks import coords
+from kd_landmarks import errors
+from kd_landmarks import files
 
 BOX_MAP_JSON = "box_map.json"
 
@@ -113,11 +115,11 @@ DEFAULT_DETECTOR = "dlib_hog"
 def get_detector(name: str = DEFAULT_DETECTOR) -> FaceDetector:
   """Builds a detector by name, with an error listing the known ones and how to install them."""
   if name not in DETECTORS:
-    raise ValueError(f"unknown face detector: {name!r}; choose from {sorted(DETECTORS)}")
+    raise errors.ArgumentError(f"unknown face detector: {name!r}; choose from {sorted(DETECTORS)}")
   try:
     return DETECTORS[name]()
   except ImportError as error:
-    raise ImportError(f"face detector {name!r} needs dlib: pip install -e '.[bench]' (dlib-bin)") from error
+    raise errors.MissingExtraError(f"face detector {name!r} needs dlib: pip install -e '.[bench]' (dlib-bin)") from error
 
 
 def dlib_model_path(filename: str) -> str:
@@ -128,11 +130,11 @@ def dlib_model_path(filename: str) -> str:
   """
   spec = importlib.util.find_spec("face_recognition_models")
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(f"{filename} ships in the face_recognition_models package: "
+    raise errors.MissingFileError(f"{filename} ships in the face_recognition_models package: "
                             "pip install face_recognition_models (or pip install -e '.[bench]')")
   path = os.path.join(list(spec.submodule_search_locations)[0], "models", filename)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: reinstall face_recognition_models")
+    raise errors.MissingFileError(f"{path} is missing: reinstall face_recognition_models")
   return path
 
 
@@ -184,7 +186,7 @@ class BoxMap:
                  residual_std=tuple(float("nan") if v is None else float(v)
                                     for v in record.get("residual_std", [None] * 3)))
     except (KeyError, TypeError, ValueError) as error:
-      raise ValueError(f"{where}: malformed box map {record!r} ({error}); rerun "
+      raise errors.DataError(f"{where}: malformed box map {record!r} ({error}); rerun "
                        "`python -m kd_landmarks.deploy.predict fit-box-map`") from None
 
 
@@ -282,10 +284,8 @@ def save_box_map(model_dir: str, detector_name: str, box_map: BoxMap) -> str:
   path = os.path.join(model_dir, BOX_MAP_JSON)
   maps = _read_box_map_file(path) if os.path.exists(path) else {}
   maps[detector_name] = box_map.to_json()
-  tmp_path = path + ".tmp"
-  with open(tmp_path, "w") as f:
+  with files.atomic_write(path) as f:
     json.dump(maps, f, indent=2, sort_keys=True)
-  os.replace(tmp_path, path)
   return path
 
 
@@ -298,7 +298,7 @@ def load_box_map(model_dir: str | None, detector_name: str) -> BoxMap:
       if detector_name in maps:
         return BoxMap.from_json(maps[detector_name], f"{path}[{detector_name!r}]")
   if detector_name not in DEFAULT_BOX_MAPS:
-    raise ValueError(f"no box map for detector {detector_name!r} in {model_dir} and no default; run "
+    raise errors.DataError(f"no box map for detector {detector_name!r} in {model_dir} and no default; run "
                      "`python -m kd_landmarks.deploy.predict fit-box-map`")
   return DEFAULT_BOX_MAPS[detector_name]
 
@@ -308,7 +308,7 @@ def _read_box_map_file(path: str) -> dict:
     with open(path) as f:
       maps = json.load(f)
   except json.JSONDecodeError as error:
-    raise ValueError(f"{path} is not valid JSON ({error}); delete it and rerun fit-box-map") from None
+    raise errors.DataError(f"{path} is not valid JSON ({error}); delete it and rerun fit-box-map") from None
   if not isinstance(maps, dict):
-    raise ValueError(f"{path} must hold an object keyed by detector name")
+    raise errors.DataError(f"{path} must hold an object keyed by detector name")
   return maps

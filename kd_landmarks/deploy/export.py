@@ -43,6 +43,8 @@ import numpy as np
 from kd_landmarks.training import checkpoint
 from kd_landmarks import coords
 from kd_landmarks import datasets
+from kd_landmarks import errors
+from kd_landmarks import files
 from kd_landmarks.deploy import detect
 from kd_landmarks.training import machine
 from kd_landmarks.deploy import model_card
@@ -277,7 +279,7 @@ def export_onnx(module, variables, meta: dict, out_dir: str, *, quantize: bool =
   start = time.perf_counter()
   proto = to_onnx_model(module, variables, image_size)
   float_path = os.path.join(out_dir, f"{name}.onnx")
-  with open(float_path, "wb") as f:
+  with files.atomic_write(float_path, "wb") as f:  # Never half a model file that predict would try to load.
     f.write(proto.SerializeToString())
   report = {**interface(meta), "export_seconds": round(time.perf_counter() - start, 1),
             "check_images": int(len(check_images))}
@@ -309,6 +311,14 @@ def export_onnx(module, variables, meta: dict, out_dir: str, *, quantize: bool =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command line; a mistake the user can fix is one ``error:`` line and exit ``errors.EXIT_CODE``."""
+  try:
+    return _export_main(argv)
+  except errors.UserError as error:
+    return errors.report(error)
+
+
+def _export_main(argv: Sequence[str] | None) -> int:
   parser = argparse.ArgumentParser(prog="kd-landmarks-export",
                                    description="Export a trained student to ONNX or TFLite (float32, int8).")
   parser.add_argument("--workdir")
@@ -337,6 +347,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   out_dir = args.out or os.path.join(model_dir, "export")
   # Files are named after the model directory (student_kd.onnx, teacher_tough.onnx, ...).
   name = os.path.basename(os.path.normpath(model_dir))
+  with files.writing(out_dir):
+    return _export_to(args, module, variables, meta, model_dir, out_dir, name, calibration)
+
+
+def _export_to(args, module, variables, meta, model_dir, out_dir, name, calibration) -> int:
   if args.format == "onnx":
     report = export_onnx(module, variables, meta, out_dir, quantize=args.quantize,
                          calibration_images=calibration, name=name, int8_weight_bits=args.int8_weight_bits)
@@ -379,7 +394,7 @@ def merge_report(out_dir: str, meta: dict, entries: dict) -> dict:
     if existing.get("checkpoint") == json.loads(json.dumps(meta.get("checkpoint"))):
       report = {**existing, **report}
   report.update(entries)
-  with open(path, "w") as f:
+  with files.atomic_write(path) as f:
     json.dump(report, f, indent=1)
   return report
 

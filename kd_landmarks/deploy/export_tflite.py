@@ -25,6 +25,8 @@ import time
 import jax
 import numpy as np
 
+from kd_landmarks import errors
+from kd_landmarks import files
 from kd_landmarks.deploy import runtimes
 from kd_landmarks.deploy import serving
 
@@ -37,7 +39,7 @@ def _tf():
     import tensorflow as tf  # Optional, heavy (extra 'tflite'): imported only by this module.
     from jax.experimental import jax2tf
   except ImportError as error:
-    raise ImportError("--format tflite needs TensorFlow: pip install 'kd_landmarks[tflite]' (tensorflow, "
+    raise errors.MissingExtraError("--format tflite needs TensorFlow: pip install 'kd_landmarks[tflite]' (tensorflow, "
                       "ai-edge-litert)") from error
   return tf, jax2tf
 
@@ -105,7 +107,7 @@ def export_tflite(module, variables, meta: dict, out_dir: str, *, quantize: bool
 
   start = time.perf_counter()
   float_path = os.path.join(out_dir, f"{name}.tflite")
-  with open(float_path, "wb") as f:
+  with files.atomic_write(float_path, "wb") as f:
     f.write(to_tflite_float32(module, variables, image_size))
   report = {"tflite_export_seconds": round(time.perf_counter() - start, 1),
             "check_images": int(len(check_images))}
@@ -120,7 +122,7 @@ def export_tflite(module, variables, meta: dict, out_dir: str, *, quantize: bool
     if calibration_images is None:
       calibration_images = serving.fixture_crops(image_size)
     int8_path = os.path.join(out_dir, f"{name}.int8.tflite")
-    with open(int8_path, "wb") as f:
+    with files.atomic_write(int8_path, "wb") as f:
       f.write(to_tflite_int8(module, variables, image_size, calibration_images))
     int8_error = np.abs(run_litert(int8_path, check_images) - expected)
     report["tflite_int8"] = {"path": int8_path, "size_mb": round(os.path.getsize(int8_path) / 1e6, 3),

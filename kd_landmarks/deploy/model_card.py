@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+from kd_landmarks import files
 from kd_landmarks import metrics
 
 MODEL_CARD = "MODEL_CARD.md"
@@ -178,7 +179,7 @@ def scheme_lines(scheme: dict | None, count: int) -> list[str]:
 def write_model_card(out_dir: str, meta: dict, report: dict, *, model_dir: str | None, box_map=None,
                      detector: str = "dlib_hog", box_scale: float = 1.05) -> str:
   path = os.path.join(out_dir, MODEL_CARD)
-  with open(path, "w") as f:
+  with files.atomic_write(path) as f:
     f.write(render(meta, report, metrics=read_metrics(model_dir), box_map=box_map, detector=detector,
                    box_scale=box_scale))
   return path

@@ -3,7 +3,7 @@
 Usage::
 
   python -m kd_landmarks.deploy.predict --workdir RUN [--model student_kd] [--checkpoint MODEL_DIR_OR_FILE] \
-      IMAGE_OR_DIR ... [--out DIR] [--detector dlib_hog] [--threads N]
+      IMAGE_OR_DIR ... [--out DIR] [--overwrite] [--detector dlib_hog] [--threads N]
   kd-landmarks-predict ...      (the same, as the installed console script)
   python -m kd_landmarks.deploy.predict --workdir RUN clip.mp4 [--frame_folders FRAMES_DIR] [--redetect_every 30] \
       [--no_smoothing | --min_cutoff HZ --beta B] [--fps 30]
@@ -13,6 +13,8 @@ Usage::
 For each image ``--out`` receives ``<name>.json`` (per face: detector box and score, the crop box, the
 landmarks in original-image pixels) and ``<name>.png`` (an overlay); ``summary.json`` lists every input with
 its status (``ok``, ``no_face``, ``error`` with the reason, or ``skipped`` for non-image files in a folder).
+Files that ``--out`` already holds are kept: a run that would write one stops before any work, naming it,
+unless ``--overwrite``.
 A video file (``video.VIDEO_EXTENSIONS``; extra ``video``), or with ``--frame_folders`` a folder of frames,
 is tracked frame by frame (:mod:`kd_landmarks.deploy.video`): ``<name>.jsonl`` (one record per frame) and
 ``<name>.mp4`` (the overlay).
@@ -44,6 +46,8 @@ from kd_landmarks import augment
 from kd_landmarks.training import checkpoint
 from kd_landmarks import coords
 from kd_landmarks import datasets
+from kd_landmarks import errors
+from kd_landmarks import files
 from kd_landmarks.deploy import detect
 from kd_landmarks.deploy import runtimes
 from kd_landmarks.deploy import video
@@ -54,6 +58,7 @@ DEFAULT_MODEL = "student_kd"
 # Photos with a longer side are shrunk for detection only (landmarks use the full-resolution photo).
 MAX_DETECT_SIDE = 1280
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SUMMARY_JSON = "summary.json"
 
 
 def eval_box_scale() -> float:
@@ -133,7 +138,7 @@ class Predictor:
     ``detector`` in the model directory (or beside the exported file), else the documented default."""
 
     if backend is not None and backend not in runtimes.BACKENDS:
-      raise ValueError(f"unknown backend {backend!r}; choose from {runtimes.BACKENDS}")
+      raise errors.ArgumentError(f"unknown backend {backend!r}; choose from {runtimes.BACKENDS}")
     if os.path.isfile(path):
       runner = runtimes.runner_for_file(path, threads=threads)
       folder = os.path.dirname(os.path.abspath(path))
@@ -142,19 +147,17 @@ class Predictor:
           os.path.join(parent, "model.json")):
         folder = parent  # MODEL_DIR/export/<file>: the map fitted in the model directory after the export
     elif os.path.isdir(path):
-
       folder = path
-      if not os.path.exists(os.path.join(path, checkpoint.MODEL_JSON)) and os.path.exists(
-          os.path.join(path, model, checkpoint.MODEL_JSON)):
-        folder = os.path.join(path, model)  # a training workdir
+      if not os.path.exists(os.path.join(path, checkpoint.MODEL_JSON)):
+        folder = resolve_model_dir(path, model, None)  # a training workdir
       module, variables, meta = checkpoint.load_inference_variables(folder)
       runner = runtimes.JaxRunner(module, variables, meta)
     else:
-      raise FileNotFoundError(f"{path}: no such workdir, model directory or exported model file")
+      raise errors.MissingFileError(f"{path}: no such workdir, model directory or exported model file")
     if backend is not None and backend != runner.backend:
-      raise ValueError(f"{path} runs in {runner.backend}, not {backend}: pass a model directory for jax, "
-                       "an exported .onnx file for onnx or a .tflite file for litert (kd-landmarks-export "
-                       "writes them)")
+      raise errors.ArgumentError(f"{path} runs in {runner.backend}, not {backend}: pass a model directory for jax, "
+                              "an exported .onnx file for onnx or a .tflite file for litert (kd-landmarks-export "
+                              "writes them)")
     detector_name = detector if isinstance(detector, str) else detector.name
     return cls(runner, detector=detector, box_map=detect.load_box_map(folder, detector_name),
                box_scale=box_scale)
@@ -213,10 +216,10 @@ class Predictor:
     if boxes is None:
       found = [(d.box, d.score) for d in self.detect(image)]
     else:
-      boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-      if not (boxes[:, 2] > boxes[:, 0]).all() or not (boxes[:, 3] > boxes[:, 1]).all():
-        raise ValueError(f"face boxes are (x0, y0, x1, y1) with x1 > x0 and y1 > y0; got {boxes.tolist()}")
-      found = [(tuple(float(v) for v in box), None) for box in boxes]
+      boxes = check_boxes(boxes)
+      scores = boxes[:, 4] if boxes.shape[1] == 5 else [None] * len(boxes)
+      found = [(tuple(float(v) for v in box[:4]), None if score is None else float(score))
+               for box, score in zip(boxes, scores)]
     landmark_boxes = [self.box_map(detect.Detection(box, 0.0).centre_width) for box, _ in found]
     landmarks = self.landmarks_for_boxes(image, landmark_boxes)
     return [FaceLandmarks(box=tuple(float(v) for v in box), score=score,
@@ -241,7 +244,7 @@ class Predictor:
     filter_params = video.Smoothing(min_cutoff, beta) if smoothing else None
     rate = video.DEFAULT_FPS if fps is None else float(fps)
     if not rate > 0:
-      raise ValueError(f"fps must be positive; got {fps}")
+      raise errors.ArgumentError(f"fps must be positive; got {fps}")
     if isinstance(source, (str, os.PathLike)):
       path = os.fspath(source)
       frames = (video.read_frame_folder(path, fps=rate) if os.path.isdir(path) else video.read_video(path))
@@ -251,17 +254,41 @@ class Predictor:
 
   def predict(self, image: np.ndarray, boxes=None) -> np.ndarray:
     """Landmarks ``[F, K, 2]`` in pixels of ``image`` (RGB uint8 ``[H, W, 3]``; pixel centres on integers,
-    0-based), one row per face: per box of ``boxes`` (``[F, 4]`` face boxes (x0, y0, x1, y1), framed as
-    the predictor's detector frames faces) in their order, else per face the detector finds, best first."""
+    0-based), one row per face: per box of ``boxes`` in their order, else per face the detector finds, best
+    first. ``boxes``: ``[F, 4]`` face boxes (x0, y0, x1, y1), framed as the predictor's detector frames faces,
+    or ``[F, 5]`` with a detector's score last (recorded by :meth:`predict_faces`, not used); anything else
+    raises :class:`errors.ArgumentError` (:func:`check_boxes`)."""
     faces = self.predict_faces(image, boxes)
     return np.stack([face.landmarks for face in faces]) if faces else np.zeros((0, self.num_landmarks, 2))
+
+
+def check_boxes(boxes) -> np.ndarray:
+  """``boxes`` as float64 ``[F, 4]`` or ``[F, 5]`` (x0, y0, x1, y1[, score]); raises
+  :class:`errors.ArgumentError` for any other shape (a flat list of 8 numbers is not two faces), a box that
+  is not finite, or one with x1 <= x0 or y1 <= y0."""
+  try:
+    array = np.asarray(boxes, dtype=np.float64)
+  except (ValueError, TypeError) as error:
+    raise errors.ArgumentError(f"boxes must be numbers of shape [F, 4] (x0, y0, x1, y1) or [F, 5] (with a "
+                            f"score); got {boxes!r} ({error})") from None
+  if array.size == 0:
+    return np.zeros((0, 4))
+  if array.ndim != 2 or array.shape[1] not in (4, 5):
+    one = " (one face: [[x0, y0, x1, y1]])" if array.ndim == 1 and array.shape[0] in (4, 5) else ""
+    raise errors.ArgumentError(f"boxes must have shape [F, 4] (x0, y0, x1, y1) or [F, 5] (with a score), one row "
+                            f"per face; got shape {list(array.shape)}{one}")
+  if not np.isfinite(array).all():
+    raise errors.ArgumentError(f"boxes must be finite; got {array.tolist()}")
+  if not (array[:, 2] > array[:, 0]).all() or not (array[:, 3] > array[:, 1]).all():
+    raise errors.ArgumentError(f"face boxes are (x0, y0, x1, y1) with x1 > x0 and y1 > y0; got {array.tolist()}")
+  return array
 
 
 def _check_photo(image) -> np.ndarray:
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-    raise ValueError(f"a photo is RGB uint8 [H, W, 3] (read it with kd_landmarks.deploy.predict.read_photo); got "
-                     f"{image.dtype} {image.shape}")
+    raise errors.ArgumentError(f"a photo is RGB uint8 [H, W, 3] (read it with kd_landmarks.deploy.predict.read_photo); "
+                               f"got {image.dtype} {image.shape}")
   return image
 
 
@@ -328,39 +355,69 @@ def _output_stem(path: str, used: dict) -> str:
   return stem if count == 0 else f"{stem}_{count}"  # Two inputs named alike must not overwrite each other.
 
 
-def check_out_dir(out_dir: str, inputs: Sequence[str], *, frame_folders: bool = False) -> None:
-  """Raises ValueError when ``out_dir`` holds an input photo, video or frame: the overlays (``<name>.png``,
-  ``<name>.mp4``), JSON files and ``summary.json`` written there could overwrite it, and a later run on the
-  folder would read them back."""
-  files, _ = expand_inputs(inputs, frame_folders=frame_folders)
+def _is_clip(path: str) -> bool:
+  return os.path.isdir(path) or path.lower().endswith(video.VIDEO_EXTENSIONS)
+
+
+def planned_outputs(files_to_run: Sequence[str]) -> list[tuple[str, str, tuple[str, ...]]]:
+  """``(input, stem, output file names)`` for each input, in order: ``<stem>.json`` and ``<stem>.png`` for a
+  photo, ``<stem>.jsonl`` and ``<stem>.mp4`` for a clip. Every input gets its stem, read or not, so that the
+  names are known before any is read."""
+  used: dict = {}
+  plan = []
+  for path in files_to_run:
+    stem = _output_stem(path, used)
+    plan.append((path, stem, (stem + ".jsonl", stem + ".mp4") if _is_clip(path) else (stem + ".json",
+                                                                                       stem + ".png")))
+  return plan
+
+
+def check_out_dir(out_dir: str, inputs: Sequence[str], *, frame_folders: bool = False,
+                  overwrite: bool = False) -> None:
+  """Raises :class:`errors.ArgumentError` when ``out_dir`` holds an input photo, video or frame (the overlays
+  (``<name>.png``, ``<name>.mp4``), JSON files and ``summary.json`` written there could overwrite it, and a
+  later run on the folder would read them back), or, unless ``overwrite``, a file this run would write."""
+  to_run, _ = expand_inputs(inputs, frame_folders=frame_folders)
   out_real = os.path.realpath(out_dir)
-  for path in files:
+  for path in to_run:
     if os.path.isdir(path) and os.path.realpath(path) == out_real:
-      raise ValueError(f"--out {out_dir} is the frame folder {path}: predict writes <name>.png, <name>.mp4 "
-                       "and <name>.json(l) there, which would add files to the clip; choose another --out")
+      raise errors.ArgumentError(f"--out {out_dir} is the frame folder {path}: predict writes <name>.png, "
+                              "<name>.mp4 and <name>.json(l) there, which would add files to the clip; choose "
+                              "another --out")
     if os.path.dirname(os.path.realpath(path)) == out_real:
-      raise ValueError(f"--out {out_dir} is the folder of the input {path}: predict writes <name>.png overlays "
-                       "and <name>.json there, which would overwrite photos; choose another --out")
+      raise errors.ArgumentError(f"--out {out_dir} is the folder of the input {path}: predict writes <name>.png "
+                              "overlays and <name>.json there, which would overwrite photos; choose another --out")
+  if overwrite:
+    return
+  names = [SUMMARY_JSON] + [name for _, _, outputs in planned_outputs(to_run) for name in outputs]
+  existing = [os.path.join(out_dir, name) for name in names if os.path.lexists(os.path.join(out_dir, name))]
+  if existing:
+    others = f" (and {len(existing) - 1} other file(s) this run writes)" if len(existing) > 1 else ""
+    raise errors.ArgumentError(f"--out {out_dir} already holds {existing[0]}{others}: pass --overwrite "
+                            "(overwrite=True) to replace them, or choose another --out")
 
 
 def predict_files(predictor: Predictor, inputs: Sequence[str], out_dir: str, *,
                   progress: bool = True, frame_folders: bool = False, fps: float | None = None,
                   rule: video.TrackingRule | None = None,
-                  smoothing: video.Smoothing | None = video.Smoothing()) -> dict:
+                  smoothing: video.Smoothing | None = video.Smoothing(), overwrite: bool = False) -> dict:
   """Runs :class:`Predictor` on files and folders; writes per-image JSON + PNG, per video (a video file,
   or a folder of frames with ``frame_folders``) JSON lines + an overlay ``.mp4`` (:func:`predict_clip`), and
   ``summary.json`` into ``out_dir``. Never raises for a bad image or video: it is reported in the summary.
-  Raises ValueError before any work when ``out_dir`` holds an input (:func:`check_out_dir`)."""
-  check_out_dir(out_dir, inputs, frame_folders=frame_folders)
-  os.makedirs(out_dir, exist_ok=True)
-  files, records = expand_inputs(inputs, frame_folders=frame_folders)
+  Raises :class:`errors.ArgumentError` before any work when ``out_dir`` holds an input, or a file this run would
+  write unless ``overwrite`` (:func:`check_out_dir`). Each file is written whole or not at all: a full disk
+  stops the run with :class:`kd_landmarks.errors.WriteError` naming the file, leaving no part of one."""
+  check_out_dir(out_dir, inputs, frame_folders=frame_folders, overwrite=overwrite)
+  with files.writing(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+  to_run, records = expand_inputs(inputs, frame_folders=frame_folders)
   box_map_note = {"detector": predictor.detector_name, **predictor.box_map.to_json(),
                   "fitted": predictor.box_map.fitted}
-  used_stems: dict = {}
-  for path in tqdm(files, desc="predict", unit="input", disable=not progress or len(files) < 2):
-    if os.path.isdir(path) or path.lower().endswith(video.VIDEO_EXTENSIONS):
-      records.append(predict_clip(predictor, path, out_dir, _output_stem(path, used_stems), fps=fps,
-                                  rule=rule, smoothing=smoothing, progress=progress))
+  plan = planned_outputs(to_run)
+  for path, stem, _ in tqdm(plan, desc="predict", unit="input", disable=not progress or len(plan) < 2):
+    if _is_clip(path):
+      records.append(predict_clip(predictor, path, out_dir, stem, fps=fps, rule=rule, smoothing=smoothing,
+                                  progress=progress))
       continue
     record: dict[str, Any] = {"image": path}
     try:
@@ -373,16 +430,16 @@ def predict_files(predictor: Predictor, inputs: Sequence[str], out_dir: str, *,
     except (ValueError, RuntimeError) as error:  # e.g. a degenerate crop box, a dlib failure on odd input
       records.append({**record, "status": "error", "reason": f"{type(error).__name__}: {error}"})
       continue
-    stem = _output_stem(path, used_stems)
     result = {"image": path, "width": int(image.shape[1]), "height": int(image.shape[0]),
               "model": predictor.meta.get("model"), "dataset": predictor.meta.get("dataset"),
               "checkpoint": predictor.meta.get("checkpoint"), "box_map": box_map_note,
               "faces": [face.to_json() for face in faces]}
     json_path = os.path.join(out_dir, stem + ".json")
-    with open(json_path, "w") as f:
+    with files.atomic_write(json_path) as f:
       json.dump(result, f, indent=1)
     png_path = os.path.join(out_dir, stem + ".png")
-    draw_overlay(image, faces).save(png_path)
+    with files.atomic_write(png_path, "wb") as f:
+      draw_overlay(image, faces).save(f, format="PNG")
     records.append({**record, "status": "ok" if faces else "no_face", "faces": len(faces),
                     "json": json_path, "png": png_path})
   summary = {"box_map": box_map_note,
@@ -392,7 +449,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[str], out_dir: str, *,
   if any("video" in r for r in records):
     summary["video"] = {"tracking": (rule or video.TrackingRule()).to_json(),
                         "smoothing": smoothing.to_json() if smoothing else None}
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+  with files.atomic_write(os.path.join(out_dir, SUMMARY_JSON)) as f:
     json.dump(summary, f, indent=1)
   return summary
 
@@ -403,10 +460,13 @@ def predict_clip(predictor: Predictor, path: str, out_dir: str, stem: str, *, fp
   """Tracks the faces of a video file or frame folder; writes ``<stem>.jsonl`` (one JSON record per frame:
   ``frame``, ``time`` s, ``detector_ran``, ``lost``, ``faces`` with ``id``, ``source``, ``box``, ``score``,
   ``crop_box``, ``landmarks``) and ``<stem>.mp4`` (the overlay) into ``out_dir``. Returns the summary record;
-  a video that cannot be read, or a missing ``video`` extra, is an ``error`` record naming the reason."""
+  a video that cannot be read, or a missing ``video`` extra, is an ``error`` record naming the reason, and
+  leaves neither file (both are written under temporary names and renamed when the clip is done)."""
   record: dict[str, Any] = {"video": path}
   jsonl_path = os.path.join(out_dir, stem + ".jsonl")
   overlay_path = os.path.join(out_dir, stem + ".mp4")
+  # The container format follows the extension, so the temporary name keeps ".mp4".
+  partial_overlay = os.path.join(out_dir, f"{stem}.partial-{os.getpid()}.mp4")
   frames_done = detector_frames = face_frames = 0
   try:
     if os.path.isdir(path):
@@ -415,7 +475,8 @@ def predict_clip(predictor: Predictor, path: str, out_dir: str, stem: str, *, fp
     else:
       (rate, total), frames = video.video_rate_and_length(path), video.read_video(path)
     tracker = video.VideoTracker(predictor, rule=rule, smoothing=smoothing)
-    with open(jsonl_path, "w") as lines, video.VideoWriter(overlay_path, fps=rate) as writer:
+    with files.writing(overlay_path), files.atomic_write(jsonl_path) as lines, \
+        video.VideoWriter(partial_overlay, fps=rate) as writer:
       for time, frame in tqdm(frames, desc=os.path.basename(os.path.normpath(path)), unit="frame", total=total,
                               disable=not progress, dynamic_ncols=True):
         result = tracker.update(frame, time)
@@ -424,11 +485,15 @@ def predict_clip(predictor: Predictor, path: str, out_dir: str, stem: str, *, fp
         frames_done += 1
         detector_frames += result.detector_ran
         face_frames += bool(result.faces)
+    os.replace(partial_overlay, overlay_path)
   except (video.VideoReadError, ImportError) as error:
     return {**record, "status": "error", "reason": str(error), "frames": frames_done}
   except (ValueError, RuntimeError) as error:  # e.g. a dlib failure on an odd frame
     return {**record, "status": "error", "reason": f"{path}: frame {frames_done}: {type(error).__name__}: {error}",
             "frames": frames_done}
+  finally:
+    if os.path.exists(partial_overlay):
+      os.remove(partial_overlay)
   if frames_done == 0:
     return {**record, "status": "error", "reason": f"{path}: the video holds no frame", "frames": 0}
   return {**record, "status": "ok" if face_frames else "no_face", "frames": frames_done,
@@ -436,13 +501,34 @@ def predict_clip(predictor: Predictor, path: str, out_dir: str, stem: str, *, fp
           "identities": tracker.next_id, "jsonl": jsonl_path, "video_overlay": overlay_path}
 
 
-def resolve_model_dir(workdir: str | None, model: str, checkpoint: str | None) -> str:
-  """``--checkpoint`` (a model directory) wins; else ``WORKDIR/MODEL``."""
-  if checkpoint:
-    return checkpoint
+def resolve_model_dir(workdir: str | None, model: str, checkpoint_path: str | None) -> str:
+  """``--checkpoint`` (a model directory) wins; else ``WORKDIR/MODEL``, which must hold a trained model: if
+  not, the error names the training phase that makes it and the models the workdir has."""
+  if checkpoint_path:
+    return checkpoint_path
   if not workdir:
-    raise ValueError("give --workdir RUN (the training workdir) or --checkpoint MODEL_DIR")
-  return os.path.join(workdir, model)
+    raise errors.ArgumentError("give --workdir RUN (the training workdir) or --checkpoint MODEL_DIR")
+  model_dir = os.path.join(workdir, model)
+  if os.path.exists(os.path.join(model_dir, checkpoint.MODEL_JSON)):
+    return model_dir
+  if not os.path.isdir(workdir):
+    raise errors.MissingFileError(f"--workdir {workdir} does not exist: give the training workdir")
+  trained = sorted(name for name in os.listdir(workdir)
+                   if os.path.exists(os.path.join(workdir, name, checkpoint.MODEL_JSON)))
+  others = f"; it has {', '.join(trained)} (pass --model NAME)" if trained else "; it holds no trained model"
+  raise errors.MissingFileError(f"{workdir} has no trained {model} ({model_dir}/{checkpoint.MODEL_JSON} is "
+                                f"missing){others}. Train it: {_training_command(workdir, model)}")
+
+
+def _training_command(workdir: str, model: str) -> str:
+  """The command whose phase writes ``WORKDIR/<model>`` (``student_<loss>[_seed<k>]``, ``teacher_<name>``)."""
+  command = f"python -m kd_landmarks.main --config <config>:phase={{phase}} --workdir {workdir}"
+  if model.startswith("teacher_"):
+    return "`" + command.format(phase=model) + "`"
+  if model.startswith("student_"):
+    loss = model[len("student_"):].split("_seed")[0]
+    return "`" + command.format(phase="student") + f" --config.student_loss={loss}` (after the teachers)"
+  return "`" + command.format(phase="all") + "`"
 
 
 def _training_examples(dataset: str, split: str, data_dir: str | None, max_images: int | None):
@@ -495,9 +581,17 @@ def _fit_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command line; a mistake the user can fix is one ``error:`` line and exit ``errors.EXIT_CODE``."""
   argv = list(sys.argv[1:] if argv is None else argv)
-  if argv and argv[0] == "fit-box-map":
-    return _fit_main(argv[1:])
+  try:
+    if argv and argv[0] == "fit-box-map":
+      return _fit_main(argv[1:])
+    return _predict_main(argv)
+  except errors.UserError as error:
+    return errors.report(error)
+
+
+def _predict_main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m kd_landmarks.deploy.predict",
       description="Facial landmarks on photos and videos with a trained student (see also: fit-box-map).")
@@ -507,6 +601,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--checkpoint", help="a model directory or an exported .onnx/.tflite file "
                       "(overrides WORKDIR/MODEL)")
   parser.add_argument("--out", default="predictions")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace files in --out that this run writes (without it, an existing one is an error)")
   parser.add_argument("--detector", default=detect.DEFAULT_DETECTOR, choices=sorted(detect.DETECTORS))
   parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime / LiteRT threads")
   clips = parser.add_argument_group("video", "video files (extra 'video') and, with --frame_folders, folders "
@@ -523,29 +619,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   clips.add_argument("--beta", type=float, default=video.DEFAULT_BETA,
                      help="One Euro speed coefficient, per face side per second (higher: less lag in motion)")
   args = parser.parse_args(argv)
-  model_dir = resolve_model_dir(args.workdir, args.model, args.checkpoint)
+  # Before loading the model: a refused --out or a bad video setting costs nothing.
+  check_out_dir(args.out, args.inputs, frame_folders=args.frame_folders, overwrite=args.overwrite)
   try:
-    # Before loading the model: a refused --out or a bad video setting costs nothing.
-    check_out_dir(args.out, args.inputs, frame_folders=args.frame_folders)
     if not args.fps > 0:
       raise ValueError(f"--fps {args.fps}: a frame rate must be positive")
     rule = video.TrackingRule(redetect_every=args.redetect_every)
     smoothing = None if args.no_smoothing else video.Smoothing(args.min_cutoff, args.beta)
-  except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  try:
-    predictor = Predictor.load(model_dir, detector=args.detector, threads=args.threads)
-  except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as error:
-    # A missing or corrupt model.json, a num_landmarks the checkpoint disagrees with, an unreadable
-    # checkpoint: the message names the file and the fix.
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+  except ValueError as error:  # The video module's own checks name the setting.
+    raise errors.ArgumentError(str(error)) from None
+  model_dir = resolve_model_dir(args.workdir, args.model, args.checkpoint)
+  predictor = Predictor.load(model_dir, detector=args.detector, threads=args.threads)
   if not predictor.box_map.fitted:
     print(f"note: no box map fitted for {args.detector} in {model_dir}; using the {predictor.box_map.source}."
           " Run `python -m kd_landmarks.deploy.predict fit-box-map` for accurate crops.", file=sys.stderr)
   summary = predict_files(predictor, args.inputs, args.out, frame_folders=args.frame_folders, fps=args.fps,
-                          rule=rule, smoothing=smoothing)
+                          rule=rule, smoothing=smoothing, overwrite=args.overwrite)
   counts = summary["counts"]
   print(f"{counts['ok']} input(s) with faces, {counts['no_face']} without a face, {counts['error']} "
         f"unreadable, {counts['skipped']} skipped -> {os.path.join(args.out, 'summary.json')}")

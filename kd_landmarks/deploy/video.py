@@ -67,7 +67,7 @@ def _require_av(what: str):
   try:
     import av  # Optional dependency: extra 'video' (PyAV, FFmpeg inside its wheel).
   except ImportError as error:
-    raise ImportError(f"{what} needs PyAV: pip install 'kd_landmarks[video]'") from error
+    raise errors.MissingExtraError(f"{what} needs PyAV: pip install 'kd_landmarks[video]'") from error
   return av
 
 

@@ -14,10 +14,13 @@ Frozen teachers never enter a student's checkpoints: the student's train state h
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import time
 from typing import Any, Mapping
 
@@ -28,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kd_landmarks import errors
+from kd_landmarks import files
 from kd_landmarks import models
 
 MODEL_JSON = "model.json"
@@ -83,10 +87,8 @@ def write_model_json(model_dir: str, meta: Mapping[str, Any]) -> str:
     raise ValueError(f"model.json for {model_dir} lacks {missing}; it needs all of {REQUIRED_MODEL_KEYS}")
   os.makedirs(model_dir, exist_ok=True)
   path = os.path.join(model_dir, MODEL_JSON)
-  tmp_path = path + ".tmp"
-  with open(tmp_path, "w") as f:
+  with files.atomic_write(path) as f:  # A killed run never leaves half a model.json behind.
     json.dump(_jsonable(dict(meta)), f, indent=2, sort_keys=True)
-  os.replace(tmp_path, path)  # Atomic: a killed run never leaves half a model.json behind.
   return path
 
 
@@ -94,14 +96,14 @@ def read_model_json(model_dir: str) -> dict:
   """Reads ``model_dir/model.json`` with an error naming what is missing and how to make it."""
   path = os.path.join(model_dir, MODEL_JSON)
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"{path} does not exist: {model_dir} is not a trained model directory. Train one with "
         "`python -m kd_landmarks.main --config configs/<dataset>.py --workdir DIR` and pass e.g. "
         "DIR/student_kd.")
   meta = _load_model_json(path)
   missing = [key for key in REQUIRED_MODEL_KEYS if key not in meta]
   if missing:
-    raise ValueError(f"{path} lacks the keys {missing}; retrain or add them by hand")
+    raise ModelJsonError(f"{path} lacks the keys {missing}; retrain or add them by hand")
   return meta
 
 
@@ -121,7 +123,8 @@ def _load_model_json(path: str) -> dict:
 
 
 def check_resumable(model_dir: str, meta: Mapping[str, Any]) -> None:
-  """Raises ValueError when ``model_dir`` holds a checkpoint of another model than ``meta`` describes.
+  """Raises :class:`errors.DataError` (a ValueError) when ``model_dir`` holds a checkpoint of another model
+  than ``meta`` describes.
 
   Compares the stored model.json with ``meta`` (what this run would write) on ``RESUME_KEYS``; a
   directory without model.json or without a saved step has nothing to resume and passes.
@@ -136,7 +139,7 @@ def check_resumable(model_dir: str, meta: Mapping[str, Any]) -> None:
   differences = [f"  {key}: stored {stored.get(key, absent)!r}, configured {configured.get(key, absent)!r}"
                  for key in RESUME_KEYS if stored.get(key, absent) != configured.get(key, absent)]
   if differences:
-    raise ValueError(
+    raise errors.DataError(
         f"{model_dir} holds a checkpoint of another model than this run trains, so training will not "
         "resume from it:\n" + "\n".join(differences) +
         f"\nUse a new --workdir, or delete {model_dir} to start over.")
@@ -169,7 +172,13 @@ def best_manager(model_dir: str, *, create: bool = True) -> ocp.CheckpointManage
 
 # Beside each saved train state: a SHA-256 of its arrays. Orbax stores raw float data without a checksum,
 # so a flipped bit in a checkpoint file restores silently as a wrong value (measured: 2.7e14 instead of ~1).
+# It also records model.json's TRAINED_AS_KEYS as they were when the step was saved.
 CHECKSUM_FILE = "kd_landmarks_checksum.json"
+# What the weights cannot tell by their shapes: a fully convolutional network with global pooling has the
+# same parameters at every input size, yet predicts wrongly at another one (a 64 px student fed 48 px crops
+# is 5 px off on average). Kept with each saved step, since model.json is rewritten by each run and may be
+# edited by hand; load_inference_variables compares the two.
+TRAINED_AS_KEYS = ("image_size", "num_landmarks")
 
 
 def tree_checksum(tree) -> str:
@@ -186,11 +195,54 @@ def tree_checksum(tree) -> str:
   return digest.hexdigest()
 
 
+# How tensorstore ends the message of a failed file operation: "... No space left on device [os_error_code='28']".
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+
+
+class _DropLogsMatching(logging.Filter):
+  """Drops error records whose message matches ``pattern`` (a failure that is raised and reported anyway)."""
+
+  def __init__(self, pattern: re.Pattern):
+    super().__init__()
+    self.pattern = pattern
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and self.pattern.search(record.getMessage()))
+
+
+@contextlib.contextmanager
+def _saving(manager: ocp.CheckpointManager, step: int):
+  """A full disk or a read-only folder while orbax saves ``step`` becomes one :class:`errors.WriteError`
+  naming the step, and orbax's temporary step folder is removed (it is never read as a step, but it holds
+  the space). tensorstore reports the failed write as a ValueError ending "[os_error_code='28']"
+  (measured: a 1 MB state saved into a 200 kB tmpfs)."""
+  step_dir = os.path.join(str(manager.directory), str(int(step)))
+  # Orbax's writer thread also logs the failure with its traceback (absl's logger); it is reported below.
+  quiet = _DropLogsMatching(_OS_ERROR_CODE)
+  logging.getLogger("absl").addFilter(quiet)
+  try:
+    yield
+  except (ValueError, OSError) as error:
+    code = _OS_ERROR_CODE.search(str(error))
+    os_error = error if isinstance(error, OSError) else OSError(int(code.group(1)), str(error)) if code else None
+    if os_error is None or errors.write_error(os_error, step_dir) is None:
+      raise
+    for leftover in os.listdir(str(manager.directory)):
+      if leftover.startswith(f"{int(step)}.orbax-checkpoint-tmp"):
+        shutil.rmtree(os.path.join(str(manager.directory), leftover), ignore_errors=True)
+    # Named by the step, not by tensorstore's chunk file inside orbax's temporary folder.
+    raise errors.write_error(OSError(os_error.errno, os_error.strerror, step_dir), step_dir) from None
+  finally:
+    logging.getLogger("absl").removeFilter(quiet)
+
+
 def save_state(manager: ocp.CheckpointManager, step: int, state_tree: Mapping[str, Any]) -> None:
   """Saves a train-state pytree (a dict) at ``step``, waits for it to be on disk, and writes the
-  checksum :func:`restore_state` verifies."""
-  manager.save(int(step), args=ocp.args.StandardSave(dict(state_tree)), force=True)
-  manager.wait_until_finished()
+  checksum :func:`restore_state` verifies. A full disk or a read-only folder is a :class:`errors.WriteError`
+  naming the step; nothing of the step is left to be read back."""
+  with _saving(manager, step):
+    manager.save(int(step), args=ocp.args.StandardSave(dict(state_tree)), force=True)
+    manager.wait_until_finished()
   _write_checksum(manager, step, state_tree)
 
 
@@ -198,10 +250,16 @@ def _write_checksum(manager: ocp.CheckpointManager, step: int, tree) -> None:
   step_dir = os.path.join(str(manager.directory), str(int(step)))
   # A best/ step that lost to a better one is gone already (max_to_keep=1).
   if jax.process_index() == 0 and os.path.isdir(step_dir):
-    path = os.path.join(step_dir, CHECKSUM_FILE)
-    with open(path + ".tmp", "w") as f:
-      json.dump({"sha256": tree_checksum(dict(tree))}, f)
-    os.replace(path + ".tmp", path)
+    record = {"sha256": tree_checksum(dict(tree))}
+    model_json = os.path.join(os.path.dirname(str(manager.directory)), MODEL_JSON)
+    if os.path.exists(model_json):  # Training writes it before its first step is saved.
+      try:
+        meta = _load_model_json(model_json)
+        record["trained_as"] = {key: meta[key] for key in TRAINED_AS_KEYS if key in meta}
+      except ModelJsonError:  # Unreadable: the step is kept, its loader reports model.json.
+        pass
+    with files.atomic_write(os.path.join(step_dir, CHECKSUM_FILE)) as f:
+      json.dump(record, f)
 
 
 def _verify_checksum(step_dir: str, restored) -> None:
@@ -262,9 +320,10 @@ def save_best(manager: ocp.CheckpointManager, step: int, variables: Mapping[str,
   """Offers inference variables scored by ``val_nme``; orbax keeps only the best. Returns True if saved."""
   if not np.isfinite(val_nme):
     return False  # A NaN score would be ranked arbitrarily; never let it displace a good model.
-  saved = manager.save(int(step), args=ocp.args.StandardSave(dict(variables)),
-                       metrics={"val_nme": float(val_nme)}, force=True)
-  manager.wait_until_finished()
+  with _saving(manager, step):
+    saved = manager.save(int(step), args=ocp.args.StandardSave(dict(variables)),
+                         metrics={"val_nme": float(val_nme)}, force=True)
+    manager.wait_until_finished()
   if saved:
     _write_checksum(manager, step, variables)
   return bool(saved)
@@ -286,8 +345,27 @@ def load_inference_variables(model_dir: str):
   module = build_model(meta)
   variables, source = _restore_variables(model_dir)
   _check_variables_match(module, variables, meta, model_dir)
+  _check_trained_as(meta, model_dir, source)
   meta = dict(meta, checkpoint=source)
   return module, variables, meta
+
+
+def _check_trained_as(meta, model_dir: str, source) -> None:
+  """Raises :class:`ModelJsonError` naming model.json when its ``image_size`` or ``num_landmarks`` differ
+  from those the restored step was saved with (``TRAINED_AS_KEYS``; steps saved without them pass)."""
+  kind, step = source
+  step_dir = os.path.join(model_dir, BEST_DIR if kind == "best" else STATE_DIR, str(step))
+  record_path = os.path.join(step_dir, CHECKSUM_FILE)
+  if not os.path.exists(record_path):
+    return
+  with open(record_path) as f:
+    trained_as = json.load(f).get("trained_as") or {}
+  path = os.path.join(model_dir, MODEL_JSON)
+  for key in TRAINED_AS_KEYS:
+    if key in trained_as and meta.get(key) != trained_as[key]:
+      raise ModelJsonError(
+          f"{path} says {key}={meta.get(key)!r} but the checkpoint {step_dir} was trained with "
+          f"{key}={trained_as[key]!r}: set \"{key}\": {json.dumps(trained_as[key])} in {path} (or retrain)")
 
 
 def _check_variables_match(module, variables, meta, model_dir: str) -> None:
@@ -336,7 +414,7 @@ def _restore_variables(model_dir: str):
     if step is not None:
       restored = _restore_for_inference(manager, step, state_dir)
       return _variables_only(restored), ("latest", int(step))
-  raise FileNotFoundError(
+  raise errors.MissingFileError(
       f"no checkpoint in {best_dir} or {state_dir}: the model in {model_dir} was never saved. Train it "
       "(phase teacher_tough / teacher_tolerant / student) before predicting or exporting.")
 
@@ -367,7 +445,7 @@ def dtype_of(name: str):
   try:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
   except KeyError:
-    raise ValueError(f"unknown dtype {name!r} in model.json; use float32, bfloat16 or float16") from None
+    raise ModelJsonError(f"unknown dtype {name!r} in model.json; use float32, bfloat16 or float16") from None
 
 
 def _jsonable(value):
@@ -390,5 +468,5 @@ def write_done(model_dir: str, step: int) -> None:
     with open(path) as f:
       if json.load(f).get("step") == int(step):
         return
-  with open(path, "w") as f:
+  with files.atomic_write(path) as f:  # Whole or absent: a half-written file would break every later run.
     json.dump({"step": int(step), "time": time.time()}, f)
