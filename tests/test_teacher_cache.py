@@ -319,6 +319,7 @@ def test_mismatched_cache_through_main_is_one_line(tmp_path, data_dir):
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
   overrides = [f"--config.{key}={value}" for key, value in (
       ("data_dir", data_dir), ("teacher_cache_dir", folder), ("student_loss", "kd"), ("image_size", 32),
+      ("student.batch_size", 4),
       *((f"synthetic.{key}", value) for key, value in SYNTHETIC.items()))]
   result = subprocess.run([sys.executable, "-m", "kd_landmarks.main", "--config", "configs/demo.py:phase=student",
                            "--workdir", str(tmp_path / "run"), *overrides],
