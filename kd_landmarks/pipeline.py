@@ -8,6 +8,9 @@ evaluated and the report is written.
 
 ``run(config, workdir)`` runs one phase or all of them; each training phase resumes from its newest
 checkpoint and returns at once when already finished, so ``phase=all`` can be re-run after an interruption.
+A model whose recorded inputs (model.json's ``provenance``: the config fields that change its weights, the
+prepared data's content, a student's teacher outputs) differ from this run's is trained again from scratch,
+the old one moved to ``WORKDIR/superseded/`` (or kept on purpose: ``config.changed_inputs``).
 """
 from __future__ import annotations
 
