@@ -75,6 +75,11 @@ def test_files_fingerprint_follows_every_byte_not_the_folder(tmp_path):
 # ---------------------------------------------------------------------------------------------- pipeline
 
 
+def test_an_unknown_changed_inputs_policy_is_one_config_error():
+  with pytest.raises(errors.ConfigError, match=r"config.changed_inputs='discard'; choose from \('retrain', 'keep'\)"):
+    pipeline.validate_config(_config(changed_inputs="discard"))
+
+
 def _run(workdir, **changes):
   pipeline.run(_config(**{**TINY, **changes}), str(workdir))
 
