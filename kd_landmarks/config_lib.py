@@ -73,6 +73,7 @@ class AugmentConfig:
 
 
 PHASES = ("teacher_tough", "teacher_tolerant", "cache_teachers", "student", "eval", "report", "all")
+CHANGED_INPUTS = ("retrain", "keep")
 # 'auto': the backend JAX has (kd_landmarks.training.backend resolves it, and dtype/prefetch from it, at run time).
 PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 
@@ -158,6 +159,11 @@ def base_config() -> ml_collections.ConfigDict:
   # main cost, paid every epoch otherwise; input_pipeline.InMemorySource). -1: a quarter of the machine's
   # memory; 0: always read from disk.
   config.input_cache_mb = -1
+  # A trained model whose inputs changed since (a config field that changes its weights, the prepared data,
+  # the teacher outputs a student learned from; model.json's provenance, docs/training.md "Provenance"):
+  # 'retrain' moves it to WORKDIR/superseded/ and trains it again; 'keep' keeps a finished one as it is, on
+  # purpose (the report marks it), and stops at an unfinished one.
+  config.changed_inputs = "retrain"
   config.write_report = True
   config.compilation_cache = True    # Persistent XLA cache in WORKDIR/jax_cache (restarts compile less).
 

@@ -8,6 +8,9 @@ evaluated and the report is written.
 
 ``run(config, workdir)`` runs one phase or all of them; each training phase resumes from its newest
 checkpoint and returns at once when already finished, so ``phase=all`` can be re-run after an interruption.
+A model whose recorded inputs (model.json's ``provenance``: the config fields that change its weights, the
+prepared data's content, a student's teacher outputs) differ from this run's is trained again from scratch,
+the old one moved to ``WORKDIR/superseded/`` (or kept on purpose: ``config.changed_inputs``).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from kd_landmarks.evaluation import evaluate
 from kd_landmarks.training import input_pipeline
 from kd_landmarks import losses
 from kd_landmarks import models
+from kd_landmarks import provenance
 from kd_landmarks.training import parallel
 from kd_landmarks.evaluation import report
 from kd_landmarks.training import train
@@ -90,6 +94,9 @@ def _check_config(config) -> None:
     raise errors.ConfigError(f"unknown phase {config.phase!r}; choose from {PHASES}")
   if config.platform not in config_lib.PLATFORMS:
     raise errors.ConfigError(f"unknown platform {config.platform!r}; choose from {config_lib.PLATFORMS}")
+  if config.changed_inputs not in config_lib.CHANGED_INPUTS:
+    raise errors.ConfigError(f"config.changed_inputs={config.changed_inputs!r}; choose from "
+                             f"{config_lib.CHANGED_INPUTS}")
   try:
     losses.get_variant(config.loss_variant)
   except ValueError as error:  # Name the config field to fix, and the variants to choose from.
@@ -258,25 +265,35 @@ def num_train_steps(phase_config, num_examples: int, batch_size: int, augment_co
   return max(1, int(np.ceil(phase_config.num_epochs * ((int(augment_copies) * num_examples) // batch_size))))
 
 
+class ChangedInputsError(errors.UserError, RuntimeError):
+  """An unfinished model whose inputs changed, with ``config.changed_inputs='keep'``: it cannot be finished
+  on other inputs than it started with."""
+
+
 def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase, target, loss_name,
-               phase_config, teacher_cache=None, teacher_modules=None, teacher_variables=None, seed_index=0):
+               phase_config, teacher_cache=None, teacher_modules=None, teacher_variables=None, seed_index=0,
+               teacher_inputs=None):
+  """Trains one model, or returns None without training when :func:`_train_or_keep` keeps it.
+
+  ``teacher_inputs``: for a distilled student, what identifies the teachers it learns from
+  (:func:`_teacher_inputs`), recorded in its provenance."""
   # run() resolved the platform already; a phase called on its own (a notebook, a test) resolves it here,
   # so that model.json never records dtype 'auto' nor the input pipeline a prefetch of -1. Idempotent.
   config = backend.resolve(config)
   model_dir = os.path.join(workdir, model_dir_name)
-  seed = training_seed(config, target, seed_index)
-  meta = model_meta(config, model_name=model_name, overrides=overrides, phase=phase,
-                    loss=loss_name if target == "student" else TEACHER_LOSS, seed=seed, seed_index=seed_index)
-  mesh = parallel.make_mesh()
-  train_source, val_source = train_and_val_sources(config, workdir)
-  batch_size = global_batch_size(config, phase_config, mesh)
+  meta, plan = _plan(config, workdir, model_name=model_name, overrides=overrides, phase=phase, target=target,
+                     loss_name=loss_name, phase_config=phase_config, seed_index=seed_index,
+                     teacher_inputs=teacher_inputs)
+  if not _train_or_keep(config, model_dir, meta):
+    return None
+  mesh, train_source, val_source = plan["mesh"], plan["train_source"], plan["val_source"]
+  batch_size, steps, seed = plan["batch_size"], plan["steps"], meta["seed"]
   kernels = train.training_kernels(config)
   # Recorded for the reader; export and predict rebuild the model with the portable kernels (same weights).
   meta["train_kernels"] = kernels.description
   model = checkpoint.build_model(meta, kernels.model)
   if teacher_modules is not None:  # Online teachers compute their forward pass with the same kernels.
     teacher_modules = {name: models.with_kernels(module, kernels.model) for name, module in teacher_modules.items()}
-  steps = num_train_steps(phase_config, len(train_source), batch_size, int(config.augment_copies))
   learning_rate_fn = train.create_learning_rate_fn(config, steps)
   spec = train.StepSpec(target=target, loss_fn=losses.get_student_loss(loss_name), loss_variant=config.loss_variant,
                         image_size=int(meta["image_size"]), flip_permutation=flips.flip_permutation(config.dataset),
@@ -296,6 +313,126 @@ def _fit_model(config, workdir, *, model_dir_name, model_name, overrides, phase,
       eval_every_steps=int(config.eval_every_steps), keep_checkpoints=int(config.keep_checkpoints),
       prefetch=int(config.prefetch), input_cache_bytes=input_cache_bytes(config), mesh=mesh)
   return train.fit(setup)
+
+
+def _plan(config, workdir, *, model_name, overrides, phase, target, loss_name, phase_config, seed_index=0,
+          teacher_inputs=None):
+  """``(meta, plan)``: the model.json a training phase writes, its provenance included, and what its
+  training reads (mesh, train and validation sources, global batch size, steps)."""
+  meta = model_meta(config, model_name=model_name, overrides=overrides, phase=phase,
+                    loss=loss_name if target == "student" else TEACHER_LOSS,
+                    seed=training_seed(config, target, seed_index), seed_index=seed_index)
+  mesh = parallel.make_mesh()
+  train_source, val_source = train_and_val_sources(config, workdir)
+  batch_size = global_batch_size(config, phase_config, mesh)
+  steps = num_train_steps(phase_config, len(train_source), batch_size, int(config.augment_copies))
+  meta["provenance"] = model_provenance(config, workdir, meta, target=target, batch_size=batch_size,
+                                        num_train_steps=steps, teacher_inputs=teacher_inputs)
+  return meta, dict(mesh=mesh, train_source=train_source, val_source=val_source, batch_size=batch_size,
+                    steps=steps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Provenance: what made each model (model.json's "provenance"; kd_landmarks/provenance.py).
+
+
+def model_provenance(config, workdir, meta, *, target, batch_size, num_train_steps, teacher_inputs=None) -> dict:
+  """The inputs that determine a model's weights, and their fingerprint, as model.json records them:
+
+  * ``config``: the fields that change the weights (network, input size, seed, loss, optimiser and schedule,
+    global batch, steps, augmentation, the faces held out and how often they choose the best checkpoint).
+    Not how the run is executed or logged (platform, dtype, kernels, device count, prefetch, logging and
+    checkpoint cadence, paths): a workdir moved to another machine keeps its models;
+  * ``data``: the dataset's name, builder version and each split training reads, by size and content
+    (:meth:`kd_landmarks.datasets.builder.LandmarkSource.content_fingerprint`);
+  * ``teachers`` (a distilled student): the teacher outputs it learned from, by content, and the teachers
+    they name (:func:`_teacher_inputs`).
+  """
+  distill = target == "student" and needs_teachers(meta["loss"])
+  evaluate_every = int(config.eval_every_steps)
+  fields = {key: meta[key] for key in ("model", "overrides", "image_size", "num_landmarks", "seed", "loss")}
+  fields.update(target=target, optimizer=config.optimizer.to_dict(), batch_size=int(batch_size),
+                num_train_steps=int(num_train_steps), augment=config.augment.to_dict(),
+                # The steps validated are the candidates for best/, the weights evaluated and exported.
+                selection=dict(meta["selection"], eval_every_steps=evaluate_every if evaluate_every > 0 else 0))
+  if distill:
+    fields.update(loss_variant=config.loss_variant, teachers_online=bool(config.teachers_online))
+  inputs = {"config": fields, "data": data_provenance(config, workdir)}
+  if distill:
+    inputs["teachers"] = teacher_inputs
+  return dict(inputs, fingerprint=provenance.fingerprint(inputs))
+
+
+def data_provenance(config, workdir) -> dict:
+  """The prepared splits a training phase reads (the training split, and a named ``val_split``), by size
+  and content; a source not read from record files (an in-memory one) has content None."""
+  dataset = info.get_info(config.dataset)
+  chosen = selection(config)
+  splits = [dataset.train_split] + ([chosen["split"]] if chosen["split"] != holdout.HOLDOUT_NAME else [])
+  recorded = {}
+  for split in splits:
+    source = load_split(config, workdir, split)
+    recorded[split] = {"num_examples": len(source), "content": _content(source)}
+  return {"dataset": dataset.name, "version": str(builder.KdLandmarks.VERSION), "splits": recorded}
+
+
+def _content(source) -> str | None:
+  """A prepared split's content fingerprint; None for a source not read from record files (in memory)."""
+  return source.content_fingerprint() if getattr(source, "files", None) else None
+
+
+def _teacher_inputs(config, workdir, outputs=None) -> dict:
+  """What identifies a distilled student's teachers: the teacher outputs it reads (``outputs``, a
+  :class:`teacher_cache.TeacherOutputs`) by content and the teachers their metadata names, or with
+  ``teachers_online`` each teacher's own fingerprint and trained steps."""
+  if config.teachers_online:
+    return {"online": {teacher: {"fingerprint": _recorded_fingerprint(os.path.join(workdir, f"teacher_{teacher}")),
+                                 "steps": checkpoint.trained_steps(os.path.join(workdir, f"teacher_{teacher}"))}
+                       for teacher in TEACHERS}}
+  named = (outputs.metadata.get("teachers") or {}) if outputs is not None else {}
+  return {"outputs": outputs.content if outputs is not None else None,
+          "teachers": {teacher: {"fingerprint": (named.get(teacher) or {}).get("fingerprint"),
+                                 "checkpoint": (named.get(teacher) or {}).get("checkpoint")}
+                       for teacher in TEACHERS}}
+
+
+def _recorded_fingerprint(model_dir) -> str | None:
+  """The fingerprint model.json records for ``model_dir`` (None: no model.json, or none recorded)."""
+  stored = checkpoint.stored_meta(model_dir)
+  return ((stored or {}).get("provenance") or {}).get("fingerprint")
+
+
+def _train_or_keep(config, model_dir, meta) -> bool:
+  """Compares a trained model's recorded provenance with this run's before anything trains: True to train
+  (nothing trained yet, the same inputs: resume or finish, or inputs changed and the old model moved to
+  ``WORKDIR/superseded/``), False to keep a finished model with changed inputs (``changed_inputs='keep'``).
+  Raises :class:`ChangedInputsError` for an unfinished one with changed inputs under 'keep'."""
+  stored = checkpoint.stored_meta(model_dir)
+  if stored is None or not checkpoint.has_checkpoint(model_dir):
+    return True
+  changed = provenance.differences(stored.get("provenance"), meta["provenance"])
+  if not changed:
+    return True
+  what = "; ".join(changed)
+  done = checkpoint.trained_steps(model_dir)
+  if config.changed_inputs == "keep":
+    if done is not None:
+      logging.warning("%s: kept on purpose (config.changed_inputs='keep') although its inputs changed: %s",
+                      model_dir, what)
+      return False
+    raise ChangedInputsError(
+        f"{model_dir} is unfinished and its inputs changed since it started ({what}); it cannot be finished "
+        "on other inputs: set --config.changed_inputs=retrain to move it aside and train it again, or restore "
+        "the inputs it started with")
+  if jax.process_count() > 1:  # Every process has read the old model.json before it moves.
+    multihost_utils.sync_global_devices(f"{model_dir} compared")
+  if jax.process_index() == 0:
+    aside = checkpoint.move_aside(model_dir)
+    logging.warning("%s: its inputs changed since it was trained (%s): moved to %s; training it again "
+                    "(--config.changed_inputs=keep keeps a finished model instead)", model_dir, what, aside)
+  if jax.process_count() > 1:  # No process may restore the old checkpoints before they are moved.
+    multihost_utils.sync_global_devices(f"{model_dir} moved aside")
+  return True
 
 
 def input_cache_bytes(config) -> int:
@@ -341,11 +478,23 @@ def train_and_val_sources(config, workdir):
                                      name=chosen["of_split"])
 
 
+def _teacher_phase(config, teacher: str) -> dict:
+  """What :func:`_fit_model` trains for teacher ``teacher``."""
+  return dict(model_dir_name=f"teacher_{teacher}", model_name=config.teacher_model,
+              overrides=config.teacher_overrides.to_dict(), phase=f"teacher_{teacher}",
+              target=TEACHER_TARGETS[teacher], loss_name=TEACHER_LOSS, phase_config=config.teacher)
+
+
+def _student_phase(config, loss_name: str, seed_index: int) -> dict:
+  """What :func:`_fit_model` trains for student ``loss_name``, seed ``seed_index``."""
+  return dict(model_dir_name=student_dir_name(loss_name, seed_index), model_name=config.student_model,
+              overrides=config.student_overrides.to_dict(), phase="student", target="student",
+              loss_name=loss_name, phase_config=config.student, seed_index=seed_index)
+
+
 def train_teacher(config, workdir, teacher: str):
   """Phase teacher_tough / teacher_tolerant: L2 on the ground truth / on the soft landmarks (Sec. 3.2)."""
-  return _fit_model(config, workdir, model_dir_name=f"teacher_{teacher}", model_name=config.teacher_model,
-                    overrides=config.teacher_overrides.to_dict(), phase=f"teacher_{teacher}",
-                    target=TEACHER_TARGETS[teacher], loss_name=TEACHER_LOSS, phase_config=config.teacher)
+  return _fit_model(config, workdir, **_teacher_phase(config, teacher))
 
 
 def _require_teacher(workdir, teacher):
@@ -371,10 +520,11 @@ def _cache_metadata(config, source, teacher_metas: dict) -> dict:
   preparation = dict(source.metadata)
   return {
       "dataset": info.get_info(config.dataset).name, "dataset_version": str(builder.KdLandmarks.VERSION),
-      "split": teacher_cache.SPLIT, "num_examples": len(source),
+      "split": teacher_cache.SPLIT, "num_examples": len(source), "train_content": _content(source),
       "num_landmarks": info.get_info(config.dataset).num_landmarks, "frame": "stored-crop pixels",
       "preparation": preparation, "soft_landmarks": preparation.get("soft_landmarks"),
       "teachers": {teacher: {"model": meta["model"], "overrides": dict(meta.get("overrides") or {}),
+                             "fingerprint": (meta.get("provenance") or {}).get("fingerprint"),
                              "checkpoint": {"kind": meta["checkpoint"][0], "step": int(meta["checkpoint"][1])},
                              "image_size": int(meta["image_size"]), "dtype": meta.get("dtype"),
                              "target": TEACHER_TARGETS[teacher], "loss": TEACHER_LOSS,
@@ -441,7 +591,17 @@ def _load_checked_cache(config, workdir, path) -> teacher_cache.TeacherOutputs:
   teacher_cache.check_matches(
       outputs, dataset=config.dataset, dataset_version=str(builder.KdLandmarks.VERSION),
       num_examples=len(train_source), num_landmarks=info.get_info(config.dataset).num_landmarks,
-      preparation=train_source.metadata, rebuild=rebuild)
+      preparation=train_source.metadata, train_content=_content(train_source), rebuild=rebuild)
+  if not config.teacher_cache_dir:  # The workdir's own outputs: made by the teachers it holds now?
+    named = outputs.metadata.get("teachers") or {}
+    for teacher in TEACHERS:
+      current = _recorded_fingerprint(os.path.join(workdir, f"teacher_{teacher}"))
+      made_by = (named.get(teacher) or {}).get("fingerprint")
+      if current is not None and current != made_by:
+        raise teacher_cache.TeacherCacheMismatchError(
+            f"{path}: the teacher outputs were made by the {teacher} teacher {provenance.short(made_by)}, but "
+            f"{workdir}/teacher_{teacher} now holds {provenance.short(current)} (trained again). Rebuild them: "
+            f"{rebuild}")
   return outputs
 
 
@@ -551,24 +711,23 @@ def train_student(config, workdir, loss_name: str, seed_index: int = 0):
 
   ``seed_index`` k > 0 trains another seed of the same loss (``student_<loss>_seed<k>``) against the same
   teachers and teacher cache."""
-  cache = teacher_modules = teacher_variables = None
+  cache = teacher_modules = teacher_variables = teacher_inputs = None
   if needs_teachers(loss_name):
     if config.teachers_online:
       teacher_modules, teacher_variables = {}, {}
       for teacher in TEACHERS:
         module, variables, _ = checkpoint.load_inference_variables(_require_teacher(workdir, teacher))
         teacher_modules[teacher], teacher_variables[teacher] = module, variables
+      teacher_inputs = _teacher_inputs(config, workdir)
     else:
       path = _require_teacher_outputs(config, workdir, loss_name)
       # Checked against the training split here, before any model is built or step compiled.
-      cache = _load_checked_cache(config, workdir, path).as_cache()
+      outputs = _load_checked_cache(config, workdir, path)
+      cache, teacher_inputs = outputs.as_cache(), _teacher_inputs(config, workdir, outputs)
   # Baselines (l2, l1, smooth_l1) take no teachers; the ground truth fills their slots.
-  return _fit_model(config, workdir, model_dir_name=student_dir_name(loss_name, seed_index),
-                    model_name=config.student_model,
-                    overrides=config.student_overrides.to_dict(), phase="student", target="student",
-                    loss_name=loss_name, phase_config=config.student, teacher_cache=cache,
+  return _fit_model(config, workdir, **_student_phase(config, loss_name, seed_index), teacher_cache=cache,
                     teacher_modules=teacher_modules, teacher_variables=teacher_variables,
-                    seed_index=seed_index)
+                    teacher_inputs=teacher_inputs)
 
 
 def trained_model_dirs(workdir) -> list[str]:
@@ -596,9 +755,38 @@ def evaluate_all(config, workdir, *, skip_current: bool = False):
   return results
 
 
+def configured_provenances(config, workdir) -> dict:
+  """For each trained model directory this config trains: the provenance it would record now (a dict), or
+  one line saying why that cannot be known (e.g. the teacher outputs are missing or stale). The report
+  marks a model whose recorded fingerprint differs."""
+  config = backend.resolve(config)
+  phases = {}
+  if not config.teacher_cache_dir and any(needs_teachers(name) for name in student_losses(config)):
+    phases.update({f"teacher_{teacher}": _teacher_phase(config, teacher) for teacher in TEACHERS})
+  for seed_index in range(student_seeds(config)):
+    phases.update({student_dir_name(loss, seed_index): _student_phase(config, loss, seed_index)
+                   for loss in student_losses(config)})
+  configured, outputs = {}, {}
+  for name, phase in phases.items():
+    if not os.path.exists(os.path.join(workdir, name, checkpoint.MODEL_JSON)):
+      continue
+    phase = {key: value for key, value in phase.items() if key != "model_dir_name"}
+    try:
+      teacher_inputs = None
+      if phase["target"] == "student" and needs_teachers(phase["loss_name"]):
+        if not config.teachers_online and "outputs" not in outputs:
+          outputs["outputs"] = _load_checked_cache(config, workdir, teacher_outputs_path(config, workdir))
+        teacher_inputs = _teacher_inputs(config, workdir, outputs.get("outputs"))
+      configured[name] = _plan(config, workdir, **phase, teacher_inputs=teacher_inputs)[0]["provenance"]
+    except (errors.UserError, FileNotFoundError) as error:
+      configured[name] = errors.one_line(error)
+  return configured
+
+
 def write_report(config, workdir):
   if jax.process_index() == 0:
-    return report.build_report(workdir, dataset=config.dataset, data_dir=data_dir_of(config, workdir))
+    return report.build_report(workdir, dataset=config.dataset, data_dir=data_dir_of(config, workdir),
+                               configured=configured_provenances(config, workdir))
 
 
 def run(config, workdir: str, *, break_lock: bool = False):

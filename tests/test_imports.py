@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "kd_landmarks"
 # side (coordinates, shapes, metrics, datasets), its model side (augmentation, models, losses) and the
 # configs, the CPU door, training, evaluation and the report, deployment, and the driver.
 LAYERS = [
-    {"errors", "files", "coords", "shapes", "metrics", "datasets"},
+    {"errors", "files", "provenance", "coords", "shapes", "metrics", "datasets"},
     {"augment", "models", "losses", "config_lib"},
     {"cpu"},
     {"training"},

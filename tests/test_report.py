@@ -43,9 +43,11 @@ def shifted(gt, fraction_of_inter_ocular):
   return gt + np.array([fraction_of_inter_ocular * INTER_OCULAR, 0.0])
 
 
-def write_model(workdir, dir_name, *, dataset, role, loss=None, splits, metrics_json=None, network=None):
-  """Writes DIR/<dir_name>/model.json and eval/<split>.npz ({split: (pred, gt[, attributes])}).
-  The network defaults to the paper's: EfficientNet-B3 teachers, MobileNetV2 students."""
+def write_model(workdir, dir_name, *, dataset, role, loss=None, splits, metrics_json=None, network=None,
+                finished=True):
+  """Writes DIR/<dir_name>/model.json, eval/<split>.npz ({split: (pred, gt[, attributes])}) and, for a
+  ``finished`` model, train_done.json. The network defaults to the paper's: EfficientNet-B3 teachers,
+  MobileNetV2 students."""
   if network is None:
     network = "efficientnet_b3" if dir_name.startswith("teacher") else "mobilenet_v2"
   model_dir = Path(workdir) / dir_name
@@ -53,6 +55,8 @@ def write_model(workdir, dir_name, *, dataset, role, loss=None, splits, metrics_
   meta = {"model": network, "dataset": dataset, "num_landmarks": dataset_info.get_info(dataset).num_landmarks,
           "role": role, "loss": loss}
   (model_dir / "model.json").write_text(json.dumps(meta))
+  if finished:
+    (model_dir / "train_done.json").write_text(json.dumps({"step": 1}))
   for split, arrays in splits.items():
     pred, gt = arrays[:2]
     n, k = gt.shape[:2]

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from kd_landmarks import errors
+from kd_landmarks import provenance
 from kd_landmarks.datasets import builder as builder_lib
 from kd_landmarks.datasets import info as info_lib
 
@@ -223,12 +224,15 @@ def _write_rows(cache_dir, dataset: str, rows: Mapping[str, Any], metadata: dict
 @dataclasses.dataclass(frozen=True)
 class TeacherOutputs:
   """Read from a teacher-output dataset: ``tough``/``tolerant`` float32 ``[N, K, 2]`` in index order (what
-  ``input_pipeline.make_train_iterator(teacher_cache=...)`` joins), ``image_id`` ``[N]``, the metadata."""
+  ``input_pipeline.make_train_iterator(teacher_cache=...)`` joins), ``image_id`` ``[N]``, the metadata, and
+  ``content``: the SHA-256 of its record shards, which a student trained on them records
+  (``kd_landmarks.provenance``)."""
   path: pathlib.Path
   tough: np.ndarray
   tolerant: np.ndarray
   image_id: np.ndarray
   metadata: dict
+  content: str = ""
 
   def as_cache(self) -> dict[str, np.ndarray]:
     return {"tough": self.tough, "tolerant": self.tolerant}
@@ -278,14 +282,18 @@ def _load(folder: pathlib.Path) -> TeacherOutputs:
   image_id = np.asarray([row["image_id"].decode("utf-8") if isinstance(row["image_id"], bytes)
                          else str(row["image_id"]) for row in rows])[order]
   return TeacherOutputs(path=folder, tough=tough, tolerant=tolerant, image_id=image_id,
-                        metadata=dict(builder.info.metadata or {}))
+                        metadata=dict(builder.info.metadata or {}),
+                        content=provenance.files_fingerprint(builder.info.splits[SPLIT].filepaths))
 
 
 def check_matches(outputs: TeacherOutputs, *, dataset: str, dataset_version: str, num_examples: int,
-                  num_landmarks: int, preparation: Mapping[str, Any], rebuild: str) -> None:
+                  num_landmarks: int, preparation: Mapping[str, Any], rebuild: str,
+                  train_content: str | None = None) -> None:
   """Refuses teacher outputs that were not made on this training split: another dataset, dataset version,
-  split size, preparation (crop size, soft landmarks, synthetic sizes) or landmark count. The error names
-  every difference and ``rebuild`` (the command that rewrites the cache). Index coverage is checked on read.
+  split size, preparation (crop size, soft landmarks, synthetic sizes), landmark count or, where both are
+  known, content (``train_content``: the split's record fingerprint, which outputs written before it was
+  recorded lack). The error names every difference and ``rebuild`` (the command that rewrites the cache).
+  Index coverage is checked on read.
   """
   stored = outputs.metadata
   wanted = {"dataset": info_lib.get_info(dataset).name, "dataset_version": str(dataset_version),
@@ -294,6 +302,10 @@ def check_matches(outputs: TeacherOutputs, *, dataset: str, dataset_version: str
                  for key, value in wanted.items() if stored.get(key) != value]
   if outputs.tough.shape[0] != num_examples and stored.get("num_examples") == num_examples:
     differences.append(f"{outputs.tough.shape[0]} rows (the training split: {num_examples} examples)")
+  made_on = stored.get("train_content")
+  if made_on and train_content and made_on != train_content:
+    differences.append(f"training split content {provenance.short(made_on)} (the training split: "
+                       f"{provenance.short(train_content)}; prepared again since)")
   if outputs.tough.shape[1] != num_landmarks:
     differences.append(f"{outputs.tough.shape[1]} landmarks (the dataset: {num_landmarks})")
   stored_preparation = stored.get("preparation") or {}

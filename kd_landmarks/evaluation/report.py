@@ -37,11 +37,13 @@ from tqdm import tqdm
 from kd_landmarks import coords
 from kd_landmarks import datasets
 from kd_landmarks import metrics
+from kd_landmarks import provenance
 from kd_landmarks.datasets import info as dataset_info
 from kd_landmarks.datasets.images import STORED_CROP_SCALE, as_str
 from kd_landmarks.datasets.info import WFLW_ATTRIBUTE_SPLITS
 from kd_landmarks.evaluation import paper_results
 from kd_landmarks.evaluation import stats
+from kd_landmarks.training import checkpoint
 from kd_landmarks.metrics import FAILURE_THRESHOLD, SELECTION_KEY
 
 # Student loss (config name) -> the paper's name for the model it trains.
@@ -100,6 +102,7 @@ class ModelEntry:
   dataset: str
   loss_variant: str | None = None  # KD-Loss constants: 'paper' or 'author_code'
   seed_index: int = 0              # Student seed k of config.student_seeds (0 for older model.json).
+  provenance: dict | None = None   # model.json 'provenance': what made the weights (None: not recorded).
 
 
 @dataclasses.dataclass
@@ -173,7 +176,8 @@ def find_models(workdir: Path) -> list[ModelEntry]:
         dir_name=dir_name, path=model_json.parent, method=method,
         label=_method_label(method, str(meta["model"]), loss), network=str(meta["model"]),
         role=role, loss=loss, loss_variant=meta.get("loss_variant"), dataset=str(meta["dataset"]).lower(),
-        seed_index=int(meta.get("seed_index") or 0)))
+        seed_index=int(meta.get("seed_index") or 0),
+        provenance=meta.get("provenance") if isinstance(meta.get("provenance"), dict) else None))
   if not entries:
     raise FileNotFoundError(
         f"no trained model directories (DIR/<model_dir>/model.json) under {workdir}; train and evaluate "
@@ -369,6 +373,38 @@ def selection_text(selection: dict | None) -> str:
     return f"best on `train_holdout` ({held:g} of train, seed {selection.get('holdout_seed')}), step {step}" \
         if held is not None else f"best on `train_holdout`, step {step}"
   return f"best on `{split}`, step {step}"
+
+
+def provenance_status(model: ModelEntry, selection: dict | None, configured=None) -> tuple[str, list[str]]:
+  """The Models table's "Provenance" cell (the model's short fingerprint, marked **unfinished** or **inputs
+  changed**) and the warnings that explain the marks.
+
+  Unfinished: no ``train_done.json``, or one at fewer steps than the model was configured for. ``configured``:
+  the provenance the current config would record for this model (``pipeline.configured_provenances``), or a
+  line saying why it could not be computed; None when the report is built without a config.
+  """
+  recorded = model.provenance
+  cell = f"`{provenance.short(recorded.get('fingerprint'))}`" if recorded else "not recorded"
+  notes = []
+  steps = checkpoint.trained_steps(str(model.path))
+  planned = ((recorded or {}).get("config") or {}).get("num_train_steps")
+  if steps is None or (planned is not None and steps < int(planned)):
+    cell += " **unfinished**"
+    facts = [f"{checkpoint.DONE_FILE} is missing" if steps is None else f"{checkpoint.DONE_FILE} says step {steps}"]
+    facts += [f"{planned} steps configured"] if planned is not None else []
+    facts += [f"step {selection['step']} evaluated"] if (selection or {}).get("step") is not None else []
+    notes.append(f"{model.dir_name} is unfinished ({', '.join(facts)}): its numbers are those of a partly "
+                 "trained model; run its training phase to finish it")
+  if isinstance(configured, str):
+    cell += " (inputs not checked)"
+    notes.append(f"{model.dir_name}: its inputs could not be compared with the config's: {configured}")
+  elif configured is not None:
+    changed = provenance.differences(recorded, configured)
+    if changed:
+      cell += " **inputs changed**"
+      notes.append(f"{model.dir_name} was made from other inputs than the config names now: {'; '.join(changed)}; "
+                   "phase=all trains it again (config.changed_inputs=retrain)")
+  return cell, notes
 
 
 def _opt_float(value):
@@ -1054,7 +1090,8 @@ def _default_get_image(dataset, data_dir):
 
 
 def build_report(workdir, *, dataset: str | None = None, data_dir=None,
-                 get_image: Callable[[str, int], Any] | None = None, per_group: int = 2) -> Path:
+                 get_image: Callable[[str, int], Any] | None = None, per_group: int = 2,
+                 configured: Mapping[str, Any] | None = None) -> Path:
   """Writes ``DIR/report.md`` and ``DIR/figures/*.png``; returns the report's path.
 
   Args:
@@ -1066,6 +1103,9 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
       ``crop_to_original``), an ``(image, crop_to_original)`` pair, or an image in original pixels. Default:
       the stored dataset via ``kd_landmarks.datasets.load_split`` when ``data_dir`` is given.
     per_group: faces per group (best, median, worst) in the qualitative figures.
+    configured: model directory name -> the provenance the current config would record for it (or why it
+      could not be computed), from ``pipeline.configured_provenances``: a model whose recorded inputs differ
+      is marked. Without it, only unfinished models are marked.
   """
   workdir = Path(workdir)
   models = find_models(workdir)
@@ -1145,13 +1185,20 @@ def build_report(workdir, *, dataset: str | None = None, data_dir=None,
   lines += ["The checkpoint of each model is the best by validation NME on the split named under "
             "*Checkpoint* (by default a slice of the training split held out from all training; "
             "docs/method.md, \"Validation\"), or the last one where no validation ran.", ""]
+  lines += ["*Provenance* is the fingerprint of what made each model (model.json's `provenance`: the config "
+            "fields that change the weights, the prepared data's content, a student's teacher outputs; "
+            "docs/training.md, \"Provenance\").", ""]
   selections = {m.dir_name: read_selection(m) for m in models}
+  statuses = {m.dir_name: provenance_status(m, selections[m.dir_name], (configured or {}).get(m.dir_name))
+              for m in models}
+  for _, notes in statuses.values():
+    warnings += notes
   lines += _markdown_table(
-      ["Method", "Directory", "Network", "Role", "Loss", "Splits", "Checkpoint"],
+      ["Method", "Directory", "Network", "Role", "Loss", "Splits", "Checkpoint", "Provenance"],
       [[m.label, m.dir_name, m.network, m.role,
         (m.loss or "—") + (f" ({m.loss_variant})" if m.loss_variant and m.role == "student" else ""),
         ", ".join(_ordered_splits(results[m.dir_name], dataset)) or "—",
-        selection_text(selections[m.dir_name])] for m in models])
+        selection_text(selections[m.dir_name]), statuses[m.dir_name][0]] for m in models])
   on_test = [m.dir_name for m in models if (selections[m.dir_name] or {}).get("on_test")]
   if on_test:
     warnings.append(f"selected on test: the checkpoints of {', '.join(on_test)} were chosen on a test split "

@@ -145,6 +145,45 @@ def check_resumable(model_dir: str, meta: Mapping[str, Any]) -> None:
         f"\nUse a new --workdir, or delete {model_dir} to start over.")
 
 
+def stored_meta(model_dir: str) -> dict | None:
+  """``model_dir/model.json`` as recorded, or None when there is none (a model not started)."""
+  path = os.path.join(model_dir, MODEL_JSON)
+  return _load_model_json(path) if os.path.exists(path) else None
+
+
+def trained_steps(model_dir: str) -> int | None:
+  """The step ``train_done.json`` records (training finished there), or None when it is absent."""
+  path = os.path.join(model_dir, DONE_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return int(json.load(f)["step"])
+  except (ValueError, KeyError, TypeError):  # A damaged marker: the model counts as unfinished.
+    return None
+
+
+# Beside the model directories of a workdir: models whose inputs changed, moved there before their
+# directory is trained again (``move_aside``). Not a model directory itself, so no phase reads them.
+SUPERSEDED_DIR = "superseded"
+
+
+def move_aside(model_dir: str) -> str:
+  """Moves ``model_dir`` to ``<its parent>/superseded/<name>-<UTC time>`` and returns the new path: kept, out
+  of the way of the model trained in its place."""
+  model_dir = os.path.normpath(model_dir)
+  stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+  target = os.path.join(os.path.dirname(model_dir), SUPERSEDED_DIR, f"{os.path.basename(model_dir)}-{stamp}")
+  suffix = 1
+  while os.path.exists(target):
+    target = os.path.join(os.path.dirname(model_dir), SUPERSEDED_DIR,
+                          f"{os.path.basename(model_dir)}-{stamp}-{suffix}")
+    suffix += 1
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  os.replace(model_dir, target)
+  return target
+
+
 def has_checkpoint(model_dir: str) -> bool:
   """Whether ``model_dir`` holds a saved train state or best model (what a new run would build on)."""
   for directory, make_manager in ((STATE_DIR, state_manager), (BEST_DIR, best_manager)):

@@ -338,10 +338,12 @@ def fit(setup: FitSetup) -> dict:
   mesh = setup.mesh or parallel.make_mesh()
   padded_rows = parallel.padded_batch_size(setup.global_batch_size, mesh.devices.size)
   is_chief = jax.process_index() == 0
-  # Before model.json is rewritten: a reused workdir must not silently resume another dataset or network.
+  # Before model.json is written: a reused workdir must not silently resume another dataset or network.
   checkpoint.check_resumable(setup.model_dir, setup.meta)
-  if is_chief:  # One writer: the processes of a multi-host run share the workdir.
-    checkpoint.write_model_json(setup.model_dir, setup.meta)
+  # model.json describes the weights: written when training starts them, never over weights a run keeps
+  # or resumes (which the pipeline trains only when their recorded provenance equals this run's).
+  if is_chief and (not checkpoint.has_checkpoint(setup.model_dir) or checkpoint.stored_meta(setup.model_dir) is None):
+    checkpoint.write_model_json(setup.model_dir, setup.meta)  # One writer: hosts share the workdir.
   base_rng = jax.random.PRNGKey(setup.seed)
   init_rng, train_rng = jax.random.split(base_rng)
   state = create_train_state(init_rng, setup.model, setup.spec.image_size, setup.tx)
