@@ -665,6 +665,8 @@ def preflight(config, workdir, mesh=None) -> None:
             f"{len(train_source)}")
       logging.info("%s phases: %s", role, parallel.describe_batch(batch, mesh.devices.size))
   if "eval" in phases:
+    if not run_all:
+      _require_trained_models(workdir)
     for split in evaluate.eval_splits(config):
       try:
         load_split(config, workdir, split)
@@ -737,11 +739,16 @@ def trained_model_dirs(workdir) -> list[str]:
           and os.path.exists(os.path.join(workdir, n, checkpoint.MODEL_JSON))]
 
 
-def evaluate_all(config, workdir, *, skip_current: bool = False):
-  """Phase eval: every trained model in the workdir on every evaluation split."""
+def _require_trained_models(workdir) -> list[str]:
   model_dirs = trained_model_dirs(workdir)
   if not model_dirs:
     raise errors.MissingFileError(f"no trained model in {workdir}: run the teacher/student phases (phase=all) first")
+  return model_dirs
+
+
+def evaluate_all(config, workdir, *, skip_current: bool = False):
+  """Phase eval: every trained model in the workdir on every evaluation split."""
+  model_dirs = _require_trained_models(workdir)
   # The kernels training used (on a CPU, 5x the portable grouped convolution's forward speed on the demo's
   # model): the same function of the same variables.
   kernels = train.training_kernels(config).model

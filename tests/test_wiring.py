@@ -212,6 +212,8 @@ def test_cached_predictions_are_augmented_like_the_landmarks(variant):
 class _Recorder:
   def __init__(self, monkeypatch):
     self.calls = []
+    # Which phases run, not what they read (the preflight's checks are tested in test_main.py).
+    monkeypatch.setattr(pipeline, "preflight", lambda c, w: None)
     monkeypatch.setattr(pipeline, "train_teacher", lambda c, w, t: self.calls.append(f"teacher_{t}"))
     monkeypatch.setattr(pipeline, "cache_teachers", lambda c, w: self.calls.append("cache"))
     monkeypatch.setattr(pipeline, "train_student",
