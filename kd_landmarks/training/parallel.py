@@ -1,8 +1,9 @@
 """Data parallelism: the device mesh, shard_map-compiled steps, host <-> global arrays, multi-host start.
 
 Every step runs per device under ``jax.shard_map`` over a 1-D mesh axis named ``'data'`` (what ``jax.pmap``
-compiles to since JAX 0.8): the batch is split along its first axis, the train state is replicated, and the
-step itself averages gradients and batch statistics with ``lax.pmean(..., 'data')``. On several hosts each
+compiles to since JAX 0.8): the batch is split along its first axis (padded to a multiple of the devices,
+:func:`padded_batch_size`), the train state is replicated, and the step itself sums the devices' gradients
+and BatchNorm statistics with ``lax.psum(..., 'data')`` (kd_landmarks/training/train.py). On several hosts each
 process feeds only its contiguous block of the global batch (``input_pipeline.make_train_iterator`` with
 the process index) and the same program runs on every process (SPMD).
 """
@@ -70,7 +71,7 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
 
 def compile_step(step_fn: Callable, mesh: jax.sharding.Mesh, *, in_specs, out_specs,
                  donate_argnums: Sequence[int] = ()) -> Callable:
-  """``jax.jit(jax.shard_map(step_fn))``: ``step_fn`` sees per-device blocks and may use ``lax.pmean``."""
+  """``jax.jit(jax.shard_map(step_fn))``: ``step_fn`` sees per-device blocks and may use collectives over ``'data'``."""
   mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
   return jax.jit(mapped, donate_argnums=tuple(donate_argnums))
 
