@@ -60,6 +60,22 @@ def test_resume_at_step_reproduces_the_stream():
         batch["index"])
 
 
+def test_a_padded_batch_holds_the_unpadded_examples_and_masks_the_rest_on_every_process():
+  """5 examples as 8 rows over 2 processes: process 0 reads rows 0-3, process 1 row 4 and 3 padding rows that
+  repeat the batch's first example, flagged False; the real rows are exactly the unpadded batch's."""
+  source = _source(23)
+  plain = _take(input_pipeline.make_train_iterator(source, global_batch_size=5, seed=3, num_steps=4), 4)
+  blocks = [_take(input_pipeline.make_train_iterator(source, global_batch_size=5, seed=3, num_steps=4,
+                                                     padded_batch_size=8, num_processes=2, process_index=p), 4)
+            for p in range(2)]
+  for step in range(4):
+    rows = {key: np.concatenate([blocks[p][step][key] for p in range(2)]) for key in ("index", "example_mask")}
+    np.testing.assert_array_equal(rows["example_mask"], [True] * 5 + [False] * 3)
+    np.testing.assert_array_equal(rows["index"][:5], plain[step]["index"])
+    np.testing.assert_array_equal(rows["index"][5:], [plain[step]["index"][0]] * 3)
+  assert "example_mask" not in plain[0]
+
+
 def test_processes_split_each_global_batch_into_contiguous_blocks():
   source = _source(40)
   single = _take(input_pipeline.make_train_iterator(source, global_batch_size=12, seed=0), 5)
