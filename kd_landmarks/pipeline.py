@@ -91,9 +91,9 @@ def validate_config(config) -> None:
 
 def _check_config(config) -> None:
   if config.phase not in PHASES:
-    raise errors.ConfigError(f"unknown phase {config.phase!r}; choose from {PHASES}")
+    raise errors.ConfigError(f"config.phase: unknown phase {config.phase!r}; choose from {PHASES}")
   if config.platform not in config_lib.PLATFORMS:
-    raise errors.ConfigError(f"unknown platform {config.platform!r}; choose from {config_lib.PLATFORMS}")
+    raise errors.ConfigError(f"config.platform: unknown platform {config.platform!r}; choose from {config_lib.PLATFORMS}")
   if config.changed_inputs not in config_lib.CHANGED_INPUTS:
     raise errors.ConfigError(f"config.changed_inputs={config.changed_inputs!r}; choose from "
                              f"{config_lib.CHANGED_INPUTS}")
@@ -103,7 +103,10 @@ def _check_config(config) -> None:
     raise errors.ConfigError(f"config.loss_variant: {error}") from None
   if config.dataset == info.CUSTOM:
     register_custom(config)
-  info.get_info(config.dataset)
+  try:
+    info.get_info(config.dataset)
+  except ValueError as error:
+    raise errors.ConfigError(f"config.dataset: {error}") from None
   student_losses(config)
   student_seeds(config)
   _check_numbers(config)

@@ -88,9 +88,9 @@ def test_a_config_value_that_cannot_run_is_one_error_line_and_exit_2(tmp_path):
     ({"augment.flip_probability": 2.0}, "config.augment.flip_probability must be in [0, 1], got 2.0"),
     ({"eval_splits": "test,tset"}, "config.eval_splits must be empty or splits of synthetic from ['train', "
                                    "'test'], got 'test,tset'"),
-    ({"dataset": "300W-LP"}, "unknown dataset"),
-    ({"platform": "cuda"}, "unknown platform 'cuda'"),
-    ({"phase": "teachers"}, "unknown phase 'teachers'"),
+    ({"dataset": "300W-LP"}, "config.dataset: unknown dataset"),
+    ({"platform": "cuda"}, "config.platform: unknown platform 'cuda'"),
+    ({"phase": "teachers"}, "config.phase: unknown phase 'teachers'"),
 ])
 def test_config_values_that_cannot_run_are_one_config_error(tmp_path, overrides, message):
   config = _config(**overrides)
