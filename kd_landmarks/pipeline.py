@@ -639,21 +639,16 @@ def preflight(config, workdir, mesh=None) -> None:
   Logs each training phase's batch layout over the devices. Raises :class:`errors.UserError`.
   """
   mesh = mesh or parallel.make_mesh()
-  phases = ALL_PHASES if config.phase == "all" else (config.phase,)
+  phases = _phases(config)
   run_all = config.phase == "all"
-  distilled = [name for name in student_losses(config) if needs_teachers(name)]
+  distilled = _distilled_losses(config)
   trains = {
-      "teacher": any(p.startswith("teacher_") for p in phases) and not (
-          run_all and (config.teacher_cache_dir or not distilled)),
+      "teacher": any(p.startswith("teacher_") for p in phases) and not (run_all and _all_skips_teachers(config)),
       "student": "student" in phases,
   }
   if any(trains.values()) or "cache_teachers" in phases:
-    try:
-      train_source, _ = train_and_val_sources(config, workdir)
-    except errors.UserError:
-      raise
-    except FileNotFoundError as error:
-      raise errors.MissingFileError(errors.one_line(error)) from None
+    # An unprepared dataset or an unknown split is the builder's MissingFileError / ArgumentError.
+    train_source, _ = train_and_val_sources(config, workdir)
     for role, runs in trains.items():
       if not runs:
         continue
@@ -670,13 +665,8 @@ def preflight(config, workdir, mesh=None) -> None:
   if "eval" in phases:
     if not run_all:
       _require_trained_models(workdir)
-    for split in evaluate.eval_splits(config):
-      try:
-        load_split(config, workdir, split)
-      except FileNotFoundError as error:
-        raise errors.MissingFileError(errors.one_line(error)) from None
-      except (KeyError, ValueError) as error:
-        raise errors.ConfigError(f"config.eval_splits: {errors.one_line(error)}") from None
+    for split in evaluate.eval_splits(config):  # Their names were checked with the config (_check_numbers).
+      load_split(config, workdir, split)
   if trains["student"] and distilled:
     if config.teachers_online:
       if not run_all:
@@ -689,6 +679,21 @@ def preflight(config, workdir, mesh=None) -> None:
   if config.phase == "cache_teachers":
     for teacher in TEACHERS:
       _require_teacher(workdir, teacher)
+
+
+def _phases(config) -> tuple:
+  """The phases ``config.phase`` runs, in order."""
+  return ALL_PHASES if config.phase == "all" else (config.phase,)
+
+
+def _distilled_losses(config) -> list[str]:
+  """The student losses that read the teachers."""
+  return [name for name in student_losses(config) if needs_teachers(name)]
+
+
+def _all_skips_teachers(config) -> bool:
+  """Whether ``phase=all`` trains no teacher: another's outputs are given, or no student loss reads them."""
+  return bool(config.teacher_cache_dir) or not _distilled_losses(config)
 
 
 def student_seeds(config) -> int:
@@ -826,17 +831,15 @@ def _run_phases(config, workdir: str):
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   preflight(config, workdir)
-  phases = ALL_PHASES if config.phase == "all" else (config.phase,)
   run_all = config.phase == "all"
-  for phase in phases:
+  for phase in _phases(config):
     logging.info("phase %s", phase)
     if phase in ("teacher_tough", "teacher_tolerant"):
-      if run_all and (config.teacher_cache_dir or not any(needs_teachers(n) for n in student_losses(config))):
+      if run_all and _all_skips_teachers(config):
         continue  # Nothing downstream reads these teachers.
       train_teacher(config, workdir, phase.split("_", 1)[1])
     elif phase == "cache_teachers":
-      if run_all and (config.teachers_online or config.teacher_cache_dir or _cache_is_current(workdir, config)
-                      or not any(needs_teachers(n) for n in student_losses(config))):
+      if run_all and (config.teachers_online or _all_skips_teachers(config) or _cache_is_current(workdir, config)):
         continue
       cache_teachers(config, workdir)
     elif phase == "student":
