@@ -97,8 +97,7 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, start_step
   order = _epoch_order(num_examples, seed)
 
   def load_batch(step: int) -> dict:
-    epoch, batch_in_epoch = divmod(step, epoch_steps)
-    batch_start = epoch * num_examples + batch_in_epoch * global_batch_size
+    batch_start = _batch_start(step, num_examples, global_batch_size)
     rows_here = range(process_index * local_batch_size, (process_index + 1) * local_batch_size)
     # A padding row reads the batch's first example (finite values); the mask keeps it out of everything.
     positions = [order[batch_start + (row if row < global_batch_size else 0)] for row in rows_here]
@@ -123,9 +122,14 @@ def train_batch_indices(step: int, *, num_examples: int, global_batch_size: int,
   """
   local_batch_size = _local_batch_size(global_batch_size, num_processes, process_index)
   order = _epoch_order(num_examples, seed)
-  epoch, batch_in_epoch = divmod(step, steps_per_epoch(num_examples, global_batch_size))
-  start = epoch * num_examples + batch_in_epoch * global_batch_size + process_index * local_batch_size
+  start = _batch_start(step, num_examples, global_batch_size) + process_index * local_batch_size
   return np.array([order[position] for position in range(start, start + local_batch_size)])
+
+
+def _batch_start(step: int, num_examples: int, global_batch_size: int) -> int:
+  """Where global batch ``step`` starts in the concatenated epoch orders (each epoch's remainder dropped)."""
+  epoch, batch_in_epoch = divmod(step, steps_per_epoch(num_examples, global_batch_size))
+  return epoch * num_examples + batch_in_epoch * global_batch_size
 
 
 class EvalIterator:
