@@ -486,10 +486,14 @@ class _Tables:
   def pick(self, methods):
     return [m for m in self.models if m.method in methods]
 
+  def pick_with_splits(self, methods, splits):
+    """The models of ``methods`` and those of ``splits`` that at least one of them was evaluated on."""
+    models = self.pick(methods)
+    return models, [s for s in splits if any(s in self.results[m.dir_name] for m in models)]
+
   def metric_by_split(self, title, methods, splits, metrics, *, split_in_header=True):
     """Rows: models; columns: (split, metric) pairs, each followed by the paper's value."""
-    models = self.pick(methods)
-    splits = [s for s in splits if any(s in self.results[m.dir_name] for m in models)]
+    models, splits = self.pick_with_splits(methods, splits)
     if not models or not splits:
       return []
     header = ["Method", "Network"]
@@ -508,8 +512,7 @@ class _Tables:
 
   def metric_rows(self, title, methods, splits, metrics):
     """The layout of Tables 4 and 7: rows (metric, model or split), columns splits or models."""
-    models = self.pick(methods)
-    splits = [s for s in splits if any(s in self.results[m.dir_name] for m in models)]
+    models, splits = self.pick_with_splits(methods, splits)
     if not models or not splits:
       return []
     header = ["Metric", "Method"]
