@@ -7,6 +7,7 @@ variance live in the ``batch_stats`` collection and are not counted as parameter
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -92,9 +93,7 @@ def batch_norm_train(x, scale, bias, epsilon, activation, *, mask=None, axis_nam
   check_activation(activation)
   axes = tuple(range(x.ndim - 1))
   x32 = x.astype(jnp.float32)
-  pixels_per_example = 1
-  for size in x.shape[1:-1]:
-    pixels_per_example *= size
+  pixels_per_example = math.prod(x.shape[1:-1])
   if mask is None:
     weighted = x32
     count = jnp.float32(x.shape[0] * pixels_per_example)
