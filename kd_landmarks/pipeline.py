@@ -34,6 +34,7 @@ from kd_landmarks.training import input_pipeline
 from kd_landmarks import losses
 from kd_landmarks import models
 from kd_landmarks import provenance
+from kd_landmarks import shapes
 from kd_landmarks.training import parallel
 from kd_landmarks.evaluation import report
 from kd_landmarks.training import train
@@ -181,6 +182,10 @@ def _check_numbers(config) -> None:
   for field in ("input_cache_mb", "prefetch"):
     _require(int(config[field]) >= -1, field, config[field], ">= 0, or -1 for the default")
   try:
+    shapes.soft_landmark_options(config.soft_landmarks.to_dict())
+  except errors.UserError as error:
+    raise errors.ConfigError(f"config.soft_landmarks: {error}") from None
+  try:
     holdout.check_holdout(config.val_holdout)
   except ValueError as error:
     raise errors.ConfigError(f"{error}: set --config.val_holdout=0.05 (the default)") from None
@@ -214,15 +219,37 @@ def data_dir_of(config, workdir) -> str:
 
 
 def load_split(config, workdir, split):
-  """The data source of one split, preparing the synthetic dataset on first use."""
+  """The data source of one split, preparing the synthetic dataset on first use; its Soft-landmarks must be
+  those config.soft_landmarks asks for (:func:`check_soft_landmarks`)."""
   data_dir = data_dir_of(config, workdir)
   try:
-    return datasets.load_split(config.dataset, split, data_dir)
+    source = datasets.load_split(config.dataset, split, data_dir)
   except FileNotFoundError:
     if config.dataset != "synthetic":
       raise  # The builder's message names the prepare command for real data.
-  _prepare_synthetic(config, data_dir)
-  return datasets.load_split(config.dataset, split, data_dir)
+    _prepare_synthetic(config, data_dir)
+    source = datasets.load_split(config.dataset, split, data_dir)
+  check_soft_landmarks(config, source, data_dir)
+  return source
+
+
+def check_soft_landmarks(config, source, data_dir) -> None:
+  """Stops when the prepared data holds other Soft-landmarks than config.soft_landmarks (the Tolerant teacher
+  would learn targets the config does not describe), naming both and the two fixes."""
+  wanted = shapes.soft_landmark_options(config.soft_landmarks.to_dict())
+  stored = dict(source.metadata.get("soft_landmarks") or {})
+  stored = {key: stored.get(key) for key in wanted}
+  if stored == wanted:
+    return
+  command = builder.prepare_command(config.dataset, data_dir, overwrite=True)
+  if config.dataset == "synthetic":
+    command += "".join(f" --{key} {int(value)}" for key, value in config.synthetic.to_dict().items() if value)
+  command += f" --soft_keep {wanted['keep']} --soft_keep_mode {wanted['keep_mode']}"
+  raise errors.DataError(
+      f"{source.name} in {data_dir} holds Soft-landmarks keep={stored['keep']} ({stored['keep_mode']}), but "
+      f"config.soft_landmarks asks for keep={wanted['keep']} ({wanted['keep_mode']}): set "
+      f"--config.soft_landmarks.keep={stored['keep']} --config.soft_landmarks.keep_mode={stored['keep_mode']}, "
+      f"or prepare the data again (models trained on the old data are then retrained): {command}")
 
 
 def _prepare_synthetic(config, data_dir):
@@ -231,7 +258,8 @@ def _prepare_synthetic(config, data_dir):
     logging.info("preparing the synthetic dataset in %s", data_dir)
     # Zero means "the builder's default" (builder.SYNTHETIC_DEFAULTS).
     options = {k: int(v) for k, v in config.synthetic.to_dict().items() if v}
-    builder.prepare("synthetic", data_dir=data_dir, synthetic_options=options)
+    builder.prepare("synthetic", data_dir=data_dir, synthetic_options=options,
+                    soft_landmarks=config.soft_landmarks.to_dict())
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("synthetic dataset prepared")
 

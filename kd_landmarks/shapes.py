@@ -38,10 +38,28 @@ import os
 
 import numpy as np
 
+from kd_landmarks import errors
+
 KEEP_MODES = ("variance", "eigenvectors")
 # A shape with missing points is placed by a scale and a translation (3 unknowns) from its visible points.
 MIN_VISIBLE_POINTS = 3
 DEFAULT_KEEP_MODE = "variance"  # The authors' code; see the module docstring and docs/method.md.
+DEFAULT_KEEP = 0.9  # Section 3.1: "we choose the parameter m~ as 90%".
+
+
+def soft_landmark_options(options=None) -> dict:
+  """``{"keep", "keep_mode"}`` of the stored Soft-landmarks: the defaults updated by ``options`` (the
+  ``prepare`` flags, ``config.soft_landmarks``), checked; a bad value is one line naming it."""
+  unknown = set(options or {}) - {"keep", "keep_mode"}
+  if unknown:
+    raise errors.ArgumentError(f"unknown soft-landmark options {sorted(unknown)}; choose from ['keep', 'keep_mode']")
+  merged = {"keep": DEFAULT_KEEP, "keep_mode": DEFAULT_KEEP_MODE, **(options or {})}
+  keep, keep_mode = merged["keep"], merged["keep_mode"]
+  if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 <= float(keep) <= 1.0:
+    raise errors.ArgumentError(f"keep={keep!r} is not a fraction in [0, 1] (the paper's m~ is 0.9)")
+  if keep_mode not in KEEP_MODES:
+    raise errors.ArgumentError(f"keep_mode={keep_mode!r}: choose from {list(KEEP_MODES)}")
+  return {"keep": float(keep), "keep_mode": str(keep_mode)}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -218,6 +218,40 @@ def test_synthetic_build_with_its_options(tmp_path):
   assert len(load_split("synthetic", "test", tmp_path)) == 2
 
 
+def test_soft_landmark_options_reach_the_stored_targets(tmp_path, capsys):
+  """`prepare --soft_keep/--soft_keep_mode` (config.soft_landmarks) decide which Soft-landmarks are stored:
+  each build's targets are Eq. 3 with its own m~, recorded in the metadata; a bad value is one line."""
+  sizes = ["--num_train", "24", "--num_test", "3", "--image_size", "32"]
+  builds = {"default": [], "keep 0.97": ["--soft_keep", "0.97"],
+            "eigenvectors": ["--soft_keep_mode", "eigenvectors"]}
+  wanted = {"default": (0.9, "variance"), "keep 0.97": (0.97, "variance"), "eigenvectors": (0.9, "eigenvectors")}
+  train = None
+  for name, flags in builds.items():
+    data_dir = tmp_path / name.replace(" ", "_")
+    assert cli_main(["prepare", "--dataset", "synthetic", "--data_dir", str(data_dir), *sizes, *flags]) == 0
+    source = load_split("synthetic", "train", data_dir)
+    keep, keep_mode = wanted[name]
+    assert source.metadata["soft_landmarks"]["keep"] == keep
+    assert source.metadata["soft_landmarks"]["keep_mode"] == keep_mode
+    examples = _all(source)
+    normalised = np.stack([coords.to_normalized(e["landmarks"].astype(np.float64), 32) for e in examples])
+    if train is None:
+      train = normalised
+      model = shapes.fit_shape_model(train)
+      # The three readings keep different numbers of components here, so their targets differ.
+      counts = {n: shapes.num_kept_components(model, *wanted[n]) for n in builds}
+      assert len(set(counts.values())) == 3, counts
+    np.testing.assert_allclose(normalised, train, atol=1e-6)  # Same faces in every build.
+    stored = np.stack([coords.to_normalized(e["soft_landmarks"].astype(np.float64), 32) for e in examples])
+    for other, (other_keep, other_mode) in wanted.items():
+      expected = shapes.soft_landmarks(train, model, keep=other_keep, keep_mode=other_mode)
+      assert np.allclose(stored, expected, atol=1e-4) == (other == name), (name, other)
+  capsys.readouterr()
+  assert cli_main(["prepare", "--dataset", "synthetic", "--data_dir", str(tmp_path / "bad"), *sizes,
+                   "--soft_keep", "1.5"]) == errors.EXIT_CODE
+  assert capsys.readouterr().err.strip() == "error: keep=1.5 is not a fraction in [0, 1] (the paper's m~ is 0.9)"
+
+
 def test_synthetic_generator_with_wrong_landmark_count_is_refused(tmp_path, monkeypatch):
   def generate(split, *, num_examples, image_size, seed):
     del split, seed

@@ -91,6 +91,9 @@ def test_a_config_value_that_cannot_run_is_one_error_line_and_exit_2(tmp_path):
     ({"dataset": "300W-LP"}, "config.dataset: unknown dataset"),
     ({"platform": "cuda"}, "config.platform: unknown platform 'cuda'"),
     ({"phase": "teachers"}, "config.phase: unknown phase 'teachers'"),
+    ({"soft_landmarks.keep": 1.5}, "config.soft_landmarks: keep=1.5 is not a fraction in [0, 1]"),
+    ({"soft_landmarks.keep_mode": "pca"}, "config.soft_landmarks: keep_mode='pca': choose from ['variance', "
+                                          "'eigenvectors']"),
 ])
 def test_config_values_that_cannot_run_are_one_config_error(tmp_path, overrides, message):
   config = _config(**overrides)
@@ -290,3 +293,28 @@ def test_a_batch_larger_than_the_training_set_stops_before_any_phase(tmp_path):
       "error: config.student.batch_size gives a global student batch of 70, more than the 19 training examples "
       "of synthetic (after the held-out validation slice): lower it to at most 19")
   assert not (tmp_path / "teacher_tough").exists()
+
+
+def test_data_with_other_soft_landmarks_stops_naming_both_and_the_command_that_fixes_it(tmp_path):
+  """The Tolerant teacher's targets are stored at prepare time: a config asking for other Soft-landmarks than
+  the prepared data holds stops before any phase; the printed prepare command then makes the run valid."""
+  import shlex
+  from kd_landmarks import datasets
+  from kd_landmarks.datasets import __main__ as datasets_cli
+  from kd_landmarks.datasets import builder
+  config = _tiny(**{"soft_landmarks.keep": 0.95})
+  data_dir = tmp_path / "run" / "data"
+  builder.prepare("synthetic", data_dir=data_dir, show_progress=False,
+                  synthetic_options={"num_train": 8, "num_test": 4, "image_size": 32})
+  with pytest.raises(errors.DataError) as raised:
+    pipeline.run(config, str(tmp_path / "run"))
+  line = errors.one_line(raised.value)
+  assert "holds Soft-landmarks keep=0.9 (variance), but config.soft_landmarks asks for keep=0.95 (variance)" in line
+  assert "--config.soft_landmarks.keep=0.9 " in line
+  assert not (tmp_path / "run" / "teacher_tough").exists()
+  command = shlex.split(line.split("prepare the data again (models trained on the old data are then retrained): ")[1])
+  assert command[:4] == ["python", "-m", "kd_landmarks.datasets", "prepare"], command
+  assert datasets_cli.main(command[3:]) == 0
+  source = datasets.load_split("synthetic", "train", data_dir)
+  assert source.metadata["soft_landmarks"]["keep"] == 0.95 and len(source) == 8
+  pipeline.check_soft_landmarks(config, source, data_dir)  # No longer raises.

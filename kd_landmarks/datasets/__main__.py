@@ -18,6 +18,7 @@ from kd_landmarks import errors
 from kd_landmarks.datasets import builder
 from kd_landmarks.datasets import info as info_lib
 from kd_landmarks.datasets import readers
+from kd_landmarks.datasets.builder import SOFT_LANDMARKS_DEFAULTS
 from kd_landmarks.datasets.builder import SYNTHETIC_DEFAULTS
 
 
@@ -34,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="accept split sizes other than the official ones (a deliberate subset)")
   prepare.add_argument("--overwrite", action="store_true", help="rebuild even if data_dir already has it")
   prepare.add_argument("--num_workers", type=int, default=None, help="image decoding/cropping threads")
+  prepare.add_argument("--soft_keep", type=float, default=None,
+                       help="the Soft-landmarks' m~ (Section 3.1): share of the shape variance (or of the "
+                            f"eigenvectors) they keep (default {SOFT_LANDMARKS_DEFAULTS['keep']}); "
+                            "config.soft_landmarks.keep")
+  prepare.add_argument("--soft_keep_mode", default=None, choices=["variance", "eigenvectors"],
+                       help=f"how --soft_keep counts (default {SOFT_LANDMARKS_DEFAULTS['keep_mode']}; "
+                            "docs/method.md, 'Soft-landmarks'); config.soft_landmarks.keep_mode")
   prepare.add_argument("--num_train", type=int, default=None, help=f"synthetic only: training faces (default {SYNTHETIC_DEFAULTS['num_train']})")
   prepare.add_argument("--num_test", type=int, default=None, help=f"synthetic only: test faces (default {SYNTHETIC_DEFAULTS['num_test']})")
   prepare.add_argument("--image_size", type=int, default=None, help=f"synthetic only: stored crop side (px) (default {SYNTHETIC_DEFAULTS['image_size']})")
@@ -61,9 +69,12 @@ def _main(argv) -> int:
   if synthetic_options and args.dataset != "synthetic":
     raise errors.ArgumentError(f"--{' --'.join(sorted(synthetic_options))} only apply to --dataset synthetic "
                                f"(the official datasets have fixed splits and stored size {builder.STORED_CROP_SIZE})")
+  soft_flags = {"keep": args.soft_keep, "keep_mode": args.soft_keep_mode}
+  soft_landmarks = {key: value for key, value in soft_flags.items() if value is not None}
   prepared = builder.prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
                              allow_partial=args.allow_partial, overwrite=args.overwrite,
-                             synthetic_options=synthetic_options or None, num_workers=args.num_workers)
+                             synthetic_options=synthetic_options or None, soft_landmarks=soft_landmarks or None,
+                             num_workers=args.num_workers)
   print(f"prepared {args.dataset} in {prepared.data_path}")
   if args.dataset == info_lib.CUSTOM:
     scheme = info_lib.get_info(info_lib.CUSTOM)

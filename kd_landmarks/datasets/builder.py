@@ -58,8 +58,8 @@ STORED_CROP_SCALE = images_lib.STORED_CROP_SCALE
 STORED_CROP_SIZE = images_lib.STORED_CROP_SIZE
 # Section 3.1: Soft-landmarks rebuilt from the components explaining 90% of the shape variance (the authors'
 # code, PCA(n_components=0.9); docs/method.md, "Soft-landmarks"), parameters clipped at 3 sqrt(lambda).
-SOFT_LANDMARKS_KEEP = 0.9
-SOFT_LANDMARKS_KEEP_MODE = shapes.DEFAULT_KEEP_MODE
+# A preparation option (`prepare --soft_keep/--soft_keep_mode`, config.soft_landmarks): m~ of Eq. 3.
+SOFT_LANDMARKS_DEFAULTS = shapes.soft_landmark_options()
 NUM_ATTRIBUTES = len(readers.WFLW_ATTRIBUTES)
 # Defaults of the procedurally rendered dataset (the demo config's data); all overridable at prepare time.
 SYNTHETIC_DEFAULTS = {"num_train": 2000, "num_test": 300, "image_size": 128, "seed": 0}
@@ -123,13 +123,15 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)
 
   def __init__(self, *, allow_partial: bool = False, synthetic_options: Optional[dict] = None,
-               num_workers: Optional[int] = None, show_progress: bool = True,
+               soft_landmarks: Optional[dict] = None, num_workers: Optional[int] = None, show_progress: bool = True,
                custom_set: Optional[custom.CustomSet] = None, **kwargs):
     """Extra options (preparation only; reading needs none of them).
 
     Args:
       allow_partial: accept split sizes other than the official ones (fixtures, deliberate subsets).
       synthetic_options: overrides of :data:`SYNTHETIC_DEFAULTS` for the ``synthetic`` config.
+      soft_landmarks: overrides of :data:`SOFT_LANDMARKS_DEFAULTS` (``keep``, ``keep_mode`` of
+        :func:`kd_landmarks.shapes.soft_landmarks`): which Soft-landmarks are stored.
       num_workers: threads decoding and cropping images (PIL releases the GIL); default min(4, cores).
       show_progress: one tqdm bar per split.
       custom_set: the ``custom`` config's faces, already read from the manual dir (``prepare`` reads them
@@ -144,6 +146,7 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     if unknown:
       raise errors.ArgumentError(f"unknown synthetic options {sorted(unknown)}; choose from {sorted(SYNTHETIC_DEFAULTS)}")
     self._synthetic_options = {**SYNTHETIC_DEFAULTS, **(synthetic_options or {})}
+    self._soft_landmarks = shapes.soft_landmark_options(soft_landmarks)
     self._num_workers = num_workers or min(4, os.cpu_count() or 1)
     self._show_progress = show_progress
     self._custom_set = custom_set
@@ -198,7 +201,7 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     """What the stored data depends on beyond the code version; kept in the dataset's metadata."""
     options = {"dataset": self.builder_config.dataset, "stored_crop_size": self.stored_size,
                "stored_crop_scale": STORED_CROP_SCALE, "num_landmarks": self.dataset_info.num_landmarks,
-               "soft_landmarks": {"keep": SOFT_LANDMARKS_KEEP, "keep_mode": SOFT_LANDMARKS_KEEP_MODE, "clip": 3.0,
+               "soft_landmarks": {**self._soft_landmarks, "clip": 3.0,
                                   "fitted_on": "train", "frame": "normalised stored crop",
                                   "shape_model_file": SHAPE_MODEL_FILE},
                "allow_partial": self._allow_partial}
@@ -316,15 +319,13 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
       return np.stack([row.landmarks for row in rows]), np.stack([row.visible for row in rows])
 
     landmarks, visible = stack(train)
-    shape_model, filled_train = shapes.fit_shape_model_with_missing(
-        landmarks, visible, keep=SOFT_LANDMARKS_KEEP, keep_mode=SOFT_LANDMARKS_KEEP_MODE)
+    shape_model, filled_train = shapes.fit_shape_model_with_missing(landmarks, visible, **self._soft_landmarks)
     filled = {}
     for split, rows in raw_splits.items():
       if split == self.dataset_info.train_split:
         points = filled_train
       else:
-        points = shapes.reconstruct_missing(*stack(rows), shape_model, keep=SOFT_LANDMARKS_KEEP,
-                                            keep_mode=SOFT_LANDMARKS_KEEP_MODE)
+        points = shapes.reconstruct_missing(*stack(rows), shape_model, **self._soft_landmarks)
       filled[split] = [dataclasses.replace(row, landmarks=point.astype(np.float32)) for row, point in zip(rows, points)]
     return filled
 
@@ -352,7 +353,8 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
 
     def build(position):
       return position, make_example(raw_examples[position], index=position, size=size, encoding=encoding,
-                                    shape_model=shape_model, dataset=self.builder_config.dataset)
+                                    shape_model=shape_model, dataset=self.builder_config.dataset,
+                                    soft_landmarks=self._soft_landmarks)
 
     progress = tqdm.tqdm(total=len(raw_examples), desc=f"{self.builder_config.name}/{split}",
                          unit="face", disable=not self._show_progress)
@@ -370,8 +372,9 @@ def _crop_landmarks(landmarks_original: np.ndarray, size: int) -> np.ndarray:
 
 
 def make_example(raw: readers.RawExample, *, index: int, size: int, encoding: str, shape_model,
-                 dataset: str) -> dict[str, Any]:
-  """One stored example (keys of docs/contracts.md) from an official-format face."""
+                 dataset: str, soft_landmarks: Optional[dict] = None) -> dict[str, Any]:
+  """One stored example (keys of docs/contracts.md) from an official-format face; ``soft_landmarks``: the
+  ``keep``/``keep_mode`` of its Soft-landmarks (default :data:`SOFT_LANDMARKS_DEFAULTS`)."""
   num_landmarks = info_lib.get_info(dataset).num_landmarks
   landmarks_original = np.asarray(raw.landmarks, dtype=np.float64)
   if landmarks_original.shape != (num_landmarks, 2):
@@ -383,7 +386,7 @@ def make_example(raw: readers.RawExample, *, index: int, size: int, encoding: st
   crop = images_lib.crop_face(image, crop_to_original, size)
   landmarks = coords.apply_affine(coords.invert_affine(crop_to_original), landmarks_original)
   soft = coords.to_pixels(shapes.soft_landmarks(coords.to_normalized(landmarks, size), shape_model,
-                                                keep=SOFT_LANDMARKS_KEEP, keep_mode=SOFT_LANDMARKS_KEEP_MODE),
+                                                **shapes.soft_landmark_options(soft_landmarks)),
                             size)
   attributes = np.zeros(NUM_ATTRIBUTES, np.int32) if raw.attributes is None else raw.attributes
   occluded = np.zeros(num_landmarks, np.int32) if raw.occluded is None else raw.occluded
@@ -560,11 +563,12 @@ def _first_unreadable(folder: pathlib.Path) -> Optional[pathlib.Path]:
 
 
 def prepare(dataset: str, *, data_dir, manual_dir=None, allow_partial: bool = False, overwrite: bool = False,
-            synthetic_options: Optional[dict] = None, num_workers: Optional[int] = None,
-            show_progress: bool = True) -> KdLandmarks:
+            synthetic_options: Optional[dict] = None, soft_landmarks: Optional[dict] = None,
+            num_workers: Optional[int] = None, show_progress: bool = True) -> KdLandmarks:
   """Builds one config into ``data_dir`` (what ``python -m kd_landmarks.datasets prepare`` runs).
 
-  An existing build is reused only when it was prepared with the same options (sizes, ``allow_partial``)
+  An existing build is reused only when it was prepared with the same options (sizes, ``allow_partial``,
+  the Soft-landmarks' ``keep``/``keep_mode``)
   from the same manual-dir contents (every file's SHA-256, :func:`manual_dir_contents`). Otherwise it is a
   :class:`PreparedDataMismatchError` naming what differs, unless ``overwrite``: models trained on the old
   build would no longer match their data, so it is never replaced silently. ``overwrite`` also replaces a
@@ -577,8 +581,8 @@ def prepare(dataset: str, *, data_dir, manual_dir=None, allow_partial: bool = Fa
   # A custom set is read first: its options (the description as given) decide whether a build is reused.
   custom_set = custom.read_custom(manual_dir) if name == info_lib.CUSTOM else None
   builder = _open_builder(data_dir, name, discard_damaged=overwrite, allow_partial=allow_partial,
-                          synthetic_options=synthetic_options, num_workers=num_workers, show_progress=show_progress,
-                          custom_set=custom_set)
+                          synthetic_options=synthetic_options, soft_landmarks=soft_landmarks,
+                          num_workers=num_workers, show_progress=show_progress, custom_set=custom_set)
   mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   if is_prepared(builder):
     stored = _stored_options(builder)
