@@ -182,7 +182,7 @@ def _check_numbers(config) -> None:
   for field in ("input_cache_mb", "prefetch"):
     _require(int(config[field]) >= -1, field, config[field], ">= 0, or -1 for the default")
   try:
-    shapes.soft_landmark_options(config.soft_landmarks.to_dict())
+    soft_landmark_options(config)
   except errors.UserError as error:
     raise errors.ConfigError(f"config.soft_landmarks: {error}") from None
   try:
@@ -233,10 +233,18 @@ def load_split(config, workdir, split):
   return source
 
 
+def soft_landmark_options(config) -> dict:
+  """config.soft_landmarks resolved: ``keep`` -1 is the dataset's own (``DatasetInfo.soft_keep``)."""
+  options = config.soft_landmarks.to_dict()
+  if options.get("keep") == -1:
+    options["keep"] = None
+  return shapes.soft_landmark_options(options, default_keep=info.get_info(config.dataset).soft_keep)
+
+
 def check_soft_landmarks(config, source, data_dir) -> None:
   """Stops when the prepared data holds other Soft-landmarks than config.soft_landmarks (the Tolerant teacher
   would learn targets the config does not describe), naming both and the two fixes."""
-  wanted = shapes.soft_landmark_options(config.soft_landmarks.to_dict())
+  wanted = soft_landmark_options(config)
   stored = dict(source.metadata.get("soft_landmarks") or {})
   stored = {key: stored.get(key) for key in wanted}
   if stored == wanted:
@@ -259,7 +267,7 @@ def _prepare_synthetic(config, data_dir):
     # Zero means "the builder's default" (builder.SYNTHETIC_DEFAULTS).
     options = {k: int(v) for k, v in config.synthetic.to_dict().items() if v}
     builder.prepare("synthetic", data_dir=data_dir, synthetic_options=options,
-                    soft_landmarks=config.soft_landmarks.to_dict())
+                    soft_landmarks=soft_landmark_options(config))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("synthetic dataset prepared")
 

@@ -47,13 +47,15 @@ DEFAULT_KEEP_MODE = "variance"  # The authors' code; see the module docstring an
 DEFAULT_KEEP = 0.9  # Section 3.1: "we choose the parameter m~ as 90%".
 
 
-def soft_landmark_options(options=None) -> dict:
-  """``{"keep", "keep_mode"}`` of the stored Soft-landmarks: the defaults updated by ``options`` (the
-  ``prepare`` flags, ``config.soft_landmarks``), checked; a bad value is one line naming it."""
+def soft_landmark_options(options=None, *, default_keep: float = DEFAULT_KEEP) -> dict:
+  """``{"keep", "keep_mode"}`` of the stored Soft-landmarks: ``default_keep`` (a dataset's own, e.g.) and the
+  default mode updated by the values of ``options`` that are not None (the ``prepare`` flags,
+  ``config.soft_landmarks``), checked; a bad value is one line naming it."""
   unknown = set(options or {}) - {"keep", "keep_mode"}
   if unknown:
     raise errors.ArgumentError(f"unknown soft-landmark options {sorted(unknown)}; choose from ['keep', 'keep_mode']")
-  merged = {"keep": DEFAULT_KEEP, "keep_mode": DEFAULT_KEEP_MODE, **(options or {})}
+  given = {key: value for key, value in (options or {}).items() if value is not None}
+  merged = {"keep": default_keep, "keep_mode": DEFAULT_KEEP_MODE, **given}
   keep, keep_mode = merged["keep"], merged["keep_mode"]
   if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 <= float(keep) <= 1.0:
     raise errors.ArgumentError(f"keep={keep!r} is not a fraction in [0, 1] (the paper's m~ is 0.9)")

@@ -222,9 +222,9 @@ def test_soft_landmark_options_reach_the_stored_targets(tmp_path, capsys):
   """`prepare --soft_keep/--soft_keep_mode` (config.soft_landmarks) decide which Soft-landmarks are stored:
   each build's targets are Eq. 3 with its own m~, recorded in the metadata; a bad value is one line."""
   sizes = ["--num_train", "24", "--num_test", "3", "--image_size", "32"]
-  builds = {"default": [], "keep 0.97": ["--soft_keep", "0.97"],
-            "eigenvectors": ["--soft_keep_mode", "eigenvectors"]}
-  wanted = {"default": (0.9, "variance"), "keep 0.97": (0.97, "variance"), "eigenvectors": (0.9, "eigenvectors")}
+  # The synthetic faces' own m~ is 0.95 of the variance (info.DATASETS); the paper's 0.9 on request.
+  builds = {"default": [], "paper": ["--soft_keep", "0.9"], "eigenvectors": ["--soft_keep_mode", "eigenvectors"]}
+  wanted = {"default": (0.95, "variance"), "paper": (0.9, "variance"), "eigenvectors": (0.95, "eigenvectors")}
   train = None
   for name, flags in builds.items():
     data_dir = tmp_path / name.replace(" ", "_")

@@ -369,7 +369,7 @@ def test_the_whole_pipeline_on_a_21_point_set_with_missing_points(tmp_path):
   from kd_landmarks.datasets.__main__ import main as prepare_main  # pylint: disable=g-import-not-at-top
   assert prepare_main(["prepare", "--dataset", "custom", "--manual_dir", str(manual), "--data_dir", str(data)]) == 0
   overrides = ["--config.dataset=custom", f"--config.data_dir={data}", "--config.image_size=32",
-               "--config.teacher_model=mobilenet_v2_tiny", "--config.teacher.batch_size=8",
+               "--config.student_image_size=0", "--config.teacher_model=mobilenet_v2_tiny", "--config.teacher.batch_size=8",
                "--config.teacher.num_train_steps=3", "--config.student.batch_size=8",
                "--config.student.num_train_steps=3", "--config.student_seeds=1", "--config.log_every_steps=1",
                "--config.eval_batch_size=8"]

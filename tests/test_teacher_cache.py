@@ -151,7 +151,7 @@ def test_cache_teachers_writes_a_dataset_that_plain_tfds_reads(tmp_path, data_di
   metadata = read["metadata"]
   assert metadata["dataset"] == "synthetic" and metadata["num_examples"] == 6
   assert metadata["dataset_version"] == str(builder.KdLandmarks.VERSION)
-  assert metadata["preparation"]["synthetic"] == SYNTHETIC and metadata["soft_landmarks"]["keep"] == 0.9
+  assert metadata["preparation"]["synthetic"] == SYNTHETIC and metadata["soft_landmarks"]["keep"] == 0.95
   assert metadata["teachers"]["tough"]["checkpoint"] == {"kind": "best", "step": 1}
   assert metadata["teachers"]["tolerant"]["model"] == predict_fixtures.TINY_MODEL
   assert metadata["teachers"]["tolerant"]["image_size"] == 32

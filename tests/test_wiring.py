@@ -257,7 +257,8 @@ def test_phase_all_skips(tmp_path, monkeypatch):
   _touch(os.path.join(tmp_path, "teacher_tolerant", checkpoint.DONE_FILE), now - 10)
   assert recorder.run(tmp_path, student_loss="l2,kd") == everything
   # Online teachers never read the cache; a report-less config skips the report.
-  assert recorder.run(tmp_path, student_loss="kd", teachers_online=True, write_report=False) == [
+  assert recorder.run(tmp_path, student_loss="kd", teachers_online=True, student_image_size=0,
+                      write_report=False) == [
       "teacher_tough", "teacher_tolerant", "student_kd", "eval(skip_current=True)"]
   # A single phase runs whatever the skips would say.
   assert recorder.run(tmp_path, phase="cache_teachers", student_loss="l2") == ["cache"]

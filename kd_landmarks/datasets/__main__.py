@@ -18,7 +18,6 @@ from kd_landmarks import errors
 from kd_landmarks.datasets import builder
 from kd_landmarks.datasets import info as info_lib
 from kd_landmarks.datasets import readers
-from kd_landmarks.datasets.builder import SOFT_LANDMARKS_DEFAULTS
 from kd_landmarks.datasets.builder import SYNTHETIC_DEFAULTS
 
 
@@ -37,10 +36,10 @@ def _parser() -> argparse.ArgumentParser:
   prepare.add_argument("--num_workers", type=int, default=None, help="image decoding/cropping threads")
   prepare.add_argument("--soft_keep", type=float, default=None,
                        help="the Soft-landmarks' m~ (Section 3.1): share of the shape variance (or of the "
-                            f"eigenvectors) they keep (default {SOFT_LANDMARKS_DEFAULTS['keep']}); "
-                            "config.soft_landmarks.keep")
+                            "eigenvectors) they keep (default: the dataset's, 0.9 as in the paper, 0.95 for "
+                            "synthetic); config.soft_landmarks.keep")
   prepare.add_argument("--soft_keep_mode", default=None, choices=["variance", "eigenvectors"],
-                       help=f"how --soft_keep counts (default {SOFT_LANDMARKS_DEFAULTS['keep_mode']}; "
+                       help="how --soft_keep counts (default variance; "
                             "docs/method.md, 'Soft-landmarks'); config.soft_landmarks.keep_mode")
   prepare.add_argument("--num_train", type=int, default=None, help=f"synthetic only: training faces (default {SYNTHETIC_DEFAULTS['num_train']})")
   prepare.add_argument("--num_test", type=int, default=None, help=f"synthetic only: test faces (default {SYNTHETIC_DEFAULTS['num_test']})")

@@ -57,9 +57,9 @@ from kd_landmarks.datasets import synthetic
 STORED_CROP_SCALE = images_lib.STORED_CROP_SCALE
 STORED_CROP_SIZE = images_lib.STORED_CROP_SIZE
 # Section 3.1: Soft-landmarks rebuilt from the components explaining 90% of the shape variance (the authors'
-# code, PCA(n_components=0.9); docs/method.md, "Soft-landmarks"), parameters clipped at 3 sqrt(lambda).
-# A preparation option (`prepare --soft_keep/--soft_keep_mode`, config.soft_landmarks): m~ of Eq. 3.
-SOFT_LANDMARKS_DEFAULTS = shapes.soft_landmark_options()
+# code, PCA(n_components=0.9); docs/method.md, "Soft-landmarks"), parameters clipped at 3 sqrt(lambda). m~ is
+# a preparation option (`prepare --soft_keep/--soft_keep_mode`, config.soft_landmarks), by default the
+# dataset's own (DatasetInfo.soft_keep).
 NUM_ATTRIBUTES = len(readers.WFLW_ATTRIBUTES)
 # Defaults of the procedurally rendered dataset (the demo config's data); all overridable at prepare time.
 SYNTHETIC_DEFAULTS = {"num_train": 2000, "num_test": 300, "image_size": 128, "seed": 0}
@@ -130,8 +130,8 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     Args:
       allow_partial: accept split sizes other than the official ones (fixtures, deliberate subsets).
       synthetic_options: overrides of :data:`SYNTHETIC_DEFAULTS` for the ``synthetic`` config.
-      soft_landmarks: overrides of :data:`SOFT_LANDMARKS_DEFAULTS` (``keep``, ``keep_mode`` of
-        :func:`kd_landmarks.shapes.soft_landmarks`): which Soft-landmarks are stored.
+      soft_landmarks: ``keep``, ``keep_mode`` of :func:`kd_landmarks.shapes.soft_landmarks` (None: the
+        dataset's ``soft_keep``, in the ``variance`` reading): which Soft-landmarks are stored.
       num_workers: threads decoding and cropping images (PIL releases the GIL); default min(4, cores).
       show_progress: one tqdm bar per split.
       custom_set: the ``custom`` config's faces, already read from the manual dir (``prepare`` reads them
@@ -146,7 +146,8 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     if unknown:
       raise errors.ArgumentError(f"unknown synthetic options {sorted(unknown)}; choose from {sorted(SYNTHETIC_DEFAULTS)}")
     self._synthetic_options = {**SYNTHETIC_DEFAULTS, **(synthetic_options or {})}
-    self._soft_landmarks = shapes.soft_landmark_options(soft_landmarks)
+    shapes.soft_landmark_options(soft_landmarks)  # Checked now; resolved against the dataset when used.
+    self._soft_landmarks_given = dict(soft_landmarks or {})
     self._num_workers = num_workers or min(4, os.cpu_count() or 1)
     self._show_progress = show_progress
     self._custom_set = custom_set
@@ -192,6 +193,11 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     return info_lib.get_info(self.builder_config.dataset)
 
   @property
+  def soft_landmark_options(self) -> dict[str, Any]:
+    """``keep``/``keep_mode`` of the Soft-landmarks this build stores."""
+    return shapes.soft_landmark_options(self._soft_landmarks_given, default_keep=self.dataset_info.soft_keep)
+
+  @property
   def stored_size(self) -> int:
     if self.builder_config.dataset == "synthetic":
       return int(self._synthetic_options["image_size"])
@@ -201,7 +207,7 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     """What the stored data depends on beyond the code version; kept in the dataset's metadata."""
     options = {"dataset": self.builder_config.dataset, "stored_crop_size": self.stored_size,
                "stored_crop_scale": STORED_CROP_SCALE, "num_landmarks": self.dataset_info.num_landmarks,
-               "soft_landmarks": {**self._soft_landmarks, "clip": 3.0,
+               "soft_landmarks": {**self.soft_landmark_options, "clip": 3.0,
                                   "fitted_on": "train", "frame": "normalised stored crop",
                                   "shape_model_file": SHAPE_MODEL_FILE},
                "allow_partial": self._allow_partial}
@@ -319,13 +325,13 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
       return np.stack([row.landmarks for row in rows]), np.stack([row.visible for row in rows])
 
     landmarks, visible = stack(train)
-    shape_model, filled_train = shapes.fit_shape_model_with_missing(landmarks, visible, **self._soft_landmarks)
+    shape_model, filled_train = shapes.fit_shape_model_with_missing(landmarks, visible, **self.soft_landmark_options)
     filled = {}
     for split, rows in raw_splits.items():
       if split == self.dataset_info.train_split:
         points = filled_train
       else:
-        points = shapes.reconstruct_missing(*stack(rows), shape_model, **self._soft_landmarks)
+        points = shapes.reconstruct_missing(*stack(rows), shape_model, **self.soft_landmark_options)
       filled[split] = [dataclasses.replace(row, landmarks=point.astype(np.float32)) for row, point in zip(rows, points)]
     return filled
 
@@ -351,10 +357,12 @@ class KdLandmarks(tfds.core.GeneratorBasedBuilder):
     size = self.stored_size
     encoding = self.builder_config.image_encoding
 
+    soft_landmarks = self.soft_landmark_options
+
     def build(position):
       return position, make_example(raw_examples[position], index=position, size=size, encoding=encoding,
                                     shape_model=shape_model, dataset=self.builder_config.dataset,
-                                    soft_landmarks=self._soft_landmarks)
+                                    soft_landmarks=soft_landmarks)
 
     progress = tqdm.tqdm(total=len(raw_examples), desc=f"{self.builder_config.name}/{split}",
                          unit="face", disable=not self._show_progress)
@@ -374,7 +382,7 @@ def _crop_landmarks(landmarks_original: np.ndarray, size: int) -> np.ndarray:
 def make_example(raw: readers.RawExample, *, index: int, size: int, encoding: str, shape_model,
                  dataset: str, soft_landmarks: Optional[dict] = None) -> dict[str, Any]:
   """One stored example (keys of docs/contracts.md) from an official-format face; ``soft_landmarks``: the
-  ``keep``/``keep_mode`` of its Soft-landmarks (default :data:`SOFT_LANDMARKS_DEFAULTS`)."""
+  ``keep``/``keep_mode`` of its Soft-landmarks (None: the dataset's ``soft_keep``, variance reading)."""
   num_landmarks = info_lib.get_info(dataset).num_landmarks
   landmarks_original = np.asarray(raw.landmarks, dtype=np.float64)
   if landmarks_original.shape != (num_landmarks, 2):
@@ -386,7 +394,8 @@ def make_example(raw: readers.RawExample, *, index: int, size: int, encoding: st
   crop = images_lib.crop_face(image, crop_to_original, size)
   landmarks = coords.apply_affine(coords.invert_affine(crop_to_original), landmarks_original)
   soft = coords.to_pixels(shapes.soft_landmarks(coords.to_normalized(landmarks, size), shape_model,
-                                                **shapes.soft_landmark_options(soft_landmarks)),
+                                                **shapes.soft_landmark_options(
+                                                    soft_landmarks, default_keep=info_lib.get_info(dataset).soft_keep)),
                             size)
   attributes = np.zeros(NUM_ATTRIBUTES, np.int32) if raw.attributes is None else raw.attributes
   occluded = np.zeros(num_landmarks, np.int32) if raw.occluded is None else raw.occluded
