@@ -16,9 +16,10 @@ from typing import Any, Iterable, Mapping
 # Characters of a fingerprint printed in the report and in messages (48 bits: no two models of one workdir
 # collide by chance).
 SHORT = 12
-# (real path, size, mtime_ns, inode) -> SHA-256 of the file: a process hashes each unchanged file once,
-# although every training phase and the report fingerprint the same prepared split.
-_FILE_DIGESTS: dict[tuple, str] = {}
+# (real path, size, mtime_ns, inode) -> records_digest of the shard: a process hashes each unchanged shard
+# once, although every training phase and the report fingerprint the same prepared split.
+_RECORD_DIGESTS: dict[tuple, str] = {}
+_RECORDS_PER_READ = 256  # records_digest reads a shard in slices, not whole (a 300W split is ~0.5 GB).
 
 
 def canonical(value: Any) -> Any:
@@ -44,23 +45,44 @@ def short(value: str | None) -> str:
   return value[:SHORT] if value else "none"
 
 
-def file_digest(path) -> str:
-  """SHA-256 of one file's bytes (memoised per process while its size, mtime and inode stay the same)."""
+def records_digest(path) -> str:
+  """SHA-256 of the examples in one array_record shard, each tf.Example re-serialised deterministically
+  (its features in key order), with its length before it; memoised per process while the file's size, mtime and inode stay the same.
+
+  Not the file's bytes: protobuf writes a map's entries in an order that follows the writing process's hash
+  seed, so the same faces prepared twice gave shards whose every record differed in its bytes (measured: 1,200
+  of 1,200 synthetic faces, decoded values identical). Re-serialising costs about 0.05 s per 18 MB shard.
+  """
+  # Imported here: only a prepared split is fingerprinted, and these come with tfds (heavy to import).
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
   path = os.path.realpath(os.fspath(path))
   stat = os.stat(path)
   key = (path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
-  if key not in _FILE_DIGESTS:
-    with open(path, "rb") as f:
-      _FILE_DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
-  return _FILE_DIGESTS[key]
+  if key not in _RECORD_DIGESTS:
+    digest = hashlib.sha256()
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      total = reader.num_records()
+      for start in range(0, total, _RECORDS_PER_READ):
+        for record in reader.read(start, min(start + _RECORDS_PER_READ, total)):
+          example = tf_example_pb2.Example()
+          example.ParseFromString(record)
+          canonical_bytes = example.SerializeToString(deterministic=True)
+          digest.update(len(canonical_bytes).to_bytes(8, "little") + canonical_bytes)
+    finally:
+      reader.close()
+    _RECORD_DIGESTS[key] = digest.hexdigest()
+  return _RECORD_DIGESTS[key]
 
 
-def files_fingerprint(paths: Iterable) -> str:
-  """SHA-256 over the names and contents of ``paths`` (a split's record shards): any edited byte, added,
-  removed or renamed shard changes it; where the files live does not."""
+def records_fingerprint(paths: Iterable) -> str:
+  """SHA-256 over the names and examples (:func:`records_digest`) of ``paths``, a split's array_record
+  shards: any changed value, added, removed or renamed shard changes it; where the files live, and which
+  process wrote them, does not."""
   digest = hashlib.sha256()
   for path in sorted(os.fspath(p) for p in paths):
-    digest.update(f"{os.path.basename(path)}\t{file_digest(path)}\n".encode())
+    digest.update(f"{os.path.basename(path)}\t{records_digest(path)}\n".encode())
   return digest.hexdigest()
 
 

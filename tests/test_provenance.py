@@ -55,21 +55,49 @@ def test_fingerprint_is_of_the_values_not_their_spelling():
       "inputs not recorded (trained before model.json recorded its provenance)"]
 
 
-def test_files_fingerprint_follows_every_byte_not_the_folder(tmp_path):
-  first, second = tmp_path / "a", tmp_path / "b"
-  first.mkdir()
-  (first / "x-train.array_record-00000-of-00002").write_bytes(b"\x00" * 1000 + b"face")
-  (first / "x-train.array_record-00001-of-00002").write_bytes(b"more faces")
-  paths = sorted(first.iterdir())
-  by_hand = hashlib.sha256("".join(f"{p.name}\t{hashlib.sha256(p.read_bytes()).hexdigest()}\n"
-                                   for p in paths).encode()).hexdigest()
-  assert provenance.files_fingerprint(paths) == by_hand
-  shutil.copytree(first, second)  # The same bytes elsewhere: the same content.
-  assert provenance.files_fingerprint(sorted(second.iterdir())) == by_hand
-  data = bytearray(paths[0].read_bytes())
-  data[500] ^= 1  # One bit of one shard, same size.
-  paths[0].write_bytes(bytes(data))
-  assert provenance.files_fingerprint(paths) != by_hand
+def _write_shard(path, records):
+  from array_record.python import array_record_module
+  writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+  for record in records:
+    writer.write(record)
+  writer.close()
+
+
+def _example(**features):
+  from tensorflow_datasets.proto import tf_example_pb2
+  example = tf_example_pb2.Example()
+  for key, values in features.items():
+    example.features.feature[key].float_list.value.extend(values)
+  return example.SerializeToString()
+
+
+def test_records_fingerprint_follows_the_examples_not_their_bytes_or_folder(tmp_path):
+  """Protobuf writes a map's entries in an order that follows the writing process's hash seed: the same
+  example can be two byte strings. Concatenated serialisations of one-feature examples parse as one example
+  with both features, in the order given, which makes both byte strings here."""
+  first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+  for folder in (first, second, third):
+    folder.mkdir()
+  a, b = _example(landmarks=[1.0, 2.0]), _example(index=[3.0])
+  name = "x-train.array_record-00000-of-00001"
+  _write_shard(first / name, [a + b, _example(index=[4.0])])
+  _write_shard(second / name, [b + a, _example(index=[4.0])])
+  assert (first / name).read_bytes() != (second / name).read_bytes()  # The bytes differ...
+  fingerprint = provenance.records_fingerprint([first / name])
+  assert provenance.records_fingerprint([second / name]) == fingerprint  # ...the examples do not.
+  # By hand: each example in key order ("index" < "landmarks"), its length before it.
+  from tensorflow_datasets.proto import tf_example_pb2
+  canonical = []
+  for record in (a + b, _example(index=[4.0])):
+    example = tf_example_pb2.Example()
+    example.ParseFromString(record)
+    canonical.append(example.SerializeToString(deterministic=True))
+  assert canonical[0].index(b"index") < canonical[0].index(b"landmarks")
+  records = hashlib.sha256(b"".join(len(c).to_bytes(8, "little") + c for c in canonical)).hexdigest()
+  assert fingerprint == hashlib.sha256(f"{name}\t{records}\n".encode()).hexdigest()
+  # One value changed: another fingerprint.
+  _write_shard(third / name, [a + b, _example(index=[4.5])])
+  assert provenance.records_fingerprint([third / name]) != fingerprint
 
 
 # ---------------------------------------------------------------------------------------------- pipeline

@@ -283,7 +283,7 @@ def _load(folder: pathlib.Path) -> TeacherOutputs:
                          else str(row["image_id"]) for row in rows])[order]
   return TeacherOutputs(path=folder, tough=tough, tolerant=tolerant, image_id=image_id,
                         metadata=dict(builder.info.metadata or {}),
-                        content=provenance.files_fingerprint(builder.info.splits[SPLIT].filepaths))
+                        content=provenance.records_fingerprint(builder.info.splits[SPLIT].filepaths))
 
 
 def check_matches(outputs: TeacherOutputs, *, dataset: str, dataset_version: str, num_examples: int,
