@@ -251,7 +251,7 @@ def check_soft_landmarks(config, source, data_dir) -> None:
     return
   command = builder.prepare_command(config.dataset, data_dir, overwrite=True)
   if config.dataset == "synthetic":
-    command += "".join(f" --{key} {int(value)}" for key, value in config.synthetic.to_dict().items() if value)
+    command += "".join(f" --{key} {value}" for key, value in _synthetic_options(config).items())
   command += f" --soft_keep {wanted['keep']} --soft_keep_mode {wanted['keep_mode']}"
   raise errors.DataError(
       f"{source.name} in {data_dir} holds Soft-landmarks keep={stored['keep']} ({stored['keep_mode']}), but "
@@ -260,13 +260,16 @@ def check_soft_landmarks(config, source, data_dir) -> None:
       f"or prepare the data again (models trained on the old data are then retrained): {command}")
 
 
+def _synthetic_options(config) -> dict[str, int]:
+  """config.synthetic as ``prepare`` options; zero means "the builder's default" (builder.SYNTHETIC_DEFAULTS)."""
+  return {key: int(value) for key, value in config.synthetic.to_dict().items() if value}
+
+
 def _prepare_synthetic(config, data_dir):
   """Renders the synthetic dataset into ``data_dir`` (the demo's first run; no download)."""
   if jax.process_index() == 0:
     logging.info("preparing the synthetic dataset in %s", data_dir)
-    # Zero means "the builder's default" (builder.SYNTHETIC_DEFAULTS).
-    options = {k: int(v) for k, v in config.synthetic.to_dict().items() if v}
-    builder.prepare("synthetic", data_dir=data_dir, synthetic_options=options,
+    builder.prepare("synthetic", data_dir=data_dir, synthetic_options=_synthetic_options(config),
                     soft_landmarks=soft_landmark_options(config))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("synthetic dataset prepared")

@@ -380,9 +380,9 @@ def _crop_landmarks(landmarks_original: np.ndarray, size: int) -> np.ndarray:
 
 
 def make_example(raw: readers.RawExample, *, index: int, size: int, encoding: str, shape_model,
-                 dataset: str, soft_landmarks: Optional[dict] = None) -> dict[str, Any]:
+                 dataset: str, soft_landmarks: dict) -> dict[str, Any]:
   """One stored example (keys of docs/contracts.md) from an official-format face; ``soft_landmarks``: the
-  ``keep``/``keep_mode`` of its Soft-landmarks (None: the dataset's ``soft_keep``, variance reading)."""
+  ``keep``/``keep_mode`` of its Soft-landmarks (:attr:`KdLandmarks.soft_landmark_options`)."""
   num_landmarks = info_lib.get_info(dataset).num_landmarks
   landmarks_original = np.asarray(raw.landmarks, dtype=np.float64)
   if landmarks_original.shape != (num_landmarks, 2):
@@ -394,9 +394,7 @@ def make_example(raw: readers.RawExample, *, index: int, size: int, encoding: st
   crop = images_lib.crop_face(image, crop_to_original, size)
   landmarks = coords.apply_affine(coords.invert_affine(crop_to_original), landmarks_original)
   soft = coords.to_pixels(shapes.soft_landmarks(coords.to_normalized(landmarks, size), shape_model,
-                                                **shapes.soft_landmark_options(
-                                                    soft_landmarks, default_keep=info_lib.get_info(dataset).soft_keep)),
-                            size)
+                                                **soft_landmarks), size)
   attributes = np.zeros(NUM_ATTRIBUTES, np.int32) if raw.attributes is None else raw.attributes
   occluded = np.zeros(num_landmarks, np.int32) if raw.occluded is None else raw.occluded
   custom_fields = {}
