@@ -93,15 +93,20 @@ def _matvec(matrix, vector):
                     matrix[1, 0] * vector[0] + matrix[1, 1] * vector[1]])
 
 
+def _relabel(per_point, flip, flip_permutation):
+  """``per_point`` ([K, ...]) relabelled by the flip permutation when the image was flipped."""
+  if flip_permutation is None:
+    return per_point
+  return jnp.where(flip, per_point[flip_permutation], per_point)
+
+
 def _transform_landmark_sets(landmark_sets, out_to_input, flip, flip_permutation, out_size):
   """Maps every set into normalised output coordinates and relabels them when the image was flipped."""
   input_to_out = _invert_similarity(out_to_input)
   result = {}
   for key, points in landmark_sets.items():
     normalised = coords.to_normalized(coords.apply_affine(input_to_out, points), out_size)
-    if flip_permutation is not None:
-      normalised = jnp.where(flip, normalised[flip_permutation], normalised)
-    result[key] = normalised.astype(jnp.float32)
+    result[key] = _relabel(normalised, flip, flip_permutation).astype(jnp.float32)
   return result
 
 
@@ -241,7 +246,7 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
     output coordinates (and the point masks, [B, K], their dtype kept), out_to_input float32 [B, 2, 3]
     mapping output pixels to stored-crop pixels).
   """
-  batch_size = _validate(images_uint8, landmark_sets, reference, flip_permutation, config.flip)
+  batch_size = _validate(images_uint8, landmark_sets, point_masks or {}, reference, flip_permutation, config.flip)
   batch_noise = config.noise and kernels.batch_noise is not None
   warp = kernels.warp or _warp_portable
   perm = None
@@ -271,7 +276,7 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
     warped = _photometric(photo_key, warped, config, noise=not batch_noise)
     new_sets = _transform_landmark_sets(sets, out_to_input, flip, perm, out_size)
     for name, mask in masks.items():
-      new_sets[name] = jnp.where(flip, mask[perm], mask) if perm is not None else mask
+      new_sets[name] = _relabel(mask, flip, perm)
     return warped, new_sets, out_to_input.astype(jnp.float32)
 
   keys = jax.random.split(rng, global_batch_size or batch_size)
@@ -279,10 +284,6 @@ def augment(rng, images_uint8, landmark_sets: Mapping[str, jax.Array], *, refere
     keys = lax.dynamic_slice_in_dim(keys, first_example, batch_size)
   sets = {key: jnp.asarray(value, dtype=jnp.float32) for key, value in landmark_sets.items()}
   masks = {key: jnp.asarray(value) for key, value in (point_masks or {}).items()}
-  for name, mask in masks.items():
-    if mask.shape != (batch_size, landmark_sets[reference].shape[-2]):
-      raise ValueError(f"augment: point mask {name!r} has shape {tuple(mask.shape)}; expected "
-                       f"({batch_size}, {landmark_sets[reference].shape[-2]}), one flag per landmark")
   images, new_sets, out_to_input = jax.vmap(one_example)(keys, jnp.asarray(images_uint8), sets, masks)
   if batch_noise:
     # One draw for this block (the CPU kernels' batch noise): other blocks of the global batch fold in their
@@ -300,7 +301,7 @@ def preprocess_eval(images_uint8, landmark_sets: Mapping[str, jax.Array], *, ref
   ``(shift_x, shift_y, scale)`` moves that crop box's centre by ``shift`` times its side and scales its side
   by ``scale`` (the same for every image; ``(0, 0, 1)`` is the evaluation crop): the box-robustness table.
   """
-  _validate(images_uint8, landmark_sets, reference, None, False)
+  _validate(images_uint8, landmark_sets, {}, reference, None, False)
   perturbation = jnp.asarray((0.0, 0.0, 1.0) if box_perturbation is None else box_perturbation, jnp.float32)
 
   def one_example(image, sets):
@@ -316,7 +317,7 @@ def preprocess_eval(images_uint8, landmark_sets: Mapping[str, jax.Array], *, ref
   return jax.vmap(one_example)(jnp.asarray(images_uint8), sets)
 
 
-def _validate(images, landmark_sets, reference, flip_permutation, flip_enabled):
+def _validate(images, landmark_sets, point_masks, reference, flip_permutation, flip_enabled):
   """Shape checks (static under jit); returns the batch size."""
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"augment: images must be [B, S, S, 3], got shape {tuple(images.shape)}")
@@ -334,6 +335,10 @@ def _validate(images, landmark_sets, reference, flip_permutation, flip_enabled):
     if points.shape != (batch_size, num_landmarks, 2):
       raise ValueError(f"augment: landmark set {key!r} has shape {tuple(points.shape)}; expected "
                        f"({batch_size}, {num_landmarks}, 2) like images and {reference!r}")
+  for name, mask in point_masks.items():
+    if np.shape(mask) != (batch_size, num_landmarks):
+      raise ValueError(f"augment: point mask {name!r} has shape {tuple(np.shape(mask))}; expected "
+                       f"({batch_size}, {num_landmarks}), one flag per landmark")
   if flip_enabled:
     if flip_permutation is None:
       raise ValueError("augment: config.flip is on but flip_permutation is None; pass "

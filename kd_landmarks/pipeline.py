@@ -449,8 +449,8 @@ def _train_or_keep(config, model_dir, meta) -> bool:
   (nothing trained yet, the same inputs: resume or finish, or inputs changed and the old model moved to
   ``WORKDIR/superseded/``), False to keep a finished model with changed inputs (``changed_inputs='keep'``).
   Raises :class:`ChangedInputsError` for an unfinished one with changed inputs under 'keep'."""
-  stored = checkpoint.stored_meta(model_dir)
-  if stored is None or not checkpoint.has_checkpoint(model_dir):
+  stored = checkpoint.resumable_meta(model_dir)
+  if stored is None:
     return True
   changed = provenance.differences(stored.get("provenance"), meta["provenance"])
   if not changed:

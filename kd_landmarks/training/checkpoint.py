@@ -122,17 +122,25 @@ def _load_model_json(path: str) -> dict:
   return meta
 
 
-def check_resumable(model_dir: str, meta: Mapping[str, Any]) -> None:
+def resumable_meta(model_dir: str) -> dict | None:
+  """The model.json of a model with a saved step (what a run would resume), or None: no model.json, or
+  no saved step."""
+  path = os.path.join(model_dir, MODEL_JSON)
+  if not os.path.exists(path) or not has_checkpoint(model_dir):
+    return None
+  return _load_model_json(path)
+
+
+def check_resumable(model_dir: str, meta: Mapping[str, Any]) -> dict | None:
   """Raises :class:`errors.DataError` (a ValueError) when ``model_dir`` holds a checkpoint of another model
-  than ``meta`` describes.
+  than ``meta`` describes; returns the resumable model's model.json (:func:`resumable_meta`), or None.
 
   Compares the stored model.json with ``meta`` (what this run would write) on ``RESUME_KEYS``; a
   directory without model.json or without a saved step has nothing to resume and passes.
   """
-  path = os.path.join(model_dir, MODEL_JSON)
-  if not os.path.exists(path) or not has_checkpoint(model_dir):
-    return
-  stored = _load_model_json(path)
+  stored = resumable_meta(model_dir)
+  if stored is None:
+    return None
   # Through JSON, as model.json was written, so that a tuple in the overrides equals its stored list.
   configured = json.loads(json.dumps(_jsonable(dict(meta))))
   absent = "(absent)"
@@ -143,6 +151,7 @@ def check_resumable(model_dir: str, meta: Mapping[str, Any]) -> None:
         f"{model_dir} holds a checkpoint of another model than this run trains, so training will not "
         "resume from it:\n" + "\n".join(differences) +
         f"\nUse a new --workdir, or delete {model_dir} to start over.")
+  return stored
 
 
 def stored_meta(model_dir: str) -> dict | None:

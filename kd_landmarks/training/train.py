@@ -339,10 +339,10 @@ def fit(setup: FitSetup) -> dict:
   padded_rows = parallel.padded_batch_size(setup.global_batch_size, mesh.devices.size)
   is_chief = jax.process_index() == 0
   # Before model.json is written: a reused workdir must not silently resume another dataset or network.
-  checkpoint.check_resumable(setup.model_dir, setup.meta)
+  resumed_meta = checkpoint.check_resumable(setup.model_dir, setup.meta)
   # model.json describes the weights: written when training starts them, never over weights a run keeps
   # or resumes (which the pipeline trains only when their recorded provenance equals this run's).
-  if is_chief and (not checkpoint.has_checkpoint(setup.model_dir) or checkpoint.stored_meta(setup.model_dir) is None):
+  if is_chief and resumed_meta is None:
     checkpoint.write_model_json(setup.model_dir, setup.meta)  # One writer: hosts share the workdir.
   base_rng = jax.random.PRNGKey(setup.seed)
   init_rng, train_rng = jax.random.split(base_rng)
@@ -383,7 +383,7 @@ def fit(setup: FitSetup) -> dict:
       start_step=start_step, num_steps=end_step - start_step, num_processes=jax.process_count(),
       process_index=jax.process_index(), teacher_cache=setup.teacher_cache,
       keys=keys, prefetch_batches=setup.prefetch,
-      padded_batch_size=padded_rows if padded_rows > setup.global_batch_size else None)
+      padded_batch_size=padded_rows)
   pending = []  # Device metrics not yet checked for NaN (fetched in bulk to keep the device busy).
   last_saved = start_step if restored is not None else None
   first_loss = None  # The run's own early loss (first check window of this process): the blow-up yardstick.
