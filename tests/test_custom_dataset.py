@@ -339,6 +339,23 @@ def test_inconsistent_point_counts_name_the_file_and_line(tmp_path):
     _prepare(tmp_path / "p", tmp_path / "data")
 
 
+def test_a_pts_face_with_two_images_or_none_is_refused_naming_them(tmp_path):
+  """Which photo a .pts belongs to cannot be told when two share its stem: never pick one silently."""
+  faces = ff.write_custom(tmp_path / "p", form="pts", num_faces=5)
+  image = tmp_path / "p" / faces[2]["image"]
+  twin = image.with_suffix(".png" if image.suffix.lower() != ".png" else ".jpg")
+  twin.write_bytes(image.read_bytes())
+  pts = image.with_suffix(".pts")
+  first, second = sorted([image, twin])
+  with pytest.raises(errors.UserError) as raised:
+    _prepare(tmp_path / "p", tmp_path / "data")
+  assert str(raised.value).startswith(f"{pts}: 2 images for one annotation: {first} and {second}; ")
+  image.unlink()
+  twin.unlink()
+  with pytest.raises(errors.UserError, match=f"^{pts}: no image next to it"):
+    _prepare(tmp_path / "p", tmp_path / "data")
+
+
 def test_a_missing_normalising_point_is_refused(tmp_path):
   faces = ff.write_custom(tmp_path, form="jsonl", num_faces=6, missing_per_face=1, seed=3,
                           splits=["train"] * 4 + ["test"] * 2, description={"normalization": {"points": [0, 1]}})

@@ -301,6 +301,7 @@ def _read_jsonl(path: pathlib.Path) -> list[readers.RawExample]:
 def _read_pts_tree(manual_dir: pathlib.Path, description: dict) -> list[readers.RawExample]:
   split_folders = set(description.get("splits") or DEFAULT_SPLITS)
   examples, first = [], None
+  images_by_folder = {}  # Each folder listed once, not once per face.
   for pts_path in sorted(manual_dir.rglob("*.pts")):
     where = str(pts_path)
     try:
@@ -309,15 +310,13 @@ def _read_pts_tree(manual_dir: pathlib.Path, description: dict) -> list[readers.
       raise errors.DataError(str(error)) from None
     visible = ~np.all(points == np.asarray(PTS_MISSING) - 1.0, axis=1)
     points[~visible] = np.nan
-    images = [p for p in sorted(pts_path.parent.glob(pts_path.stem + ".*"))
-              if p.suffix.lower() in readers.IMAGE_EXTENSIONS]
-    if not images:
-      raise errors.DataError(f"{where}: no image next to it (expected {pts_path.stem} with one of "
-                             f"{', '.join(readers.IMAGE_EXTENSIONS)})")
-    relative = images[0].relative_to(manual_dir)
+    if pts_path.parent not in images_by_folder:
+      images_by_folder[pts_path.parent] = readers.list_images_by_stem(pts_path.parent)
+    image = readers.image_of_pts(pts_path, images_by_folder[pts_path.parent])
+    relative = image.relative_to(manual_dir)
     top = relative.parts[0] if len(relative.parts) > 1 else None
     split = top if top in split_folders else None
-    example = _face(images[0], points, visible, None, split, where=where, image_id=relative.as_posix(),
+    example = _face(image, points, visible, None, split, where=where, image_id=relative.as_posix(),
                     num_landmarks=None if first is None else len(first.landmarks),
                     first_where=first.where if first else "")
     first = first or example

@@ -207,13 +207,27 @@ def read_pts(path) -> np.ndarray:
   return np.asarray(points, dtype=np.float32).reshape(-1, 2) - 1.0
 
 
-def _images_by_stem(folder: pathlib.Path) -> dict[str, list[pathlib.Path]]:
+def list_images_by_stem(folder: pathlib.Path) -> dict[str, list[pathlib.Path]]:
   """Image files of ``folder`` by stem; a stem may have several (``e1.jpg`` and ``e1.png``)."""
   images: dict[str, list[pathlib.Path]] = {}
   for path in sorted(folder.iterdir()):
     if path.suffix.lower() in IMAGE_EXTENSIONS:
       images.setdefault(path.stem, []).append(path)
   return images
+
+
+def image_of_pts(pts_path: pathlib.Path, images_by_stem: dict[str, list[pathlib.Path]]) -> pathlib.Path:
+  """The one image beside ``pts_path`` (``images_by_stem``: :func:`list_images_by_stem` of its folder); none, or
+  several (``e1.jpg`` and ``e1.png``), is a :class:`DatasetFormatError` naming the file."""
+  if pts_path.stem not in images_by_stem:
+    raise DatasetFormatError(f"{pts_path}: no image next to it (expected {pts_path.stem} with one of "
+                             f"{', '.join(IMAGE_EXTENSIONS)})")
+  candidates = images_by_stem[pts_path.stem]
+  if len(candidates) > 1:  # Which photo the points belong to cannot be told: never pick one silently.
+    raise DatasetFormatError(f"{pts_path}: {len(candidates)} images for one annotation: "
+                             f"{' and '.join(str(p) for p in candidates)}; keep the one the points belong to "
+                             "(the official archive's) and move the other out of the manual dir")
+  return candidates[0]
 
 
 def read_300w(manual_dir, split: str, *, allow_partial: bool = False) -> list[RawExample]:
@@ -231,7 +245,7 @@ def read_300w(manual_dir, split: str, *, allow_partial: bool = False) -> list[Ra
       shortfalls.append(f"{folder}: missing")
       continue
     pts_files = sorted(folder_path.glob("*.pts"))
-    images_by_stem = _images_by_stem(folder_path)
+    images_by_stem = list_images_by_stem(folder_path)
     unannotated = sorted(set(images_by_stem) - {p.stem for p in pts_files})
     if unannotated:
       logging.warning("300w: %d images in %s have no .pts file and are not part of 300W (e.g. %s)",
@@ -241,15 +255,7 @@ def read_300w(manual_dir, split: str, *, allow_partial: bool = False) -> list[Ra
     for pts_path in pts_files:
       landmarks = read_pts(pts_path)
       _check_num_landmarks(landmarks, "300w", str(pts_path))
-      if pts_path.stem not in images_by_stem:
-        raise DatasetFormatError(f"{pts_path}: no image next to it (expected {pts_path.stem} with one of "
-                                 f"{', '.join(IMAGE_EXTENSIONS)})")
-      candidates = images_by_stem[pts_path.stem]
-      if len(candidates) > 1:  # Which photo the points belong to cannot be told: never pick one silently.
-        raise DatasetFormatError(f"{pts_path}: {len(candidates)} images for one annotation: "
-                                 f"{' and '.join(str(p) for p in candidates)}; keep the one the points belong to "
-                                 "(the official archive's) and move the other out of the manual dir")
-      image_path = candidates[0]
+      image_path = image_of_pts(pts_path, images_by_stem)
       examples.append(RawExample(image_id=image_path.relative_to(manual_dir).as_posix(),
                                  landmarks=landmarks, image_path=str(image_path)))
   detail = f" ({'; '.join(shortfalls)} .pts files)" if shortfalls else ""
