@@ -815,7 +815,7 @@ def configured_provenances(config, workdir) -> dict:
   marks a model whose recorded fingerprint differs."""
   config = backend.resolve(config)
   phases = {}
-  if not config.teacher_cache_dir and any(needs_teachers(name) for name in student_losses(config)):
+  if not _all_skips_teachers(config):
     phases.update({f"teacher_{teacher}": _teacher_phase(config, teacher) for teacher in TEACHERS})
   for seed_index in range(student_seeds(config)):
     phases.update({student_dir_name(loss, seed_index): _student_phase(config, loss, seed_index)

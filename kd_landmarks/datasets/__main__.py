@@ -68,11 +68,10 @@ def _main(argv) -> int:
   if synthetic_options and args.dataset != "synthetic":
     raise errors.ArgumentError(f"--{' --'.join(sorted(synthetic_options))} only apply to --dataset synthetic "
                                f"(the official datasets have fixed splits and stored size {builder.STORED_CROP_SIZE})")
-  soft_flags = {"keep": args.soft_keep, "keep_mode": args.soft_keep_mode}
-  soft_landmarks = {key: value for key, value in soft_flags.items() if value is not None}
+  soft_landmarks = {"keep": args.soft_keep, "keep_mode": args.soft_keep_mode}  # None: the dataset's default
   prepared = builder.prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
                              allow_partial=args.allow_partial, overwrite=args.overwrite,
-                             synthetic_options=synthetic_options or None, soft_landmarks=soft_landmarks or None,
+                             synthetic_options=synthetic_options or None, soft_landmarks=soft_landmarks,
                              num_workers=args.num_workers)
   print(f"prepared {args.dataset} in {prepared.data_path}")
   if args.dataset == info_lib.CUSTOM:

@@ -71,7 +71,6 @@ DATASETS = {
 CUSTOM = "custom"
 # Every name the builders and the commands accept (the custom entry joins DATASETS when registered).
 DATASET_NAMES = tuple(DATASETS) + (CUSTOM,)
-NORMALIZATIONS = ("inter_ocular", "box")
 MIN_CUSTOM_LANDMARKS = 3
 
 # WFLW's six attribute flags, in the annotation files' order (and the stored ``attributes`` field's).

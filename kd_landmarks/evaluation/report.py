@@ -952,7 +952,8 @@ def landmark_failures(pred, gt, *, dataset: str, threshold: float = FAILURE_THRE
   gt = np.asarray(gt, dtype=np.float64)
   distance = metrics.normalizing_distance(gt, dataset=dataset, visible=visible, face_box=face_box)
   if np.any(distance <= 0):
-    raise ValueError("ground truth whose normalising distance is 0 (coincident outer eye corners)")
+    raise ValueError(f"ground truth whose {metrics.default_normalization(dataset)} distance is 0 (its normalising "
+                     "landmarks or box coincide)")
   errors = np.linalg.norm(np.asarray(pred, dtype=np.float64) - gt, axis=-1)
   failed = errors / distance[..., None] > threshold
   return failed if visible is None else failed & np.asarray(visible, bool)
