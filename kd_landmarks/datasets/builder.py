@@ -625,7 +625,7 @@ class LandmarkSource:
   """Random access to one prepared split: ``len(source)``, ``source[i]`` -> dict of numpy arrays.
 
   Wraps tfds's array_record data source, turning ``image_id`` into ``str``. ``metadata`` holds the
-  preparation options (``stored_crop_size``, ...); ``files`` the split's record shards, whose bytes are its
+  preparation options (``stored_crop_size``, ...); ``files`` the split's record shards, whose examples are its
   content fingerprint (:meth:`content_fingerprint`). Picklable, so grain workers can hold it.
   """
 

@@ -225,8 +225,8 @@ def _write_rows(cache_dir, dataset: str, rows: Mapping[str, Any], metadata: dict
 class TeacherOutputs:
   """Read from a teacher-output dataset: ``tough``/``tolerant`` float32 ``[N, K, 2]`` in index order (what
   ``input_pipeline.make_train_iterator(teacher_cache=...)`` joins), ``image_id`` ``[N]``, the metadata, and
-  ``content``: the SHA-256 of its record shards, which a student trained on them records
-  (``kd_landmarks.provenance``)."""
+  ``content``: the SHA-256 of its records (:func:`kd_landmarks.provenance.records_fingerprint`), which a
+  student trained on them records."""
   path: pathlib.Path
   tough: np.ndarray
   tolerant: np.ndarray
