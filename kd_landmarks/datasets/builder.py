@@ -45,6 +45,7 @@ import tqdm
 from kd_landmarks import coords
 from kd_landmarks import errors
 from kd_landmarks import files
+from kd_landmarks import metrics
 from kd_landmarks import provenance
 from kd_landmarks import shapes
 from kd_landmarks.datasets import custom
@@ -402,7 +403,7 @@ def make_example(raw: readers.RawExample, *, index: int, size: int, encoding: st
     visible = np.asarray(raw.visible, dtype=bool)
     face_box = raw.face_box
     if face_box is None:  # The visible points' bounding box (x0, y0, x1, y1).
-      face_box = np.concatenate([landmarks_original[visible].min(0), landmarks_original[visible].max(0)])
+      face_box = metrics.landmark_box(landmarks_original, visible)
     custom_fields = {"visible": visible, "face_box": np.asarray(face_box, dtype=np.float32)}
   return {
       **custom_fields,

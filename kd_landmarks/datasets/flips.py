@@ -173,4 +173,6 @@ def _mirror_pairs(points: np.ndarray, axis: float) -> tuple[float, tuple[tuple[i
     total += cost[i, j] * (1 if i == j else 2) / 2
     if i != j:
       pairs.append((int(i), int(j)))
+    if taken.all():  # Every point placed: the rest of the K (K + 1) / 2 candidates are all skipped.
+      break
   return total, tuple(sorted(pairs))
