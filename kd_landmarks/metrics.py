@@ -46,12 +46,18 @@ def default_normalization(dataset) -> str:
 
 
 def normalization_text(dataset) -> str:
-  """What the dataset's NME is divided by, in words (the report and the model card print it)."""
+  """What the dataset's NME is divided by, in words (the report prints it)."""
   info = get_info(dataset)
-  if info.normalization == "box":
+  return scheme_normalization_text(info.normalization, info.outer_eye_corners if info.name == "custom" else None)
+
+
+def scheme_normalization_text(normalization: str, normalizing_points=None) -> str:
+  """:func:`normalization_text` from a scheme's fields (model.json's ``scheme``, which the model card reads
+  without the dataset): ``normalizing_points`` are a custom set's own two points (None: the eye corners)."""
+  if normalization == "box":
     return "the face box's sqrt(width x height) (the annotated box, else the visible points' bounding box)"
-  if info.name == "custom":
-    return f"the distance between points {info.outer_eye_corners[0]} and {info.outer_eye_corners[1]}"
+  if normalizing_points:
+    return f"the distance between points {normalizing_points[0]} and {normalizing_points[1]}"
   return "the inter-ocular distance (outer eye corners)"
 
 

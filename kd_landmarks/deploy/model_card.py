@@ -99,7 +99,7 @@ def render(meta: dict, report: dict, *, metrics: dict | None, box_map=None, dete
   lines += scheme_lines(meta.get("scheme"), count)
   lines += ["## Evaluation", ""]
   if metrics:
-    normaliser = _normaliser_text(meta.get("scheme") or {"normalization": "inter_ocular"})
+    normaliser = _normaliser_text(meta.get("scheme") or {})
     lines += [f"From the run's `eval/metrics.json` (NME normalised by {normaliser}; FR and AUC at NME 0.1):", "",
               "| split | faces | NME % | FR % | AUC |", "|---|---|---|---|---|"]
     for split, values in sorted(metrics.items()):
@@ -152,12 +152,8 @@ def render(meta: dict, report: dict, *, metrics: dict | None, box_map=None, dete
 
 
 def _normaliser_text(scheme: dict) -> str:
-  if scheme.get("normalization") == "box":
-    return "the face box's sqrt(width x height)"
-  points = scheme.get("normalizing_points")
-  if scheme.get("dataset") == "custom" and points:
-    return f"the distance between points {points[0]} and {points[1]}"
-  return "the inter-ocular distance (outer eye corners)"
+  points = scheme.get("normalizing_points") if scheme.get("dataset") == "custom" else None
+  return metrics.scheme_normalization_text(scheme.get("normalization", "inter_ocular"), points)
 
 
 def scheme_lines(scheme: dict | None, count: int) -> list[str]:
