@@ -201,18 +201,19 @@ def evaluate_model(model_dir: str, *, splits, load_split_fn: Callable[[str], Any
     result = predict_source(module, variables, load_split_fn(split), image_size=int(meta["image_size"]),
                             batch_size=batch_size, mesh=mesh, box_perturbations=perturbations,
                             desc=f"eval {os.path.basename(os.path.normpath(model_dir))} {split}")
+    nme_fields = metrics.nme_fields(result)  # A custom set's visible points and face boxes, else empty.
     if perturbations is not None and is_chief:
       robustness = {"split": split, "count": int(len(result["gt"])),
                     "seconds_with_perturbations": round(time.perf_counter() - start, 2),
                     "perturbations": box_robustness(result["pred_perturbed"], result["gt"], perturbations,
-                                                    dataset=dataset, **metrics.nme_fields(result))}
+                                                    dataset=dataset, **nme_fields)}
       with open(os.path.join(out_dir, metrics.BOX_ROBUSTNESS_FILE), "w") as f:
         json.dump(robustness, f, indent=1)
-    all_metrics[split] = metrics.split_metrics(result["pred"], result["gt"], dataset=dataset, **metrics.nme_fields(result))
+    all_metrics[split] = metrics.split_metrics(result["pred"], result["gt"], dataset=dataset, **nme_fields)
     if is_chief:
       np.savez(os.path.join(out_dir, f"{split}.npz"), pred=result["pred"], gt=result["gt"],
                image_id=result["image_id"], attributes=result["attributes"], occluded=result["occluded"],
-               **metrics.nme_fields(result))
+               **nme_fields)
     # Subsets by attribute flag (Table 4), unless the builder stored them as their own splits.
     for subset, rows in metrics.attribute_subsets(result["attributes"], dataset=dataset, split=split).items():
       if subset not in splits:

@@ -182,12 +182,10 @@ def move_aside(model_dir: str) -> str:
   of the way of the model trained in its place."""
   model_dir = os.path.normpath(model_dir)
   stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-  target = os.path.join(os.path.dirname(model_dir), SUPERSEDED_DIR, f"{os.path.basename(model_dir)}-{stamp}")
-  suffix = 1
+  base = os.path.join(os.path.dirname(model_dir), SUPERSEDED_DIR, f"{os.path.basename(model_dir)}-{stamp}")
+  target, suffix = base, 1
   while os.path.exists(target):
-    target = os.path.join(os.path.dirname(model_dir), SUPERSEDED_DIR,
-                          f"{os.path.basename(model_dir)}-{stamp}-{suffix}")
-    suffix += 1
+    target, suffix = f"{base}-{suffix}", suffix + 1
   os.makedirs(os.path.dirname(target), exist_ok=True)
   os.replace(model_dir, target)
   return target
